@@ -1,0 +1,129 @@
+"""The ``alignloop`` command: parse a stage's config (YAML, then ``--section.key=value``
+overrides) and call that stage. No training logic lives here.
+
+Exit codes: 0 done, 2 bad input (config, data, model path: one line on stderr), 130 interrupted
+(after a checkpoint was saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+from alignloop.config import STAGES, describe, load_config
+from alignloop.errors import AlignloopError, ConfigError, TrainingInterrupted
+
+log = logging.getLogger("alignloop")
+
+
+def _stage_runner(stage: str) -> Callable[[Any], Any]:
+    # Imported on use: `alignloop --help` should not pay for importing torch and transformers.
+    if stage == "pretrain":
+        from alignloop.train.pretrain import run_pretrain
+
+        return run_pretrain
+    from alignloop.train.sft import run_sft
+
+    return run_sft
+
+
+STAGE_HELP = {
+    "pretrain": "continued pretraining on raw text (loss on every token)",
+    "sft": "supervised fine-tuning on prompt→completion or chat data (loss on completions only)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignloop",
+        description="The RLHF loop, end to end: pretrain/SFT → reward → optimise → evaluate → serve → feedback.",
+        epilog="Each stage takes --config FILE.yaml and any --section.key=value; `alignloop STAGE --help` lists them.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show library warnings and debug logs")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser("demo", help="offline demo: pretrain a tiny model on chitchat, then SFT it on chat data")
+    demo.add_argument("--output-dir", default="runs", help="parent of the demo's run folder (default: runs)")
+    demo.add_argument("--model", default="tiny-5m", help="built-in size or model path to start from (default: tiny-5m)")
+    demo.add_argument("--pretrain-steps", type=int, default=300, help="continued-pretraining steps (default: 300)")
+    demo.add_argument("--sft-steps", type=int, default=200, help="SFT steps (default: 200)")
+    demo.set_defaults(handler=_run_demo)
+
+    for stage, cls in STAGES.items():
+        sub = commands.add_parser(stage, help=STAGE_HELP[stage], description=(cls.__doc__ or "").strip(), allow_abbrev=False)
+        sub.add_argument("--config", metavar="FILE", help="YAML config; command-line keys override it")
+        sub.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                         help="shortcut for --train.resume (auto: the newest checkpoint of the run folder)")
+        for key, type_name, default, help_text in describe(cls):
+            kwargs: dict[str, Any] = {"nargs": "?", "const": "true"} if type_name == "bool" else {}
+            sub.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=type_name,
+                             help=f"{help_text} (default: {default})", **kwargs)
+        sub.set_defaults(handler=_run_stage, stage=stage)
+    return parser
+
+
+def _run_stage(args: argparse.Namespace, extra: list[str]) -> int:
+    cls = STAGES[args.stage]
+    overrides = {key: value for key, value in vars(args).items() if "." in key}
+    overrides.update(_parse_unknown(extra))  # load_config rejects them with a suggestion
+    if args.resume is not None:
+        overrides["train.resume"] = args.resume
+    config = load_config(cls, args.config, overrides)
+    _stage_runner(args.stage)(config)
+    return 0
+
+
+def _run_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"demo: unknown option {extra[0]!r}; see `alignloop demo --help`")
+    from alignloop.demo import run_demo
+
+    run_demo(args.output_dir, args.model, args.pretrain_steps, args.sft_steps)
+    return 0
+
+
+def _parse_unknown(tokens: list[str]) -> dict[str, str]:
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}; options look like --section.key=value")
+        key, has_value, value = token[2:].partition("=")
+        if not has_value and i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            value, i = tokens[i + 1], i + 1
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        for name in ("transformers", "accelerate", "peft", "httpx"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return args.handler(args, extra)
+    except TrainingInterrupted as e:
+        print(f"alignloop: {e}", file=sys.stderr)
+        return 130
+    except AlignloopError as e:
+        print(f"alignloop: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("alignloop: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

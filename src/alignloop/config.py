@@ -1,0 +1,308 @@
+"""Typed configs for every stage: dataclasses with a help string per field, loaded from YAML and
+overridden from the command line as ``--section.key=value``.
+
+A stage config (``SFTConfig``) is a dataclass of sections (``run``, ``model``, ``data``,
+``train``); each section is a dataclass of plain values. Precedence: defaults < YAML < CLI.
+Unknown keys fail with the closest valid name; values are converted to the field's type or fail
+naming the key. The resolved config (every default written out) is saved in the run folder as
+``config.yaml`` and loads back to an equal object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from alignloop.errors import ConfigError
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field: its default and the one line shown by ``--help``."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str, **overrides: Any) -> Any:
+    """A nested section, optionally with stage-specific defaults (``section(DataConfig, path=...)``)."""
+    return field(default_factory=lambda: cls(**overrides), metadata={"help": help})
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    name: str = option("run", "run folder name: outputs go to <output_dir>/<name>/")
+    output_dir: str = option("runs", "parent folder of run folders")
+    report_to: list[str] = option([], "extra trackers through accelerate, e.g. [tensorboard] or [wandb] (must be installed)")
+
+
+@dataclass
+class LoraConfig:
+    r: int = option(0, "LoRA rank; 0 trains all weights (no LoRA)")
+    alpha: int = option(16, "LoRA scaling numerator (effective scale alpha/r)")
+    dropout: float = option(0.0, "dropout on the LoRA branch")
+    target_modules: list[str] = option(["all-linear"], "module names to adapt, or [all-linear] for every linear layer but the output head")
+
+    def __post_init__(self) -> None:
+        if self.r < 0:
+            raise ConfigError(f"model.lora.r must be ≥ 0 (got {self.r}); 0 disables LoRA")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = option("tiny-5m", "a Hugging Face model id, a local HF folder, or a built-in tiny config (tiny-1m, tiny-5m, tiny-20m)")
+    tokenizer: Optional[str] = option(None, "tokenizer id or folder; default: the model's own (built-ins: a BPE trained on the chitchat corpus)")
+    dtype: Literal["float32", "bfloat16"] = option("float32", "dtype the weights are loaded and kept in")
+    attn_implementation: str = option("sdpa", "transformers attention kernel: sdpa, eager, flash_attention_2")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    trust_remote_code: bool = option(False, "allow model code from the Hub (only for models you trust)")
+    lora: LoraConfig = section(LoraConfig, "LoRA adapters through peft")
+
+
+@dataclass
+class DataConfig:
+    path: str = option("builtin:chitchat-chat", "training data: .jsonl/.json/.csv/.parquet/.txt file, a `datasets` folder saved to disk, or builtin:NAME")
+    eval_path: Optional[str] = option(None, "held-out data; default: a seeded eval_fraction of `path`")
+    eval_fraction: float = option(0.05, "share of `path` held out for evaluation when eval_path is not set")
+    max_length: Optional[int] = option(None, "tokens per training sequence (pretraining block size); default: the model's context length")
+    overlong: Literal["truncate", "drop", "error"] = option("truncate", "what to do with a record longer than max_length")
+    max_samples: Optional[int] = option(None, "use only the first N records (quick trials)")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1) (got {self.eval_fraction})")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"data.max_length must be ≥ 2 (got {self.max_length})")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = option(0, "seed for initialisation, data order and sampling")
+    max_steps: int = option(200, "optimizer steps to run")
+    batch_size: int = option(8, "sequences per micro-batch (per process)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(3e-4, "peak learning rate (AdamW)")
+    lr_schedule: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option("cosine", "learning-rate schedule after warmup (transformers' schedulers)")
+    warmup_steps: int = option(10, "linear warmup steps")
+    weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norms)")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    precision: Literal["fp32", "bf16"] = option("fp32", "compute precision: fp32, or bf16 autocast with fp32 master weights")
+    eval_every: int = option(50, "evaluate on held-out data every N steps (0: only at the end)")
+    eval_batches: Optional[int] = option(16, "cap on held-out batches per evaluation (null: all)")
+    log_every: int = option(1, "write a metrics.jsonl line every N steps")
+    save_every: int = option(100, "checkpoint every N steps (0: only at the end and on Ctrl-C)")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    resume: str = option("auto", "auto: continue from the newest checkpoint in the run folder; never: start over; or a checkpoint path")
+    threads: Optional[int] = option(None, "torch CPU threads (null: torch's default)")
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be ≥ 1 (got {getattr(self, key)})")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0 (got {self.lr})")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
+            raise ConfigError("train.warmup_steps, train.eval_every and train.save_every must be ≥ 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PretrainConfig:
+    """Continued pretraining: next-token loss on every token of raw text packed into blocks."""
+
+    run: RunConfig = section(RunConfig, "run folder and trackers", name="pretrain")
+    model: ModelConfig = section(ModelConfig, "the model to train")
+    data: DataConfig = section(DataConfig, "raw text records (field `text`) or .txt files", path="builtin:chitchat-text", max_length=256)
+    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning: loss on completion tokens only (prompt, padding and template masked)."""
+
+    run: RunConfig = section(RunConfig, "run folder and trackers", name="sft")
+    model: ModelConfig = section(ModelConfig, "the model to train")
+    data: DataConfig = section(DataConfig, "prompt→completion or chat (`messages`) records", max_length=256)
+    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing", lr=1e-4)
+
+
+STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding, saving
+# ---------------------------------------------------------------------------------------------
+def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, str] | None = None) -> Any:
+    """Build ``cls`` from defaults, then the YAML file at ``path``, then dotted CLI ``overrides``.
+
+    CLI values are strings; text fields keep them as typed, others are parsed as YAML
+    scalars/lists and converted to the field's type. Raises :class:`ConfigError` naming the key for unknown keys and bad values.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_flatten(_read_yaml(Path(path))))
+    type_names = {key: type_name for key, type_name, *_ in describe(cls)}
+    for key, text in (overrides or {}).items():
+        # Text fields keep the text as typed: YAML would read `no` as false and `0123` as 83.
+        as_typed = text and type_names.get(key) in ("str", "str|null")
+        values[key] = text if as_typed else _parse_cli_value(text)
+    known = set(type_names)
+    for key in values:
+        if key not in known:
+            raise ConfigError(_unknown_key_message(key, known))
+    return _build(cls, values, prefix="")
+
+
+def save_config(config: Any, path: Path) -> None:
+    """Write every value of ``config`` (defaults included) as YAML that ``load_config`` reads back."""
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True))
+
+
+def describe(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type name, default, help) for every leaf field of a stage config class."""
+    return _describe_instance(cls(), prefix="")
+
+
+def _describe_instance(instance: Any, prefix: str) -> list[tuple[str, str, Any, str]]:
+    # Sections carry stage-specific defaults, so read defaults from the instance, not the class.
+    rows = []
+    hints = typing.get_type_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        key = prefix + f.name
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += _describe_instance(value, key + ".")
+        else:
+            rows.append((key, _type_name(hints[f.name]), value, f.metadata.get("help", "")))
+    return rows
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections (run:, model:, data:, train:)")
+    return data
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _parse_cli_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _unknown_key_message(key: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5)
+    if not close:
+        # A misspelt section hides the leaf name; match on the last part alone.
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in sorted(known) if k.rsplit(".", 1)[-1] == leaf][:1]
+    hint = f" — did you mean '{close[0]}'?" if close else ""
+    return f"unknown key '{key}'{hint}"
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, base: Any = None) -> Any:
+    base = base if base is not None else cls()
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, values, key + ".", base=getattr(base, f.name))
+        elif key in values:
+            kwargs[f.name] = _coerce(values[key], hint, key)
+        else:
+            kwargs[f.name] = getattr(base, f.name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert ``value`` to the type ``hint`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):  # float(True) is 1.0: a typo must not become a learning rate
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:  # YAML reads "3e-4" (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"config field {key} has an unsupported type {hint!r}")
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return _type_name([a for a in args if a is not type(None)][0]) + "|null"
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(hint, "__name__", str(hint))

@@ -1,0 +1,1 @@
+"""Records, their loading and validation, tokenisation with loss masks, and batching."""

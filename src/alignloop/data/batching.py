@@ -1,0 +1,82 @@
+"""Deterministic batches: the data order is a pure function of (seed, batch number).
+
+Because a batch is computed from its number rather than drawn from a stateful iterator, the data
+position of a run is just the count of batches consumed, and resuming from a checkpoint
+reproduces the uninterrupted order exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from alignloop.data.tokenize import Example
+from alignloop.errors import DataError
+
+from alignloop.losses import IGNORE_INDEX
+
+
+class ShuffledBatches:
+    """Epoch-wise shuffled batches of ``batch_size`` examples; the last partial batch of an epoch
+    is dropped so every batch has the same size. Epoch ``e`` uses ``torch.randperm`` seeded with
+    ``seed + e``. With several processes, process ``rank`` takes its slice of each global batch.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.global_batch = batch_size * world_size
+        if num_examples < self.global_batch:
+            raise DataError(
+                f"{num_examples} training examples, fewer than one batch ({batch_size} per process × "
+                f"{world_size} processes); lower train.batch_size or add data"
+            )
+        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+        self.rank = rank
+        self.batches_per_epoch = num_examples // self.global_batch
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, batch_number: int) -> list[int]:
+        """Example indices of this process's share of global batch ``batch_number``."""
+        epoch, k = divmod(batch_number, self.batches_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.num_examples, generator=generator)
+        start = k * self.global_batch + self.rank * self.batch_size
+        return self._order[start : start + self.batch_size].tolist()
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example. ``labels`` are the input ids where the loss mask is 1
+    and IGNORE_INDEX elsewhere (prompt, template scaffolding, padding)."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids = torch.tensor(e.input_ids, dtype=torch.long)
+        input_ids[i, :n] = ids
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.where(torch.tensor(e.loss_mask, dtype=torch.bool), ids, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def eval_batches(examples: Sequence[Example], batch_size: int, pad_token_id: int, limit: int | None):
+    """Held-out examples in file order, ``limit`` batches at most."""
+    count = 0
+    for start in range(0, len(examples), batch_size):
+        if limit is not None and count >= limit:
+            return
+        yield collate(examples[start : start + batch_size], pad_token_id)
+        count += 1
+
+
+def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random ``fraction`` of ``items`` held out (at least one when fraction > 0); the
+    rest, in original order, for training."""
+    if fraction <= 0 or len(items) < 2:
+        return list(items), []
+    n_held = max(1, round(len(items) * fraction))
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:n_held])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]

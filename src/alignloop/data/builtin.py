@@ -1,0 +1,73 @@
+"""Embedded datasets that ship inside PyPI packages, so the offline demo runs on any machine.
+
+``builtin:chitchat-text`` and ``builtin:chitchat-chat`` come from the ``chitchat-dataset``
+package (MIT): 7,168 real conversations between two people. The first speaker of a conversation
+becomes the ``user``, the second the ``assistant``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from alignloop.data.records import Row
+from alignloop.errors import DataError
+
+TURNS_PER_CHAT_RECORD = 4  # user, assistant, user, assistant: short enough for a tiny context
+
+
+def builtin_rows(name: str) -> list[Row]:
+    makers = {"chitchat-text": _chitchat_text, "chitchat-chat": _chitchat_chat}
+    if name not in makers:
+        raise DataError(f"builtin:{name}: unknown built-in dataset; choose one of {', '.join('builtin:' + k for k in makers)}")
+    return makers[name]()
+
+
+@functools.lru_cache(maxsize=1)
+def chitchat_conversations() -> tuple[tuple[tuple[str, str], ...], ...]:
+    """Every conversation as a tuple of (role, text) turns, roles alternating user/assistant."""
+    try:
+        import chitchat_dataset
+    except ImportError:
+        raise DataError("builtin:chitchat-*: needs the `chitchat-dataset` package (pip install chitchat-dataset)") from None
+    # Read the package's file ourselves: its Dataset class leaves the file handle open.
+    with open(chitchat_dataset._PATH, encoding="utf-8") as f:
+        raw = json.load(f)
+    conversations = []
+    for conv in raw.values():
+        turns = []
+        first_sender = conv["messages"][0][0]["sender"] if conv["messages"] else None
+        for turn in conv["messages"]:
+            text = " ".join(m["text"].strip() for m in turn if m["text"].strip())
+            if not text:
+                continue
+            role = "user" if turn[0]["sender"] == first_sender else "assistant"
+            if turns and turns[-1][0] == role:  # merge a speaker's consecutive turns
+                turns[-1] = (role, turns[-1][1] + " " + text)
+            else:
+                turns.append((role, text))
+        if len(turns) >= 2:
+            conversations.append(tuple(turns))
+    return tuple(conversations)
+
+
+def _chitchat_text() -> list[Row]:
+    return [
+        Row({"text": "\n".join(text for _, text in conv)}, f"builtin:chitchat-text conversation {i + 1}")
+        for i, conv in enumerate(chitchat_conversations())
+    ]
+
+
+def _chitchat_chat() -> list[Row]:
+    rows = []
+    for i, conv in enumerate(chitchat_conversations()):
+        for start in range(0, len(conv) - 1, TURNS_PER_CHAT_RECORD):
+            window = conv[start : start + TURNS_PER_CHAT_RECORD]
+            if window[0][0] != "user":
+                continue
+            if window[-1][0] != "assistant":
+                window = window[:-1]
+            if len(window) >= 2:
+                messages = [{"role": role, "content": text} for role, text in window]
+                rows.append(Row({"messages": messages}, f"builtin:chitchat-chat conversation {i + 1} turn {start + 1}"))
+    return rows

@@ -1,0 +1,139 @@
+"""Reading records from files a user already has: JSONL, JSON, CSV, Parquet, plain text, a
+`datasets` folder saved with ``save_to_disk``, or an embedded ``builtin:NAME`` set.
+
+Each reader yields :class:`Row` objects tagged with their place (``file:line`` or ``file row N``)
+and nothing else; validation of fields is :mod:`alignloop.data.records`' job.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from pathlib import Path
+from typing import Iterable
+
+from alignloop.data.records import Row, validate_rows
+from alignloop.errors import DataError
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+def load_records(path: str, accepted: Iterable[str], max_samples: int | None = None) -> tuple[list[Row], str]:
+    """Read and validate the records at ``path``; return them and their kind (one of ``accepted``)."""
+    rows = read_rows(path)
+    if max_samples is not None:
+        rows = rows[:max_samples]
+    kind = validate_rows(rows, accepted, source=path)
+    return rows, kind
+
+
+def read_rows(path: str) -> list[Row]:
+    """All rows at ``path`` (a file, a glob of files, a `datasets` folder or ``builtin:NAME``)."""
+    if path.startswith("builtin:"):
+        from alignloop.data.builtin import builtin_rows
+
+        return builtin_rows(path.removeprefix("builtin:"))
+    if any(ch in path for ch in "*?["):
+        files = sorted(glob.glob(path))
+        if not files:
+            raise DataError(f"{path}: no file matches this pattern")
+        return [row for file in files for row in read_rows(file)]
+    p = Path(path)
+    if p.is_dir():
+        return _read_saved_dataset(p)
+    if not p.is_file():
+        raise DataError(f"{path}: data file not found")
+    reader = {
+        ".jsonl": _read_jsonl,
+        ".json": _read_json,
+        ".csv": _read_csv,
+        ".parquet": _read_parquet,
+        ".txt": _read_text,
+    }.get(p.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unknown file type '{p.suffix}'; use one of {', '.join(SUFFIXES)} or a `datasets` folder")
+    return reader(p)
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows.append(Row(obj, f"{path}:{lineno}"))
+    return rows
+
+
+def _read_json(path: Path) -> list[Row]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}})")
+    rows = []
+    for i, obj in enumerate(data):
+        if not isinstance(obj, dict):
+            raise DataError(f"{path} item {i}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(Row(obj, f"{path} item {i}"))
+    return rows
+
+
+def _read_csv(path: Path) -> list[Row]:
+    rows = []
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for record in reader:
+            # Chat fields in a CSV cell are JSON text; decode them so they validate as messages.
+            fields = {k: _maybe_json_list(v) for k, v in record.items() if k is not None}
+            rows.append(Row(fields, f"{path}:{reader.line_num}"))
+    return rows
+
+
+def _maybe_json_list(value: str | None) -> object:
+    if value and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    return [Row(obj, f"{path} row {i + 1}") for i, obj in enumerate(table.to_pylist())]
+
+
+def _read_text(path: Path) -> list[Row]:
+    return [Row({"text": path.read_text(encoding="utf-8")}, str(path))]
+
+
+def _read_saved_dataset(path: Path) -> list[Row]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading a `datasets` folder needs the `datasets` package (pip install datasets)") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{path}: a folder, but not a dataset saved with `save_to_disk`") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(ds)}); point at one split's folder")
+        ds = ds["train"]
+    return [Row(dict(obj), f"{path} row {i + 1}") for i, obj in enumerate(ds)]

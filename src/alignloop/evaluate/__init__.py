@@ -1,0 +1,1 @@
+"""Evaluation and the reports a person reads: plots (PNG) and report.md."""

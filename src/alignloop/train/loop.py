@@ -1,0 +1,311 @@
+"""The one training-loop mechanism every stage shares: plain functions a loop calls, not a base
+class with hooks.
+
+* :func:`open_run` — the run folder (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``final/``)
+* :func:`make_accelerator`, :func:`make_optimizer`, :func:`make_scheduler` — one code path for
+  1 process, DDP, FSDP or DeepSpeed through accelerate; AdamW; warmup then a transformers schedule
+* :func:`save_checkpoint`, :func:`resume` — exact resume: model, optimiser, scheduler, RNG states
+  and the stage's own state (data position, controllers) in ``checkpoints/step-N``
+* :class:`MetricsLog`, :class:`Progress` — one JSON line per logged step; a bar or log lines with ETA
+* :class:`StopOnInterrupt` — Ctrl-C finishes the current step, checkpoints and exits cleanly
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from alignloop.config import TrainConfig, save_config
+from alignloop.errors import ConfigError
+
+log = logging.getLogger("alignloop")
+
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "trainer_state.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """``runs/<name>/``: what a person opens after a run."""
+
+    dir: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.dir / "final"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [p for p in self.checkpoints_dir.glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file()]
+        return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def open_run(config: Any, is_main: bool = True) -> Run:
+    """Create (or reopen) the run folder and write the resolved config to ``config.yaml``.
+
+    With ``train.resume=never`` an earlier run's checkpoints and metrics are cleared. When resuming,
+    keys that differ from the saved config are logged, since they can make the continuation differ
+    from an uninterrupted run.
+    """
+    run = Run(Path(config.run.output_dir) / config.run.name)
+    if not is_main:
+        return run
+    run.dir.mkdir(parents=True, exist_ok=True)
+    if config.train.resume == "never":
+        shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
+        run.metrics_path.unlink(missing_ok=True)
+    elif run.checkpoints() and run.config_path.is_file():
+        changed = _changed_keys(yaml.safe_load(run.config_path.read_text()) or {}, asdict(config))
+        changed = [k for k in changed if k != "train.resume"]
+        if changed:
+            log.warning("resuming %s with changed settings: %s", run.dir, ", ".join(changed))
+    save_config(config, run.config_path)
+    return run
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(prefix + k)
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------
+# Accelerator, optimiser, schedule
+# ---------------------------------------------------------------------------------------------
+def make_accelerator(train: TrainConfig, report_to: list[str], run: Run) -> Any:
+    """An ``Accelerator`` for this machine (CUDA when present, else CPU), seeded.
+
+    The scheduler is stepped once per optimizer step (``step_scheduler_with_optimizer=False``)
+    because ``max_steps`` counts optimizer steps whatever the number of processes. Mixed precision
+    is the loop's own :func:`autocast`, not accelerate's: accelerate keeps it in a process-wide
+    singleton, so two stages with different precisions could not run in one process.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    for tracker in report_to:
+        _require_tracker(tracker)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        step_scheduler_with_optimizer=False,
+        log_with=report_to or None,
+        project_dir=str(run.dir),
+    )
+    if report_to:
+        accelerator.init_trackers(run.dir.name)
+    set_seed(train.seed)
+    return accelerator
+
+
+def autocast(accelerator: Any, train: TrainConfig) -> Any:
+    """bf16 autocast around forward passes when ``train.precision=bf16`` (weights stay fp32)."""
+    return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16")
+
+
+def _require_tracker(name: str) -> None:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml"}.get(name)
+    if module is None:
+        raise ConfigError(f"run.report_to: unknown tracker {name!r}; use tensorboard, wandb, mlflow or comet_ml")
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"run.report_to: {name} is not installed (pip install {module})")
+
+
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on matrices (not biases, norms or other vectors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=train.lr, betas=(train.adam_beta1, train.adam_beta2)
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(train.lr_schedule, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=train.max_steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and exact resume
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(accelerator: Any, run: Run, step: int, state: dict, keep: int) -> Path:
+    """Save everything needed to continue exactly after ``step`` optimizer steps.
+
+    accelerate writes the prepared model, optimiser, scheduler and every RNG state; ``state`` is the
+    stage's own (data position, controllers) as JSON. The folder is written under a temporary
+    name and renamed, so a kill -9 mid-save leaves the previous checkpoint as the newest.
+    """
+    final = run.checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = run.checkpoints_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in run.checkpoints()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume(accelerator: Any, run: Run, resume_from: str) -> dict | None:
+    """Load the checkpoint ``train.resume`` points at; return the stage state saved with it (with
+    ``step``), or None to start from scratch."""
+    if resume_from == "never":
+        return None
+    if resume_from == "auto":
+        found = run.checkpoints()
+        if not found:
+            return None
+        folder = found[-1]
+    else:
+        folder = Path(resume_from)
+        if not (folder / STATE_FILE).is_file():
+            raise ConfigError(f"train.resume: {resume_from!r} is not a checkpoint folder (no {STATE_FILE})")
+    accelerator.load_state(str(folder))
+    state = json.loads((folder / STATE_FILE).read_text())
+    log.info("resumed from %s (step %d)", folder, state["step"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and progress
+# ---------------------------------------------------------------------------------------------
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logged step, ``{"step": N, "name": value, ...}``.
+
+    On resume, lines after the checkpoint's step are dropped, so the file reads as if the run had
+    never stopped. Values also go to accelerate's trackers (TensorBoard, W&B) when configured.
+    """
+
+    def __init__(self, run: Run, accelerator: Any, resumed_step: int):
+        self.accelerator = accelerator
+        self.path = run.metrics_path
+        if accelerator.is_main_process and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.accelerator.trackers:
+            self.accelerator.log(metrics, step=step)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Progress:
+    """A tqdm bar on a terminal; otherwise a log line about every 5% with rate and ETA."""
+
+    total: int
+    start: int
+    desc: str
+    enabled: bool = True
+    _bar: Any = field(default=None, init=False)
+    _t0: float = field(default_factory=time.perf_counter, init=False)
+    _last_line: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, initial=self.start, desc=self.desc, dynamic_ncols=True)
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if k in ("train/loss", "eval/loss", "train/lr")}
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(shown, refresh=False)
+            return
+        every = max(1, self.total // 20)
+        if step % every and step != self.total:
+            return
+        elapsed = time.perf_counter() - self._t0
+        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else math.inf
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        details = " ".join(f"{k} {v}" for k, v in shown.items())
+        log.info("%s step %d/%d %s | %.2f steps/s | ETA %s", self.desc, step, self.total, details, rate, eta_text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class StopOnInterrupt:
+    """Turn the first Ctrl-C into a request to stop at the next step boundary (where a checkpoint
+    is consistent); a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "StopOnInterrupt":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

@@ -1,0 +1,33 @@
+"""Continued pretraining: next-token loss on every token of raw text packed into equal blocks.
+
+Pretraining is SFT in which every token is a completion token, so it shares SFT's loop
+(:func:`alignloop.train.sft.fit_causal_lm`); only the data preparation differs.
+"""
+
+from __future__ import annotations
+
+from alignloop.config import PretrainConfig
+from alignloop.data.batching import split_holdout
+from alignloop.data.load import load_records
+from alignloop.data.tokenize import pack_texts
+from alignloop.models.load import load_causal_lm, load_tokenizer
+from alignloop.train.loop import Run
+from alignloop.train.sft import fit_causal_lm, resolve_max_length
+
+
+def run_pretrain(cfg: PretrainConfig) -> Run:
+    """``alignloop pretrain``: pack the text at ``data.path`` into blocks and train on all tokens."""
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, tokenizer, cfg.train.seed)
+    block_size = resolve_max_length(cfg.data, model)
+
+    def blocks(path: str) -> list:
+        rows, _ = load_records(path, ("text",), cfg.data.max_samples)
+        return pack_texts([row.fields["text"] for row in rows], tokenizer, block_size)
+
+    train = blocks(cfg.data.path)
+    if cfg.data.eval_path:
+        held_out = blocks(cfg.data.eval_path)
+    else:
+        train, held_out = split_holdout(train, cfg.data.eval_fraction, cfg.train.seed)
+    return fit_causal_lm(cfg, model, tokenizer, train, held_out, title="pretrain")

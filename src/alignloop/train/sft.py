@@ -1,0 +1,178 @@
+"""Supervised fine-tuning: next-token loss on completion tokens only.
+
+``fit_causal_lm`` is the explicit loop shared with continued pretraining (which is SFT where
+every token is a completion token): batch, forward, loss, backward, clip, step, log, maybe
+evaluate, maybe checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignloop.config import DataConfig, SFTConfig
+from alignloop.data.batching import ShuffledBatches, collate, eval_batches, split_holdout
+from alignloop.data.load import load_records
+from alignloop.data.tokenize import Example, tokenize_sft_rows
+from alignloop.errors import ConfigError, DataError, TrainingInterrupted
+from alignloop.evaluate.report import write_training_report
+from alignloop.losses import completion_nll, count_loss_tokens
+from alignloop.models.load import context_length, load_causal_lm, load_tokenizer, save_model
+from alignloop.train.loop import (
+    MetricsLog,
+    Progress,
+    Run,
+    StopOnInterrupt,
+    autocast,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    open_run,
+    resume,
+    save_checkpoint,
+)
+
+log = logging.getLogger("alignloop")
+
+SFT_KINDS = ("prompt_completion", "chat")
+
+
+def run_sft(cfg: SFTConfig) -> Run:
+    """``alignloop sft``: load the model and data named by ``cfg`` and train."""
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, tokenizer, cfg.train.seed)
+    max_length = resolve_max_length(cfg.data, model)
+    train = sft_examples(cfg.data.path, cfg.data, tokenizer, max_length)
+    if cfg.data.eval_path:
+        held_out = sft_examples(cfg.data.eval_path, cfg.data, tokenizer, max_length)
+    else:
+        train, held_out = split_holdout(train, cfg.data.eval_fraction, cfg.train.seed)
+    return fit_causal_lm(cfg, model, tokenizer, train, held_out, title="SFT")
+
+
+def sft_examples(path: str, data: DataConfig, tokenizer: Any, max_length: int) -> list[Example]:
+    rows, kind = load_records(path, SFT_KINDS, data.max_samples)
+    examples, stats = tokenize_sft_rows(rows, kind, tokenizer, max_length, data.overlong)
+    if stats.truncated or stats.dropped:
+        log.info("%s: %d records truncated, %d dropped (data.overlong=%s, max_length=%d)",
+                 path, stats.truncated, stats.dropped, data.overlong, max_length)
+    if not examples:
+        raise DataError(f"{path}: no record has a completion token left within data.max_length={max_length}")
+    return examples
+
+
+def resolve_max_length(data: DataConfig, model: Any) -> int:
+    """``data.max_length``, checked against the model's context; the context when unset."""
+    context = context_length(model)
+    if data.max_length is None:
+        if context is None:
+            raise ConfigError("data.max_length: the model's config gives no context length; set data.max_length")
+        return context
+    if context is not None and data.max_length > context:
+        raise ConfigError(f"data.max_length={data.max_length} is longer than the model's context ({context} tokens); lower it")
+    return data.max_length
+
+
+def fit_causal_lm(cfg: Any, model: Any, tokenizer: Any, train: list[Example], held_out: list[Example], title: str) -> Run:
+    """Train ``model`` on ``train`` with :func:`completion_nll`; evaluate on ``held_out``; save
+    ``final/`` and ``report.md`` in the run folder. Resumes from the newest checkpoint when asked."""
+    t = cfg.train
+    run = open_run(cfg)
+    accelerator = make_accelerator(t, cfg.run.report_to, run)
+    optimizer = make_optimizer(model, t)
+    scheduler = make_scheduler(optimizer, t)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = resume(accelerator, run, t.resume) or {"step": 0}
+    step = state["step"]
+
+    batches = ShuffledBatches(len(train), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
+    metrics = MetricsLog(run, accelerator, resumed_step=step)
+    progress = Progress(t.max_steps, step, title, enabled=accelerator.is_main_process)
+    pad_id = tokenizer.pad_token_id
+    log.info("%s: %d training / %d held-out sequences, %d steps of %d×%d×%d, run folder %s",
+             title, len(train), len(held_out), t.max_steps, t.batch_size, t.grad_accum, accelerator.num_processes, run.dir)
+
+    with StopOnInterrupt() as interrupt:
+        while step < t.max_steps:
+            started = time.perf_counter()
+            model.train()
+            micro_batches = [
+                collate([train[i] for i in batches.indices(step * t.grad_accum + k)], pad_id) for k in range(t.grad_accum)
+            ]
+            # One token count for the whole step, all processes: see completion_nll's docstring.
+            step_tokens = float(sum_over_processes(accelerator, sum(count_loss_tokens(b["labels"]) for b in micro_batches)))
+            nll_sum = 0.0
+            for k, batch in enumerate(micro_batches):
+                last = k == len(micro_batches) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    with autocast(accelerator, t):
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss, stats = completion_nll(logits, batch["labels"], step_tokens / accelerator.num_processes)
+                    accelerator.backward(loss)
+                nll_sum += stats["nll_sum"]
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            seconds = time.perf_counter() - started
+            record = {
+                "train/loss": sum_over_processes(accelerator, nll_sum) / step_tokens,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/tokens": step_tokens,
+                "perf/step_s": seconds,
+                "perf/tokens_per_s": step_tokens / seconds,
+            }
+            if grad_norm is not None:
+                record["train/grad_norm"] = float(grad_norm)
+            evaluating = held_out and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps)
+            if evaluating:
+                with autocast(accelerator, t):
+                    record.update(evaluate_lm(model, held_out, t.batch_size, pad_id, t.eval_batches))
+            if step % t.log_every == 0 or evaluating or step == t.max_steps:
+                metrics.write(step, record)
+            progress.update(step, record)
+
+            stop = sum_over_processes(accelerator, float(interrupt.requested)) > 0
+            if stop or step == t.max_steps or (t.save_every and step % t.save_every == 0):
+                checkpoint = save_checkpoint(accelerator, run, step, {}, keep=t.keep_checkpoints)
+            if stop:
+                progress.close()
+                raise TrainingInterrupted(f"stopped at step {step}; checkpoint saved in {checkpoint}; run the same command to continue")
+    progress.close()
+
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, run.final_dir)
+        write_training_report(run, title)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    log.info("%s done: model in %s, report in %s", title, run.final_dir, run.dir / "report.md")
+    return run
+
+
+@torch.no_grad()
+def evaluate_lm(model: Any, examples: list[Example], batch_size: int, pad_id: int, limit: int | None) -> dict[str, float]:
+    """Token-mean NLL and perplexity of ``model`` on held-out ``examples`` (loss tokens only)."""
+    model.eval()
+    nll_sum, tokens = 0.0, 0
+    for batch in eval_batches(examples, batch_size, pad_id, limit):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        _, stats = completion_nll(logits, batch["labels"], num_tokens=1.0)
+        nll_sum += stats["nll_sum"]
+        tokens += stats["tokens"]
+    model.train()
+    loss = nll_sum / max(tokens, 1)
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+
+def sum_over_processes(accelerator: Any, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    return float(accelerator.reduce(torch.tensor(value, dtype=torch.float64, device=accelerator.device), reduction="sum"))

@@ -1,0 +1,114 @@
+"""Shared fixtures: a hermetic environment, the built-in tokenizer, a tiny local HF model folder
+and small helpers for writing data files.
+
+The built-in tokenizer is trained from the chitchat corpus (a few seconds) into
+``$ALIGNLOOP_CACHE``; pointing that at a session temp folder trains it once per session and
+never touches the user's cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pytest
+import torch
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported, and a test module may
+    # import it (through accelerate or transformers) during collection, before any fixture runs.
+    os.environ.update(OFFLINE_ENV)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> Iterable[None]:
+    """Offline, single-threaded, with alignloop's cache in a session temp folder."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ALIGNLOOP_CACHE", str(tmp_path_factory.mktemp("alignloop-cache")))
+        for name, value in OFFLINE_ENV.items():
+            mp.setenv(name, value)
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def builtin_tok() -> Any:
+    """The built-in chitchat BPE tokenizer (ChatML template, EOS ``<|endoftext|>``). Shared: do not mutate."""
+    from alignloop.models.builtin import builtin_tokenizer
+
+    return builtin_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, builtin_tok: Any) -> Path:
+    """A local HF folder: a randomly initialised built-in ``tiny-1m`` (seed 0) and its tokenizer.
+    Shared by the session: copy it before changing anything in it."""
+    from alignloop.config import ModelConfig
+    from alignloop.models.load import load_causal_lm, save_model
+
+    folder = tmp_path_factory.mktemp("tiny-1m") / "model"
+    model = load_causal_lm(ModelConfig(name_or_path="tiny-1m"), builtin_tok, seed=0)
+    save_model(model, builtin_tok, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def no_chat_template_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A copy of ``tiny_model_dir`` whose tokenizer has no chat template.
+
+    transformers 5 saves the template as ``chat_template.jinja`` beside ``tokenizer_config.json``
+    (older versions kept it as a ``chat_template`` key inside it): remove both.
+    """
+    folder = tmp_path_factory.mktemp("no-template") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    return folder
+
+
+def _write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
+    """One JSON value per line; a ``str`` row is written as the raw line (for malformed input)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def write_jsonl() -> Callable[[Path, Iterable[Any]], Path]:
+    """``write_jsonl(path, rows) -> path``: dicts become JSON lines, strings are written verbatim."""
+    return _write_jsonl
+
+
+@pytest.fixture
+def sft_jsonl(tmp_path: Path) -> Path:
+    """A small prompt→completion file (8 short records) that fits any built-in model's context."""
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(8)]
+    return _write_jsonl(tmp_path / "sft.jsonl", rows)
+
+
+@pytest.fixture
+def chat_jsonl(tmp_path: Path) -> Path:
+    """A small chat file (8 records, `messages` with system, user and assistant turns)."""
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Say {i}."},
+                {"role": "assistant", "content": f"{i}."},
+            ]
+        }
+        for i in range(8)
+    ]
+    return _write_jsonl(tmp_path / "chat.jsonl", rows)

@@ -1,0 +1,219 @@
+"""Training behaviour on tiny models: losses fall, exact resume after kill -9, Ctrl-C, LoRA,
+gradient accumulation and process-count invariance, the saved model loads with plain transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignloop.cli import main
+from alignloop.config import ModelConfig
+from alignloop.data.batching import collate
+from alignloop.data.tokenize import tokenize_prompt_completion
+from alignloop.losses import completion_nll, count_loss_tokens
+from alignloop.train.loop import read_metrics
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+WORDS = "red green blue black white pink gray brown".split()
+
+
+def reverse_rows(n: int, seed: int = 0) -> list[dict]:
+    """A learnable rule: the completion is the prompt's words reversed."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        words = [WORDS[int(i)] for i in torch.randint(len(WORDS), (5,), generator=g)]
+        rows.append({"prompt": "reverse: " + " ".join(words) + " =>", "completion": " " + " ".join(reversed(words))})
+    return rows
+
+
+@pytest.fixture
+def sft_data(tmp_path: Path) -> tuple[Path, Path]:
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in reverse_rows(64, seed=1)))
+    held.write_text("".join(json.dumps(r) + "\n" for r in reverse_rows(16, seed=2)))
+    return train, held
+
+
+def held_out_loss(model_dir: Path | str, rows: list[dict]) -> float:
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    batch = collate([tokenize_prompt_completion(tok, r["prompt"], r["completion"]) for r in rows], tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss, _ = completion_nll(logits, batch["labels"], count_loss_tokens(batch["labels"]))
+    return float(loss)
+
+
+def sft_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["sft", f"--model.name_or_path={model}", f"--data.path={data}", f"--run.output_dir={out}",
+            "--data.eval_fraction=0.1", "--train.warmup_steps=0", *extra]
+
+
+def test_sft_loss_falls_and_final_loads_with_plain_transformers(tiny_model_dir, sft_data, tmp_path):
+    train, held = sft_data
+    held_rows = [json.loads(line) for line in held.read_text().splitlines()]
+    before = held_out_loss(tiny_model_dir, held_rows)
+    assert main(sft_args(tiny_model_dir, train, tmp_path / "runs", "--train.max_steps=60", "--train.lr=3e-3",
+                         "--train.eval_every=20", "--train.save_every=0")) == 0
+    run = tmp_path / "runs" / "sft"
+    after = held_out_loss(run / "final", held_rows)
+    assert after < before - 1.0, (before, after)
+
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 61))
+    evals = [m["eval/loss"] for m in metrics if "eval/loss" in m]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert (run / "report.md").is_file() and (run / "loss.png").stat().st_size > 10_000
+
+    tok = AutoTokenizer.from_pretrained(str(run / "final"))
+    model = AutoModelForCausalLM.from_pretrained(str(run / "final"))
+    ids = tok("reverse: red blue =>", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data/tinyshakespeare")
+def test_pretraining_on_real_text_lowers_held_out_loss(tmp_path):
+    assert main(["pretrain", "--model.name_or_path=tiny-1m", f"--data.path={SHAKESPEARE}", "--data.max_length=64",
+                 f"--run.output_dir={tmp_path}", "--train.max_steps=40", "--train.lr=3e-3", "--train.eval_every=5",
+                 "--train.eval_batches=4", "--train.save_every=0"]) == 0
+    evals = [m["eval/loss"] for m in read_metrics(tmp_path / "pretrain" / "metrics.jsonl") if "eval/loss" in m]
+    assert evals[-1] < evals[0] - 1.0, evals
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "alignloop", *args]
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.communicate()[1]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def test_kill_9_then_resume_reproduces_uninterrupted_losses(tiny_model_dir, sft_data, tmp_path):
+    train, _ = sft_data
+    common = sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=40", "--train.save_every=5",
+                      "--train.eval_every=10", "--train.batch_size=16", "--train.threads=1")
+    subprocess.run(_cli(*common, "--run.name=straight"), check=True, capture_output=True)
+
+    killed = subprocess.Popen(_cli(*common, "--run.name=killed"), stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (tmp_path / "killed" / "checkpoints" / "step-10" / "trainer_state.json").is_file(), killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it was killed"
+
+    resumed = subprocess.run(_cli(*common, "--run.name=killed"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+
+    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    again = read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    assert [m["step"] for m in again] == list(range(1, 41))
+    for a, b in zip(straight, again):
+        assert (a["step"], a["train/loss"], a.get("eval/loss")) == (b["step"], b["train/loss"], b.get("eval/loss"))
+    w1 = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    w2 = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, sft_data, tmp_path):
+    train, _ = sft_data
+    args = sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=100000", "--train.save_every=0")
+    proc = subprocess.Popen(_cli(*args), stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "sft" / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    checkpoints = list((tmp_path / "sft" / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1
+    step = int(checkpoints[0].name.removeprefix("step-"))
+    assert step >= 2 and f"stopped at step {step}" in stderr
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, sft_data, tmp_path):
+    train, _ = sft_data
+    base = sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=2", "--train.save_every=0",
+                    "--train.eval_every=0", "--data.eval_fraction=0", "--train.lr=1e-3")
+    assert main([*base, "--run.name=big", "--train.batch_size=8", "--train.grad_accum=1"]) == 0
+    assert main([*base, "--run.name=accum", "--train.batch_size=1", "--train.grad_accum=8"]) == 0
+    big = load_file(tmp_path / "big" / "final" / "model.safetensors")
+    accum = load_file(tmp_path / "accum" / "final" / "model.safetensors")
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(start[k], big[k]) for k in big)
+    for k in big:
+        torch.testing.assert_close(big[k], accum[k], rtol=1e-4, atol=1e-5)
+    losses = [[m["train/loss"] for m in read_metrics(tmp_path / n / "metrics.jsonl")] for n in ("big", "accum")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_two_processes_match_one(tiny_model_dir, sft_data, tmp_path):
+    """DDP over gloo with 4 sequences per process equals 1 process with 8."""
+    train, _ = sft_data
+    base = sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=2", "--train.save_every=0",
+                    "--train.eval_every=0", "--data.eval_fraction=0", "--train.lr=1e-3", "--train.threads=1")
+    assert main([*base, "--run.name=one", "--train.batch_size=8"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "alignloop"]
+    done = subprocess.run([*torchrun, *base, "--run.name=two", "--train.batch_size=4"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "two" / "final" / "model.safetensors").is_file(), done.stderr[-3000:]
+    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5)
+
+
+def test_lora_trains_adapters_and_saves_a_merged_model(tiny_model_dir, sft_data, tmp_path):
+    train, _ = sft_data
+    assert main([*sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=5", "--train.lr=1e-2",
+                           "--train.save_every=0", "--train.eval_every=0"),
+                 "--model.lora.r=4", "--model.lora.target_modules=[q_proj,v_proj]"]) == 0
+    final = tmp_path / "sft" / "final"
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    merged = load_file(final / "model.safetensors")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert not any("lora" in k for k in merged)
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed), changed
+    AutoModelForCausalLM.from_pretrained(str(final))  # plain transformers, no peft
+
+
+def test_bf16_autocast_trains(tiny_model_dir, sft_data, tmp_path):
+    train, _ = sft_data
+    assert main(sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=3", "--train.precision=bf16",
+                         "--train.save_every=0")) == 0
+    metrics = read_metrics(tmp_path / "sft" / "metrics.jsonl")
+    assert all(torch.isfinite(torch.tensor(m["train/loss"])) for m in metrics)
+    saved = load_file(tmp_path / "sft" / "final" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in saved.values())  # fp32 master weights
+
+
+def test_builtin_tiny_model_is_a_real_llama_with_a_chat_template():
+    from alignloop.models.load import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name_or_path="tiny-5m"))
+    model = load_causal_lm(ModelConfig(name_or_path="tiny-5m"), tok, seed=0)
+    assert model.config.model_type == "llama"
+    assert 4e6 < sum(p.numel() for p in model.parameters()) < 6e6
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
