@@ -8,6 +8,7 @@ Exit codes: 0 done, 2 bad input (config, data, model path: one line on stderr), 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -48,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="offline demo: pretrain a tiny model on chitchat, then SFT it on chat data")
     demo.add_argument("--output-dir", default="runs", help="parent of the demo's run folder (default: runs)")
     demo.add_argument("--model", default="tiny-5m", help="built-in size or model path to start from (default: tiny-5m)")
-    demo.add_argument("--pretrain-steps", type=int, default=300, help="continued-pretraining steps (default: 300)")
-    demo.add_argument("--sft-steps", type=int, default=200, help="SFT steps (default: 200)")
+    demo.add_argument("--pretrain-steps", type=int, default=200, help="continued-pretraining steps (default: 200)")
+    demo.add_argument("--sft-steps", type=int, default=150, help="SFT steps (default: 150)")
     demo.set_defaults(handler=_run_demo)
 
     for stage, cls in STAGES.items():
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         for key, type_name, default, help_text in describe(cls):
             kwargs: dict[str, Any] = {"nargs": "?", "const": "true"} if type_name == "bool" else {}
             sub.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=type_name,
-                             help=f"{help_text} (default: {default})", **kwargs)
+                             help=f"{help_text} (default: {json.dumps(default)})", **kwargs)
         sub.set_defaults(handler=_run_stage, stage=stage)
     return parser
 
@@ -104,8 +105,12 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        for name in ("transformers", "accelerate", "peft", "httpx"):
+        for name in ("transformers", "accelerate", "peft", "httpx", "matplotlib"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # transformers' own "Loading weights" bars would sit above an error line; Hub download bars stay.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,11 +145,13 @@ STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig}
 # ---------------------------------------------------------------------------------------------
 # Loading, overriding, saving
 # ---------------------------------------------------------------------------------------------
-def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, str] | None = None) -> Any:
+def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Any:
     """Build ``cls`` from defaults, then the YAML file at ``path``, then dotted CLI ``overrides``.
 
     CLI values are strings; text fields keep them as typed, others are parsed as YAML
-    scalars/lists and converted to the field's type. Raises :class:`ConfigError` naming the key for unknown keys and bad values.
+    scalars/lists. Values already typed (from code, like the demo's) are taken as they are. All
+    are converted to the field's type. Raises :class:`ConfigError` naming the key for unknown
+    keys and bad values.
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -217,7 +219,9 @@ def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _parse_cli_value(text: str) -> Any:
+def _parse_cli_value(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

@@ -22,20 +22,21 @@ from alignloop.train.sft import run_sft
 log = logging.getLogger("alignloop")
 
 SAMPLE_PROMPTS = 4
+DEMO_LENGTH, DEMO_BATCH = 128, 8  # chitchat turns are short; 8×128 tokens a step keeps the demo in minutes
 
 
 def run_demo(output_dir: str, model: str, pretrain_steps: int, sft_steps: int) -> Path:
     folder = Path(output_dir) / "demo"
     pretrain_cfg = load_config(PretrainConfig, overrides={
         "run.output_dir": str(folder), "run.name": "pretrain", "model.name_or_path": model,
-        "train.max_steps": pretrain_steps, "train.lr": 1e-3, "train.eval_every": max(1, pretrain_steps // 5),
-        "train.save_every": 0,
+        "data.max_length": DEMO_LENGTH, "train.batch_size": DEMO_BATCH, "train.max_steps": pretrain_steps,
+        "train.lr": 1e-3, "train.eval_every": max(1, pretrain_steps // 5), "train.save_every": 0,
     })
     pretrained = run_pretrain(pretrain_cfg).final_dir
     sft_cfg = load_config(SFTConfig, overrides={
         "run.output_dir": str(folder), "run.name": "sft", "model.name_or_path": str(pretrained),
-        "train.max_steps": sft_steps, "train.lr": 5e-4, "train.eval_every": max(1, sft_steps // 5),
-        "train.save_every": 0,
+        "data.max_length": DEMO_LENGTH, "train.batch_size": DEMO_BATCH, "train.max_steps": sft_steps,
+        "train.lr": 5e-4, "train.eval_every": max(1, sft_steps // 5), "train.save_every": 0,
     })
     tuned = run_sft(sft_cfg).final_dir
     report = _write_demo_report(folder, pretrained, tuned)

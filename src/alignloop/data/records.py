@@ -95,7 +95,7 @@ def validate_row(row: Row, kind: str) -> None:
                 _check_text_or_messages(row, name)
                 if isinstance(f[name], str) and not f[name].strip():
                     # A blank CSV cell reads as "": it would train on EOS alone.
-                    raise DataError(f"{row.where}: field '{name}' is empty; {KIND_NAMES[kind]} needs text to learn from")
+                    raise DataError(f"{row.where}: field '{name}' is empty; {KIND_NAMES[kind]} needs its text")
                 if isinstance(f["prompt"], str) != isinstance(f[name], str):
                     raise DataError(
                         f"{row.where}: fields 'prompt' and '{name}' must both be strings or both be message lists"

@@ -18,16 +18,13 @@ from alignloop.train.sft import fit_causal_lm, resolve_max_length
 def run_pretrain(cfg: PretrainConfig) -> Run:
     """``alignloop pretrain``: pack the text at ``data.path`` into blocks and train on all tokens."""
     tokenizer = load_tokenizer(cfg.model)
+    texts = [row.fields["text"] for row in load_records(cfg.data.path, ("text",), cfg.data.max_samples)[0]]
+    held_texts = [row.fields["text"] for row in load_records(cfg.data.eval_path, ("text",))[0]] if cfg.data.eval_path else None
     model = load_causal_lm(cfg.model, tokenizer, cfg.train.seed)
     block_size = resolve_max_length(cfg.data, model)
-
-    def blocks(path: str) -> list:
-        rows, _ = load_records(path, ("text",), cfg.data.max_samples)
-        return pack_texts([row.fields["text"] for row in rows], tokenizer, block_size)
-
-    train = blocks(cfg.data.path)
-    if cfg.data.eval_path:
-        held_out = blocks(cfg.data.eval_path)
+    train = pack_texts(texts, tokenizer, block_size)
+    if held_texts:
+        held_out = pack_texts(held_texts, tokenizer, block_size)
     else:
         train, held_out = split_holdout(train, cfg.data.eval_fraction, cfg.train.seed)
     return fit_causal_lm(cfg, model, tokenizer, train, held_out, title="pretrain")

@@ -19,6 +19,7 @@ import torch
 from alignloop.config import DataConfig, SFTConfig
 from alignloop.data.batching import ShuffledBatches, collate, eval_batches, split_holdout
 from alignloop.data.load import load_records
+from alignloop.data.records import Row
 from alignloop.data.tokenize import Example, tokenize_sft_rows
 from alignloop.errors import ConfigError, DataError, TrainingInterrupted
 from alignloop.evaluate.report import write_training_report
@@ -45,19 +46,23 @@ SFT_KINDS = ("prompt_completion", "chat")
 
 def run_sft(cfg: SFTConfig) -> Run:
     """``alignloop sft``: load the model and data named by ``cfg`` and train."""
+    # Data is read and validated before the model loads: a typo should not wait for a 7B load.
     tokenizer = load_tokenizer(cfg.model)
+    records = load_records(cfg.data.path, SFT_KINDS, cfg.data.max_samples)
+    held_records = load_records(cfg.data.eval_path, SFT_KINDS, cfg.data.max_samples) if cfg.data.eval_path else None
     model = load_causal_lm(cfg.model, tokenizer, cfg.train.seed)
     max_length = resolve_max_length(cfg.data, model)
-    train = sft_examples(cfg.data.path, cfg.data, tokenizer, max_length)
-    if cfg.data.eval_path:
-        held_out = sft_examples(cfg.data.eval_path, cfg.data, tokenizer, max_length)
+    train = sft_examples(cfg.data.path, records, cfg.data, tokenizer, max_length)
+    if held_records:
+        held_out = sft_examples(cfg.data.eval_path, held_records, cfg.data, tokenizer, max_length)
     else:
         train, held_out = split_holdout(train, cfg.data.eval_fraction, cfg.train.seed)
     return fit_causal_lm(cfg, model, tokenizer, train, held_out, title="SFT")
 
 
-def sft_examples(path: str, data: DataConfig, tokenizer: Any, max_length: int) -> list[Example]:
-    rows, kind = load_records(path, SFT_KINDS, data.max_samples)
+def sft_examples(path: str, records: tuple[list[Row], str], data: DataConfig, tokenizer: Any, max_length: int) -> list[Example]:
+    """Tokenise validated ``records`` (rows and their kind) read from ``path``."""
+    rows, kind = records
     examples, stats = tokenize_sft_rows(rows, kind, tokenizer, max_length, data.overlong)
     if stats.truncated or stats.dropped:
         log.info("%s: %d records truncated, %d dropped (data.overlong=%s, max_length=%d)",

@@ -1,0 +1,152 @@
+"""Bad input through the real ``alignloop`` entry point: exit code 2 and one line on stderr,
+``alignloop: error: ...``, naming what is wrong and where; never a traceback.
+
+Every case fails before the first optimizer step; ``--train.max_steps=1`` and tiny models keep a
+case cheap if it did not.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from alignloop.cli import main
+
+# A tqdm bar redraws itself with carriage returns on one stderr line: "Loading weights: 100%|...|".
+PROGRESS_BAR = re.compile(r"^.*\d+%\|.*\|.*$")
+
+
+def run_cli(capsys, tmp_path: Path, *args: str) -> tuple[int, str]:
+    """Run ``alignloop sft`` on tiny settings; return the exit code and the stderr text."""
+    argv = ["sft", "--model.name_or_path=tiny-1m", f"--run.output_dir={tmp_path / 'runs'}", "--train.max_steps=1",
+            "--train.batch_size=2", *args]
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def error_line(stderr: str, allow_progress_bars: bool = False) -> str:
+    """The one ``alignloop: error:`` line of ``stderr``; fails if there is anything else."""
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    if allow_progress_bars:
+        lines = [line for line in lines if not PROGRESS_BAR.match(line)]
+    assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
+    assert lines[0].startswith("alignloop: error: ")
+    return lines[0].removeprefix("alignloop: error: ")
+
+
+def test_missing_data_file(capsys, tmp_path):
+    path = tmp_path / "nope.jsonl"
+    code, err = run_cli(capsys, tmp_path, f"--data.path={path}")
+    assert code == 2
+    assert error_line(err) == f"{path}: data file not found"
+
+
+def test_malformed_json_line_names_file_and_line(capsys, tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": " b"}, '{"prompt": "a", "completion"'])
+    code, err = run_cli(capsys, tmp_path, f"--data.path={path}")
+    assert code == 2
+    assert error_line(err).startswith(f"{path}:2: not valid JSON")
+
+
+def test_wrong_field_type_names_file_line_and_field(capsys, tmp_path, write_jsonl):
+    rows = [{"prompt": "a", "completion": " b"}, {"prompt": "a", "completion": " b"}, {"prompt": ["a"], "completion": " b"}]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    code, err = run_cli(capsys, tmp_path, f"--data.path={path}")
+    assert code == 2
+    assert error_line(err).startswith(f"{path}:3: field 'prompt[0]' must be an object with 'role' and 'content'")
+
+
+def test_missing_field_names_file_line_and_field(capsys, tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": " b"}, {"prompt": "c"}])
+    code, err = run_cli(capsys, tmp_path, f"--data.path={path}")
+    assert code == 2
+    assert error_line(err).startswith(f"{path}:2: field 'completion' missing; ")
+
+
+def test_empty_dataset(capsys, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    code, err = run_cli(capsys, tmp_path, f"--data.path={path}")
+    assert code == 2
+    assert error_line(err) == f"{path}: no records (the dataset is empty)"
+
+
+def test_max_length_beyond_the_models_context(capsys, tmp_path, sft_jsonl):
+    code, err = run_cli(capsys, tmp_path, f"--data.path={sft_jsonl}", "--data.max_length=1024")
+    assert code == 2
+    message = error_line(err)
+    assert "data.max_length=1024" in message and "context (512 tokens)" in message
+
+
+def test_overlong_record_with_overlong_error(capsys, tmp_path, write_jsonl):
+    rows = [{"prompt": "Hi.", "completion": " Yo."}] * 3 + [{"prompt": "word " * 40, "completion": " end"}]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    code, err = run_cli(capsys, tmp_path, f"--data.path={path}", "--data.max_length=16", "--data.overlong=error")
+    assert code == 2
+    message = error_line(err)
+    assert message.startswith(f"{path}:4: ")
+    assert "data.max_length=16" in message
+
+
+def test_model_path_that_does_not_exist(capsys, tmp_path, sft_jsonl):
+    missing = tmp_path / "no-such-model"
+    code, err = run_cli(capsys, tmp_path, f"--data.path={sft_jsonl}", f"--model.name_or_path={missing}")
+    assert code == 2
+    message = error_line(err)
+    assert message.startswith(f"model.name_or_path '{missing}': no such folder")
+
+
+def test_hub_id_that_cannot_be_found_offline(capsys, tmp_path, sft_jsonl):
+    code, err = run_cli(capsys, tmp_path, f"--data.path={sft_jsonl}", "--model.name_or_path=no-such-owner/no-such-model")
+    assert code == 2
+    assert error_line(err).startswith("model.name_or_path 'no-such-owner/no-such-model': cannot load")
+
+
+def test_chat_data_with_a_model_whose_tokenizer_has_no_chat_template(capsys, tmp_path, chat_jsonl, no_chat_template_model_dir):
+    code, err = run_cli(capsys, tmp_path, f"--data.path={chat_jsonl}", f"--model.name_or_path={no_chat_template_model_dir}")
+    assert code == 2
+    # Loading a model folder draws transformers' "Loading weights" bar before the error.
+    message = error_line(err, allow_progress_bars=True)
+    assert str(no_chat_template_model_dir) in message
+    assert "no chat template" in message
+
+
+def test_chat_data_with_a_tokenizer_without_chat_template(capsys, tmp_path, chat_jsonl, no_chat_template_model_dir):
+    code, err = run_cli(capsys, tmp_path, f"--data.path={chat_jsonl}", f"--model.tokenizer={no_chat_template_model_dir}")
+    assert code == 2
+    message = error_line(err)
+    assert "no chat template" in message and "model.tokenizer" in message
+
+
+def test_unknown_key_suggests_the_valid_one(capsys, tmp_path):
+    code, err = run_cli(capsys, tmp_path, "--train.lrate=1")
+    assert code == 2
+    assert error_line(err) == "unknown key 'train.lrate' — did you mean 'train.lr'?"
+
+
+def test_bad_value_names_the_key(capsys, tmp_path):
+    code, err = run_cli(capsys, tmp_path, "--train.batch_size=many")
+    assert code == 2
+    assert error_line(err) == "train.batch_size: expected an integer, got 'many'"
+
+
+def test_missing_config_file(capsys, tmp_path):
+    path = tmp_path / "nope.yaml"
+    code, err = run_cli(capsys, tmp_path, f"--config={path}")
+    assert code == 2
+    assert error_line(err) == f"{path}: config file not found"
+
+
+def test_stray_argument_is_refused(capsys, tmp_path):
+    code, err = run_cli(capsys, tmp_path, "data.jsonl")
+    assert code == 2
+    assert "unexpected argument 'data.jsonl'" in error_line(err)
+
+
+def test_nothing_is_written_when_the_input_is_bad(capsys, tmp_path):
+    code, _ = run_cli(capsys, tmp_path, f"--data.path={tmp_path / 'nope.jsonl'}")
+    assert code == 2
+    assert not (tmp_path / "runs").exists()
