@@ -4,6 +4,7 @@ gradient accumulation and process-count invariance, the saved model loads with p
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -198,14 +199,54 @@ def test_lora_trains_adapters_and_saves_a_merged_model(tiny_model_dir, sft_data,
     AutoModelForCausalLM.from_pretrained(str(final))  # plain transformers, no peft
 
 
-def test_bf16_autocast_trains(tiny_model_dir, sft_data, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "bf16-autocast"])
+def test_bf16_keeps_small_updates_that_bf16_weights_alone_would_round_away(precision, tiny_model_dir, sft_data, tmp_path):
+    """At lr 1e-5 an Adam update (~1e-5 per weight) is far below bf16's resolution (~1/256 of a
+    weight): only fp32 master weights (or fp32 weights under autocast) keep it. The bf16 run's
+    weight change must point the same way as the fp32 run's and have a similar size."""
     train, _ = sft_data
-    assert main(sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=3", "--train.precision=bf16",
-                         "--train.save_every=0")) == 0
-    metrics = read_metrics(tmp_path / "sft" / "metrics.jsonl")
-    assert all(torch.isfinite(torch.tensor(m["train/loss"])) for m in metrics)
-    saved = load_file(tmp_path / "sft" / "final" / "model.safetensors")
-    assert all(v.dtype == torch.float32 for v in saved.values())  # fp32 master weights
+    base = sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=4", "--train.lr=1e-5", "--train.save_every=0",
+                    "--train.eval_every=0", "--data.eval_fraction=0")
+    assert main([*base, "--run.name=fp32"]) == 0
+    assert main([*base, f"--run.name={precision}", f"--train.precision={precision}"]) == 0
+    start = load_file(tiny_model_dir / "model.safetensors")
+    fp32 = load_file(tmp_path / "fp32" / "final" / "model.safetensors")
+    low = load_file(tmp_path / precision / "final" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in low.values())
+    d_fp32 = torch.cat([(fp32[k] - start[k]).flatten() for k in start])
+    d_low = torch.cat([(low[k] - start[k]).flatten() for k in start])
+    cosine = torch.nn.functional.cosine_similarity(d_fp32, d_low, dim=0)
+    assert cosine > 0.9, cosine
+    assert 0.5 < d_low.norm() / d_fp32.norm() < 2.0
+
+
+def test_bf16_resume_from_a_checkpoint_continues_exactly(tiny_model_dir, sft_data, tmp_path):
+    """The fp32 master weights are part of the checkpoint: continuing from step 3 in a new run
+    folder reproduces the losses of steps 4-6."""
+    train, _ = sft_data
+    base = sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=6", "--train.precision=bf16",
+                    "--train.save_every=3", "--train.eval_every=0", "--data.eval_fraction=0")
+    assert main([*base, "--run.name=straight"]) == 0
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-3"
+    assert main([*base, "--run.name=continued", f"--resume={checkpoint}"]) == 0
+    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    continued = read_metrics(tmp_path / "continued" / "metrics.jsonl")
+    assert [m["step"] for m in continued] == [4, 5, 6]
+    assert [m["train/loss"] for m in continued] == [m["train/loss"] for m in straight[3:]]
+
+
+def test_a_completed_run_is_not_trained_again_unless_its_settings_change(tiny_model_dir, sft_data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="alignloop")
+    train, _ = sft_data
+    args = sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=2", "--train.save_every=0", "--train.eval_every=0")
+    assert main(args) == 0
+    final = tmp_path / "sft" / "final" / "model.safetensors"
+    first = final.stat().st_mtime_ns
+    assert main(args) == 0
+    assert final.stat().st_mtime_ns == first and "already complete" in caplog.text
+    assert main([*args, "--train.lr=1e-3"]) == 0
+    assert final.stat().st_mtime_ns != first
+    assert [m["step"] for m in read_metrics(tmp_path / "sft" / "metrics.jsonl")] == [1, 2]
 
 
 def test_builtin_tiny_model_is_a_real_llama_with_a_chat_template():

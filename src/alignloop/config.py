@@ -97,7 +97,7 @@ class TrainConfig:
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this; 0 disables clipping")
-    precision: Literal["fp32", "bf16"] = option("fp32", "compute precision: fp32, or bf16 autocast with fp32 master weights")
+    precision: Literal["fp32", "bf16", "bf16-autocast"] = option("fp32", "fp32; bf16 (bf16 weights and activations, fp32 master weights and optimiser); or bf16-autocast (fp32 weights, autocast)")
     eval_every: int = option(50, "evaluate on held-out data every N steps (0: only at the end)")
     eval_batches: Optional[int] = option(16, "cap on held-out batches per evaluation (null: all)")
     log_every: int = option(1, "write a metrics.jsonl line every N steps")

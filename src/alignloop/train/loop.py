@@ -61,6 +61,10 @@ class Run:
     def final_dir(self) -> Path:
         return self.dir / "final"
 
+    def is_complete(self) -> bool:
+        """Training ran to the end and ``final/`` was written."""
+        return (self.final_dir / STATE_FILE).is_file()
+
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
         if not self.checkpoints_dir.is_dir():
@@ -72,22 +76,26 @@ class Run:
 def open_run(config: Any, is_main: bool = True) -> Run:
     """Create (or reopen) the run folder and write the resolved config to ``config.yaml``.
 
-    With ``train.resume=never`` an earlier run's checkpoints and metrics are cleared. When resuming,
-    keys that differ from the saved config are logged, since they can make the continuation differ
-    from an uninterrupted run.
+    An earlier run in the same folder is continued (``train.resume=auto``) from its newest
+    checkpoint, with a warning naming any setting that changed; a completed run with unchanged
+    settings is left as it is (:meth:`Run.is_complete`). It is started over, its checkpoints,
+    metrics and final model cleared, with ``train.resume=never`` or when a completed run's settings
+    changed.
     """
     run = Run(Path(config.run.output_dir) / config.run.name)
     if not is_main:
         return run
     run.dir.mkdir(parents=True, exist_ok=True)
-    if config.train.resume == "never":
-        shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
-        run.metrics_path.unlink(missing_ok=True)
-    elif run.checkpoints() and run.config_path.is_file():
+    changed = []
+    if run.config_path.is_file():
         changed = _changed_keys(yaml.safe_load(run.config_path.read_text()) or {}, asdict(config))
         changed = [k for k in changed if k != "train.resume"]
-        if changed:
-            log.warning("resuming %s with changed settings: %s", run.dir, ", ".join(changed))
+    if config.train.resume == "never" or (run.is_complete() and changed):
+        shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
+        shutil.rmtree(run.final_dir, ignore_errors=True)
+        run.metrics_path.unlink(missing_ok=True)
+    elif changed and run.checkpoints():
+        log.warning("resuming %s with changed settings: %s", run.dir, ", ".join(changed))
     save_config(config, run.config_path)
     return run
 
@@ -111,7 +119,7 @@ def make_accelerator(train: TrainConfig, report_to: list[str], run: Run) -> Any:
 
     The scheduler is stepped once per optimizer step (``step_scheduler_with_optimizer=False``)
     because ``max_steps`` counts optimizer steps whatever the number of processes. Mixed precision
-    is the loop's own :func:`autocast`, not accelerate's: accelerate keeps it in a process-wide
+    is the loop's own :class:`Precision`, not accelerate's: accelerate keeps it in a process-wide
     singleton, so two stages with different precisions could not run in one process.
     """
     from accelerate import Accelerator
@@ -133,11 +141,6 @@ def make_accelerator(train: TrainConfig, report_to: list[str], run: Run) -> Any:
     return accelerator
 
 
-def autocast(accelerator: Any, train: TrainConfig) -> Any:
-    """bf16 autocast around forward passes when ``train.precision=bf16`` (weights stay fp32)."""
-    return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16")
-
-
 def _require_tracker(name: str) -> None:
     import importlib.util
 
@@ -148,9 +151,75 @@ def _require_tracker(name: str) -> None:
         raise ConfigError(f"run.report_to: {name} is not installed (pip install {module})")
 
 
-def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on matrices (not biases, norms or other vectors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+class Precision:
+    """How a loop computes in ``train.precision``, behind one small interface the loops call.
+
+    * ``fp32``: nothing to do.
+    * ``bf16``: the model's trainable weights are cast to bf16, so forward and backward run in bf16
+      with no per-operation casts; the optimiser updates fp32 *master* copies and the bf16 weights
+      are refreshed from them after each step (as DeepSpeed's and Megatron's bf16 optimisers do).
+      Without the fp32 copies an update smaller than bf16's resolution, about 1/256 of a weight,
+      would round away: at lr 1e-5 almost every one. Buffers (rotary frequencies) stay fp32.
+    * ``bf16-autocast``: fp32 weights, ``torch.autocast`` around forward passes (what TRL and HF
+      Trainer do with ``bf16=True``): every matmul re-casts its fp32 weight, which is slower.
+
+    A loop calls :attr:`params` (what the optimiser updates), :meth:`autocast` around forwards,
+    :meth:`after_backward` before clipping, :meth:`after_step` after ``optimizer.step()``, and
+    :meth:`fp32_weights_into` before saving. It is registered for checkpointing, so the master
+    weights are part of an exact resume.
+    """
+
+    def __init__(self, model: torch.nn.Module, precision: str):
+        self.precision = precision
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        if precision == "bf16":
+            self.params = [p.detach().float().clone().requires_grad_(True) for p in self.model_params]
+            for p in model.parameters():  # frozen weights too (LoRA's base): one dtype in every matmul
+                p.data = p.data.to(torch.bfloat16)
+        else:
+            self.params = self.model_params
+
+    def autocast(self, device: torch.device) -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16-autocast")
+
+    def after_backward(self) -> None:
+        """Move the model's bf16 gradients to the fp32 master weights."""
+        if self.precision != "bf16":
+            return
+        for master, param in zip(self.params, self.model_params):
+            master.grad = None if param.grad is None else param.grad.float()
+            param.grad = None
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Refresh the bf16 weights from the updated master weights."""
+        if self.precision != "bf16":
+            return
+        for master, param in zip(self.params, self.model_params):
+            param.copy_(master)
+
+    @torch.no_grad()
+    def fp32_weights_into(self, model: torch.nn.Module) -> None:
+        """Make ``model`` fp32 with the master weights in it (to save it)."""
+        if self.precision != "bf16":
+            return
+        model.float()
+        for master, param in zip(self.params, self.model_params):
+            param.data = master.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"master": [p.detach() for p in self.params]} if self.precision == "bf16" else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.precision == "bf16":
+            with torch.no_grad():
+                for master, saved in zip(self.params, state["master"]):
+                    master.copy_(saved)
+            self.after_step()
+
+
+def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over ``params``; weight decay only on matrices (not biases, norms or other vectors)."""
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -190,6 +259,23 @@ def save_checkpoint(accelerator: Any, run: Run, step: int, state: dict, keep: in
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_final(accelerator: Any, run: Run, model: Any, tokenizer: Any, precision: Precision, optimizer: Any, step: int) -> None:
+    """Write ``final/``: the fp32 weights as an HF folder, and the step that marks the run complete.
+
+    The optimiser state is dropped first: training is over, and serialising the weights needs the
+    memory it held.
+    """
+    optimizer.state.clear()
+    if accelerator.is_main_process:
+        from alignloop.models.load import save_model
+
+        unwrapped = accelerator.unwrap_model(model)
+        precision.fp32_weights_into(unwrapped)
+        save_model(unwrapped, tokenizer, run.final_dir)
+        (run.final_dir / STATE_FILE).write_text(json.dumps({"step": step}))
+    accelerator.wait_for_everyone()
 
 
 def resume(accelerator: Any, run: Run, resume_from: str) -> dict | None:

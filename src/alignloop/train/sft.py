@@ -24,19 +24,20 @@ from alignloop.data.tokenize import Example, tokenize_sft_rows
 from alignloop.errors import ConfigError, DataError, TrainingInterrupted
 from alignloop.evaluate.report import write_training_report
 from alignloop.losses import completion_nll, count_loss_tokens
-from alignloop.models.load import context_length, load_causal_lm, load_tokenizer, save_model
+from alignloop.models.load import context_length, load_causal_lm, load_tokenizer
 from alignloop.train.loop import (
     MetricsLog,
+    Precision,
     Progress,
     Run,
     StopOnInterrupt,
-    autocast,
     make_accelerator,
     make_optimizer,
     make_scheduler,
     open_run,
     resume,
     save_checkpoint,
+    save_final,
 )
 
 log = logging.getLogger("alignloop")
@@ -89,10 +90,15 @@ def fit_causal_lm(cfg: Any, model: Any, tokenizer: Any, train: list[Example], he
     ``final/`` and ``report.md`` in the run folder. Resumes from the newest checkpoint when asked."""
     t = cfg.train
     run = open_run(cfg)
+    if run.is_complete():
+        log.info("%s: %s is already complete (model in %s); --train.resume=never trains it again", title, run.dir, run.final_dir)
+        return run
     accelerator = make_accelerator(t, cfg.run.report_to, run)
-    optimizer = make_optimizer(model, t)
+    precision = Precision(model, t.precision)
+    optimizer = make_optimizer(precision.params, t)
     scheduler = make_scheduler(optimizer, t)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    accelerator.register_for_checkpointing(precision)
     state = resume(accelerator, run, t.resume) or {"step": 0}
     step = state["step"]
 
@@ -116,13 +122,15 @@ def fit_causal_lm(cfg: Any, model: Any, tokenizer: Any, train: list[Example], he
             for k, batch in enumerate(micro_batches):
                 last = k == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    with autocast(accelerator, t):
+                    with precision.autocast(accelerator.device):
                         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     loss, stats = completion_nll(logits, batch["labels"], step_tokens / accelerator.num_processes)
                     accelerator.backward(loss)
                 nll_sum += stats["nll_sum"]
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+            precision.after_backward()
+            grad_norm = accelerator.clip_grad_norm_(precision.params, t.max_grad_norm) if t.max_grad_norm > 0 else None
             optimizer.step()
+            precision.after_step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -139,24 +147,24 @@ def fit_causal_lm(cfg: Any, model: Any, tokenizer: Any, train: list[Example], he
                 record["train/grad_norm"] = float(grad_norm)
             evaluating = held_out and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps)
             if evaluating:
-                with autocast(accelerator, t):
+                with precision.autocast(accelerator.device):
                     record.update(evaluate_lm(model, held_out, t.batch_size, pad_id, t.eval_batches))
             if step % t.log_every == 0 or evaluating or step == t.max_steps:
                 metrics.write(step, record)
             progress.update(step, record)
 
             stop = sum_over_processes(accelerator, float(interrupt.requested)) > 0
-            if stop or step == t.max_steps or (t.save_every and step % t.save_every == 0):
+            # No checkpoint at the last step: final/ holds the weights and marks the run complete.
+            if stop or (t.save_every and step % t.save_every == 0 and step < t.max_steps):
                 checkpoint = save_checkpoint(accelerator, run, step, {}, keep=t.keep_checkpoints)
             if stop:
                 progress.close()
                 raise TrainingInterrupted(f"stopped at step {step}; checkpoint saved in {checkpoint}; run the same command to continue")
     progress.close()
 
+    save_final(accelerator, run, model, tokenizer, precision, optimizer, step)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, run.final_dir)
         write_training_report(run, title)
-    accelerator.wait_for_everyone()
     accelerator.end_training()
     log.info("%s done: model in %s, report in %s", title, run.final_dir, run.dir / "report.md")
     return run
