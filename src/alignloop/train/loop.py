@@ -219,13 +219,18 @@ class Precision:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over ``params``; weight decay only on matrices (not biases, norms or other vectors)."""
+    """AdamW over ``params``; weight decay only on matrices (not biases, norms or other vectors).
+
+    The fused kernel (one pass per parameter, CPU and GPU) is used where torch has it: the default
+    multi-tensor version allocates temporaries as large as the model on every step.
+    """
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=train.lr, betas=(train.adam_beta1, train.adam_beta2)
+        [g for g in groups if g["params"]], lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), fused=fused
     )
 
 
