@@ -81,12 +81,12 @@ def _train_tokenizer(folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def builtin_model(name: str, tokenizer: Any) -> Any:
-    """A randomly initialised Llama of the named size (seed it before calling)."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def builtin_config(name: str, tokenizer: Any) -> Any:
+    """The ``LlamaConfig`` of a built-in size, sized to ``tokenizer``."""
+    from transformers import LlamaConfig
 
     size = BUILTIN_SIZES[name]
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         num_key_value_heads=size["num_attention_heads"],
         max_position_embeddings=CONTEXT_LENGTH,
@@ -96,7 +96,13 @@ def builtin_model(name: str, tokenizer: Any) -> Any:
         pad_token_id=tokenizer.pad_token_id,
         **size,
     )
-    model = LlamaForCausalLM(config)
+
+
+def builtin_model(name: str, tokenizer: Any) -> Any:
+    """A randomly initialised Llama of the named size (seed it before calling)."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(builtin_config(name, tokenizer))
     # Chat turns end with <|im_end|>, documents with <|endoftext|>: generation stops at either.
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)],

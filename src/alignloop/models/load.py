@@ -72,7 +72,8 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: Any, seed: int) -> Any:
     return model
 
 
-def add_lora(model: Any, cfg: ModelConfig) -> Any:
+def add_lora(model: Any, cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> Any:
+    """LoRA adapters on ``cfg.lora.target_modules``; for ``SEQ_CLS`` peft also trains the new head."""
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora.target_modules
@@ -81,7 +82,7 @@ def add_lora(model: Any, cfg: ModelConfig) -> Any:
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         return get_peft_model(model, lora)

@@ -8,6 +8,7 @@ class with hooks.
   and the stage's own state (data position, controllers) in ``checkpoints/step-N``
 * :class:`MetricsLog`, :class:`Progress` — one JSON line per logged step; a bar or log lines with ETA
 * :class:`StopOnInterrupt` — Ctrl-C finishes the current step, checkpoints and exits cleanly
+* :class:`TrainingSession` — all of the above around one loop, so a stage's loop shows its maths
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import yaml
 
 from alignloop.config import TrainConfig, save_config
-from alignloop.errors import ConfigError
+from alignloop.errors import ConfigError, TrainingInterrupted
 
 log = logging.getLogger("alignloop")
 
@@ -400,3 +401,119 @@ class StopOnInterrupt:
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# One training session: the mechanics around a stage's own maths
+# ---------------------------------------------------------------------------------------------
+class TrainingSession:
+    """Everything around a loop's forward and loss, so each stage's loop shows only its own maths.
+
+    A loop reads::
+
+        with TrainingSession(cfg, model, run, title) as session:
+            model = session.model                        # prepared by accelerate
+            while session.step < cfg.train.max_steps:
+                started = time.perf_counter()
+                ...forward, loss...; session.backward(loss)
+                record = {...stage metrics..., **session.optimizer_step()}
+                session.end_step(record, started, evaluate=lambda: {...held-out metrics...})
+            session.save_final(tokenizer)
+
+    It owns the accelerator, :class:`Precision`, AdamW, the schedule, exact resume (the stage's own
+    state rides along in :attr:`state`), ``metrics.jsonl``, the progress bar, Ctrl-C and checkpoints.
+    """
+
+    def __init__(self, cfg: Any, model: torch.nn.Module, run: Run, title: str, extra_params: list | None = None):
+        t = cfg.train
+        self.train, self.run, self.title = t, run, title
+        self.accelerator = make_accelerator(t, cfg.run.report_to, run)
+        self.precision = Precision(model, t.precision)
+        # Parameters outside the model (an ordinal head's thresholds) train with it, in fp32.
+        self.extra_params = list(extra_params or [])
+        self.optimizer = make_optimizer(self.precision.params + self.extra_params, t)
+        self.scheduler = make_scheduler(self.optimizer, t)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, self.optimizer, self.scheduler)
+        self.accelerator.register_for_checkpointing(self.precision)
+        self.state: dict = resume(self.accelerator, run, t.resume) or {"step": 0}
+        self.step: int = self.state.pop("step")
+        self.metrics = MetricsLog(run, self.accelerator, resumed_step=self.step)
+        self.progress = Progress(t.max_steps, self.step, title, enabled=self.accelerator.is_main_process)
+        self._interrupt = StopOnInterrupt()
+
+    def __enter__(self) -> "TrainingSession":
+        self._interrupt.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._interrupt.__exit__(*exc)
+        self.progress.close()
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def autocast(self) -> Any:
+        return self.precision.autocast(self.accelerator.device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def sum_over_processes(self, value: float) -> float:
+        """``value`` summed over every process (itself with one process)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        tensor = torch.tensor(value, dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(tensor, reduction="sum"))
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip, step, schedule, zero the gradients; count the step. Returns lr and grad norm."""
+        t = self.train
+        self.precision.after_backward()
+        params = self.precision.params + self.extra_params
+        grad_norm = self.accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+        self.optimizer.step()
+        self.precision.after_step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record = {"train/lr": self.scheduler.get_last_lr()[0]}
+        if grad_norm is not None:
+            record["train/grad_norm"] = float(grad_norm)
+        return record
+
+    def end_step(self, record: dict[str, float], started: float, evaluate: Any = None) -> None:
+        """Time the step, evaluate when due, log, and checkpoint when due or on Ctrl-C.
+
+        ``record`` is the step's metrics; ``evaluate()`` returns held-out metrics (run every
+        ``eval_every`` steps and at the last step). Raises :class:`TrainingInterrupted` after
+        saving a checkpoint when Ctrl-C was pressed.
+        """
+        t, step = self.train, self.step
+        seconds = time.perf_counter() - started
+        record["perf/step_s"] = seconds
+        if "train/tokens" in record:
+            record["perf/tokens_per_s"] = record["train/tokens"] / seconds
+        evaluating = evaluate is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps)
+        if evaluating:
+            with self.autocast():
+                held_out = evaluate()
+            record.update(held_out)
+            self.model.train()
+        if step % t.log_every == 0 or evaluating or step == t.max_steps:
+            self.metrics.write(step, record)
+        self.progress.update(step, record)
+
+        stop = self.sum_over_processes(float(self._interrupt.requested)) > 0
+        # No checkpoint at the last step: final/ holds the weights and marks the run complete.
+        if stop or (t.save_every and step % t.save_every == 0 and step < t.max_steps):
+            checkpoint = save_checkpoint(self.accelerator, self.run, step, self.state, keep=t.keep_checkpoints)
+            if stop:
+                self.progress.close()
+                raise TrainingInterrupted(f"stopped at step {step}; checkpoint saved in {checkpoint}; run the same command to continue")
+
+    def save_final(self, tokenizer: Any) -> None:
+        """Write ``final/`` (fp32 weights, HF folder) and end the accelerate session."""
+        self.progress.close()
+        save_final(self.accelerator, self.run, self.model, tokenizer, self.precision, self.optimizer, self.step)
+        self.accelerator.end_training()

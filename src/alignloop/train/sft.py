@@ -21,24 +21,11 @@ from alignloop.data.batching import ShuffledBatches, collate, eval_batches, spli
 from alignloop.data.load import load_records
 from alignloop.data.records import Row
 from alignloop.data.tokenize import Example, tokenize_sft_rows
-from alignloop.errors import ConfigError, DataError, TrainingInterrupted
+from alignloop.errors import ConfigError, DataError
 from alignloop.evaluate.report import write_training_report
 from alignloop.losses import completion_nll, count_loss_tokens
 from alignloop.models.load import context_length, load_causal_lm, load_tokenizer
-from alignloop.train.loop import (
-    MetricsLog,
-    Precision,
-    Progress,
-    Run,
-    StopOnInterrupt,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
-    open_run,
-    resume,
-    save_checkpoint,
-    save_final,
-)
+from alignloop.train.loop import Run, TrainingSession, open_run
 
 log = logging.getLogger("alignloop")
 
@@ -93,79 +80,39 @@ def fit_causal_lm(cfg: Any, model: Any, tokenizer: Any, train: list[Example], he
     if run.is_complete():
         log.info("%s: %s is already complete (model in %s); --train.resume=never trains it again", title, run.dir, run.final_dir)
         return run
-    accelerator = make_accelerator(t, cfg.run.report_to, run)
-    precision = Precision(model, t.precision)
-    optimizer = make_optimizer(precision.params, t)
-    scheduler = make_scheduler(optimizer, t)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    accelerator.register_for_checkpointing(precision)
-    state = resume(accelerator, run, t.resume) or {"step": 0}
-    step = state["step"]
-
-    batches = ShuffledBatches(len(train), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
-    metrics = MetricsLog(run, accelerator, resumed_step=step)
-    progress = Progress(t.max_steps, step, title, enabled=accelerator.is_main_process)
     pad_id = tokenizer.pad_token_id
-    log.info("%s: %d training / %d held-out sequences, %d steps of %d×%d×%d, run folder %s",
-             title, len(train), len(held_out), t.max_steps, t.batch_size, t.grad_accum, accelerator.num_processes, run.dir)
-
-    with StopOnInterrupt() as interrupt:
-        while step < t.max_steps:
+    with TrainingSession(cfg, model, run, title) as session:
+        model, accelerator = session.model, session.accelerator
+        batches = ShuffledBatches(len(train), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
+        log.info("%s: %d training / %d held-out sequences, %d steps of %d×%d×%d, run folder %s",
+                 title, len(train), len(held_out), t.max_steps, t.batch_size, t.grad_accum, accelerator.num_processes, run.dir)
+        while session.step < t.max_steps:
             started = time.perf_counter()
             model.train()
             micro_batches = [
-                collate([train[i] for i in batches.indices(step * t.grad_accum + k)], pad_id) for k in range(t.grad_accum)
+                collate([train[i] for i in batches.indices(session.step * t.grad_accum + k)], pad_id) for k in range(t.grad_accum)
             ]
             # One token count for the whole step, all processes: see completion_nll's docstring.
-            step_tokens = float(sum_over_processes(accelerator, sum(count_loss_tokens(b["labels"]) for b in micro_batches)))
+            step_tokens = session.sum_over_processes(float(sum(count_loss_tokens(b["labels"]) for b in micro_batches)))
             nll_sum = 0.0
             for k, batch in enumerate(micro_batches):
                 last = k == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    with precision.autocast(accelerator.device):
+                    with session.autocast():
                         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     loss, stats = completion_nll(logits, batch["labels"], step_tokens / accelerator.num_processes)
-                    accelerator.backward(loss)
+                    session.backward(loss)
                 nll_sum += stats["nll_sum"]
-            precision.after_backward()
-            grad_norm = accelerator.clip_grad_norm_(precision.params, t.max_grad_norm) if t.max_grad_norm > 0 else None
-            optimizer.step()
-            precision.after_step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            seconds = time.perf_counter() - started
             record = {
-                "train/loss": sum_over_processes(accelerator, nll_sum) / step_tokens,
-                "train/lr": scheduler.get_last_lr()[0],
+                "train/loss": session.sum_over_processes(nll_sum) / step_tokens,
                 "train/tokens": step_tokens,
-                "perf/step_s": seconds,
-                "perf/tokens_per_s": step_tokens / seconds,
+                **session.optimizer_step(),
             }
-            if grad_norm is not None:
-                record["train/grad_norm"] = float(grad_norm)
-            evaluating = held_out and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps)
-            if evaluating:
-                with precision.autocast(accelerator.device):
-                    record.update(evaluate_lm(model, held_out, t.batch_size, pad_id, t.eval_batches))
-            if step % t.log_every == 0 or evaluating or step == t.max_steps:
-                metrics.write(step, record)
-            progress.update(step, record)
-
-            stop = sum_over_processes(accelerator, float(interrupt.requested)) > 0
-            # No checkpoint at the last step: final/ holds the weights and marks the run complete.
-            if stop or (t.save_every and step % t.save_every == 0 and step < t.max_steps):
-                checkpoint = save_checkpoint(accelerator, run, step, {}, keep=t.keep_checkpoints)
-            if stop:
-                progress.close()
-                raise TrainingInterrupted(f"stopped at step {step}; checkpoint saved in {checkpoint}; run the same command to continue")
-    progress.close()
-
-    save_final(accelerator, run, model, tokenizer, precision, optimizer, step)
+            evaluate = (lambda: evaluate_lm(model, held_out, t.batch_size, pad_id, t.eval_batches)) if held_out else None
+            session.end_step(record, started, evaluate)
+        session.save_final(tokenizer)
     if accelerator.is_main_process:
         write_training_report(run, title)
-    accelerator.end_training()
     log.info("%s done: model in %s, report in %s", title, run.final_dir, run.dir / "report.md")
     return run
 
@@ -183,9 +130,3 @@ def evaluate_lm(model: Any, examples: list[Example], batch_size: int, pad_id: in
     model.train()
     loss = nll_sum / max(tokens, 1)
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
-
-
-def sum_over_processes(accelerator: Any, value: float) -> float:
-    if accelerator.num_processes == 1:
-        return value
-    return float(accelerator.reduce(torch.tensor(value, dtype=torch.float64, device=accelerator.device), reduction="sum"))
