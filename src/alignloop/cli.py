@@ -26,6 +26,10 @@ def _stage_runner(stage: str) -> Callable[[Any], Any]:
         from alignloop.train.pretrain import run_pretrain
 
         return run_pretrain
+    if stage == "reward":
+        from alignloop.train.reward import run_reward
+
+        return run_reward
     from alignloop.train.sft import run_sft
 
     return run_sft
@@ -34,6 +38,7 @@ def _stage_runner(stage: str) -> Callable[[Any], Any]:
 STAGE_HELP = {
     "pretrain": "continued pretraining on raw text (loss on every token)",
     "sft": "supervised fine-tuning on prompt→completion or chat data (loss on completions only)",
+    "reward": "train a reward model from preference pairs, ratings or thumbs",
 }
 
 
@@ -52,6 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pretrain-steps", type=int, default=200, help="continued-pretraining steps (default: 200)")
     demo.add_argument("--sft-steps", type=int, default=150, help="SFT steps (default: 150)")
     demo.set_defaults(handler=_run_demo)
+
+    report = commands.add_parser("reward-report", help="how good is a reward model? accuracy, calibration, length bias on preference pairs",
+                                 description="Score held-out preference pairs with a saved reward model and write report.md, metrics.json and plots.")
+    report.add_argument("--model", required=True, help="reward model folder (an `alignloop reward` run's final/)")
+    report.add_argument("--data", required=True, help="preference records (prompt, chosen, rejected): a file, or ukp:/hh-rlhf: PATH")
+    report.add_argument("--out", default="reward-report", help="folder for report.md, metrics.json and the plots (default: reward-report)")
+    report.add_argument("--batch-size", type=int, default=32, help="pairs scored at once (default: 32)")
+    report.add_argument("--max-length", type=int, default=None, help="tokens per row (default: the length the model was trained with)")
+    report.add_argument("--max-samples", type=int, default=None, help="score only the first N pairs")
+    report.set_defaults(handler=_run_reward_report)
+
+    convert = commands.add_parser("convert", help="convert HH-RLHF or UKPConvArg files to standard preference JSONL",
+                                  description="Write a foreign preference format as JSONL records in TRL's field names (prompt, chosen, rejected).")
+    convert.add_argument("format", choices=["hh-rlhf", "ukp"], help="hh-rlhf: Anthropic's Human/Assistant transcripts (.jsonl or .jsonl.gz); ukp: UKPConvArg1 TSV files or their folder")
+    convert.add_argument("source", help="the file or folder to read")
+    convert.add_argument("output", help="the JSONL file to write")
+    convert.set_defaults(handler=_run_convert)
 
     for stage, cls in STAGES.items():
         sub = commands.add_parser(stage, help=STAGE_HELP[stage], description=(cls.__doc__ or "").strip(), allow_abbrev=False)
@@ -83,6 +105,30 @@ def _run_demo(args: argparse.Namespace, extra: list[str]) -> int:
     from alignloop.demo import run_demo
 
     run_demo(args.output_dir, args.model, args.pretrain_steps, args.sft_steps)
+    return 0
+
+
+def _run_reward_report(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"reward-report: unknown option {extra[0]!r}; see `alignloop reward-report --help`")
+    from pathlib import Path
+
+    from alignloop.evaluate.reward_quality import report_reward_model
+
+    path = report_reward_model(args.model, args.data, Path(args.out), args.batch_size, args.max_length, args.max_samples)
+    log.info("reward report: %s", path)
+    return 0
+
+
+def _run_convert(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"convert: unknown option {extra[0]!r}; see `alignloop convert --help`")
+    from alignloop.data.load import read_rows
+    from alignloop.data.convert import write_jsonl
+
+    rows = read_rows(f"{args.format}:{args.source}")
+    write_jsonl(rows, args.output)
+    log.info("convert: %d %s records from %s written to %s", len(rows), args.format, args.source, args.output)
     return 0
 
 

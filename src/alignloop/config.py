@@ -87,7 +87,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     seed: int = option(0, "seed for initialisation, data order and sampling")
-    max_steps: int = option(200, "optimizer steps to run")
+    max_steps: int = option(200, "optimizer steps to run (ignored when `epochs` is set)")
+    epochs: Optional[float] = option(None, "passes over the training data; sets max_steps from the data size (null: use max_steps)")
     batch_size: int = option(8, "sequences per micro-batch (per process)")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(3e-4, "peak learning rate (AdamW)")
@@ -112,6 +113,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be ≥ 1 (got {getattr(self, key)})")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0 (got {self.lr})")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"train.epochs must be > 0 (got {self.epochs}); null uses max_steps")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
             raise ConfigError("train.warmup_steps, train.eval_every and train.save_every must be ≥ 0")
 
@@ -139,7 +142,40 @@ class SFTConfig:
     train: TrainConfig = section(TrainConfig, "optimisation and checkpointing", lr=1e-4)
 
 
-STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig}
+@dataclass
+class RewardModelingConfig:
+    """What the reward model learns from, by record kind (preference pairs, ratings or thumbs)."""
+
+    margin_field: Optional[str] = option("margin", "preference field holding a required margin m in −log σ(r_c − r_r − m); rows without it use 0")
+    tie_field: Optional[str] = option("tie", "preference field marking a tie (true): trained towards r_c = r_r instead of skipped")
+    rating_scale: list[float] = option([1.0, 5.0], "[lowest, highest] rating; a rating outside it is an error naming the row")
+    rating_head: Literal["regression", "ordinal"] = option("regression", "ratings: regression (MSE to the rating scaled to [-1, 1]) or ordinal (cumulative-logit thresholds)")
+    normalize_per_user: bool = option(False, "ratings: z-score each user's ratings (field `user`) before training, so harsh and generous raters count alike")
+    skip_invalid: bool = option(False, "count and skip invalid rows (equal chosen/rejected, rating off the scale) instead of stopping at the first")
+    eval_batch_size: int = option(32, "pairs or rows per batch when scoring held-out data")
+    bucket_by_length: bool = option(True, "batch rows of similar length together (less padding, same data per epoch)")
+    disable_dropout: bool = option(True, "switch the backbone's dropout off, so both responses of a pair are scored by the same network")
+    length_groups: int = option(4, "forwards per batch, each over rows of similar length, padded only to their own longest (1: one padded batch)")
+
+    def __post_init__(self) -> None:
+        if len(self.rating_scale) != 2 or self.rating_scale[0] >= self.rating_scale[1]:
+            raise ConfigError(f"reward.rating_scale must be [lowest, highest] with lowest < highest (got {self.rating_scale})")
+        if self.eval_batch_size < 1 or self.length_groups < 1:
+            raise ConfigError("reward.eval_batch_size and reward.length_groups must be ≥ 1")
+
+
+@dataclass
+class RewardConfig:
+    """Reward model: Bradley–Terry on preference pairs, regression/ordinal on ratings, BCE on thumbs."""
+
+    run: RunConfig = section(RunConfig, "run folder and trackers", name="reward")
+    model: ModelConfig = section(ModelConfig, "the backbone: an encoder (default MiniLM-L6, shipped on PyPI) or a decoder LM", name_or_path="minilm-l6")
+    data: DataConfig = section(DataConfig, "preference (prompt/chosen/rejected), rating or thumbs (label) records", path="builtin:chitchat-preference", max_length=256, eval_fraction=0.1)
+    reward: RewardModelingConfig = section(RewardModelingConfig, "how the reward model learns")
+    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing", lr=5e-5, batch_size=16, epochs=1.0, warmup_steps=0, lr_schedule="linear", eval_every=0, save_every=200)
+
+
+STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig}
 
 
 # ---------------------------------------------------------------------------------------------

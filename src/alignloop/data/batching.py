@@ -21,9 +21,17 @@ class ShuffledBatches:
     """Epoch-wise shuffled batches of ``batch_size`` examples; the last partial batch of an epoch
     is dropped so every batch has the same size. Epoch ``e`` uses ``torch.randperm`` seeded with
     ``seed + e``. With several processes, process ``rank`` takes its slice of each global batch.
+
+    With ``lengths``, batches hold examples of similar length (less padding, the same examples
+    per epoch): the epoch's permutation is cut into windows of ``BUCKET_WINDOW`` global batches,
+    each window is sorted by length and cut into batches, and the batches of the epoch are then
+    shuffled (seeded), so long and short batches stay mixed over the epoch.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    BUCKET_WINDOW = 64
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 lengths: Sequence[int] | None = None):
         self.global_batch = batch_size * world_size
         if num_examples < self.global_batch:
             raise DataError(
@@ -32,6 +40,7 @@ class ShuffledBatches:
             )
         self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
         self.rank = rank
+        self.lengths = torch.tensor(lengths) if lengths is not None else None
         self.batches_per_epoch = num_examples // self.global_batch
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 
@@ -41,8 +50,20 @@ class ShuffledBatches:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._epoch, self._order = epoch, torch.randperm(self.num_examples, generator=generator)
+            if self.lengths is not None:
+                self._order = self._bucketed(self._order, generator)
         start = k * self.global_batch + self.rank * self.batch_size
         return self._order[start : start + self.batch_size].tolist()
+
+    def _bucketed(self, order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        used = order[: self.batches_per_epoch * self.global_batch]
+        window = self.BUCKET_WINDOW * self.global_batch
+        chunks = []
+        for start in range(0, len(used), window):
+            chunk = used[start : start + window]
+            chunks.append(chunk[torch.argsort(self.lengths[chunk], stable=True)])
+        batches = torch.cat(chunks).view(self.batches_per_epoch, self.global_batch)
+        return batches[torch.randperm(self.batches_per_epoch, generator=generator)].reshape(-1)
 
 
 def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:

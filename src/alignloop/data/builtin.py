@@ -3,12 +3,18 @@
 ``builtin:chitchat-text`` and ``builtin:chitchat-chat`` come from the ``chitchat-dataset``
 package (MIT): 7,168 real conversations between two people. The first speaker of a conversation
 becomes the ``user``, the second the ``assistant``.
+
+``builtin:chitchat-preference`` turns them into preference pairs for an offline reward model: the
+prompt is a user turn, ``chosen`` the reply that really followed it, ``rejected`` a reply from
+another, seeded-random conversation (next-utterance selection, as in ConvAI2's ranking task). A
+reward model trained on it scores how well a reply answers what was said.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import random
 
 from alignloop.data.records import Row
 from alignloop.errors import DataError
@@ -17,7 +23,7 @@ TURNS_PER_CHAT_RECORD = 4  # user, assistant, user, assistant: short enough for 
 
 
 def builtin_rows(name: str) -> list[Row]:
-    makers = {"chitchat-text": _chitchat_text, "chitchat-chat": _chitchat_chat}
+    makers = {"chitchat-text": _chitchat_text, "chitchat-chat": _chitchat_chat, "chitchat-preference": _chitchat_preference}
     if name not in makers:
         raise DataError(f"builtin:{name}: unknown built-in dataset; choose one of {', '.join('builtin:' + k for k in makers)}")
     return makers[name]()
@@ -70,4 +76,23 @@ def _chitchat_chat() -> list[Row]:
             if len(window) >= 2:
                 messages = [{"role": role, "content": text} for role, text in window]
                 rows.append(Row({"messages": messages}, f"builtin:chitchat-chat conversation {i + 1} turn {start + 1}"))
+    return rows
+
+
+def _chitchat_preference() -> list[Row]:
+    conversations = chitchat_conversations()
+    replies = [(i, text) for i, conv in enumerate(conversations) for role, text in conv if role == "assistant"]
+    rng = random.Random(0)
+    rows = []
+    for i, conv in enumerate(conversations):
+        for k in range(len(conv) - 1):
+            (role, prompt), (_, reply) = conv[k], conv[k + 1]
+            if role != "user":
+                continue
+            other, rejected = rng.choice(replies)
+            while other == i or rejected == reply:
+                other, rejected = rng.choice(replies)
+            rows.append(Row({"prompt": prompt, "chosen": reply, "rejected": rejected},
+                            f"builtin:chitchat-preference conversation {i + 1} turn {k + 1}"))
+            break  # one pair per conversation: 7k pairs, every conversation once
     return rows

@@ -1,5 +1,6 @@
 """Reading records from files a user already has: JSONL, JSON, CSV, Parquet, plain text, a
-`datasets` folder saved with ``save_to_disk``, or an embedded ``builtin:NAME`` set.
+`datasets` folder saved with ``save_to_disk``, an embedded ``builtin:NAME`` set, or HH-RLHF and
+UKPConvArg1 files (``hh-rlhf:PATH``, ``ukp:PATH``; converted by :mod:`alignloop.data.convert`).
 
 Each reader yields :class:`Row` objects tagged with their place (``file:line`` or ``file row N``)
 and nothing else; validation of fields is :mod:`alignloop.data.records`' job.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import gzip
 import json
 from pathlib import Path
 from typing import Iterable
@@ -16,7 +18,7 @@ from typing import Iterable
 from alignloop.data.records import Row, validate_rows
 from alignloop.errors import DataError
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet", ".txt")
 
 
 def load_records(path: str, accepted: Iterable[str], max_samples: int | None = None) -> tuple[list[Row], str]:
@@ -29,11 +31,20 @@ def load_records(path: str, accepted: Iterable[str], max_samples: int | None = N
 
 
 def read_rows(path: str) -> list[Row]:
-    """All rows at ``path`` (a file, a glob of files, a `datasets` folder or ``builtin:NAME``)."""
+    """All rows at ``path`` (a file, a glob of files, a `datasets` folder, ``builtin:NAME``, or a
+    foreign preference format named by its prefix: ``hh-rlhf:FILE``, ``ukp:FOLDER_OR_FILE``)."""
     if path.startswith("builtin:"):
         from alignloop.data.builtin import builtin_rows
 
         return builtin_rows(path.removeprefix("builtin:"))
+    if path.startswith("hh-rlhf:"):
+        from alignloop.data.convert import read_hh_rlhf
+
+        return read_hh_rlhf(path.removeprefix("hh-rlhf:"))
+    if path.startswith("ukp:"):
+        from alignloop.data.convert import read_ukp_convarg
+
+        return read_ukp_convarg(path.removeprefix("ukp:"))
     if any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path))
         if not files:
@@ -44,6 +55,8 @@ def read_rows(path: str) -> list[Row]:
         return _read_saved_dataset(p)
     if not p.is_file():
         raise DataError(f"{path}: data file not found")
+    if p.name.lower().endswith(".jsonl.gz"):
+        return _read_jsonl(p)
     reader = {
         ".jsonl": _read_jsonl,
         ".json": _read_json,
@@ -58,7 +71,8 @@ def read_rows(path: str) -> list[Row]:
 
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as f:
+    opened = gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+    with opened as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -10,7 +10,8 @@ from alignloop.train.loop import Run, read_metrics
 CURVES = (("train/loss", "train loss"), ("eval/loss", "held-out loss"))
 
 
-def plot_training_curves(metrics: list[dict], out: Path, title: str) -> Path:
+def plot_training_curves(metrics: list[dict], out: Path, title: str, curves: tuple = CURVES,
+                         ylabel: str = "cross-entropy (nats/token)") -> Path:
     """Loss (train and held-out) and learning rate against step, in one PNG."""
     import matplotlib
 
@@ -18,13 +19,13 @@ def plot_training_curves(metrics: list[dict], out: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 1]})
-    for key, label in CURVES:
+    for key, label in curves:
         points = [(m["step"], m[key]) for m in metrics if key in m]
         if points:
             steps, values = zip(*points)
             ax_loss.plot(steps, values, marker="o" if key.startswith("eval") else None, label=label)
     ax_loss.set_xlabel("optimizer step")
-    ax_loss.set_ylabel("cross-entropy (nats/token)")
+    ax_loss.set_ylabel(ylabel)
     ax_loss.set_title(f"{title}: loss")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
@@ -40,12 +41,13 @@ def plot_training_curves(metrics: list[dict], out: Path, title: str) -> Path:
     return out
 
 
-def write_training_report(run: Run, title: str, extra: str = "") -> Path:
+def write_training_report(run: Run, title: str, extra: str = "", curves: tuple = CURVES,
+                          ylabel: str = "cross-entropy (nats/token)", table: tuple = (("eval/ppl", "held-out perplexity"),)) -> Path:
     """``report.md`` with the loss curves and the first/last numbers of the run."""
     metrics = read_metrics(run.metrics_path)
-    plot = plot_training_curves(metrics, run.dir / "loss.png", title)
+    plot = plot_training_curves(metrics, run.dir / "loss.png", title, curves, ylabel)
     rows = []
-    for key, label in CURVES + (("eval/ppl", "held-out perplexity"),):
+    for key, label in curves + table:
         values = [m[key] for m in metrics if key in m]
         if values:
             rows.append(f"| {label} | {values[0]:.4f} | {values[-1]:.4f} |")

@@ -424,17 +424,20 @@ class TrainingSession:
     state rides along in :attr:`state`), ``metrics.jsonl``, the progress bar, Ctrl-C and checkpoints.
     """
 
-    def __init__(self, cfg: Any, model: torch.nn.Module, run: Run, title: str, extra_params: list | None = None):
+    def __init__(self, cfg: Any, model: torch.nn.Module, run: Run, title: str, extra_modules: list | None = None):
         t = cfg.train
         self.train, self.run, self.title = t, run, title
         self.accelerator = make_accelerator(t, cfg.run.report_to, run)
         self.precision = Precision(model, t.precision)
-        # Parameters outside the model (an ordinal head's thresholds) train with it, in fp32.
-        self.extra_params = list(extra_params or [])
+        # Small modules outside the model (an ordinal head's thresholds) train with it, in fp32,
+        # and are checkpointed with it.
+        extra_modules = [m.to(self.accelerator.device) for m in extra_modules or []]
+        self.extra_params = [p for m in extra_modules for p in m.parameters()]
         self.optimizer = make_optimizer(self.precision.params + self.extra_params, t)
         self.scheduler = make_scheduler(self.optimizer, t)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, self.optimizer, self.scheduler)
-        self.accelerator.register_for_checkpointing(self.precision)
+        for obj in [self.precision, *extra_modules]:
+            self.accelerator.register_for_checkpointing(obj)
         self.state: dict = resume(self.accelerator, run, t.resume) or {"step": 0}
         self.step: int = self.state.pop("step")
         self.metrics = MetricsLog(run, self.accelerator, resumed_step=self.step)
