@@ -428,6 +428,8 @@ class TrainingSession:
         t = cfg.train
         self.train, self.run, self.title = t, run, title
         self.accelerator = make_accelerator(t, cfg.run.report_to, run)
+        # On the device before Precision copies the fp32 master weights: they must live beside the grads.
+        model = model.to(self.accelerator.device)
         self.precision = Precision(model, t.precision)
         # Small modules outside the model (an ordinal head's thresholds) train with it, in fp32,
         # and are checkpointed with it.

@@ -90,7 +90,8 @@ def fit_causal_lm(cfg: Any, model: Any, tokenizer: Any, train: list[Example], he
             started = time.perf_counter()
             model.train()
             micro_batches = [
-                collate([train[i] for i in batches.indices(session.step * t.grad_accum + k)], pad_id) for k in range(t.grad_accum)
+                to_device(collate([train[i] for i in batches.indices(session.step * t.grad_accum + k)], pad_id), accelerator.device)
+                for k in range(t.grad_accum)
             ]
             # One token count for the whole step, all processes: see completion_nll's docstring.
             step_tokens = session.sum_over_processes(float(sum(count_loss_tokens(b["labels"]) for b in micro_batches)))
@@ -121,8 +122,10 @@ def fit_causal_lm(cfg: Any, model: Any, tokenizer: Any, train: list[Example], he
 def evaluate_lm(model: Any, examples: list[Example], batch_size: int, pad_id: int, limit: int | None) -> dict[str, float]:
     """Token-mean NLL and perplexity of ``model`` on held-out ``examples`` (loss tokens only)."""
     model.eval()
+    device = next(model.parameters()).device
     nll_sum, tokens = 0.0, 0
     for batch in eval_batches(examples, batch_size, pad_id, limit):
+        batch = to_device(batch, device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         _, stats = completion_nll(logits, batch["labels"], num_tokens=1.0)
         nll_sum += stats["nll_sum"]
@@ -130,3 +133,7 @@ def evaluate_lm(model: Any, examples: list[Example], batch_size: int, pad_id: in
     model.train()
     loss = nll_sum / max(tokens, 1)
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
