@@ -211,8 +211,8 @@ def collate_encoded(items: Sequence[Encoded], pad_token_id: int) -> dict[str, to
 
 
 def reward_forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Rewards (B,) of a collated batch."""
-    return model(**batch).logits[:, 0].float()
+    """Rewards (B,) of a collated batch (no KV cache: nothing is generated)."""
+    return model(**batch, use_cache=False).logits[:, 0].float()
 
 
 @torch.no_grad()

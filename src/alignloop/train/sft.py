@@ -100,7 +100,8 @@ def fit_causal_lm(cfg: Any, model: Any, tokenizer: Any, train: list[Example], he
                 last = k == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     with session.autocast():
-                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                        # use_cache=False: a training forward has no use for a KV cache, which would cost memory and time
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
                     loss, stats = completion_nll(logits, batch["labels"], step_tokens / accelerator.num_processes)
                     session.backward(loss)
                 nll_sum += stats["nll_sum"]
@@ -126,7 +127,7 @@ def evaluate_lm(model: Any, examples: list[Example], batch_size: int, pad_id: in
     nll_sum, tokens = 0.0, 0
     for batch in eval_batches(examples, batch_size, pad_id, limit):
         batch = to_device(batch, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         _, stats = completion_nll(logits, batch["labels"], num_tokens=1.0)
         nll_sum += stats["nll_sum"]
         tokens += stats["tokens"]
