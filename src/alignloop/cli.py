@@ -8,6 +8,7 @@ Exit codes: 0 done, 2 bad input (config, data, model path: one line on stderr), 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +31,10 @@ def _stage_runner(stage: str) -> Callable[[Any], Any]:
         from alignloop.train.reward import run_reward
 
         return run_reward
+    if stage == "evaluate":
+        from alignloop.evaluate.run import run_evaluate
+
+        return run_evaluate
     from alignloop.train.sft import run_sft
 
     return run_sft
@@ -39,6 +44,7 @@ STAGE_HELP = {
     "pretrain": "continued pretraining on raw text (loss on every token)",
     "sft": "supervised fine-tuning on prompt→completion or chat data (loss on completions only)",
     "reward": "train a reward model from preference pairs, ratings or thumbs",
+    "evaluate": "candidate vs baseline on held-out prompts: reward, win rate with CI, KL, lengths, perplexity, gate",
 }
 
 
@@ -78,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, cls in STAGES.items():
         sub = commands.add_parser(stage, help=STAGE_HELP[stage], description=(cls.__doc__ or "").strip(), allow_abbrev=False)
         sub.add_argument("--config", metavar="FILE", help="YAML config; command-line keys override it")
-        sub.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
-                         help="shortcut for --train.resume (auto: the newest checkpoint of the run folder)")
+        if "train" in {f.name for f in dataclasses.fields(cls)}:
+            sub.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                             help="shortcut for --train.resume (auto: the newest checkpoint of the run folder)")
         for key, type_name, default, help_text in describe(cls):
             kwargs: dict[str, Any] = {"nargs": "?", "const": "true"} if type_name == "bool" else {}
             sub.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=type_name,
@@ -89,14 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_stage(args: argparse.Namespace, extra: list[str]) -> int:
+    """Load the stage's config and run it; a stage that returns an int (evaluate's gate) sets the exit code."""
     cls = STAGES[args.stage]
-    overrides = {key: value for key, value in vars(args).items() if "." in key}
+    keys = {key for key, *_ in describe(cls)}
+    overrides = {key: value for key, value in vars(args).items() if key in keys}
     overrides.update(_parse_unknown(extra))  # load_config rejects them with a suggestion
-    if args.resume is not None:
+    if getattr(args, "resume", None) is not None:
         overrides["train.resume"] = args.resume
     config = load_config(cls, args.config, overrides)
-    _stage_runner(args.stage)(config)
-    return 0
+    result = _stage_runner(args.stage)(config)
+    return result if isinstance(result, int) else 0
 
 
 def _run_demo(args: argparse.Namespace, extra: list[str]) -> int:

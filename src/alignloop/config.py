@@ -175,7 +175,50 @@ class RewardConfig:
     train: TrainConfig = section(TrainConfig, "optimisation and checkpointing", lr=5e-5, batch_size=16, epochs=1.0, warmup_steps=0, lr_schedule="linear", eval_every=0, save_every=200)
 
 
-STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig}
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = option(64, "tokens generated per completion at most")
+    temperature: float = option(1.0, "sampling temperature; 0 is greedy")
+    top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
+    top_k: int = option(0, "keep only the k most likely tokens (0: off)")
+    seed: int = option(0, "sampling seed: prompt i uses the same random numbers for every model, so differences come from the models")
+    batch_size: int = option(16, "prompts generated together")
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("sampling.max_new_tokens and sampling.batch_size must be ≥ 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("sampling: temperature ≥ 0, 0 < top_p ≤ 1 and top_k ≥ 0 are required")
+
+
+@dataclass
+class JudgeConfig:
+    kind: Literal["reward", "function", "llm"] = option("reward", "who decides each candidate-vs-baseline pair: the reward (higher wins), a pairwise Python function, or an LLM asked to pick A or B")
+    function: Optional[str] = option(None, "kind=function: `module:fn` or `file.py:fn`, called fn(prompts, completions_a, completions_b, **fields) -> numbers (>0: a wins, <0: b wins, 0: tie)")
+    model: Optional[str] = option(None, "kind=llm: a causal LM id or folder that judges")
+    epsilon: float = option(0.0, "a pair is a tie when the judge's two scores differ by at most this")
+    ci: Literal["wilson", "bootstrap"] = option("wilson", "confidence interval of the win rate: Wilson score (ties count half) or percentile bootstrap over prompts")
+
+
+@dataclass
+class EvaluateConfig:
+    """Candidate vs baseline on held-out prompts: reward, win rate with a CI, KL, lengths, perplexity, and a gate."""
+
+    run: RunConfig = section(RunConfig, "output folder (report.md, metrics.json, plots, samples.jsonl)", name="evaluate")
+    candidate: str = option("", "the model to judge: an HF id or folder (e.g. runs/NAME/final)")
+    baseline: Optional[str] = option(None, "the model to compare against (e.g. the deployed one); null: report the candidate alone")
+    prompts: str = option("", "held-out prompts: records with `prompt` (text or chat messages) plus any fields the reward reads")
+    max_prompts: Optional[int] = option(None, "use only the first N prompts")
+    reward: Optional[str] = option(None, "reward source: a reward-model folder, `file.py:fn` / `module:fn`, or a YAML file with a reward spec (model/function/rule/sum)")
+    perplexity_text: Optional[str] = option(None, "held-out text (.txt or text records) to measure each model's perplexity on")
+    perplexity_block: int = option(256, "tokens per perplexity block")
+    runs: list[str] = option([], "run folders whose training curves (metrics.jsonl) go into the report")
+    gate: Optional[str] = option(None, "pass/fail thresholds, e.g. 'win_rate_lower>0.5,kl_per_token<0.1': exit 0 when all hold, 1 otherwise")
+    sampling: SamplingConfig = section(SamplingConfig, "how completions are sampled (the same for both models)")
+    judge: JudgeConfig = section(JudgeConfig, "how a candidate/baseline pair is decided")
+
+
+STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "evaluate": EvaluateConfig}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,15 +271,20 @@ def _describe_instance(instance: Any, prefix: str) -> list[tuple[str, str, Any, 
     return rows
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """The YAML document at ``path``; a missing file or bad YAML is a ConfigError naming the line."""
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -45,8 +45,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
-import yaml
-
+from alignloop.config import read_yaml
 from alignloop.errors import AlignloopError, ConfigError
 
 Message = dict[str, Any]
@@ -712,14 +711,7 @@ def build_reward(spec: Any, where: str = "reward", name: str | None = None) -> R
 def load_reward_file(path: str | Path) -> RewardSource:
     """The reward source a YAML file describes; errors name the file, then the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: reward file not found")
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    spec = read_yaml(path, what="reward file")
     try:
         return build_reward(spec)
     except ConfigError as error:

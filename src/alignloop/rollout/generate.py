@@ -1,0 +1,342 @@
+"""The generation engine: batched sampling with a KV cache, and teacher-forced log-probs.
+
+Evaluation, RL rollouts and the reference/old log-probs of RL all go through two calls, so a vLLM
+backend can replace them later without touching their callers:
+
+* :func:`generate` ``(model, tokenizer, prompts, sampling) -> Generation``: completions, the
+  log-prob of every sampled token, and whether a stop token ended each one.
+* :func:`token_logprobs` ``(model, prompt_ids, completion_ids) -> list[list[float]]``:
+  ``log π(y_t | x, y_<t)`` at temperature 1 for completions that already exist.
+
+The decode loop is our own, not ``model.generate``: prompts are sorted by length into batches,
+left-padded, prefilled once into a ``DynamicCache``, then decoded one token per step. Positions
+count real tokens only (``attention_mask.cumsum - 1``, as HF does for left padding), so a prompt
+gets the same positions whatever it is batched with.
+
+Sampling is seeded per row, not per batch: see :func:`generate`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from alignloop.config import option
+from alignloop.data.tokenize import require_chat_template
+from alignloop.errors import ConfigError, DataError
+
+Message = dict[str, Any]
+Prompt = str | list[Message]
+
+# Row i samples with torch.Generator(seed * SEED_STRIDE + sample_ids[i]): distinct for every
+# (seed, id) pair with 0 ≤ id < SEED_STRIDE, a prime so that nearby seeds do not share streams.
+SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = option(64, "most tokens generated per prompt (a stop token may end it sooner)")
+    temperature: float = option(1.0, "softmax temperature; 0 = greedy (argmax)")
+    top_p: float = option(1.0, "nucleus sampling: keep the most likely tokens whose mass reaches top_p; 1 = off")
+    top_k: int = option(0, "keep only the k most likely tokens; 0 = off")
+    seed: int = option(0, "sampling seed; with the sample ids it fixes every random number drawn")
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be ≥ 0 (got {self.max_new_tokens})")
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be ≥ 0 (got {self.temperature}); 0 is greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1] (got {self.top_p}); 1 turns nucleus sampling off")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be ≥ 0 (got {self.top_k}); 0 turns top-k off")
+
+
+@dataclass
+class Generation:
+    """What :func:`generate` returns, one entry per prompt in input order."""
+
+    prompt_ids: list[list[int]]  # the encoded prompt, unpadded
+    completion_ids: list[list[int]]  # sampled tokens, through the stop token when one was produced
+    completions: list[str]  # decoded completion, stop token and special tokens stripped
+    logprobs: list[list[float]]  # log-prob of each completion token under the distribution it was drawn from
+    finished: list[bool]  # True: a stop token ended it; False: it hit max_new_tokens
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt: a string with the tokenizer's special tokens (BOS where it adds
+    one), a list of chat messages through the chat template with the assistant header appended."""
+    encoded = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            encoded.append(list(tokenizer(prompt, add_special_tokens=True)["input_ids"]))
+        else:
+            require_chat_template(tokenizer)
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+            encoded.append(list(ids))
+    return encoded
+
+
+def default_stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The model's ``generation_config.eos_token_id`` (an id or a list) and the tokenizer's EOS."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    sampling: Sampling,
+    batch_size: int = 16,
+    sample_ids: Sequence[int] | None = None,
+    progress: bool = False,
+    stop_token_ids: Sequence[int] | None = None,
+) -> Generation:
+    """Complete every prompt (a string or a list of chat messages, see :func:`encode_prompts`).
+
+    Generation stops at any of ``stop_token_ids`` (default: :func:`default_stop_token_ids`; pass
+    ``()`` to always produce ``max_new_tokens``). The model is put in eval mode for the call and
+    restored afterwards.
+
+    Seeding: row i owns ``torch.Generator(device).manual_seed(seed * 1_000_003 + sample_ids[i])``
+    (``sample_ids`` defaults to ``range(len(prompts))``). At decode step t it draws exactly V
+    uniforms u (V = the logits' width), and the token is the Gumbel-max sample
+    ``argmax_v(scores_v - log(-log u_v))`` with ``scores = filtered logits / temperature``, which
+    is a draw from ``softmax(scores)``. Step t of a row always consumes the t-th block of V numbers
+    of its own stream, whatever the batch size, the order or the other prompts. So the same
+    (seed, sample id) gives the same completion in any batching, and two models with the same
+    vocabulary see the same random numbers: where their distributions are equal they sample the
+    same token, and where they are close they mostly agree. Greedy decoding (temperature 0) draws
+    nothing. Streams differ between CPU and CUDA generators.
+
+    ``logprobs`` are those of the distribution each token was drawn from (after temperature,
+    top-k, top-p); for greedy decoding, the temperature-1 distribution, as :func:`token_logprobs`
+    computes it.
+    """
+    n = len(prompts)
+    sample_ids = list(range(n)) if sample_ids is None else list(sample_ids)
+    if len(sample_ids) != n:
+        raise ValueError(f"sample_ids has {len(sample_ids)} ids for {n} prompts")
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    for i, ids in enumerate(prompt_ids):
+        if not ids:
+            raise DataError(f"prompt {i} encodes to no tokens; a prompt needs at least one to condition on")
+    stops = default_stop_token_ids(model, tokenizer) if stop_token_ids is None else list(stop_token_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+
+    completion_ids: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    finished = [False] * n
+    order = sorted(range(n), key=lambda i: len(prompt_ids[i]), reverse=True)  # longest first: any OOM comes early
+
+    with _eval_mode(model), torch.inference_mode(), tqdm(total=n, unit="prompt", disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
+            batch = _decode_batch(
+                model,
+                [prompt_ids[i] for i in rows],
+                [sample_ids[i] for i in rows],
+                sampling,
+                stops,
+                pad_id,
+            )
+            for i, (ids, logps, done) in zip(rows, batch):
+                completion_ids[i], logprobs[i], finished[i] = ids, logps, done
+            bar.update(len(rows))
+    texts = tokenizer.batch_decode(
+        [ids[:-1] if done else ids for ids, done in zip(completion_ids, finished)], skip_special_tokens=True
+    )
+    return Generation(prompt_ids, completion_ids, texts, logprobs, finished)
+
+
+def _decode_batch(
+    model: Any,
+    prompts: list[list[int]],
+    sample_ids: list[int],
+    sampling: Sampling,
+    stops: list[int],
+    pad_id: int,
+) -> list[tuple[list[int], list[float], bool]]:
+    """One left-padded batch through prefill and the decode loop: (ids, logprobs, finished) per row."""
+    device = next(model.parameters()).device
+    rows, width, steps = len(prompts), max(len(p) for p in prompts), sampling.max_new_tokens
+    if steps == 0:
+        return [([], [], False) for _ in prompts]
+    lengths = [len(p) for p in prompts]
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    # The mask covers the prompt and every token still to come; step t passes its first width + t + 1
+    # columns. A finished row keeps attending to the pads it is fed, which changes only its own
+    # later outputs, and those are cut.
+    attention_mask = torch.ones((rows, width + steps), dtype=torch.long)
+    for r, ids in enumerate(prompts):
+        input_ids[r, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[r, : width - len(ids)] = 0
+    positions = (attention_mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+    input_ids, attention_mask, positions = input_ids.to(device), attention_mask.to(device), positions.to(device)
+    next_position = torch.tensor(lengths, device=device)[:, None]  # (B, 1) position of the first new token
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    cache_kw = {_cache_argument(model): cache}
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask[:, :width],
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **cache_kw,
+    ).logits[:, -1, :]
+    sampler = _Sampler(sampling, sample_ids, logits.shape[-1], device)
+
+    tokens = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)  # (B, T) sampled ids
+    logps = torch.zeros((rows, steps), dtype=torch.float32, device=device)  # (B, T) their log-probs
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    n_tokens = torch.full((rows,), steps, dtype=torch.long, device=device)  # (B,) completion lengths
+    live = list(range(rows))  # rows still generating, for the per-row random draws
+    for t in range(steps):
+        token, logp = sampler(logits.float(), live)
+        token = token.masked_fill(done, pad_id)
+        tokens[:, t], logps[:, t] = token, logp
+        if len(stops):
+            stopped = torch.isin(token, stop_ids) & ~done
+            n_tokens.masked_fill_(stopped, t + 1)
+            done |= stopped
+            if stopped.any():
+                live = done.logical_not().nonzero().flatten().tolist()
+                if not live:
+                    break
+        if t + 1 == steps:
+            break
+        logits = model(
+            input_ids=token[:, None],
+            attention_mask=attention_mask[:, : width + t + 1],
+            position_ids=next_position + t,
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kw,
+        ).logits[:, -1, :]
+
+    tokens_cpu, logps_cpu = tokens.cpu().tolist(), logps.cpu().tolist()
+    return [
+        (tokens_cpu[r][:k], logps_cpu[r][:k], finished)
+        for r, (k, finished) in enumerate(zip(n_tokens.tolist(), done.tolist()))
+    ]
+
+
+class _Sampler:
+    """Picks the next token of every row from (B, V) logits; see :func:`generate` for the scheme."""
+
+    def __init__(self, sampling: Sampling, sample_ids: list[int], vocab: int, device: torch.device) -> None:
+        self.sampling = sampling
+        self.top_k = min(sampling.top_k, vocab)
+        if sampling.temperature > 0:
+            self.generators = [
+                torch.Generator(device=device).manual_seed((sampling.seed * SEED_STRIDE + i) % 2**63)
+                for i in sample_ids
+            ]
+            self.noise = torch.empty((len(sample_ids), vocab), device=device)  # (B, V) uniforms, then Gumbels
+
+    def __call__(self, logits: torch.Tensor, live: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) token ids and (B,) their log-probs; rows not in ``live`` get a token that is discarded."""
+        if self.sampling.temperature == 0:
+            token = logits.argmax(-1)
+            return token, logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+        scores = self._filter(logits / self.sampling.temperature)
+        for r in live:
+            self.noise[r].uniform_(generator=self.generators[r])
+        gumbel = self.noise.log().neg_().log_().neg_()  # -log(-log u); u = 0 gives -inf, never picked
+        token = (scores + gumbel).argmax(-1)
+        return token, scores.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+
+    def _filter(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top-k, then top-p (nucleus), in HF's order: excluded tokens get -inf."""
+        if self.top_k:
+            kth = scores.topk(self.top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, -math.inf)
+        if self.sampling.top_p < 1:
+            sorted_scores, order = scores.sort(dim=-1, descending=True)
+            probs = sorted_scores.softmax(-1)
+            # Drop a token when the tokens ranked above it already hold top_p of the mass: the
+            # most likely token always stays.
+            drop_sorted = probs.cumsum(-1) - probs >= self.sampling.top_p
+            drop = drop_sorted.scatter(-1, order, drop_sorted)
+            scores = scores.masked_fill(drop, -math.inf)
+        return scores
+
+
+def token_logprobs(
+    model: Any, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], batch_size: int = 16
+) -> list[list[float]]:
+    """Teacher-forced ``log π(y_t | x, y_<t)`` at temperature 1 for each completion token.
+
+    Rows are sorted by length into right-padded batches (positions 0.. as for an unpadded
+    sequence, so they match :func:`generate`'s), run without gradient on the model's device;
+    only the logits from the shortest prompt's end onwards are computed. Results are in input
+    order; an empty completion gives ``[]``.
+    """
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    for i, ids in enumerate(prompt_ids):
+        if not ids:
+            raise DataError(f"prompt {i} has no tokens; the first completion token needs one to condition on")
+    device = next(model.parameters()).device
+    n = len(prompt_ids)
+    result: list[list[float]] = [[] for _ in range(n)]
+    order = sorted(range(n), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]), reverse=True)
+    order = [i for i in order if completion_ids[i]]
+    with _eval_mode(model), torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            sequences = [list(prompt_ids[i]) + list(completion_ids[i]) for i in rows]
+            width = max(len(s) for s in sequences)
+            input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, seq in enumerate(sequences):
+                input_ids[r, : len(seq)] = torch.tensor(seq)
+                attention_mask[r, : len(seq)] = 1
+            # Completion token j of a row is predicted at sequence index len(prompt) + j - 1.
+            first = min(len(prompt_ids[i]) for i in rows) - 1
+            logits = model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                use_cache=False,
+                logits_to_keep=width - first,
+            ).logits  # (B, width - first, V): predictions for indices first + 1 .. width - 1 (and one past)
+            logps = logits[:, :-1].float().log_softmax(-1)
+            targets = input_ids[:, first + 1 :].to(device)
+            picked = logps.gather(-1, targets[:, :, None]).squeeze(-1).cpu().tolist()  # (B, width - first - 1)
+            for r, i in enumerate(rows):
+                offset = len(prompt_ids[i]) - 1 - first
+                result[i] = picked[r][offset : offset + len(completion_ids[i])]
+    return result
+
+
+def _cache_argument(model: Any) -> str:
+    """The forward's name for the KV cache: transformers 5.x renamed ``past_key_values`` to ``cache``
+    (the old name still works but warns); peft wrappers pass either through to the base model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """Eval mode (no dropout) for the block, then the model's previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
