@@ -177,18 +177,26 @@ class RewardConfig:
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = option(64, "tokens generated per completion at most")
-    temperature: float = option(1.0, "sampling temperature; 0 is greedy")
-    top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
-    top_k: int = option(0, "keep only the k most likely tokens (0: off)")
-    seed: int = option(0, "sampling seed: prompt i uses the same random numbers for every model, so differences come from the models")
+    """How completions are sampled (:func:`alignloop.rollout.generate.generate`)."""
+
+    max_new_tokens: int = option(64, "most tokens generated per prompt (a stop token may end it sooner)")
+    temperature: float = option(1.0, "softmax temperature; 0 = greedy (argmax)")
+    top_p: float = option(1.0, "nucleus sampling: keep the most likely tokens whose mass reaches top_p; 1 = off")
+    top_k: int = option(0, "keep only the k most likely tokens; 0 = off")
+    seed: int = option(0, "sampling seed: prompt i draws the same random numbers in every model, so differences come from the models")
     batch_size: int = option(16, "prompts generated together")
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ConfigError("sampling.max_new_tokens and sampling.batch_size must be ≥ 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ConfigError("sampling: temperature ≥ 0, 0 < top_p ≤ 1 and top_k ≥ 0 are required")
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"sampling.max_new_tokens must be ≥ 0 (got {self.max_new_tokens})")
+        if not self.temperature >= 0:
+            raise ConfigError(f"sampling.temperature must be ≥ 0 (got {self.temperature}); 0 is greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling.top_p must be in (0, 1] (got {self.top_p}); 1 turns nucleus sampling off")
+        if self.top_k < 0:
+            raise ConfigError(f"sampling.top_k must be ≥ 0 (got {self.top_k}); 0 turns top-k off")
+        if self.batch_size < 1:
+            raise ConfigError(f"sampling.batch_size must be ≥ 1 (got {self.batch_size})")
 
 
 @dataclass

@@ -38,7 +38,7 @@ JUDGE_TEMPLATE = (
 def run_evaluate(cfg: EvaluateConfig) -> int:
     """Run the comparison described by ``cfg``; return 0 when the gate passes (or there is none), 1 when it fails."""
     from alignloop.evaluate import compare
-    from alignloop.rollout.generate import Sampling, generate, token_logprobs
+    from alignloop.rollout.generate import generate, token_logprobs
 
     if not cfg.candidate:
         raise ConfigError("candidate: name the model to evaluate (--candidate PATH)")
@@ -55,14 +55,13 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
     save_config(cfg, out / "config.yaml")
 
     s = cfg.sampling
-    sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
     names = ["candidate"] + (["baseline"] if cfg.baseline else [])
     paths = {"candidate": cfg.candidate, "baseline": cfg.baseline}
     models, tokenizers, generations = {}, {}, {}
     for name in names:
         models[name], tokenizers[name] = load_policy(paths[name], name)
         log.info("evaluate: %s %s completes %d prompts", name, paths[name], len(prompts))
-        generations[name] = generate(models[name], tokenizers[name], prompts, sampling, batch_size=s.batch_size, progress=True)
+        generations[name] = generate(models[name], tokenizers[name], prompts, s, batch_size=s.batch_size, progress=True)
 
     scores: dict[str, list[float]] = {}
     lengths = {name: [len(ids) for ids in generations[name].completion_ids] for name in names}

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from alignloop.config import option
+from alignloop.config import SamplingConfig
 from alignloop.data.tokenize import require_chat_template
 from alignloop.errors import ConfigError, DataError
 
@@ -40,23 +40,8 @@ Prompt = str | list[Message]
 SEED_STRIDE = 1_000_003
 
 
-@dataclass
-class Sampling:
-    max_new_tokens: int = option(64, "most tokens generated per prompt (a stop token may end it sooner)")
-    temperature: float = option(1.0, "softmax temperature; 0 = greedy (argmax)")
-    top_p: float = option(1.0, "nucleus sampling: keep the most likely tokens whose mass reaches top_p; 1 = off")
-    top_k: int = option(0, "keep only the k most likely tokens; 0 = off")
-    seed: int = option(0, "sampling seed; with the sample ids it fixes every random number drawn")
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be ≥ 0 (got {self.max_new_tokens})")
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be ≥ 0 (got {self.temperature}); 0 is greedy decoding")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1] (got {self.top_p}); 1 turns nucleus sampling off")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be ≥ 0 (got {self.top_k}); 0 turns top-k off")
+# The sampling settings are a config section, so a stage's YAML sets them (one home: config.py).
+Sampling = SamplingConfig
 
 
 @dataclass
