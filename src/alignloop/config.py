@@ -154,6 +154,7 @@ class RewardModelingConfig:
     skip_invalid: bool = option(False, "count and skip invalid rows (equal chosen/rejected, rating off the scale) instead of stopping at the first")
     eval_batch_size: int = option(32, "pairs or rows per batch when scoring held-out data")
     bucket_by_length: bool = option(True, "batch rows of similar length together (less padding, same data per epoch)")
+    encoder_text_pairs: bool = option(True, "encoders read [CLS] prompt [SEP] response [SEP] as a text pair; false: one segment [CLS] prompt response [SEP]")
     disable_dropout: bool = option(True, "switch the backbone's dropout off, so both responses of a pair are scored by the same network")
     length_groups: int = option(4, "forwards per batch, each over rows of similar length, padded only to their own longest (1: one padded batch)")
 

@@ -147,15 +147,20 @@ def fit_window(prompt_len: int, response_len: int, budget: int) -> tuple[int, in
     return min(prompt_len, budget - keep_response), keep_response
 
 
-def encode_pairs(tokenizer: Any, prompts: Sequence[Any], responses: Sequence[Any], max_length: int) -> list[Encoded]:
-    """Token ids of each (prompt, response) as the reward model reads it (see the module doc)."""
-    pairs = uses_text_pairs(tokenizer)
+def encode_pairs(tokenizer: Any, prompts: Sequence[Any], responses: Sequence[Any], max_length: int,
+                 text_pairs: bool = True) -> list[Encoded]:
+    """Token ids of each (prompt, response) as the reward model reads it (see the module doc).
+    ``text_pairs=False`` gives an encoder one segment, ``[CLS] prompt response [SEP]`` (as TRL does)."""
+    encoder = uses_text_pairs(tokenizer)
+    pairs = encoder
     chat = not pairs and bool(getattr(tokenizer, "chat_template", None)) and any(not isinstance(p, str) for p in prompts)
     prompt_texts = [render_prompt(p, tokenizer, chat) for p in prompts]
     response_texts = [render_response(p, r, tokenizer, chat) for p, r in zip(prompts, responses)]
     if pairs:
+        from tokenizers import Encoding
+
         backend = bare_backend(tokenizer)
-        budget = max_length - backend.num_special_tokens_to_add(True)
+        budget = max_length - backend.num_special_tokens_to_add(text_pairs)
         prompt_enc = backend.encode_batch(prompt_texts, add_special_tokens=False)
         response_enc = backend.encode_batch(response_texts, add_special_tokens=False)
         out = []
@@ -164,7 +169,10 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[Any], responses: Sequence[Any
             truncated = (keep_p, keep_r) != (len(p.ids), len(r.ids))
             p.truncate(keep_p, direction="left")
             r.truncate(keep_r, direction="right")
-            joined = backend.post_process(p, r, add_special_tokens=True)
+            if text_pairs:
+                joined = backend.post_process(p, r, add_special_tokens=True)
+            else:
+                joined = backend.post_process(Encoding.merge([p, r]), add_special_tokens=True)
             out.append(Encoded(list(joined.ids), list(joined.type_ids), truncated))
         return out
     from alignloop.data.tokenize import require_eos
@@ -250,8 +258,9 @@ class RewardScorer:
         self.batch_size = batch_size
         saved = getattr(self.model.config, "alignloop_reward", None) or {}
         self.max_length = max_length or saved.get("max_length") or 512  # as trained, unless told otherwise
+        self.text_pairs = saved.get("text_pairs", True)
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def score(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[float]:
-        items = encode_pairs(self.tokenizer, prompts, completions, self.max_length)
+        items = encode_pairs(self.tokenizer, prompts, completions, self.max_length, self.text_pairs)
         return score_encoded(self.model, items, self.pad_token_id, self.batch_size, self.device)

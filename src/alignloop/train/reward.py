@@ -107,7 +107,7 @@ def run_reward(cfg: RewardConfig) -> Run:
     else:
         train_examples, held_examples = split_holdout(train.examples, cfg.data.eval_fraction, cfg.train.seed)
     cfg = with_epochs_as_steps(cfg, len(train_examples))
-    model.config.alignloop_reward = {"kind": kind, "max_length": max_length}
+    model.config.alignloop_reward = {"kind": kind, "max_length": max_length, "text_pairs": cfg.reward.encoder_text_pairs}
     if kind == "rating":
         lo, hi = cfg.reward.rating_scale
         model.config.alignloop_reward.update(rating_scale=[lo, hi], rating_head=cfg.reward.rating_head)
@@ -136,8 +136,9 @@ def encode_reward_rows(path: str, rows: list[Row], kind: str, cfg: RewardConfig,
     groups = [str(r.fields["group"]) if r.fields.get("group") is not None else None for r in rows]
     data = RewardData(kind, [], skipped=skipped)
     if kind == "preference":
-        chosen = encode_pairs(tokenizer, prompts, [r.fields["chosen"] for r in rows], max_length)
-        rejected = encode_pairs(tokenizer, prompts, [r.fields["rejected"] for r in rows], max_length)
+        pairs = cfg.reward.encoder_text_pairs
+        chosen = encode_pairs(tokenizer, prompts, [r.fields["chosen"] for r in rows], max_length, pairs)
+        rejected = encode_pairs(tokenizer, prompts, [r.fields["rejected"] for r in rows], max_length, pairs)
         margin_field, tie_field = cfg.reward.margin_field, cfg.reward.tie_field
         for row, c, r, g in zip(rows, chosen, rejected, groups):
             margin = float(row.fields.get(margin_field) or 0.0) if margin_field else 0.0
@@ -146,7 +147,7 @@ def encode_reward_rows(path: str, rows: list[Row], kind: str, cfg: RewardConfig,
             data.examples.append(RewardExample(c, r, margin, tie, g, chars))
             data.truncated += int(c.truncated or r.truncated)
     else:
-        encoded = encode_pairs(tokenizer, prompts, [r.fields["completion"] for r in rows], max_length)
+        encoded = encode_pairs(tokenizer, prompts, [r.fields["completion"] for r in rows], max_length, cfg.reward.encoder_text_pairs)
         targets = rating_targets(rows, cfg) if kind == "rating" else [float(r.fields["label"]) for r in rows]
         for e, target, g in zip(encoded, targets, groups):
             data.examples.append(RewardExample(e, None, target, group=g))
