@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from alignloop.config import SamplingConfig
 from alignloop.data.tokenize import require_chat_template
-from alignloop.errors import ConfigError, DataError
+from alignloop.errors import DataError
 
 Message = dict[str, Any]
 Prompt = str | list[Message]
