@@ -512,15 +512,15 @@ def report_reward_model(model_path: str, data_path: str, out: Path, batch_size: 
     model at ``model_path`` and write the quality report to ``out``; return ``out/report.md``."""
     from alignloop.data.load import load_records
     from alignloop.models.reward import RewardScorer
-    from alignloop.train.reward import response_text
+    from alignloop.rollout.rewards import completion_text
 
     rows, _ = load_records(data_path, ("preference",), max_samples)
     scorer = RewardScorer(model_path, batch_size=batch_size, max_length=max_length)
     prompts = [r.fields["prompt"] for r in rows]
     chosen = scorer.score(prompts, [r.fields["chosen"] for r in rows])
     rejected = scorer.score(prompts, [r.fields["rejected"] for r in rows])
-    chosen_len = [len(response_text(r.fields["chosen"])) for r in rows]
-    rejected_len = [len(response_text(r.fields["rejected"])) for r in rows]
+    chosen_len = [len(completion_text(r.fields["chosen"])) for r in rows]
+    rejected_len = [len(completion_text(r.fields["rejected"])) for r in rows]
     groups = [str(r.fields["group"]) for r in rows] if all(r.fields.get("group") is not None for r in rows) else None
     quality = pair_quality(chosen, rejected, chosen_len, rejected_len, groups)
     out.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ from alignloop.models.reward import (
     reward_forward,
     score_encoded,
 )
+from alignloop.rollout.rewards import completion_text
 from alignloop.train.loop import Run, TrainingSession, open_run
 from alignloop.train.sft import resolve_max_length
 
@@ -143,7 +144,7 @@ def encode_reward_rows(path: str, rows: list[Row], kind: str, cfg: RewardConfig,
         for row, c, r, g in zip(rows, chosen, rejected, groups):
             margin = float(row.fields.get(margin_field) or 0.0) if margin_field else 0.0
             tie = bool(row.fields.get(tie_field)) if tie_field else False
-            chars = (len(response_text(row.fields["chosen"])), len(response_text(row.fields["rejected"])))
+            chars = (len(completion_text(row.fields["chosen"])), len(completion_text(row.fields["rejected"])))
             data.examples.append(RewardExample(c, r, margin, tie, g, chars))
             data.truncated += int(c.truncated or r.truncated)
     else:
@@ -156,10 +157,6 @@ def encode_reward_rows(path: str, rows: list[Row], kind: str, cfg: RewardConfig,
         log.info("%s: %d of %d rows longer than data.max_length=%d were truncated (response kept first, then the end of the prompt)",
                  path, data.truncated, len(rows), max_length)
     return data
-
-
-def response_text(response: Any) -> str:
-    return response if isinstance(response, str) else "\n".join(m["content"] for m in response)
 
 
 def check_reward_rows(path: str, rows: list[Row], kind: str, cfg: RewardConfig) -> tuple[list[Row], int]:
