@@ -119,3 +119,22 @@ def test_kl_is_not_computed_across_different_tokenizers(tiny_model_dir: Path, ev
     metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     assert "kl_per_token" not in metrics and "different tokenizers" in metrics["kl_note"]
     assert "win_rate" in metrics  # reward and win rate still work
+
+
+def test_llm_judge_randomises_positions_so_a_letter_bias_cannot_pass_for_a_win(tiny_model_dir: Path) -> None:
+    from alignloop.evaluate.compare import win_rate
+    from alignloop.evaluate.run import llm_judge
+
+    prompts = [f"question number {i}" for i in range(40)]
+    same = [f"the same answer {i}" for i in range(40)]
+    # Candidate and baseline say the same thing, so whatever the judge prefers is a position (letter) preference.
+    outcomes, rows = llm_judge(str(tiny_model_dir), prompts, same, same, epsilon=0.0, seed=3)
+    positions = [r["candidate_position"] for r in rows]
+    assert 10 <= positions.count("A") <= 30  # seeded coin flips, logged
+    for outcome, row in zip(outcomes, rows):
+        prefers_a = 1 if row["logp_A_minus_B"] > 0 else -1
+        assert outcome == (prefers_a if row["candidate_position"] == "A" else -prefers_a)
+    result = win_rate(outcomes)
+    assert result["win_rate_lower"] < 0.5 < result["win_rate_upper"]
+    again, _ = llm_judge(str(tiny_model_dir), prompts, same, same, epsilon=0.0, seed=3)
+    assert again == outcomes  # same seed, same positions, same verdicts

@@ -185,7 +185,7 @@ class SamplingConfig:
     top_p: float = option(1.0, "nucleus sampling: keep the most likely tokens whose mass reaches top_p; 1 = off")
     top_k: int = option(0, "keep only the k most likely tokens; 0 = off")
     seed: int = option(0, "sampling seed: prompt i draws the same random numbers in every model, so differences come from the models")
-    batch_size: int = option(16, "prompts generated together")
+    batch_size: int = option(16, "prompts generated together (evaluate --task classification|ner: examples classified together)")
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -211,13 +211,17 @@ class JudgeConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Candidate vs baseline on held-out prompts: reward, win rate with a CI, KL, lengths, perplexity, and a gate."""
+    """Candidate vs baseline on held-out prompts: reward, win rate with a CI, KL, lengths, perplexity, and a gate.
+    For classifiers (--task classification|ner): a classification report and confusion matrix per model."""
 
     run: RunConfig = section(RunConfig, "output folder (report.md, metrics.json, plots, samples.jsonl)", name="evaluate")
+    task: Literal["generation", "classification", "ner"] = option("generation", "generation: language models on prompts; classification / ner: sequence / token classifiers on labelled data")
     candidate: str = option("", "the model to judge: an HF id or folder (e.g. runs/NAME/final)")
     baseline: Optional[str] = option(None, "the model to compare against (e.g. the deployed one); null: report the candidate alone")
     prompts: str = option("", "held-out prompts: records with `prompt` (text or chat messages) plus any fields the reward reads")
-    max_prompts: Optional[int] = option(None, "use only the first N prompts")
+    max_prompts: Optional[int] = option(None, "use only the first N prompts (or labelled examples)")
+    data: str = option("", "classification / ner: labelled examples: records with text, label (.jsonl, .csv, SST-2 .tsv, tsv:FILE) or tokens, tags (.jsonl, conll:FILE)")
+    max_length: int = option(256, "classification / ner: tokens per example (longer ones are cut; NER words past it are predicted O and counted)")
     reward: Optional[str] = option(None, "reward source: a reward-model folder, `file.py:fn` / `module:fn`, or a YAML file with a reward spec (model/function/rule/sum)")
     perplexity_text: Optional[str] = option(None, "held-out text (.txt or text records) to measure each model's perplexity on")
     perplexity_block: int = option(256, "tokens per perplexity block")

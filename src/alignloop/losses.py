@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from alignloop.advantages import masked_var
+
 IGNORE_INDEX = -100
 
 
@@ -139,3 +141,170 @@ def thumbs_bce(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     labels = labels.to(scores.dtype)
     loss = F.binary_cross_entropy_with_logits(scores, labels)
     return loss, {"accuracy": float(((scores > 0).to(scores.dtype) == labels).float().mean())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Online RL
+# ---------------------------------------------------------------------------------------------
+# Shapes: B sequences, T response tokens; ``mask`` (B, T) is 1 on real response tokens, 0 on the
+# padding after EOS. Log-probabilities are of the sampled tokens, log π(y_t | x, y_<t), (B, T).
+KL_ESTIMATORS = {
+    "k1": lambda log_ratio: -log_ratio,
+    "k2": lambda log_ratio: 0.5 * log_ratio**2,
+    "k3": lambda log_ratio: torch.expm1(log_ratio) - log_ratio,  # expm1: no cancellation in e^r − 1 for r ≈ 0
+}
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimate (B, T) of KL(π ‖ π_ref) from tokens sampled from π.
+
+    With r = log π_ref(y_t|·) − log π(y_t|·) (Schulman, "Approximating KL Divergence", 2020,
+    http://joschu.net/blog/kl-approx.html):
+
+        k1 = −r = log π − log π_ref          unbiased, high variance, can be negative
+        k2 = ½ r²                            biased, low variance; its gradient is the KL's gradient
+        k3 = (e^r − 1) − r ≥ 0               unbiased (E_π[e^r] = 1), low variance when π ≈ π_ref
+
+    Padding is not masked here; the caller reduces with its mask.
+    """
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {kind!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[kind](ref_logprobs - logprobs)
+
+
+def _masked_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ over valid tokens, per row (B,); padding is never read, so a NaN there stays out of the sum."""
+    mask = mask.to(per_token.dtype)
+    return (torch.where(mask > 0, per_token, torch.zeros_like(per_token)) * mask).sum(dim=1)
+
+
+def _token_mean(per_token: torch.Tensor, mask: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
+    return _masked_sum(per_token, mask).sum() / mask.sum().clamp_min(1)
+
+
+def _sequence_mean(per_token: torch.Tensor, mask: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
+    return (_masked_sum(per_token, mask) / mask.sum(dim=1).clamp_min(1)).mean()
+
+
+def _constant_normaliser(per_token: torch.Tensor, mask: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
+    return _masked_sum(per_token, mask).sum() / (per_token.size(0) * (max_tokens or per_token.size(1)))
+
+
+TOKEN_AGGREGATIONS = {"token": _token_mean, "sequence": _sequence_mean, "dr_grpo": _constant_normaliser}
+
+
+def aggregate_token_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_tokens: int | None = None
+) -> torch.Tensor:
+    """Reduce a per-token loss ℓ (B, T) to a scalar over the valid tokens (m = mask, L_i = Σ_t m_it).
+
+        "token"     L = Σ_{i,t} m·ℓ / Σ_i L_i                 every token weighs the same (DAPO, Yu et al. 2025)
+        "sequence"  L = (1/B) Σ_i (1/L_i) Σ_t m·ℓ             every sequence weighs the same (GRPO, Shao et al. 2024)
+        "dr_grpo"   L = Σ_{i,t} m·ℓ / (B · max_tokens)        a constant divisor, no length bias (Dr. GRPO,
+                                                              Liu et al. 2025); max_tokens defaults to T
+
+    "sequence" favours short answers when A > 0 and long ones when A < 0 (each token of a short
+    sequence weighs more); "token" and "dr_grpo" do not. A sequence with no valid token counts as 0.
+    The counts are of this batch: a caller accumulating micro-batches that wants "token" to be
+    invariant to the split should use "dr_grpo" or rescale by its global token count.
+    """
+    if mode not in TOKEN_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(TOKEN_AGGREGATIONS)}")
+    return TOKEN_AGGREGATIONS[mode](per_token, mask, max_tokens)
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    aggregation: str = "token",
+    max_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7), negated to a loss, per token then aggregated.
+
+        ρ_t = exp(log π(y_t) − log π_old(y_t))
+        ℓ_t = max(−A_t · ρ_t, −A_t · clip(ρ_t, 1 − ε_low, 1 + ε_high))
+        L   = aggregate_token_loss(ℓ, mask, aggregation, max_tokens)
+
+    ``logprobs`` (B, T) under the policy being trained (with gradient); ``old_logprobs`` (B, T)
+    from the policy that sampled; ``advantages`` (B,) one per sequence (GRPO, RLOO: broadcast over
+    its tokens) or (B, T) per token (PPO's GAE). ε_high defaults to ε_low; a larger ε_high is
+    DAPO's clip-higher (Yu et al. 2025), room for unlikely tokens to grow.
+
+    Metrics, over valid tokens: ``clip_fraction`` (share where the clipped term is strictly the
+    larger, so the token has no gradient), ``approx_kl`` (mean k3 of KL(π_old ‖ π) on the old
+    policy's samples: (ρ − 1) − log ρ), ``ratio_mean`` (mean ρ).
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]  # (B, 1): one advantage for every token of the sequence
+    valid = mask.bool()
+    log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros_like(logprobs))  # padding: ρ = 1, no inf
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = aggregate_token_loss(torch.maximum(unclipped, clipped), mask, aggregation, max_tokens)
+    with torch.no_grad():
+        return loss, {
+            "clip_fraction": float((clipped > unclipped)[valid].float().mean()),
+            "approx_kl": float(kl_estimate(old_logprobs, logprobs, "k3")[valid].mean()),
+            "ratio_mean": float(ratio[valid].mean()),
+        }
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    aggregation: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped value loss (as in OpenAI baselines' ppo2), per token then aggregated.
+
+        V_clip = V_old + clip(V − V_old, −c, c)
+        ℓ_t    = ½ · max((V − R)², (V_clip − R)²)
+        L      = aggregate_token_loss(ℓ, mask, aggregation)
+
+    ``values`` V (B, T) from the critic being trained; ``old_values`` V_old (B, T) from rollout
+    time; ``returns`` R (B, T), the targets (:func:`alignloop.advantages.gae`). The clip keeps the
+    critic near the values that produced the advantages. Metric ``value_clip_fraction``: share of
+    valid tokens where the clipped term is strictly the larger.
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = aggregate_token_loss(0.5 * torch.maximum(unclipped_error, clipped_error), mask, aggregation)
+    with torch.no_grad():
+        clipped_share = (clipped_error > unclipped_error)[mask.bool()].float().mean()
+    return loss, {"value_clip_fraction": float(clipped_share)}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """How much of the returns' variance the critic explains, over valid tokens.
+
+        EV = 1 − Var[R − V] / Var[R]
+
+    1: perfect; 0: no better than predicting the mean; < 0: worse than that. NaN when Var[R] = 0.
+    """
+    with torch.no_grad():
+        var_returns = float(masked_var(returns, mask, unbiased=False))
+        if var_returns == 0:
+            return float("nan")
+        return 1.0 - float(masked_var(returns - values, mask, unbiased=False)) / var_returns
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (B, T) of the next-token distribution softmax(logits), in float32.
+
+        H = −Σ_v p_v log p_v,   log p = z − logsumexp(z)
+
+    ``logits`` z (B, T, V) in any float dtype. log_softmax subtracts logsumexp, so large logits do
+    not overflow; a −inf logit (a banned token) has p = 0 and contributes 0, not NaN.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(dim=-1)

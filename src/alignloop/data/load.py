@@ -1,6 +1,8 @@
 """Reading records from files a user already has: JSONL, JSON, CSV, Parquet, plain text, a
-`datasets` folder saved with ``save_to_disk``, an embedded ``builtin:NAME`` set, or HH-RLHF and
-UKPConvArg1 files (``hh-rlhf:PATH``, ``ukp:PATH``; converted by :mod:`alignloop.data.convert`).
+`datasets` folder saved with ``save_to_disk``, an embedded ``builtin:NAME`` set, HH-RLHF and
+UKPConvArg1 files (``hh-rlhf:PATH``, ``ukp:PATH``; converted by :mod:`alignloop.data.convert`),
+tab-separated labelled sentences (``.tsv`` or ``tsv:PATH``: SST-2/GLUE with a header, or UCI's
+headerless ``sentence<TAB>label`` .txt files) and CoNLL token/tag files (``conll:PATH`` or ``.conll``; NER).
 
 Each reader yields :class:`Row` objects tagged with their place (``file:line`` or ``file row N``)
 and nothing else; validation of fields is :mod:`alignloop.data.records`' job.
@@ -18,7 +20,7 @@ from typing import Iterable
 from alignloop.data.records import Row, validate_rows
 from alignloop.errors import DataError
 
-SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet", ".txt")
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".tsv", ".parquet", ".txt", ".conll")
 
 
 def load_records(path: str, accepted: Iterable[str], max_samples: int | None = None) -> tuple[list[Row], str]:
@@ -45,6 +47,10 @@ def read_rows(path: str) -> list[Row]:
         from alignloop.data.convert import read_ukp_convarg
 
         return read_ukp_convarg(path.removeprefix("ukp:"))
+    if path.startswith("tsv:"):  # UCI's sentences are tab-separated .txt files
+        return _read_tsv(_existing(path.removeprefix("tsv:")))
+    if path.startswith("conll:"):
+        return _read_conll(_existing(path.removeprefix("conll:")))
     if any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path))
         if not files:
@@ -61,12 +67,20 @@ def read_rows(path: str) -> list[Row]:
         ".jsonl": _read_jsonl,
         ".json": _read_json,
         ".csv": _read_csv,
+        ".tsv": _read_tsv,
+        ".conll": _read_conll,
         ".parquet": _read_parquet,
         ".txt": _read_text,
     }.get(p.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unknown file type '{p.suffix}'; use one of {', '.join(SUFFIXES)} or a `datasets` folder")
     return reader(p)
+
+
+def _existing(path: str) -> Path:
+    if not Path(path).is_file():
+        raise DataError(f"{path}: data file not found")
+    return Path(path)
 
 
 def _read_jsonl(path: Path) -> list[Row]:
@@ -111,6 +125,54 @@ def _read_csv(path: Path) -> list[Row]:
             # Chat fields in a CSV cell are JSON text; decode them so they validate as messages.
             fields = {k: _maybe_json_list(v) for k, v in record.items() if k is not None}
             rows.append(Row(fields, f"{path}:{reader.line_num}"))
+    return rows
+
+
+def _read_tsv(path: Path) -> list[Row]:
+    """Labelled sentences, one per line: ``text<TAB>label``.
+
+    With a header line (SST-2 and GLUE: ``sentence<TAB>label``) the columns take its names, GLUE's
+    ``sentence`` read as ``text``; without one (UCI Sentiment Labelled Sentences, where the first
+    line already ends in a 0/1 label) the columns are ``text`` and ``label``. Integer labels become
+    ints. Fields are stripped (UCI's sentences end in spaces).
+    """
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first = lines[0].split("\t") if lines else []
+    has_header = not (len(first) >= 2 and first[-1].strip().lstrip("-").isdigit())
+    names = ["text" if n.strip() == "sentence" else n.strip() for n in first] if has_header else ["text", "label"]
+    rows = []
+    for lineno, line in enumerate(lines[1:] if has_header else lines, start=2 if has_header else 1):
+        if not line.strip():
+            continue
+        cells = [c.strip() for c in line.split("\t")]
+        if len(cells) != len(names):
+            raise DataError(f"{path}:{lineno}: {len(cells)} tab-separated fields, expected {len(names)} ({', '.join(names)})")
+        fields = dict(zip(names, cells))
+        if fields.get("label", "").lstrip("-").isdigit():
+            fields["label"] = int(fields["label"])
+        rows.append(Row(fields, f"{path}:{lineno}"))
+    return rows
+
+
+def _read_conll(path: Path) -> list[Row]:
+    """CoNLL NER: ``token<TAB>tag`` (or space-separated, tag last) per line, a blank line (or a lone
+    tab, as in WNUT-17's train file) between sentences; ``-DOCSTART-`` lines are skipped. One row
+    ``{tokens, tags}`` per sentence, placed at its first line."""
+    rows, tokens, tags, start = [], [], [], 0
+    for lineno, line in enumerate([*path.read_text(encoding="utf-8").splitlines(), ""], start=1):
+        if not line.strip():
+            if tokens:
+                rows.append(Row({"tokens": tokens, "tags": tags}, f"{path}:{start}"))
+            tokens, tags = [], []
+            continue
+        if line.startswith("-DOCSTART-"):
+            continue
+        cells = line.split("\t") if "\t" in line else line.split()
+        if len(cells) < 2 or not cells[0] or not cells[-1].strip():
+            raise DataError(f"{path}:{lineno}: expected 'token<TAB>tag', got {line!r}")
+        start = start if tokens else lineno
+        tokens.append(cells[0])
+        tags.append(cells[-1].strip())
     return rows
 
 

@@ -12,6 +12,8 @@ name the file, the line (or row) and the field.
 | binary            | prompt, completion, label (true = good)                   |
 | rating            | prompt, completion, rating (a number)                     |
 | prompt            | prompt, plus any fields a reward function reads           |
+| labelled          | text, label (a class name or id; sentiment and the like)  |
+| tagged            | tokens, tags (one BIO tag per token; NER)                 |
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "rating": ("prompt", "completion", "rating"),
     "prompt_completion": ("prompt", "completion"),
     "chat": ("messages",),
+    "tagged": ("tokens", "tags"),
+    "labelled": ("text", "label"),
     "text": ("text",),
     "prompt": ("prompt",),
 }
@@ -43,6 +47,8 @@ KIND_NAMES = {
     "chat": "a chat record",
     "text": "a text record",
     "prompt": "a prompt record",
+    "labelled": "a labelled text record",
+    "tagged": "a tagged tokens record",
 }
 
 
@@ -84,6 +90,16 @@ def validate_row(row: Row, kind: str) -> None:
     f = row.fields
     if kind == "text":
         _check_str(row, "text")
+    elif kind == "labelled":
+        _check_str(row, "text")
+        if not isinstance(f["label"], (str, int)) or isinstance(f["label"], bool) or f["label"] == "":
+            raise DataError(f"{row.where}: field 'label' must be a class name or an integer id, got {f['label']!r}")
+    elif kind == "tagged":
+        for name in ("tokens", "tags"):
+            if not isinstance(f[name], list) or not f[name] or not all(isinstance(x, str) and x for x in f[name]):
+                raise DataError(f"{row.where}: field '{name}' must be a non-empty list of non-empty strings")
+        if len(f["tokens"]) != len(f["tags"]):
+            raise DataError(f"{row.where}: {len(f['tokens'])} tokens but {len(f['tags'])} tags; give one tag per token")
     elif kind == "chat":
         _check_messages(row, "messages", f["messages"])
         if not any(m["role"] == "assistant" for m in f["messages"]):

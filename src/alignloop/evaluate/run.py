@@ -40,6 +40,10 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
     from alignloop.evaluate import compare
     from alignloop.rollout.generate import generate, token_logprobs
 
+    if cfg.task != "generation":
+        from alignloop.evaluate.classifier import run_classifier_evaluate
+
+        return run_classifier_evaluate(cfg)
     if not cfg.candidate:
         raise ConfigError("candidate: name the model to evaluate (--candidate PATH)")
     if not cfg.prompts:
@@ -61,7 +65,7 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
     for name in names:
         models[name], tokenizers[name] = load_policy(paths[name], name)
         log.info("evaluate: %s %s completes %d prompts", name, paths[name], len(prompts))
-        generations[name] = generate(models[name], tokenizers[name], prompts, s, batch_size=s.batch_size, progress=True)
+        generations[name] = generate(models[name], tokenizers[name], prompts, s, progress=True)
 
     scores: dict[str, list[float]] = {}
     lengths = {name: [len(ids) for ids in generations[name].completion_ids] for name in names}
@@ -107,7 +111,7 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
 # ---------------------------------------------------------------------------------------------
 def load_policy(path: str, role: str) -> tuple[Any, Any]:
     """A causal LM and its tokenizer for evaluation (eval mode, no grad needed)."""
-    from alignloop.models.load import load_causal_lm, load_tokenizer
+    from alignloop.models.load import inference_device, load_causal_lm, load_tokenizer
 
     cfg = ModelConfig(name_or_path=path)
     try:
@@ -115,8 +119,7 @@ def load_policy(path: str, role: str) -> tuple[Any, Any]:
         model = load_causal_lm(cfg, tokenizer, seed=0)
     except ModelError as e:
         raise ModelError(f"{role}: {e}") from None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    return model.to(inference_device()).eval(), tokenizer
 
 
 def build_reward_source(spec: str) -> Any:

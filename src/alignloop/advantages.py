@@ -1,0 +1,252 @@
+"""Advantage estimators for online RL: small pure functions of tensors, checkable by hand.
+
+Shapes: B sequences (rollouts), T response tokens. ``mask`` (B, T) is 1 (or True) on real response
+tokens and 0 on the padding after EOS; response tokens are left-aligned, so each row of the mask
+reads 1…1 0…0. Values at padded positions are never read: they may hold anything, NaN included.
+
+The estimators (:func:`gae`, :func:`discounted_returns`, :func:`token_rewards`,
+:func:`group_advantages`, :func:`leave_one_out_advantages`) return constants: they run under
+``torch.no_grad`` because an advantage or a return is a target of the update, not something to
+differentiate. The ``masked_*`` statistics keep the graph, so a loss may use them.
+
+Which algorithm uses which:
+
+    PPO          token_rewards (score + KL penalty) → gae → masked_whiten(advantages)
+    GRPO         group_advantages (one advantage per sequence, broadcast over its tokens)
+    Dr. GRPO     group_advantages(scale_by_std=False)
+    RLOO         leave_one_out_advantages
+    REINFORCE++  token_rewards → discounted_returns(gamma=1) → masked_whiten over the batch
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+# ---- masked statistics over valid tokens ----------------------------------------------------------------------
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is 1.
+
+        mean = Σ_{b,t} m_bt · x_bt / Σ_{b,t} m_bt          (dim=None: one number over all valid tokens)
+        mean_b = Σ_t m_bt · x_bt / Σ_t m_bt                 (dim=1: one per row)
+
+    NaN when there are no valid positions (0/0): an empty batch has no mean.
+    """
+    mask = mask.to(x.dtype)
+    total = torch.where(mask > 0, x, torch.zeros_like(x)) * mask  # where: padding may be NaN or inf
+    if dim is None:
+        return total.sum() / mask.sum()
+    return total.sum(dim) / mask.sum(dim)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over all valid positions (N = Σ m).
+
+        var = Σ m·(x − mean)² / (N − 1)      unbiased (Bessel's correction), the default
+        var = Σ m·(x − mean)² / N            unbiased=False
+
+    Raises ValueError when N = 0, or N = 1 with ``unbiased``: there is no spread to estimate.
+    """
+    n = float(mask.sum())
+    if n == 0 or (unbiased and n == 1):
+        raise ValueError(f"masked_var needs at least {2 if unbiased else 1} valid token(s), got {n:g}; "
+                         "check that the mask marks the response tokens")
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return var * n / (n - 1) if unbiased else var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise ``x`` to mean 0 and std 1 over all valid tokens of the batch; padding becomes 0.
+
+        x̂ = (x − mean) / sqrt(var + ε)          mean, var (unbiased) over valid tokens: masked_mean, masked_var
+        x̂ = (x − mean) / sqrt(var + ε) + mean   shift_mean=False: rescale only, keep the mean (PPO's
+                                                 value-target whitening in TRL)
+
+    Padded positions are excluded from the statistics and set to 0 in the result, so a later
+    masked sum never reads them.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+# ---- per-token rewards and returns ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards with the KL penalty folded in ("KL in the reward").
+
+        r_bt = −β · kl_bt + [t = last valid token of row b] · s_b      on valid tokens, 0 on padding
+
+    ``scores`` s (B,): one reward-model score per sequence; ``kl`` (B, T): a per-token KL estimate
+    against the reference policy (``losses.kl_estimate``, usually k1); ``kl_coef`` β (a float, e.g.
+    ``AdaptiveKLController.value``). A row with no valid token gets no reward.
+    Used by PPO for RLHF (Ziegler et al. 2019; Ouyang et al. 2022, Eq. 2) and REINFORCE++ (Hu 2025).
+    """
+    valid = mask.bool()
+    rewards = torch.where(valid, -kl_coef * kl, torch.zeros_like(kl))
+    positions = torch.arange(mask.size(1), device=mask.device)
+    last = torch.where(valid, positions, -1).max(dim=1).values  # (B,) index of the last valid token, −1 if none
+    has_tokens = last >= 0
+    rows = torch.arange(mask.size(0), device=mask.device)[has_tokens]
+    rewards[rows, last[has_tokens]] += scores[has_tokens].to(rewards.dtype)
+    return rewards
+
+
+@torch.no_grad()
+def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Discounted reward-to-go over each row's valid tokens (B, T).
+
+        G_t = Σ_{s ≥ t, s valid} γ^{s−t} r_s  =  r_t + γ · G_{t+1}      (G = 0 past the last valid token)
+
+    REINFORCE++ (Hu 2025) uses this with γ = 1 on :func:`token_rewards`, then
+    :func:`masked_whiten` over the batch as the advantage. Padding gets 0.
+    """
+    valid = mask.bool()
+    rewards = torch.where(valid, token_rewards, torch.zeros_like(token_rewards))
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        running = torch.where(valid[:, t], rewards[:, t] + gamma * running, torch.zeros_like(running))
+        returns[:, t] = running
+    return returns
+
+
+@torch.no_grad()
+def gae(
+    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016, Eq. 16), per token: ``(advantages, returns)``.
+
+        δ_t = r_t + γ · V_{t+1} − V_t          V_{t+1} = 0 past the last valid token (the episode ends)
+        A_t = δ_t + γλ · A_{t+1}  =  Σ_{l ≥ 0} (γλ)^l δ_{t+l}
+        R_t = A_t + V_t                         the value target (TD(λ) return)
+
+    ``token_rewards`` r (B, T), e.g. from :func:`token_rewards`; ``values`` V (B, T), the critic's
+    value at each response token. Rows may have different lengths; padding gets A = R = 0.
+    λ = 1 gives A_t = Σ_{s≥t} γ^{s−t} r_s − V_t (Monte Carlo); λ = 0 gives the one-step δ_t.
+    Used by PPO (Schulman et al. 2017; Ouyang et al. 2022).
+    """
+    valid = mask.bool()
+    zeros = torch.zeros_like(values)
+    rewards = torch.where(valid, token_rewards, zeros)
+    values = torch.where(valid, values, zeros)
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.size(1))):  # padding has V = A = 0, so a row ends where its mask does
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = torch.where(valid[:, t], delta + gamma * lam * next_advantage, zeros[:, t])
+        next_value = values[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, torch.where(valid, advantages + values, zeros)
+
+
+# ---- group baselines: several samples per prompt ------------------------------------------------------------
+
+def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``rewards`` (B,) as (B / k, k): consecutive runs of k samples of the same prompt."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be one score per sequence, shape (B,), got {tuple(rewards.shape)}")
+    if group_size < 2:
+        # one sample per prompt has no group to compare with: every advantage would be 0, a silent no-op
+        raise ValueError(f"group_size must be ≥ 2 samples per prompt, got {group_size}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}; "
+                         "B must be a multiple of group_size (prompts × samples per prompt)")
+    return rewards.view(-1, group_size)
+
+
+@torch.no_grad()
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """Group-relative advantage of each sequence (B,): GRPO (Shao et al. 2024, §4.1.2).
+
+        A_i = (r_i − mean_g) / (std_g + ε)       std_g unbiased over the k samples of the group (as TRL)
+        A_i =  r_i − mean_g                      scale_by_std=False: Dr. GRPO (Liu et al. 2025)
+
+    ``rewards`` (B,) as consecutive groups of ``group_size`` k samples of one prompt. A group whose
+    rewards are all equal gets A = 0 (see :func:`fraction_zero_std_groups`).
+    """
+    groups = _groups(rewards, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+@torch.no_grad()
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO advantage of each sequence (B,) (Ahmadian et al. 2024): the baseline is the others' mean.
+
+        A_i = r_i − (1 / (k − 1)) · Σ_{j ≠ i} r_j  =  k / (k − 1) · (r_i − mean_g)
+
+    ``rewards`` (B,) as consecutive groups of ``group_size`` k samples of one prompt.
+    """
+    groups = _groups(rewards, group_size)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).reshape(-1)
+
+
+def fraction_zero_std_groups(rewards: torch.Tensor, group_size: int) -> float:
+    """Share of groups whose k rewards are all equal: GRPO's dead batches.
+
+    Such a group has A = 0 for every sample and teaches nothing (DAPO's dynamic sampling drops them);
+    a value near 1 means the task is too easy or too hard for the current policy.
+    """
+    groups = _groups(rewards, group_size)
+    return float((groups.amax(dim=1) == groups.amin(dim=1)).float().mean())
+
+
+# ---- KL coefficient controllers ---------------------------------------------------------------------------------
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient β (Ziegler et al. 2019): steer the measured KL towards a target.
+
+        e = clip(KL / KL_target − 1, −0.2, 0.2)
+        β ← β · (1 + e · n_steps / horizon)
+
+    ``n_steps`` is how many samples (or steps, in the caller's unit) the measured KL covers;
+    ``horizon`` sets how fast β moves. The 20% clip keeps one bad batch from swinging β.
+    ``state_dict`` holds plain floats (JSON-safe) so a resumed run continues with the same β.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
+        if not target > 0:
+            raise ValueError(f"target KL must be > 0, got {target}")
+        if not horizon > 0:
+            raise ValueError(f"horizon must be > 0, got {horizon}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), float(state["horizon"])
+
+
+class FixedKLController:
+    """A constant KL coefficient β with :class:`AdaptiveKLController`'s interface; ``update`` does nothing."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
