@@ -35,6 +35,10 @@ def _stage_runner(stage: str) -> Callable[[Any], Any]:
         from alignloop.evaluate.run import run_evaluate
 
         return run_evaluate
+    if stage in ("ppo", "grpo", "rloo", "reinforce"):
+        from alignloop.train.rl import run_rl
+
+        return run_rl
     from alignloop.train.sft import run_sft
 
     return run_sft
@@ -45,6 +49,10 @@ STAGE_HELP = {
     "sft": "supervised fine-tuning on prompt→completion or chat data (loss on completions only)",
     "reward": "train a reward model from preference pairs, ratings or thumbs",
     "evaluate": "candidate vs baseline on held-out prompts: reward, win rate with CI, KL, lengths, perplexity, gate",
+    "ppo": "online RL: PPO with a value head, GAE, clipped losses, KL to the reference",
+    "grpo": "online RL: GRPO, advantages normalised within each prompt's group of samples",
+    "rloo": "online RL: RLOO, each sample baselined by the other samples of its prompt",
+    "reinforce": "online RL: REINFORCE++, per-token KL in the reward, batch-normalised returns",
 }
 
 

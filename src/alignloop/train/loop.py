@@ -471,17 +471,23 @@ class TrainingSession:
         tensor = torch.tensor(value, dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(tensor, reduction="sum"))
 
-    def optimizer_step(self) -> dict[str, float]:
-        """Clip, step, schedule, zero the gradients; count the step. Returns lr and grad norm."""
+    def optimizer_step(self, advance: bool = True) -> dict[str, float]:
+        """Clip, step, zero the gradients; with ``advance`` also step the schedule and count the step.
+
+        Returns lr and grad norm. RL stages make several updates per step (PPO epochs ×
+        minibatches over one rollout): all but the last pass ``advance=False``, so ``max_steps``,
+        the schedule and checkpoints count rollouts, not updates.
+        """
         t = self.train
         self.precision.after_backward()
         params = self.precision.params + self.extra_params
         grad_norm = self.accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
         self.optimizer.step()
         self.precision.after_step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        if advance:
+            self.scheduler.step()
+            self.step += 1
         record = {"train/lr": self.scheduler.get_last_lr()[0]}
         if grad_norm is not None:
             record["train/grad_norm"] = float(grad_norm)

@@ -1,0 +1,533 @@
+"""Online RL: PPO, GRPO, RLOO and REINFORCE++ in one explicit loop.
+
+One step, read top to bottom in :func:`fit_policy`:
+
+1. **Rollout.** ``train.batch_size`` prompts, each sampled ``rl.group_size`` times by the shared
+   engine (:func:`alignloop.rollout.generate.generate`, KV cache, seeded per sample), scored by
+   the reward source (:mod:`alignloop.rollout.rewards`).
+2. **Old and reference log-probs.** The policy before the update (π_old) and the reference
+   (π_ref) score the sampled tokens without gradient. π_old comes for free: with top-k/top-p off,
+   the engine's own sampling log-probs *are* π_old's, so no forward is run for it (PPO still runs
+   one, for the critic's values). π_ref is a frozen copy of the starting policy, or with LoRA the
+   same weights with the adapter switched off; with β = 0 there is no reference at all.
+3. **Advantages** (:mod:`alignloop.advantages`), per ``rl.algo``:
+
+       grpo       A_i = (s_i − mean_group) / std_group           (one per completion)
+       rloo       A_i = s_i − mean of the other completions of its prompt
+       reinforce  r_t = −β·k1_t/L (+ s on the last token) → returns G_t → whitened over the batch
+       ppo        r_t as for reinforce → GAE(γ, λ) with the critic's V_t → whitened
+
+   where s is the reward, minus β·(mean per-token k1) for the sequence-level algorithms when the
+   KL is in the reward. **How the KL penalty is scaled**: a completion's penalty is β times its
+   *mean* per-token KL (k1 = log π_old − log π_ref), not the sum over its L tokens. Summed, the
+   penalty grows with length and its noise across a prompt's samples (a sum of L noisy log-ratios)
+   soon dwarfs the reward differences the advantage is made of, and the policy stops learning
+   (TRL's RLOO with its default β does not learn the benchmark task at all). As a mean, β is "how
+   many reward units one nat of per-token KL costs", the same for any length.
+4. **Update.** ``rl.epochs`` passes over the rollout in ``rl.minibatches`` minibatches, each one
+   optimizer update of
+
+       L = L_clip(ρ, A)  [+ vf_coef·L_V (ppo)]  [+ β·KL_loss (kl as a loss, k3)]  [+ α·L_CE (ptx)]
+
+   with ρ = π/π_old (:func:`alignloop.losses.clipped_policy_loss`), the loss aggregated per
+   ``rl.loss_aggregation``. The last update of the step advances the schedule and the step count.
+
+PPO's critic is a **value head on the policy's trunk** (a linear layer on the last hidden state),
+not a second model: one forward gives log-probs and values, and no second copy of the weights
+sits in memory. The price is that value and policy gradients share the trunk; ``vf_coef`` keeps
+the value loss from dominating. The head is checkpointed with the policy and saved as
+``final/value_head.pt``.
+
+Exact resume: the session restores policy, value head, optimiser, schedule and RNG; the prompt
+order is a function of the step (:class:`ShuffledBatches`), sampling noise a function of
+(seed, step, sample) (the engine's per-row generators), and the KL controller rides in the
+checkpoint's state.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from alignloop import advantages as adv
+from alignloop.config import RLConfig, SamplingConfig
+from alignloop.data.batching import ShuffledBatches, collate
+from alignloop.data.load import load_records
+from alignloop.errors import ConfigError, DataError, TrainingDiverged
+from alignloop.losses import (
+    aggregate_token_loss,
+    clipped_policy_loss,
+    clipped_value_loss,
+    completion_nll,
+    count_loss_tokens,
+    entropy_from_logits,
+    explained_variance,
+    kl_estimate,
+)
+from alignloop.models.load import context_length, disable_dropout, inference_device, load_causal_lm, load_tokenizer
+from alignloop.rollout.generate import SEED_STRIDE, Generation, encode_prompts, generate
+from alignloop.rollout.rewards import check_rewards
+from alignloop.train.loop import Run, TrainingSession, open_run, save_checkpoint
+from alignloop.train.sft import to_device
+
+log = logging.getLogger("alignloop")
+
+VALUE_HEAD_FILE = "value_head.pt"
+EVAL_BASELINE_FILE = "eval_baseline.json"
+
+
+def run_rl(cfg: RLConfig) -> Run:
+    """``alignloop ppo|grpo|rloo|reinforce``: load policy, prompts, reward (and reference), and train."""
+    from alignloop.evaluate.run import build_reward_source
+
+    r = cfg.rl
+    if not cfg.data.path:
+        raise ConfigError("data.path: name the prompts file (records with a `prompt` field)")
+    if not r.reward:
+        raise ConfigError("rl.reward: name the reward source (a reward-model folder, `file.py:fn`, or a YAML reward spec)")
+    tokenizer = load_tokenizer(cfg.model)
+    rows, _ = load_records(cfg.data.path, ("prompt",), cfg.data.max_samples)
+    eval_rows = load_records(r.eval_prompts, ("prompt",), r.eval_max_prompts)[0] if r.eval_prompts else []
+    reward = build_reward_source(r.reward)
+    ptx = None
+    if r.ptx_coef > 0:
+        from alignloop.train.sft import SFT_KINDS, sft_examples
+
+        ptx_records = load_records(r.ptx_data, SFT_KINDS, cfg.data.max_samples)
+    model = load_causal_lm(cfg.model, tokenizer, cfg.train.seed)
+    disable_dropout(model)  # π_old and the update must score tokens with the same function
+    limit = prompt_limit(cfg, model)
+    prompts = PromptSet.from_rows(rows, tokenizer, limit, cfg.data.overlong, cfg.data.path)
+    eval_prompts = PromptSet.from_rows(eval_rows, tokenizer, limit, cfg.data.overlong, r.eval_prompts) if eval_rows else None
+    if r.ptx_coef > 0:
+        ptx = sft_examples(r.ptx_data, ptx_records, cfg.data, tokenizer, context_length(model) or 2048)
+    reference = load_reference(cfg, model, tokenizer)
+    return fit_policy(cfg, model, tokenizer, prompts, reward, reference, eval_prompts, ptx)
+
+
+def prompt_limit(cfg: RLConfig, model: Any) -> int:
+    """Most prompt tokens: ``data.max_length``, and room for ``max_new_tokens`` in the context."""
+    context = context_length(model)
+    room = None if context is None else context - cfg.sampling.max_new_tokens
+    if room is not None and room < 1:
+        raise ConfigError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a prompt in the "
+                          f"model's context of {context} tokens")
+    limits = [x for x in (cfg.data.max_length, room) if x is not None]
+    return min(limits) if limits else 10**9
+
+
+@dataclass
+class PromptSet:
+    """Prompts (text or chat messages) and the extra fields each row carries for the reward."""
+
+    prompts: list[Any]
+    fields: list[dict[str, Any]]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Any], tokenizer: Any, limit: int, overlong: str, source: str) -> "PromptSet":
+        """Rows whose prompt fits ``limit`` tokens; a longer one is an error naming it
+        (``data.overlong=error``) or is left out and counted (``truncate``/``drop``: cutting a
+        prompt would change the question, so it is not truncated)."""
+        lengths = [len(ids) for ids in encode_prompts(tokenizer, [row.fields["prompt"] for row in rows])]
+        too_long = [(row, n) for row, n in zip(rows, lengths) if n > limit]
+        if too_long and (overlong == "error" or len(too_long) == len(rows)):
+            row, n = too_long[0]
+            raise DataError(f"{row.where}: prompt of {n} tokens, longer than the {limit} allowed (data.max_length, or the "
+                            f"model's context minus sampling.max_new_tokens); {len(too_long)} of {len(rows)} prompts are")
+        if too_long:
+            log.warning("%s: %d of %d prompts are longer than %d tokens and are left out (first: %s)",
+                        source, len(too_long), len(rows), limit, too_long[0][0].where)
+        kept = [row for row, n in zip(rows, lengths) if n <= limit]
+        return cls([row.fields["prompt"] for row in kept],
+                   [{k: v for k, v in row.fields.items() if k != "prompt"} for row in kept])
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, indices: Sequence[int], repeat: int) -> tuple[list[Any], dict[str, list[Any]]]:
+        """The prompts at ``indices``, each ``repeat`` times in a row, and their fields as columns."""
+        picked = [i for i in indices for _ in range(repeat)]
+        names = sorted({k for i in picked for k in self.fields[i]})
+        return [self.prompts[i] for i in picked], {k: [self.fields[i].get(k) for i in picked] for k in names}
+
+
+class Reference:
+    """π_ref's log-probs of given tokens: a frozen model, or the policy with its LoRA adapter off."""
+
+    def __init__(self, model: Any | None, adapter_off: bool):
+        self.model, self.adapter_off = model, adapter_off
+
+    @torch.no_grad()
+    def logprobs(self, policy: Any, batch: "Batch", temperature: float) -> torch.Tensor:
+        if self.adapter_off:
+            with policy.disable_adapter():
+                return score_tokens(policy, batch, temperature)[0]
+        return score_tokens(self.model, batch, temperature)[0]
+
+
+def load_reference(cfg: RLConfig, model: Any, tokenizer: Any) -> Reference | None:
+    """The KL reference, before training touches ``model``; None when no KL is asked for."""
+    r = cfg.rl
+    if r.kl_coef == 0 and r.kl_target is None:
+        return None
+    if r.ref_model:
+        from alignloop.config import ModelConfig
+
+        ref_cfg = ModelConfig(name_or_path=r.ref_model)
+        if load_tokenizer(ref_cfg).get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"rl.ref_model {r.ref_model!r} has another tokenizer than the policy; a per-token KL needs the "
+                              "same tokens (leave rl.ref_model unset to use the starting policy)")
+        reference = load_causal_lm(ref_cfg, tokenizer, cfg.train.seed)
+    elif cfg.model.lora.r > 0:
+        return Reference(None, adapter_off=True)  # no second copy: the base weights are the reference
+    else:
+        reference = copy.deepcopy(model)
+    disable_dropout(reference)
+    reference.requires_grad_(False)
+    return Reference(reference.eval(), adapter_off=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches of completions, and the forward that scores them
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """Prompt + completion token rows, right-padded, and where each completion token sits.
+
+    ``positions[i, t]`` is the index whose logits predict completion token t of row i (its prompt
+    length + t − 1); ``mask[i, t]`` is 1 for real completion tokens. Completions are left-aligned
+    in the (N, T) tensors the losses take.
+    """
+
+    input_ids: torch.Tensor  # (N, L)
+    attention_mask: torch.Tensor  # (N, L)
+    targets: torch.Tensor  # (N, T) completion tokens (0 on padding)
+    positions: torch.Tensor  # (N, T)
+    mask: torch.Tensor  # (N, T) float
+
+    @classmethod
+    def build(cls, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int,
+              device: torch.device) -> "Batch":
+        n = len(prompt_ids)
+        width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+        steps = max(1, max(len(c) for c in completion_ids))
+        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        targets = torch.zeros((n, steps), dtype=torch.long)
+        positions = torch.zeros((n, steps), dtype=torch.long)
+        mask = torch.zeros((n, steps))
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+            seq = list(p) + list(c)
+            input_ids[i, : len(seq)] = torch.tensor(seq)
+            attention_mask[i, : len(seq)] = 1
+            if c:
+                targets[i, : len(c)] = torch.tensor(c)
+                mask[i, : len(c)] = 1
+            positions[i] = (len(p) - 1 + torch.arange(steps)).clamp(max=width - 1)
+        return cls(*(t.to(device) for t in (input_ids, attention_mask, targets, positions, mask)))
+
+    def rows(self, index: torch.Tensor) -> "Batch":
+        return Batch(*(t[index] for t in (self.input_ids, self.attention_mask, self.targets, self.positions, self.mask)))
+
+
+def score_tokens(model: Any, batch: Batch, temperature: float, value_head: torch.nn.Module | None = None,
+                 with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """log π(y_t | x, y_<t) (N, T) of the batch's completion tokens at ``temperature``; with a
+    value head, V_t (N, T) read at the same positions; with ``with_entropy``, the entropy of each
+    of those next-token distributions (no gradient).
+
+    Only logits from the earliest completion position on are computed (``logits_to_keep``): the
+    prompt's logits are never needed.
+    """
+    first = int(batch.positions.min())
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                logits_to_keep=batch.input_ids.size(1) - first, output_hidden_states=value_head is not None)
+    index = batch.positions - first
+    logits = out.logits.gather(1, index[:, :, None].expand(-1, -1, out.logits.size(-1))).float()  # (N, T, V)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logprobs = logits.gather(-1, batch.targets[:, :, None]).squeeze(-1) - logits.logsumexp(-1)
+    values = None
+    if value_head is not None:
+        hidden = out.hidden_states[-1].gather(1, batch.positions[:, :, None].expand(-1, -1, out.hidden_states[-1].size(-1)))
+        values = value_head(hidden.float()).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.detach())
+    return logprobs, values, entropy
+
+
+def uses_rollout_logprobs(sampling: SamplingConfig) -> bool:
+    """Whether the engine's sampling log-probs equal π_old's (no top-k / top-p truncation, T > 0)."""
+    return sampling.temperature > 0 and sampling.top_k == 0 and sampling.top_p >= 1.0
+
+
+def padded(rows: Sequence[Sequence[float]], steps: int, device: torch.device) -> torch.Tensor:
+    out = torch.zeros((len(rows), steps))
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------
+def compute_advantages(cfg: RLConfig, scores: torch.Tensor, rollout_kl: torch.Tensor | None, mask: torch.Tensor,
+                       kl_coef: float, values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Advantages (N,) or (N, T) for ``cfg.rl.algo``, and PPO's returns (N, T); see the module docstring.
+
+    ``scores`` (N,) rewards; ``rollout_kl`` (N, T) k1 per token at rollout time (None without a
+    reference); ``kl_coef`` β now.
+    """
+    r = cfg.rl
+    lengths = mask.sum(1).clamp_min(1)
+    in_reward = rollout_kl is not None and r.uses_kl_in_reward and kl_coef > 0
+    if r.algo in ("grpo", "rloo"):
+        if in_reward:
+            scores = scores - kl_coef * (rollout_kl * mask).sum(1) / lengths
+        if r.algo == "grpo":
+            return adv.group_advantages(scores, r.group_size, scale_by_std=r.scale_rewards), None
+        return adv.leave_one_out_advantages(scores, r.group_size), None
+    if r.group_size > 1:  # several samples per prompt: the prompt's mean reward is a free baseline
+        scores = scores - scores.view(-1, r.group_size).mean(1).repeat_interleave(r.group_size)
+    per_token_kl = rollout_kl / lengths[:, None] if in_reward else torch.zeros_like(mask)
+    rewards = adv.token_rewards(scores, per_token_kl, mask, kl_coef if in_reward else 0.0)
+    if r.algo == "reinforce":
+        return adv.masked_whiten(adv.discounted_returns(rewards, mask, r.gamma), mask), None
+    advantages, returns = adv.gae(rewards, values, mask, r.gamma, r.lam)
+    return adv.masked_whiten(advantages, mask), returns
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, reward: Any, reference: Reference | None,
+               eval_prompts: PromptSet | None = None, ptx: list | None = None) -> Run:
+    """Optimise ``model`` against ``reward`` on ``prompts``; see the module docstring for one step."""
+    r, t, s = cfg.rl, cfg.train, cfg.sampling
+    title = r.algo.upper() if r.algo != "reinforce" else "REINFORCE++"
+    run = open_run(cfg)
+    if run.is_complete():
+        log.info("%s: %s is already complete (model in %s); --train.resume=never trains it again", title, run.dir, run.final_dir)
+        return run
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    value_head = None
+    if r.algo == "ppo":
+        hidden = model.config.get_text_config().hidden_size
+        value_head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(value_head.weight)  # V = 0 at the start: GAE begins as plain returns
+        torch.nn.init.zeros_(value_head.bias)
+    controller = adv.AdaptiveKLController(r.kl_coef or 0.01, r.kl_target, r.kl_horizon) if r.kl_target \
+        else adv.FixedKLController(r.kl_coef)
+    per_step = t.batch_size * r.group_size
+    # The starting policy's held-out completions: before the session, which may load a checkpoint into the model.
+    baseline = eval_baseline(run, model.to(inference_device()), tokenizer, eval_prompts, reward, s) if eval_prompts else None
+    with TrainingSession(cfg, model, run, title, extra_modules=[value_head] if value_head is not None else None) as session:
+        model, accelerator, device = session.model, session.accelerator, session.device
+        policy = accelerator.unwrap_model(model)
+        if reference is not None and reference.model is not None:
+            reference.model.to(device)
+        if "kl_controller" in session.state:
+            controller.load_state_dict(session.state["kl_controller"])
+        prompt_batches = ShuffledBatches(len(prompts), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
+        ptx_batches = ShuffledBatches(len(ptx), r.ptx_batch_size, t.seed + 1) if ptx else None
+        log.info("%s: %d prompts × %d samples per step, %d steps, reward %s, β=%g%s, run folder %s", title, t.batch_size,
+                 r.group_size, t.max_steps, r.reward, controller.value, " (adaptive)" if r.kl_target else "", run.dir)
+        updates = r.epochs * r.minibatches
+        while session.step < t.max_steps:
+            started = time.perf_counter()
+            step = session.step
+            # 1. Rollout: sample ids are a function of (step, row), so a resumed run draws the same samples.
+            batch_prompts, fields = prompts.take(prompt_batches.indices(step), r.group_size)
+            first_id = (step * accelerator.num_processes + accelerator.process_index) * per_step
+            sample_ids = [(first_id + i) % SEED_STRIDE for i in range(len(batch_prompts))]
+            generation = generate(policy, tokenizer, batch_prompts, s, sample_ids=sample_ids)
+            rollout_s = time.perf_counter() - started
+            scores = torch.tensor(check_rewards(reward(batch_prompts, generation.completions, **fields), len(batch_prompts),
+                                                f"rl.reward {r.reward}"), device=device)
+            batch = Batch.build(generation.prompt_ids, generation.completion_ids, pad_id, device)
+            mask = batch.mask
+
+            # 2. π_old (and the critic's values) and π_ref on the sampled tokens, no gradient.
+            old_logprobs = old_values = None
+            with torch.no_grad(), session.autocast():
+                if value_head is not None or not uses_rollout_logprobs(s):
+                    old_logprobs, old_values, _ = score_tokens(policy, batch, s.temperature, value_head)
+                else:
+                    old_logprobs = padded(generation.logprobs, mask.size(1), device)
+                ref_logprobs = reference.logprobs(policy, batch, s.temperature) if reference is not None else None
+            rollout_kl = (old_logprobs - ref_logprobs) * mask if ref_logprobs is not None else None
+
+            # 3. Advantages.
+            advantages, returns = compute_advantages(cfg, scores, rollout_kl, mask, controller.value, old_values)
+
+            # 4. Updates: epochs × minibatches over this rollout; the last one ends the step.
+            stats: dict[str, list[float]] = {}
+            train_started = time.perf_counter()
+            model.train()
+            for u in range(updates):
+                if u % r.minibatches == 0:
+                    order = torch.randperm(len(batch_prompts), generator=torch.Generator().manual_seed(t.seed + step * 7919 + u))
+                part = order.chunk(r.minibatches)[u % r.minibatches].to(device)
+                mb = batch.rows(part)
+                with session.autocast():
+                    logprobs, values, entropy = score_tokens(model, mb, s.temperature, value_head, with_entropy=u == 0)
+                    loss, mb_stats = policy_objective(cfg, logprobs, values, mb.mask, old_logprobs[part], advantages[part],
+                                                      None if returns is None else returns[part],
+                                                      None if old_values is None else old_values[part],
+                                                      None if ref_logprobs is None else ref_logprobs[part], controller.value)
+                    if ptx_batches is not None:
+                        ptx_batch = to_device(collate([ptx[i] for i in ptx_batches.indices(step * updates + u)], pad_id), device)
+                        ptx_logits = model(input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"],
+                                           use_cache=False).logits
+                        ptx_loss, _ = completion_nll(ptx_logits, ptx_batch["labels"], max(1, count_loss_tokens(ptx_batch["labels"])))
+                        loss = loss + r.ptx_coef * ptx_loss
+                        mb_stats["ptx_loss"] = float(ptx_loss.detach())
+                if entropy is not None:
+                    mb_stats["entropy"] = float(entropy[mb.mask.bool()].mean())
+                session.backward(loss)
+                update = session.optimizer_step(advance=u == updates - 1)
+                for k, v in {**mb_stats, **update}.items():
+                    stats.setdefault(k, []).append(v)
+            train_s = time.perf_counter() - train_started
+
+            # 5. Diagnostics, KL control, evaluation, checkpoint.
+            tokens = float(mask.sum())
+            # Per-update numbers are averaged over the step's updates; lr and grad norm are the last update's.
+            record = {(k if k.startswith("train/") else f"train/{k}"): (v[-1] if k.startswith("train/") else sum(v) / len(v))
+                      for k, v in stats.items()}
+            record.update(rollout_metrics(cfg, scores, mask, generation, rollout_kl, controller.value))
+            if returns is not None:
+                record["train/explained_variance"] = explained_variance(old_values, returns, mask)
+            record.update({"train/tokens": tokens, "perf/rollout_s": rollout_s, "perf/train_s": train_s,
+                           "perf/rollout_tokens_per_s": tokens / max(rollout_s, 1e-9),
+                           "perf/train_tokens_per_s": tokens * r.epochs / max(train_s, 1e-9)})
+            kl_now = record.get("train/kl")
+            if kl_now is not None:
+                controller.update(kl_now, 1)
+            session.state["kl_controller"] = controller.state_dict()
+            evaluate = (lambda: evaluate_policy(policy, tokenizer, eval_prompts, reward, s, baseline)) if baseline else None
+            session.end_step(record, started, evaluate)
+            if r.kl_stop is not None and kl_now is not None and kl_now > r.kl_stop:
+                checkpoint = save_checkpoint(accelerator, run, session.step, session.state, keep=t.keep_checkpoints)
+                raise TrainingDiverged(f"{title}: KL to the reference is {kl_now:.3g} nats per token at step {session.step}, past "
+                                       f"rl.kl_stop={r.kl_stop:g}; checkpoint saved in {checkpoint}. Lower train.lr or raise rl.kl_coef")
+            if r.kl_stop is not None and kl_now is not None and kl_now > r.kl_stop / 2:
+                log.warning("%s: KL to the reference %.3g per token is past half of rl.kl_stop=%g", title, kl_now, r.kl_stop)
+        session.save_final(tokenizer)
+        if value_head is not None and accelerator.is_main_process:
+            torch.save(value_head.state_dict(), run.final_dir / VALUE_HEAD_FILE)
+    if accelerator.is_main_process:
+        from alignloop.evaluate.report import write_training_report
+
+        write_training_report(run, title, curves=RL_CURVES, ylabel="reward / KL")
+    log.info("%s done: model in %s, report in %s", title, run.final_dir, run.dir / "report.md")
+    return run
+
+
+RL_CURVES = (("train/reward", "reward"), ("eval/reward", "held-out reward"), ("train/kl", "KL per token"))
+
+
+def policy_objective(cfg: RLConfig, logprobs: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor,
+                     old_logprobs: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor | None,
+                     old_values: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
+                     kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The RL part of one update's loss: clipped policy loss, PPO's value loss, and a KL loss term
+    when the KL is not in the reward. With one update per rollout, π_old is this forward detached
+    (ρ = 1), which is exact and saves nothing but is the definition; rollout log-probs are used
+    when given (several updates)."""
+    r = cfg.rl
+    loss, stats = clipped_policy_loss(logprobs, old_logprobs, advantages, mask, r.clip_eps, r.clip_eps_high,
+                                      r.loss_aggregation, cfg.sampling.max_new_tokens)
+    out = {"policy_loss": float(loss.detach()), **stats}
+    if values is not None:
+        value_loss, value_stats = clipped_value_loss(values, old_values, returns, mask, r.value_clip)
+        loss = loss + r.vf_coef * value_loss
+        out.update({"value_loss": float(value_loss.detach()), **value_stats})
+    if ref_logprobs is not None and not r.uses_kl_in_reward and kl_coef > 0:
+        kl_loss = aggregate_token_loss(kl_estimate(logprobs, ref_logprobs, r.kl_estimator), mask, r.loss_aggregation,
+                                       cfg.sampling.max_new_tokens)
+        loss = loss + kl_coef * kl_loss
+        out["kl_loss"] = float(kl_loss.detach())
+    return loss, out
+
+
+def rollout_metrics(cfg: RLConfig, scores: torch.Tensor, mask: torch.Tensor, generation: Generation,
+                    rollout_kl: torch.Tensor | None, kl_coef: float) -> dict[str, float]:
+    """What the rollout says: reward, KL to the reference, lengths, share of groups with nothing to learn."""
+    lengths = mask.sum(1)
+    record = {
+        "train/reward": float(scores.mean()),
+        "train/reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+        "train/length": float(lengths.mean()),
+        "train/finished": sum(generation.finished) / len(generation.finished),
+        "train/kl_coef": kl_coef,
+    }
+    if rollout_kl is not None:
+        record["train/kl"] = float(rollout_kl.sum() / mask.sum().clamp_min(1))  # nats per token, k1
+        record["train/kl_seq"] = float(rollout_kl.sum(1).mean())
+    if cfg.rl.group_size > 1:
+        record["train/zero_std_groups"] = adv.fraction_zero_std_groups(scores, cfg.rl.group_size)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Periodic evaluation: reward and win rate against the starting policy on held-out prompts
+# ---------------------------------------------------------------------------------------------
+def eval_sampling(s: SamplingConfig) -> SamplingConfig:
+    """Held-out sampling: the rollout's settings with a fixed seed of its own, so every evaluation
+    and the starting policy's baseline draw the same random numbers per prompt."""
+    return SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                          seed=s.seed + 104729, batch_size=s.batch_size)
+
+
+def eval_baseline(run: Run, policy: Any, tokenizer: Any, prompts: PromptSet, reward: Any, s: SamplingConfig) -> dict:
+    """The starting policy's held-out completions and rewards, computed once and kept in the run
+    folder (a resumed run's policy is no longer the starting one)."""
+    path = run.dir / EVAL_BASELINE_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    columns = {k: [f.get(k) for f in prompts.fields] for k in sorted({k for f in prompts.fields for k in f})}
+    generation = generate(policy, tokenizer, prompts.prompts, eval_sampling(s))
+    rewards = check_rewards(reward(prompts.prompts, generation.completions, **columns), len(prompts), "rl.reward")
+    baseline = {"completions": generation.completions, "rewards": rewards}
+    path.write_text(json.dumps(baseline))
+    return baseline
+
+
+def evaluate_policy(policy: Any, tokenizer: Any, prompts: PromptSet, reward: Any, s: SamplingConfig, baseline: dict) -> dict:
+    """Held-out reward and win rate (Wilson 95%, ties apart) of the current policy vs the starting one."""
+    from alignloop.evaluate.compare import judge_outcomes, win_rate
+
+    columns = {k: [f.get(k) for f in prompts.fields] for k in sorted({k for f in prompts.fields for k in f})}
+    generation = generate(policy, tokenizer, prompts.prompts, eval_sampling(s))
+    rewards = check_rewards(reward(prompts.prompts, generation.completions, **columns), len(prompts), "rl.reward")
+    win = win_rate(judge_outcomes(rewards, baseline["rewards"], 0.0))
+    return {
+        "eval/reward": sum(rewards) / len(rewards),
+        "eval/start_reward": sum(baseline["rewards"]) / len(baseline["rewards"]),
+        "eval/win_rate": win["win_rate"],
+        "eval/win_rate_lower": win["win_rate_lower"],
+        "eval/win_rate_upper": win["win_rate_upper"],
+        "eval/length": sum(len(ids) for ids in generation.completion_ids) / len(prompts),
+    }
+
+
+def load_value_head(folder: str | Path) -> torch.nn.Linear | None:
+    """A PPO run's critic head from ``final/``, or None for runs without one."""
+    path = Path(folder) / VALUE_HEAD_FILE
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu")
+    head = torch.nn.Linear(state["weight"].size(1), 1)
+    head.load_state_dict(state)
+    return head
+
