@@ -258,3 +258,13 @@ def test_builtin_tiny_model_is_a_real_llama_with_a_chat_template():
     assert 4e6 < sum(p.numel() for p in model.parameters()) < 6e6
     rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_time_budget_ends_training_after_the_step_that_spends_it(tiny_model_dir, sft_data, tmp_path):
+    train, _ = sft_data
+    assert main(sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=50", "--train.time_budget_s=0",
+                         "--train.eval_every=0", "--run.name=budget")) == 0
+    metrics = read_metrics(tmp_path / "budget" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1]
+    assert "eval/loss" in metrics[-1]  # the last step is evaluated, as at max_steps
+    assert (tmp_path / "budget" / "final" / "model.safetensors").is_file()

@@ -106,6 +106,7 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
     resume: str = option("auto", "auto: continue from the newest checkpoint in the run folder; never: start over; or a checkpoint path")
     threads: Optional[int] = option(None, "torch CPU threads (null: torch's default)")
+    time_budget_s: Optional[float] = option(None, "stop after the step that passes this many seconds of training (final model still written); null: no limit")
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
@@ -185,6 +186,7 @@ class SamplingConfig:
     top_p: float = option(1.0, "nucleus sampling: keep the most likely tokens whose mass reaches top_p; 1 = off")
     top_k: int = option(0, "keep only the k most likely tokens; 0 = off")
     seed: int = option(0, "sampling seed: prompt i draws the same random numbers in every model, so differences come from the models")
+    stop_at_eos: bool = option(True, "end a completion at the model's stop tokens; false: always generate max_new_tokens (fixed work, for benchmarks)")
     batch_size: int = option(16, "prompts generated together (evaluate --task classification|ner: examples classified together)")
 
     def __post_init__(self) -> None:

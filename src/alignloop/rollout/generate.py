@@ -91,8 +91,8 @@ def generate(
     """Complete every prompt (a string or a list of chat messages, see :func:`encode_prompts`).
 
     ``batch_size`` (default ``sampling.batch_size``) prompts are decoded together. Generation
-    stops at any of ``stop_token_ids`` (default: :func:`default_stop_token_ids`; pass
-    ``()`` to always produce ``max_new_tokens``). The model is put in eval mode for the call and
+    stops at any of ``stop_token_ids`` (default: :func:`default_stop_token_ids`, or none when
+    ``sampling.stop_at_eos`` is false; ``()`` always produces ``max_new_tokens``). The model is put in eval mode for the call and
     restored afterwards.
 
     Seeding: row i owns ``torch.Generator(device).manual_seed(seed * 1_000_003 + sample_ids[i])``
@@ -119,7 +119,9 @@ def generate(
     for i, ids in enumerate(prompt_ids):
         if not ids:
             raise DataError(f"prompt {i} encodes to no tokens; a prompt needs at least one to condition on")
-    stops = default_stop_token_ids(model, tokenizer) if stop_token_ids is None else list(stop_token_ids)
+    if stop_token_ids is None:
+        stop_token_ids = default_stop_token_ids(model, tokenizer) if sampling.stop_at_eos else []
+    stops = list(stop_token_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
 
     completion_ids: list[list[int]] = [[] for _ in range(n)]

@@ -413,7 +413,7 @@ class TrainingSession:
 
         with TrainingSession(cfg, model, run, title) as session:
             model = session.model                        # prepared by accelerate
-            while session.step < cfg.train.max_steps:
+            while session.running:
                 started = time.perf_counter()
                 ...forward, loss...; session.backward(loss)
                 record = {...stage metrics..., **session.optimizer_step()}
@@ -445,6 +445,12 @@ class TrainingSession:
         self.metrics = MetricsLog(run, self.accelerator, resumed_step=self.step)
         self.progress = Progress(t.max_steps, self.step, title, enabled=self.accelerator.is_main_process)
         self._interrupt = StopOnInterrupt()
+        self._started, self._budget_spent = time.perf_counter(), False
+
+    @property
+    def running(self) -> bool:
+        """Steps remain and the time budget (``train.time_budget_s``), if any, is not spent."""
+        return self.step < self.train.max_steps and not self._budget_spent
 
     def __enter__(self) -> "TrainingSession":
         self._interrupt.__enter__()
@@ -505,19 +511,23 @@ class TrainingSession:
         record["perf/step_s"] = seconds
         if "train/tokens" in record:
             record["perf/tokens_per_s"] = record["train/tokens"] / seconds
-        evaluating = evaluate is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps)
+        if t.time_budget_s is not None:  # every process must agree, or one would wait for the others forever
+            over = float(time.perf_counter() - self._started >= t.time_budget_s)
+            self._budget_spent = self.sum_over_processes(over) > 0
+        last = step == t.max_steps or self._budget_spent
+        evaluating = evaluate is not None and ((t.eval_every and step % t.eval_every == 0) or last)
         if evaluating:
             with self.autocast():
                 held_out = evaluate()
             record.update(held_out)
             self.model.train()
-        if step % t.log_every == 0 or evaluating or step == t.max_steps:
+        if step % t.log_every == 0 or evaluating or last:
             self.metrics.write(step, record)
         self.progress.update(step, record)
 
         stop = self.sum_over_processes(float(self._interrupt.requested)) > 0
         # No checkpoint at the last step: final/ holds the weights and marks the run complete.
-        if stop or (t.save_every and step % t.save_every == 0 and step < t.max_steps):
+        if stop or (t.save_every and step % t.save_every == 0 and not last):
             checkpoint = save_checkpoint(self.accelerator, self.run, step, self.state, keep=t.keep_checkpoints)
             if stop:
                 self.progress.close()

@@ -239,7 +239,7 @@ def fit_reward_model(cfg: RewardConfig, model: Any, tokenizer: Any, kind: str,
         batches = ShuffledBatches(len(train), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes, lengths)
         log.info("reward: %d %s rows for training, %d held out; %d steps of %d×%d×%d; run folder %s",
                  len(train), kind, len(held_out), t.max_steps, t.batch_size, t.grad_accum, accelerator.num_processes, run.dir)
-        while session.step < t.max_steps:
+        while session.running:
             started = time.perf_counter()
             model.train()
             sums: dict[str, float] = {}

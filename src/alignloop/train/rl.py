@@ -47,6 +47,7 @@ checkpoint's state.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -342,7 +343,7 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
         log.info("%s: %d prompts × %d samples per step, %d steps, reward %s, β=%g%s, run folder %s", title, t.batch_size,
                  r.group_size, t.max_steps, r.reward, controller.value, " (adaptive)" if r.kl_target else "", run.dir)
         updates = r.epochs * r.minibatches
-        while session.step < t.max_steps:
+        while session.running:
             started = time.perf_counter()
             step = session.step
             # 1. Rollout: sample ids are a function of (step, row), so a resumed run draws the same samples.
@@ -485,8 +486,7 @@ def rollout_metrics(cfg: RLConfig, scores: torch.Tensor, mask: torch.Tensor, gen
 def eval_sampling(s: SamplingConfig) -> SamplingConfig:
     """Held-out sampling: the rollout's settings with a fixed seed of its own, so every evaluation
     and the starting policy's baseline draw the same random numbers per prompt."""
-    return SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                          seed=s.seed + 104729, batch_size=s.batch_size)
+    return dataclasses.replace(s, seed=s.seed + 104729)
 
 
 def eval_baseline(run: Run, policy: Any, tokenizer: Any, prompts: PromptSet, reward: Any, s: SamplingConfig) -> dict:

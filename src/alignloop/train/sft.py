@@ -86,7 +86,7 @@ def fit_causal_lm(cfg: Any, model: Any, tokenizer: Any, train: list[Example], he
         batches = ShuffledBatches(len(train), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
         log.info("%s: %d training / %d held-out sequences, %d steps of %d×%d×%d, run folder %s",
                  title, len(train), len(held_out), t.max_steps, t.batch_size, t.grad_accum, accelerator.num_processes, run.dir)
-        while session.step < t.max_steps:
+        while session.running:
             started = time.perf_counter()
             model.train()
             micro_batches = [
