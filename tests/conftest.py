@@ -11,6 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -112,3 +116,35 @@ def chat_jsonl(tmp_path: Path) -> Path:
         for i in range(8)
     ]
     return _write_jsonl(tmp_path / "chat.jsonl", rows)
+
+
+def alignloop_command(*args: str) -> list[str]:
+    """``python -m alignloop ARGS`` in this interpreter, for tests that need a separate process."""
+    return [sys.executable, "-m", "alignloop", *args]
+
+
+def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Poll until ``predicate()``; fail if ``proc`` ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.communicate()[1]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def kill_9_once_saved() -> Callable[[list[str], Path], None]:
+    """``kill_9_once_saved(cli_args, checkpoint)``: run ``alignloop CLI_ARGS`` in a subprocess and
+    SIGKILL it (a crash, no cleanup) as soon as ``checkpoint`` is complete."""
+
+    def run(cli_args: list[str], checkpoint: Path) -> None:
+        proc = subprocess.Popen(alignloop_command(*cli_args), stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: (checkpoint / "trainer_state.json").is_file(), proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+
+    return run

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ import torch
 
 from alignloop.cli import main
 from alignloop.train.loop import read_metrics
+from conftest import alignloop_command
 
 WORDS = [f"{a}{b}{c}" for a in "bdfgklmnprstvz" for b in "aeiou" for c in "kmnrst"][:200]
 GOOD = WORDS[:20]
@@ -145,26 +143,15 @@ def test_a_held_out_judge_that_is_not_the_reward_prefers_the_trained_policy(task
     assert code == 0, json.loads((tmp_path / "judged" / "metrics.json").read_text())
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "alignloop", *args]
-
-
-def test_kill_9_then_resume_reproduces_the_run_step_for_step(task: dict, tmp_path: Path) -> None:
+def test_kill_9_then_resume_reproduces_the_run_step_for_step(task: dict, tmp_path: Path, kill_9_once_saved) -> None:
     """PPO with an adaptive KL: policy, value head, optimiser, KL controller and sampling all resume."""
     common = rl_args("ppo", task, tmp_path, *SINGLE, "--rl.kl_coef=0.05", "--rl.kl_target=0.01", "--rl.kl_horizon=20",
                      "--train.max_steps=10", "--train.save_every=2", "--train.eval_every=5", "--train.threads=1")
-    subprocess.run(_cli(*common, "--run.name=straight"), check=True, capture_output=True)
+    subprocess.run(alignloop_command(*common, "--run.name=straight"), check=True, capture_output=True)
 
-    killed = subprocess.Popen(_cli(*common, "--run.name=killed"), stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "killed" / "checkpoints" / "step-4" / "trainer_state.json").is_file():
-        assert killed.poll() is None, killed.communicate()[1]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
+    kill_9_once_saved([*common, "--run.name=killed"], tmp_path / "killed" / "checkpoints" / "step-4")
     assert not (tmp_path / "killed" / "final").exists(), "the run finished before it was killed"
-    resumed = subprocess.run(_cli(*common, "--run.name=killed"), capture_output=True, text=True)
+    resumed = subprocess.run(alignloop_command(*common, "--run.name=killed"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
 

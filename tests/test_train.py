@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from alignloop.data.batching import collate
 from alignloop.data.tokenize import tokenize_prompt_completion
 from alignloop.losses import completion_nll, count_loss_tokens
 from alignloop.train.loop import read_metrics
+from conftest import alignloop_command, wait_for
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 WORDS = "red green blue black white pink gray brown".split()
@@ -93,35 +93,16 @@ def test_pretraining_on_real_text_lowers_held_out_loss(tmp_path):
     assert evals[-1] < evals[0] - 1.0, evals
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "alignloop", *args]
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended early: {proc.communicate()[1]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.communicate()
-            raise AssertionError("timed out")
-        time.sleep(0.02)
-
-
-def test_kill_9_then_resume_reproduces_uninterrupted_losses(tiny_model_dir, sft_data, tmp_path):
+def test_kill_9_then_resume_reproduces_uninterrupted_losses(tiny_model_dir, sft_data, tmp_path, kill_9_once_saved):
     train, _ = sft_data
     common = sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=40", "--train.save_every=5",
                       "--train.eval_every=10", "--train.batch_size=16", "--train.threads=1")
-    subprocess.run(_cli(*common, "--run.name=straight"), check=True, capture_output=True)
+    subprocess.run(alignloop_command(*common, "--run.name=straight"), check=True, capture_output=True)
 
-    killed = subprocess.Popen(_cli(*common, "--run.name=killed"), stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (tmp_path / "killed" / "checkpoints" / "step-10" / "trainer_state.json").is_file(), killed)
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
+    kill_9_once_saved([*common, "--run.name=killed"], tmp_path / "killed" / "checkpoints" / "step-10")
     assert not (tmp_path / "killed" / "final").exists(), "the run finished before it was killed"
 
-    resumed = subprocess.run(_cli(*common, "--run.name=killed"), capture_output=True, text=True)
+    resumed = subprocess.run(alignloop_command(*common, "--run.name=killed"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
 
@@ -138,9 +119,9 @@ def test_kill_9_then_resume_reproduces_uninterrupted_losses(tiny_model_dir, sft_
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, sft_data, tmp_path):
     train, _ = sft_data
     args = sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=100000", "--train.save_every=0")
-    proc = subprocess.Popen(_cli(*args), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(alignloop_command(*args), stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "sft" / "metrics.jsonl"
-    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, proc)
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr

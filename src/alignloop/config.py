@@ -286,7 +286,7 @@ class RLConfig:
 
     run: RunConfig = section(RunConfig, "run folder and trackers", name="rl")
     model: ModelConfig = section(ModelConfig, "the policy to optimise (HF id or folder, e.g. runs/sft/final, or a built-in)")
-    data: DataConfig = section(DataConfig, "prompts (field `prompt`, text or chat messages) plus any fields the reward reads; max_length caps prompt tokens (longer ones keep their end)", path="", max_length=256)
+    data: DataConfig = section(DataConfig, "prompts (field `prompt`, text or chat messages) plus any fields the reward reads; max_length caps prompt tokens (a longer prompt stops the run with overlong=error, else it is left out and counted)", path="", max_length=256)
     rl: PolicyOptimizationConfig = section(PolicyOptimizationConfig, "the algorithm, reward, KL penalty and supervised term")
     sampling: SamplingConfig = section(SamplingConfig, "rollout sampling", max_new_tokens=64, batch_size=64)
     train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = prompts per step", lr=1e-5, batch_size=8, max_steps=200, warmup_steps=0, lr_schedule="constant", eval_every=25, save_every=50)
