@@ -176,18 +176,35 @@ def _decode_batch(
     next_position = torch.tensor(lengths, device=device)[:, None]  # (B, 1) position of the first new token
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
 
-    from transformers import DynamicCache
+    from transformers import StaticCache
 
-    cache = DynamicCache(config=model.config)
+    # A static cache holds every position from the start: a DynamicCache concatenates each new
+    # key/value onto the old ones, copying the whole cache at every step (on CPU most of the
+    # decode time went there: 59% at 40M, 128+128 tokens).
+    cache = StaticCache(config=model.config, max_cache_len=width + steps)
     cache_kw = {_cache_argument(model): cache}
+    # Samples of the same prompt (an RL group) share one prefill: the prompt is run once and its
+    # keys/values are copied to each sample's row. At 128-token prompts × 4 samples the prefill
+    # is a quarter of what it would be.
+    first_row: dict[tuple[int, ...], int] = {}  # prompt → the first row that holds it
+    for r, p in enumerate(prompts):
+        first_row.setdefault(tuple(p), r)
+    unique_rows = list(first_row.values())
+    source = torch.tensor([unique_rows.index(first_row[tuple(p)]) for p in prompts], device=device)
+    shared = len(unique_rows) < rows and _can_expand(cache)
+    prefill = torch.tensor(unique_rows, device=device) if shared else torch.arange(rows, device=device)
     logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask[:, :width],
-        position_ids=positions,
+        input_ids=input_ids[prefill],
+        attention_mask=attention_mask[prefill, :width],
+        position_ids=positions[prefill],
+        cache_position=torch.arange(width, device=device),
         use_cache=True,
         logits_to_keep=1,
         **cache_kw,
     ).logits[:, -1, :]
+    if shared:
+        _expand_cache(cache, source)
+        logits = logits[source]
     sampler = _Sampler(sampling, sample_ids, logits.shape[-1], device)
 
     tokens = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)  # (B, T) sampled ids
@@ -213,6 +230,7 @@ def _decode_batch(
             input_ids=token[:, None],
             attention_mask=attention_mask[:, : width + t + 1],
             position_ids=next_position + t,
+            cache_position=torch.tensor([width + t], device=device),
             use_cache=True,
             logits_to_keep=1,
             **cache_kw,
@@ -223,6 +241,18 @@ def _decode_batch(
         (tokens_cpu[r][:k], logps_cpu[r][:k], finished)
         for r, (k, finished) in enumerate(zip(n_tokens.tolist(), done.tolist()))
     ]
+
+
+def _can_expand(cache: Any) -> bool:
+    """Whether :func:`_expand_cache` knows this cache's layout (transformers' static layers)."""
+    return all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in getattr(cache, "layers", [None]))
+
+
+def _expand_cache(cache: Any, source: torch.Tensor) -> None:
+    """Make row r of every layer's keys/values a copy of row ``source[r]`` (prefilled prompts → samples)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[source], layer.values[source]
+        layer.batch_size = len(source)
 
 
 class _Sampler:
