@@ -148,3 +148,32 @@ def kill_9_once_saved() -> Callable[[list[str], Path], None]:
         proc.communicate()
 
     return run
+
+
+# A word-level vocabulary (1 word = 1 token) and its "good" tenth: the shared benchmark's
+# online-RL task in miniature, used by the RL and preference tests.
+WORDS = [f"{a}{b}{c}" for a in "bdfgklmnprstvz" for b in "aeiou" for c in "kmnrst"][:200]
+GOOD = WORDS[:20]
+
+
+@pytest.fixture(scope="session")
+def word_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama (2 layers, width 32, seed 0) over ``WORDS`` with a word-level tokenizer
+    (``<pad>`` 0, ``<eos>`` 1). Shared by the session: copy it before changing anything in it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("word-model") / "policy"
+    vocab = {"<pad>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=1, pad_token_id=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

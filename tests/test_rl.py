@@ -1,5 +1,5 @@
-"""Online RL on a task with a known optimum: a tiny Llama over a 200-word vocabulary, rewarded for
-the share of "good" words (the first 10% of the vocabulary) in its completions — the shared
+"""Online RL on a task with a known optimum: a tiny Llama over a 200-word vocabulary (conftest's
+``word_model_dir``), rewarded for the share of "good" words (the first 10% of the vocabulary) in its completions — the shared
 benchmark's task in miniature. At the start about 10% of sampled words are good.
 
 Each of PPO, GRPO, RLOO and REINFORCE++ must raise the held-out reward well above the start with
@@ -16,36 +16,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from alignloop.cli import main
 from alignloop.train.loop import read_metrics
-from conftest import alignloop_command
-
-WORDS = [f"{a}{b}{c}" for a in "bdfgklmnprstvz" for b in "aeiou" for c in "kmnrst"][:200]
-GOOD = WORDS[:20]
+from conftest import GOOD, WORDS, alignloop_command
 
 
 @pytest.fixture(scope="module")
-def task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The policy folder, prompt files, the reward and a judge, an SFT set."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
+def task(word_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Prompt files, the reward and a judge, an SFT set, around the shared word-level policy."""
     folder = tmp_path_factory.mktemp("rl-task")
-    vocab = {"<pad>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=1, pad_token_id=0)
-    model.save_pretrained(folder / "policy")
-    tokenizer.save_pretrained(folder / "policy")
-
     rng = random.Random(0)
     def prompts(n: int) -> list[dict]:
         return [{"prompt": " ".join(rng.choices(WORDS, k=4))} for _ in range(n)]
@@ -63,7 +43,7 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     sft = [{"prompt": " ".join(rng.choices(WORDS, k=4)), "completion": " ".join(rng.choices(WORDS[100:], k=8))}
            for _ in range(32)]
     (folder / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
-    return {"policy": folder / "policy", "train": folder / "train.jsonl", "heldout": folder / "heldout.jsonl",
+    return {"policy": word_model_dir, "train": folder / "train.jsonl", "heldout": folder / "heldout.jsonl",
             "rewards": folder / "rewards.py", "sft": folder / "sft.jsonl"}
 
 

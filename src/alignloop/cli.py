@@ -35,6 +35,14 @@ def _stage_runner(stage: str) -> Callable[[Any], Any]:
         from alignloop.evaluate.run import run_evaluate
 
         return run_evaluate
+    if stage == "dpo":
+        from alignloop.train.preference import run_dpo
+
+        return run_dpo
+    if stage == "kto":
+        from alignloop.train.preference import run_kto
+
+        return run_kto
     if stage in ("ppo", "grpo", "rloo", "reinforce"):
         from alignloop.train.rl import run_rl
 
@@ -53,6 +61,8 @@ STAGE_HELP = {
     "grpo": "online RL: GRPO, advantages normalised within each prompt's group of samples",
     "rloo": "online RL: RLOO, each sample baselined by the other samples of its prompt",
     "reinforce": "online RL: REINFORCE++, per-token KL in the reward, batch-normalised returns",
+    "dpo": "offline preference optimisation on pairs: DPO, IPO, robust DPO, SimPO (reference log-probs computed once)",
+    "kto": "KTO on unpaired thumbs up/down (reference log-probs computed once)",
 }
 
 

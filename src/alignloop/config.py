@@ -320,8 +320,56 @@ class ReinforceConfig(RLConfig):
     rl: PolicyOptimizationConfig = section(PolicyOptimizationConfig, "the algorithm, reward, KL penalty and supervised term", algo="reinforce", group_size=1, kl_coef=0.05)
 
 
+@dataclass
+class PreferenceOptimizationConfig:
+    """How an offline preference stage turns pairs or thumbs into a better policy."""
+
+    loss: Literal["sigmoid", "ipo", "robust", "simpo"] = option("sigmoid", "dpo: sigmoid (DPO), ipo, robust (noise-robust DPO, needs label_smoothing), simpo (reference-free, length-normalised)")
+    beta: float = option(0.1, "β: how far the policy may move from the reference (for ipo: τ; for simpo: the reward scale, e.g. 2.0)")
+    label_smoothing: float = option(0.0, "ε: share of labels assumed flipped (sigmoid: conservative DPO; robust: unbiased correction, ε < 0.5)")
+    simpo_gamma: float = option(0.5, "simpo: target reward margin γ")
+    rpo_alpha: float = option(0.0, "weight of an NLL term on the chosen completion (RPO); 0: off")
+    desirable_weight: float = option(1.0, "kto: λ_D, weight of thumbs-up examples")
+    undesirable_weight: float = option(1.0, "kto: λ_U, weight of thumbs-down examples")
+    ref_model: Optional[str] = option(None, "reference model (HF id or folder); default: the starting policy (with LoRA: the base with the adapter off)")
+    ref_batch_size: int = option(16, "sequences per no-grad forward when the reference log-probs are computed (once, before training)")
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"preference.beta must be > 0 (got {self.beta})")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"preference.label_smoothing must be in [0, 0.5) (got {self.label_smoothing})")
+        if self.loss == "ipo" and self.label_smoothing > 0:
+            raise ConfigError("preference.label_smoothing applies to sigmoid and robust, not ipo; set it to 0")
+        if self.rpo_alpha < 0 or self.desirable_weight <= 0 or self.undesirable_weight <= 0 or self.ref_batch_size < 1:
+            raise ConfigError("preference.rpo_alpha must be ≥ 0; desirable_weight, undesirable_weight and ref_batch_size > 0")
+
+
+@dataclass
+class DPOConfig:
+    """DPO and variants on preference pairs (prompt, chosen, rejected); reference log-probs computed once."""
+
+    run: RunConfig = section(RunConfig, "run folder and trackers", name="dpo")
+    model: ModelConfig = section(ModelConfig, "the policy to train (start from an SFT model, e.g. runs/sft/final)")
+    data: DataConfig = section(DataConfig, "preference records: prompt, chosen, rejected (text or chat)", path="builtin:chitchat-preference", max_length=256)
+    preference: PreferenceOptimizationConfig = section(PreferenceOptimizationConfig, "loss, β, reference")
+    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = pairs per micro-batch", lr=5e-6, batch_size=8, warmup_steps=10, max_steps=200, eval_every=50)
+
+
+@dataclass
+class KTOConfig:
+    """KTO on unpaired thumbs (prompt, completion, label); reference log-probs computed once."""
+
+    run: RunConfig = section(RunConfig, "run folder and trackers", name="kto")
+    model: ModelConfig = section(ModelConfig, "the policy to train (start from an SFT model, e.g. runs/sft/final)")
+    data: DataConfig = section(DataConfig, "thumbs records: prompt, completion, label (true = good)", path="", max_length=256)
+    preference: PreferenceOptimizationConfig = section(PreferenceOptimizationConfig, "β, desirable/undesirable weights, reference")
+    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = completions per micro-batch", lr=5e-6, batch_size=8, warmup_steps=10, max_steps=200, eval_every=50)
+
+
 STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "evaluate": EvaluateConfig,
-                           "ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "reinforce": ReinforceConfig}
+                           "ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "reinforce": ReinforceConfig,
+                           "dpo": DPOConfig, "kto": KTOConfig}
 
 
 # ---------------------------------------------------------------------------------------------

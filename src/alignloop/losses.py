@@ -308,3 +308,238 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.float(), dim=-1)
     p = logp.exp()
     return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline preference optimisation
+# ---------------------------------------------------------------------------------------------
+# Inputs are per-sequence sums of the completion tokens' log-probabilities, (N,) for N pairs
+# (or N unpaired completions for KTO): π = log π_θ(y|x) under the policy (with gradient),
+# ref = log π_ref(y|x) under the frozen reference. :func:`sequence_logps` makes them from logits.
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each row's labelled tokens, and how many there are.
+
+        log π(y|x) = Σ_{t : y[b,t] ≠ −100} log p_θ(y[b,t] | x[b,<t])
+
+    Shapes: ``logits`` (B, T, V) from a causal LM, any float dtype; ``labels`` (B, T), the token
+    ids where the completion is, ``ignore_index`` elsewhere (prompt, padding). Shifted by one as
+    in :func:`completion_nll`: position t's logits predict token t+1. Returns the sums (B,) in
+    float32 and the token counts |y| (B,) as int64 — the lengths SimPO and the RPO term divide by.
+    log_softmax subtracts the logsumexp, so large logits do not overflow.
+    """
+    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # (B, T−1, V)
+    targets = labels[:, 1:]
+    keep = targets != ignore_index
+    safe_targets = torch.where(keep, targets, torch.zeros_like(targets))  # −100 is no index for gather
+    token_logp = logp.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # (B, T−1)
+    token_logp = torch.where(keep, token_logp, torch.zeros_like(token_logp))
+    return token_logp.sum(dim=1), keep.sum(dim=1)
+
+
+def _preference_metrics(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+) -> dict[str, float]:
+    """The logged diagnostics of a pairwise loss, from implicit rewards (N,) and policy log-probs (N,)."""
+    with torch.no_grad():
+        margin = chosen_rewards - rejected_rewards
+        return {
+            "rewards/chosen": float(chosen_rewards.mean()),
+            "rewards/rejected": float(rejected_rewards.mean()),
+            "rewards/margin": float(margin.mean()),
+            "rewards/accuracy": float((margin > 0).float().mean()),  # a tie is not a win
+            "logps/chosen": float(policy_chosen.mean()),
+            "logps/rejected": float(policy_rejected.mean()),
+        }
+
+
+def _check_lengths(lengths: torch.Tensor, name: str) -> None:
+    empty = (lengths < 1).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"{name} has completions with no tokens at rows {empty}; a length-normalised loss divides by "
+            "the length: drop them or raise data.max_length so the completion is not truncated away"
+        )
+
+
+def _dpo_sigmoid(h: torch.Tensor, beta: float, eps: float, tau: float) -> torch.Tensor:
+    # DPO (Rafailov et al. 2023, Eq. 7); with ε > 0, cDPO (Mitchell 2023, Eq. 3)
+    return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+
+
+def _dpo_robust(h: torch.Tensor, beta: float, eps: float, tau: float) -> torch.Tensor:
+    # rDPO (Chowdhury et al. 2024, arXiv:2403.00409): the debiased loss under flip rate ε
+    return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+
+
+def _dpo_ipo(h: torch.Tensor, beta: float, eps: float, tau: float) -> torch.Tensor:
+    # IPO (Azar et al. 2023, arXiv:2310.12036v2, Eq. 17)
+    return (h - 1 / (2 * tau)) ** 2
+
+
+DPO_LOSSES = {"sigmoid": _dpo_sigmoid, "robust": _dpo_robust, "ipo": _dpo_ipo}
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    ipo_tau: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO and its variants on preference pairs, averaged over the N pairs.
+
+        h = (π_c − ref_c) − (π_r − ref_r)                       (N,)
+        "sigmoid"  L = −(1−ε) log σ(βh) − ε log σ(−βh)           DPO (Rafailov et al. 2023, Eq. 7) when ε = 0;
+                                                               cDPO (Mitchell 2023, "A note on DPO with noisy
+                                                               preferences", Eq. 3) when ε > 0
+        "robust"   L = [−(1−ε) log σ(βh) + ε log σ(−βh)] / (1−2ε)  rDPO (Chowdhury et al. 2024,
+                                                               "Provably Robust DPO"), 0 ≤ ε < ½
+        "ipo"      L = (h − 1/(2τ))²,  τ = ipo_tau or β         IPO (Azar et al. 2023, Eq. 17)
+
+    ``policy_*``, ``ref_*``: summed completion log-probs (N,) (:func:`sequence_logps`).
+    ``label_smoothing`` ε is the assumed probability that a pair's label is flipped. The two
+    ways of using it differ: cDPO trains towards the soft target P(c ≻ r) = 1 − ε, so its
+    gradient vanishes at βh = log((1−ε)/ε) and the margin stops growing there; rDPO is an
+    unbiased estimate of the clean DPO loss under flips at rate ε ((1−ε)·L(h) + ε·L(−h) =
+    −log σ(βh)), keeps pushing h up, and is unbounded below (negative for large βh).
+
+    IPO: τ defaults to β, TRL's convention (``beta`` is τ); ``ipo_tau`` sets it apart from β,
+    which still scales the logged rewards. The IPO authors apply it to log-probs averaged over
+    the completion's tokens, not summed; that choice is the caller's — pass π/|y| and ref/|y|.
+
+    Metrics, with implicit rewards r = β·(π − ref): ``rewards/chosen``, ``rewards/rejected``
+    (means), ``rewards/margin`` (mean r_c − r_r = mean βh), ``rewards/accuracy`` (share of pairs
+    with r_c > r_r strictly), ``logps/chosen``, ``logps/rejected`` (mean π).
+    """
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(DPO_LOSSES)}")
+    if label_smoothing < 0:
+        raise ValueError(f"label_smoothing must be ≥ 0 (a flip probability), got {label_smoothing}")
+    if loss_type == "robust" and label_smoothing >= 0.5:
+        raise ValueError(f"robust DPO needs label_smoothing < 0.5 (it divides by 1 − 2ε), got {label_smoothing}")
+    # refused rather than ignored: a setting that silently does nothing looks like it was tried
+    if loss_type == "ipo" and label_smoothing > 0:
+        raise ValueError("label_smoothing has no effect on loss_type 'ipo'; use 'sigmoid' or 'robust', or set it to 0")
+    if loss_type != "ipo" and ipo_tau is not None:
+        raise ValueError(f"ipo_tau only applies to loss_type 'ipo', not {loss_type!r}; leave it unset")
+    tau = beta if ipo_tau is None else ipo_tau
+    if loss_type == "ipo" and tau <= 0:
+        raise ValueError(f"IPO needs τ > 0 (it divides by 2τ), got {tau}; set beta or ipo_tau")
+
+    chosen_log_ratio = policy_chosen - ref_chosen
+    rejected_log_ratio = policy_rejected - ref_rejected
+    h = chosen_log_ratio - rejected_log_ratio
+    loss = DPO_LOSSES[loss_type](h, beta, label_smoothing, tau).mean()
+    return loss, _preference_metrics(beta * chosen_log_ratio, beta * rejected_log_ratio, policy_chosen, policy_rejected)
+
+
+def simpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """SimPO (Meng et al. 2024, arXiv:2405.14734, Eq. 6): reference-free, length-normalised.
+
+        r = β · π / |y|                     the implicit reward: mean token log-prob, scaled
+        L = −(1/N) Σ_i log σ(r_c,i − r_r,i − γ)
+
+    ``policy_*`` summed completion log-probs (N,); ``*_lengths`` |y| (N,), completion token
+    counts (:func:`sequence_logps`), each ≥ 1. γ is the target reward margin, in reward units
+    (TRL's ``gamma_beta_ratio`` is γ/β). Metrics as :func:`dpo_loss`, with this r; the margin
+    is r_c − r_r, without γ.
+    """
+    _check_lengths(chosen_lengths, "chosen_lengths")
+    _check_lengths(rejected_lengths, "rejected_lengths")
+    chosen_rewards = beta * policy_chosen / chosen_lengths
+    rejected_rewards = beta * policy_rejected / rejected_lengths
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma).mean()
+    return loss, _preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+
+
+def rpo_nll(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL of the chosen completions, averaged over pairs: RPO's extra term
+    (Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv:2404.19733).
+
+        L_NLL = (1/N) Σ_i −π_c,i / |y_c,i|
+
+    The trainer adds α·L_NLL to a preference loss, keeping the chosen completions likely while
+    the margin grows. Each pair weighs the same whatever its length (TRL's ``rpo_alpha`` instead
+    averages over all chosen tokens of the batch, so long completions weigh more).
+    """
+    _check_lengths(chosen_lengths, "chosen_lengths")
+    return (-policy_chosen / chosen_lengths).mean()
+
+
+def kto_reference_point(policy_mismatched_logps: torch.Tensor, ref_mismatched_logps: torch.Tensor) -> float:
+    """KTO's reference point z₀, an estimate of KL(π_θ ‖ π_ref) (Ethayarajh et al. 2024, §4).
+
+        z₀ = max(0, (1/M) Σ_j (π(y'_j|x_j) − ref(y'_j|x_j)))
+
+    over M mismatched pairs: each prompt x_j with another example's completion y'_j, so the
+    estimate does not depend on how well the policy fits the labelled pairs. It is a plain
+    float: no gradient flows through z₀. With several processes, the mean should be over all of
+    them (the trainer all-reduces sum and count before the clamp).
+    """
+    with torch.no_grad():
+        return max(0.0, float((policy_mismatched_logps - ref_mismatched_logps).float().mean()))
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl_reference: float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """KTO on unpaired completions (Ethayarajh et al. 2024, arXiv:2402.01306, §4).
+
+        r_i = π_i − ref_i                              (N,) per-sequence log-ratio
+        ℓ_i = λ_D · (1 − σ(β (r_i − z₀)))   if desirable
+        ℓ_i = λ_U · (1 − σ(β (z₀ − r_i)))   otherwise
+        L   = (1/N) Σ_i ℓ_i
+
+    ``policy_logps``, ``ref_logps``: summed completion log-probs (N,); ``desirable`` (N,) bool,
+    thumbs-up; ``kl_reference`` z₀ from :func:`kto_reference_point` (a float: no gradient). The
+    paper suggests λ_D·n_D / (λ_U·n_U) in [1, 4/3] when the classes are imbalanced.
+
+    Metrics: ``rewards/chosen`` / ``rewards/rejected`` (mean β·r over desirable / undesirable
+    examples, NaN if the batch has none), ``rewards/margin`` (their difference, NaN unless both
+    exist), ``kl`` (z₀), ``logps/chosen`` / ``logps/rejected`` (mean π over each class, NaN if
+    none). No ``rewards/accuracy``: without pairs there is nothing to rank.
+    """
+    desirable = desirable.bool()
+    log_ratio = policy_logps - ref_logps
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (log_ratio - kl_reference))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (kl_reference - log_ratio))),
+    )
+    loss = losses.mean()
+
+    def class_mean(values: torch.Tensor, rows: torch.Tensor) -> float:
+        return float(values[rows].mean()) if bool(rows.any()) else float("nan")
+
+    with torch.no_grad():
+        rewards = beta * log_ratio
+        chosen, rejected = class_mean(rewards, desirable), class_mean(rewards, ~desirable)
+        return loss, {
+            "rewards/chosen": chosen,
+            "rewards/rejected": rejected,
+            "rewards/margin": chosen - rejected,  # NaN when either class is missing
+            "kl": float(kl_reference),
+            "logps/chosen": class_mean(policy_logps, desirable),
+            "logps/rejected": class_mean(policy_logps, ~desirable),
+        }

@@ -131,6 +131,14 @@ def validate_row(row: Row, kind: str) -> None:
                 raise DataError(f"{row.where}: field 'rating' must be a number, got {f['rating']!r}") from None
 
 
+def identical_pair_problem(row: Row) -> str | None:
+    """The message for a preference row whose chosen equals its rejected (it teaches nothing and
+    its loss is constant), or None."""
+    if row.fields["chosen"] == row.fields["rejected"]:
+        return f"{row.where}: fields 'chosen' and 'rejected' are identical; a preference needs two different responses"
+    return None
+
+
 def _check_str(row: Row, name: str) -> None:
     value = row.fields[name]
     if not isinstance(value, str):

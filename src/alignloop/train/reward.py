@@ -29,7 +29,7 @@ import torch
 from alignloop.config import RewardConfig
 from alignloop.data.batching import ShuffledBatches, split_holdout
 from alignloop.data.load import load_records
-from alignloop.data.records import Row
+from alignloop.data.records import Row, identical_pair_problem
 from alignloop.errors import DataError
 from alignloop.evaluate.report import write_training_report
 from alignloop.losses import bradley_terry, ordinal_rating, ordinal_thresholds, rating_regression, thumbs_bce
@@ -167,8 +167,8 @@ def check_reward_rows(path: str, rows: list[Row], kind: str, cfg: RewardConfig) 
     for row in rows:
         f = row.fields
         problem = None
-        if kind == "preference" and f["chosen"] == f["rejected"]:
-            problem = f"{row.where}: fields 'chosen' and 'rejected' are identical; a preference needs two different responses"
+        if kind == "preference" and identical_pair_problem(row):
+            problem = identical_pair_problem(row)
         elif kind == "preference" and cfg.reward.margin_field and f.get(cfg.reward.margin_field) is not None:
             if not isinstance(f[cfg.reward.margin_field], (int, float)) or isinstance(f[cfg.reward.margin_field], bool):
                 problem = f"{row.where}: field '{cfg.reward.margin_field}' must be a number, got {f[cfg.reward.margin_field]!r}"

@@ -1,0 +1,338 @@
+"""Offline preference optimisation: DPO (sigmoid, IPO, robust, SimPO; an optional RPO NLL term) on
+pairs, KTO on unpaired thumbs. One explicit loop on the shared session.
+
+**Reference log-probs are computed once.** Before training, one no-grad pass of the reference
+over every training and held-out sequence gives log π_ref(y|x) per sequence; they are saved in
+the run folder (``ref_logps.pt``, with a fingerprint of the model and the tokenised data) and
+reused by every step, every epoch and a resumed run. The reference is, by default, the starting
+policy itself, scored before training touches it, so no second copy of the model is ever held
+(with LoRA: the base with the adapter off); ``preference.ref_model`` names another model. A
+training step is then one policy forward and backward over chosen and rejected together (SimPO
+needs no reference at all).
+
+Over-long sequences: each side of a pair is tokenised as prompt + completion + EOS and cut to
+``data.max_length`` tokens from the end (the completion's head is kept); a pair whose prompt
+alone fills the window has no completion token left and is dropped. Both are counted in the log.
+
+KTO's reference point z₀ (Ethayarajh et al. 2024) is estimated each step from mismatched
+prompt/completion pairs: example i's prompt with example (i+1 mod N)'s completion, a fixed
+pairing, so the reference's side of it is computed once too; the policy's side is one no-grad
+forward per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from alignloop import losses
+from alignloop.config import DPOConfig, KTOConfig, ModelConfig
+from alignloop.data.batching import ShuffledBatches, collate, split_holdout
+from alignloop.data.load import load_records
+from alignloop.data.records import Row, identical_pair_problem
+from alignloop.data.tokenize import Example, tokenize_sft_rows
+from alignloop.errors import ConfigError, DataError
+from alignloop.models.load import load_causal_lm, load_tokenizer
+from alignloop.train.loop import Run, TrainingSession, open_run
+from alignloop.train.sft import resolve_max_length, to_device
+
+log = logging.getLogger("alignloop")
+
+REF_FILE = "ref_logps.pt"
+
+
+@dataclass
+class PreferenceSet:
+    """Tokenised sequences and what the loss needs about them.
+
+    Pairs: ``sequences`` is every chosen then every rejected (pair i: i and n + i). Thumbs:
+    ``sequences`` is every completion then every mismatched one (example i's prompt with example
+    i+1's completion), ``desirable`` the labels.
+    """
+
+    sequences: list[Example]
+    n: int
+    desirable: list[bool] | None = None
+    ref: torch.Tensor | None = None  # (len(sequences),) reference log-probs, float64
+
+    def rows(self, idx: Sequence[int]) -> list[int]:
+        """Sequence positions of examples ``idx``: theirs, then their partners' (rejected or mismatched)."""
+        return [*idx, *(self.n + i for i in idx)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def pair_set(path: str, rows: list[Row], cfg: Any, tokenizer: Any, max_length: int) -> PreferenceSet:
+    """Chosen and rejected of each pair, tokenised; identical sides are an error naming the row."""
+    for row in rows:
+        problem = identical_pair_problem(row)
+        if problem:
+            raise DataError(problem)
+    sides = [_as_completions(rows, "chosen"), _as_completions(rows, "rejected")]
+    return _tokenised(path, rows, sides, cfg, tokenizer, max_length, desirable=None)
+
+
+def thumbs_set(path: str, rows: list[Row], cfg: Any, tokenizer: Any, max_length: int) -> PreferenceSet:
+    """Completions with their thumbs, and the mismatched sequences for KTO's reference point."""
+    labels = [bool(r.fields["label"]) for r in rows]
+    if all(labels) or not any(labels):
+        only = "desirable (true)" if all(labels) else "undesirable (false)"
+        raise DataError(f"{path}: every label is {only}; KTO learns from both thumbs up and thumbs down, so it needs some of each")
+    own = _as_completions(rows, "completion")
+    shifted = [Row({"prompt": r.fields["prompt"], "completion": rows[(i + 1) % len(rows)].fields["completion"]}, r.where)
+               for i, r in enumerate(rows)]
+    return _tokenised(path, rows, [own, shifted], cfg, tokenizer, max_length, desirable=labels)
+
+
+def _as_completions(rows: list[Row], field: str) -> list[Row]:
+    return [Row({"prompt": r.fields["prompt"], "completion": r.fields[field]}, r.where) for r in rows]
+
+
+def _tokenised(path: str, rows: list[Row], sides: list[list[Row]], cfg: Any, tokenizer: Any, max_length: int,
+               desirable: list[bool] | None) -> PreferenceSet:
+    """Tokenise both sides row by row; keep a row only when both keep a completion token."""
+    kept_first, kept_second, labels, truncated, dropped = [], [], [], 0, 0
+    for i, row in enumerate(rows):
+        pair, stats = tokenize_sft_rows([sides[0][i], sides[1][i]], "prompt_completion", tokenizer, max_length,
+                                        "error" if cfg.data.overlong == "error" else "truncate")
+        if len(pair) < 2:
+            dropped += 1
+            continue
+        truncated += int(stats.truncated > 0)
+        kept_first.append(pair[0])
+        kept_second.append(pair[1])
+        if desirable is not None:
+            labels.append(desirable[i])
+    if truncated or dropped:
+        log.info("%s: %d rows longer than data.max_length=%d were cut (completion head kept), %d dropped (the prompt "
+                 "filled the window)", path, truncated, max_length, dropped)
+    if not kept_first:
+        raise DataError(f"{path}: no row has a completion token left within data.max_length={max_length}")
+    return PreferenceSet(kept_first + kept_second, len(kept_first), labels if desirable is not None else None)
+
+
+def split(data: PreferenceSet, fraction: float, seed: int) -> tuple[PreferenceSet, PreferenceSet | None]:
+    """A seeded held-out share of the rows (both sides of each)."""
+    train_idx, held_idx = split_holdout(list(range(data.n)), fraction, seed)
+    if not held_idx:
+        return data, None
+    return subset(data, train_idx), subset(data, held_idx)
+
+
+def subset(data: PreferenceSet, idx: list[int]) -> PreferenceSet:
+    seqs = [data.sequences[i] for i in idx] + [data.sequences[data.n + i] for i in idx]
+    labels = [data.desirable[i] for i in idx] if data.desirable is not None else None
+    return PreferenceSet(seqs, len(idx), labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference log-probs, once
+# ---------------------------------------------------------------------------------------------
+def fingerprint(model_id: str, sets: Sequence[PreferenceSet]) -> str:
+    h = hashlib.sha256(model_id.encode())
+    for data in sets:
+        for e in data.sequences:
+            h.update(repr((e.input_ids, e.loss_mask)).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def sequence_logps_of(model: Any, sequences: Sequence[Example], pad_id: int, batch_size: int) -> torch.Tensor:
+    """Σ log π(completion tokens) of each sequence, float64, batches sorted by length."""
+    device = next(model.parameters()).device
+    out = torch.zeros(len(sequences), dtype=torch.float64)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = to_device(collate([sequences[i] for i in idx], pad_id), device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logps, _ = losses.sequence_logps(logits, batch["labels"])
+        out[idx] = logps.double().cpu()
+    model.train(was_training)
+    return out
+
+
+def reference_logps(cfg: Any, policy: Any, tokenizer: Any, run: Run, sets: Sequence[PreferenceSet]) -> None:
+    """Fill ``data.ref`` of each set from the run folder's cache, or compute and cache it.
+
+    Called before training starts (and before a checkpoint is loaded), so the policy still holds
+    the starting weights and can serve as the reference itself.
+    """
+    p = cfg.preference
+    ref_id = p.ref_model or cfg.model.name_or_path
+    key = fingerprint(ref_id, sets)
+    path = run.dir / REF_FILE
+    if path.is_file():
+        saved = torch.load(path)
+        if saved.get("fingerprint") == key:
+            for data, logps in zip(sets, saved["logps"]):
+                data.ref = logps
+            log.info("reference log-probs: reused %s", path)
+            return
+    started = time.perf_counter()
+    if p.ref_model:
+        reference = load_causal_lm(ModelConfig(name_or_path=p.ref_model), tokenizer, cfg.train.seed)
+        if load_tokenizer(ModelConfig(name_or_path=p.ref_model)).get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"preference.ref_model {p.ref_model!r} has another tokenizer than the policy; "
+                              "log-prob ratios need the same tokens")
+        context = contextlib.nullcontext()
+    else:
+        reference = policy
+        context = policy.disable_adapter() if hasattr(policy, "disable_adapter") else contextlib.nullcontext()
+    from alignloop.models.load import inference_device
+
+    device = next(policy.parameters()).device
+    reference.to(inference_device())
+    with context:
+        for data in sets:
+            data.ref = sequence_logps_of(reference, data.sequences, tokenizer.pad_token_id, p.ref_batch_size)
+    reference.to(device)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"fingerprint": key, "model": ref_id, "logps": [d.ref for d in sets]}, path)
+    log.info("reference log-probs of %d sequences in %.1f s, cached in %s", sum(len(d.sequences) for d in sets),
+             time.perf_counter() - started, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+def run_dpo(cfg: DPOConfig) -> Run:
+    """``alignloop dpo``: pairs → a policy that prefers the chosen side."""
+    return _run(cfg, kinds=("preference",), build=pair_set, title={"sigmoid": "DPO", "ipo": "IPO", "robust": "rDPO",
+                                                                    "simpo": "SimPO"}[cfg.preference.loss])
+
+
+def run_kto(cfg: KTOConfig) -> Run:
+    """``alignloop kto``: unpaired thumbs → a policy that favours thumbs-up completions."""
+    if not cfg.data.path:
+        raise ConfigError("data.path: name the thumbs file (records with prompt, completion, label)")
+    return _run(cfg, kinds=("binary",), build=thumbs_set, title="KTO")
+
+
+def _run(cfg: Any, kinds: tuple[str, ...], build: Any, title: str) -> Run:
+    tokenizer = load_tokenizer(cfg.model)
+    rows, _ = load_records(cfg.data.path, kinds, cfg.data.max_samples)
+    held_rows = load_records(cfg.data.eval_path, kinds, cfg.data.max_samples)[0] if cfg.data.eval_path else None
+    model = load_causal_lm(cfg.model, tokenizer, cfg.train.seed)
+    from alignloop.models.load import disable_dropout
+
+    disable_dropout(model)  # the policy's log-probs must be a function of the weights, as the reference's are
+    max_length = resolve_max_length(cfg.data, model)
+    train = build(cfg.data.path, rows, cfg, tokenizer, max_length)
+    if held_rows:
+        held = build(cfg.data.eval_path, held_rows, cfg, tokenizer, max_length)
+    else:
+        train, held = split(train, cfg.data.eval_fraction, cfg.train.seed)
+    return fit_preference(cfg, model, tokenizer, train, held, title)
+
+
+def batch_loss(cfg: Any, model: Any, data: PreferenceSet, idx: list[int], pad_id: int, device: torch.device,
+               title: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of examples ``idx``: one forward over both sides (chosen + rejected, or KTO's
+    completions; KTO's mismatched sequences go through a second, no-grad forward for z₀)."""
+    p = cfg.preference
+    n = len(idx)
+    kto = data.desirable is not None
+    rows = idx if kto else data.rows(idx)
+    batch = to_device(collate([data.sequences[i] for i in rows], pad_id), device)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps, counts = losses.sequence_logps(logits, batch["labels"])
+    ref = data.ref[rows].to(device=device, dtype=logps.dtype) if data.ref is not None else None  # SimPO has none
+    if kto:
+        mismatched = [data.n + i for i in idx]
+        with torch.no_grad():
+            mm = to_device(collate([data.sequences[i] for i in mismatched], pad_id), device)
+            mm_logits = model(input_ids=mm["input_ids"], attention_mask=mm["attention_mask"], use_cache=False).logits
+            mm_logps, _ = losses.sequence_logps(mm_logits, mm["labels"])
+        z0 = losses.kto_reference_point(mm_logps, data.ref[mismatched].to(device=device, dtype=mm_logps.dtype))
+        desirable = torch.tensor([data.desirable[i] for i in idx], device=device)
+        return losses.kto_loss(logps, ref, desirable, z0, p.beta, p.desirable_weight, p.undesirable_weight)
+    chosen, rejected = logps[:n], logps[n:]
+    if p.loss == "simpo":
+        loss, metrics = losses.simpo_loss(chosen, rejected, counts[:n], counts[n:], p.beta, p.simpo_gamma)
+    else:
+        loss, metrics = losses.dpo_loss(chosen, rejected, ref[:n], ref[n:], p.beta, p.loss, p.label_smoothing)
+    if p.rpo_alpha > 0:
+        nll = losses.rpo_nll(chosen, counts[:n])
+        loss = loss + p.rpo_alpha * nll
+        metrics["nll"] = float(nll.detach())
+    return loss, metrics
+
+
+@torch.no_grad()
+def evaluate_preferences(cfg: Any, model: Any, data: PreferenceSet, pad_id: int, device: torch.device,
+                         title: str) -> dict[str, float]:
+    """The step metrics on held-out rows (all of them, in batches), prefixed ``eval/``."""
+    model.eval()
+    sums: dict[str, float] = {}
+    batches = 0
+    size = cfg.train.batch_size
+    for start in range(0, data.n, size):
+        idx = list(range(start, min(start + size, data.n)))
+        loss, metrics = batch_loss(cfg, model, data, idx, pad_id, device, title)
+        for k, v in {"loss": float(loss), **metrics}.items():
+            if v == v:  # a NaN (e.g. no undesirable example in this batch) is left out of the mean
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+        batches += len(idx)
+    model.train()
+    return {f"eval/{k}": v / batches for k, v in sums.items()}
+
+
+def fit_preference(cfg: Any, model: Any, tokenizer: Any, train: PreferenceSet, held: PreferenceSet | None, title: str) -> Run:
+    """Train ``model`` on ``train`` with the configured preference loss; see the module docstring."""
+    t = cfg.train
+    run = open_run(cfg)
+    if run.is_complete():
+        log.info("%s: %s is already complete (model in %s); --train.resume=never trains it again", title, run.dir, run.final_dir)
+        return run
+    pad_id = tokenizer.pad_token_id
+    if cfg.preference.loss != "simpo" or train.desirable is not None:
+        reference_logps(cfg, model, tokenizer, run, [train] + ([held] if held else []))
+    with TrainingSession(cfg, model, run, title) as session:
+        model, accelerator, device = session.model, session.accelerator, session.device
+        batches = ShuffledBatches(train.n, t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
+        log.info("%s: %d training / %d held-out %s, %d steps of %d×%d×%d, run folder %s", title, train.n,
+                 held.n if held else 0, "completions" if train.desirable is not None else "pairs", t.max_steps,
+                 t.batch_size, t.grad_accum, accelerator.num_processes, run.dir)
+        while session.running:
+            started = time.perf_counter()
+            model.train()
+            sums: dict[str, list[float]] = {}
+            for k in range(t.grad_accum):
+                idx = batches.indices(session.step * t.grad_accum + k)
+                with session.autocast():
+                    loss, metrics = batch_loss(cfg, model, train, idx, pad_id, device, title)
+                session.backward(loss / t.grad_accum)
+                for name, v in {"loss": float(loss.detach()), **metrics}.items():
+                    sums.setdefault(name, []).append(v)
+            record = {f"train/{k}": _nanmean(v) for k, v in sums.items()}
+            trained = idx if train.desirable is not None else train.rows(idx)  # KTO's mismatched side has no gradient
+            record["train/tokens"] = float(sum(sum(train.sequences[i].loss_mask) for i in trained))
+            record.update(session.optimizer_step())
+            evaluate = (lambda: evaluate_preferences(cfg, model, held, pad_id, device, title)) if held else None
+            session.end_step(record, started, evaluate)
+        session.save_final(tokenizer)
+    if accelerator.is_main_process:
+        from alignloop.evaluate.report import write_training_report
+
+        write_training_report(run, title, curves=PREFERENCE_CURVES, ylabel="loss / accuracy")
+    log.info("%s done: model in %s, report in %s", title, run.final_dir, run.dir / "report.md")
+    return run
+
+
+PREFERENCE_CURVES = (("train/loss", "train loss"), ("eval/loss", "held-out loss"),
+                     ("train/rewards/accuracy", "preference accuracy"), ("eval/rewards/accuracy", "held-out accuracy"))
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if v == v]
+    return sum(kept) / len(kept) if kept else float("nan")
