@@ -157,4 +157,13 @@ def test_overlong_pairs_are_cut_and_counted(word_model_dir: Path, prefs: dict, t
     with caplog.at_level(logging.INFO, logger="alignloop"):
         assert main(args("dpo", word_model_dir, prefs["train"], prefs["heldout"], tmp_path, "--data.max_length=8",
                          "--train.max_steps=2")) == 0
-    assert "longer than data.max_length=8 were cut" in caplog.text
+    assert "rows longer than data.max_length=8 were cut" in caplog.text
+    from alignloop.data.tokenize import Example
+    from alignloop.train.preference import fit_example
+
+    # 6 prompt tokens + 5 completion tokens into 8: the completion keeps its head (8 − 8//4 = 6 → all 5),
+    # the prompt its last 3 tokens.
+    cut = fit_example(Example(list(range(11)), [0] * 6 + [1] * 5), 8)
+    assert cut.input_ids == [3, 4, 5, 6, 7, 8, 9, 10] and cut.loss_mask == [0, 0, 0, 1, 1, 1, 1, 1]
+    long_answer = fit_example(Example(list(range(20)), [0] * 4 + [1] * 16), 8)
+    assert long_answer.input_ids == [2, 3, 4, 5, 6, 7, 8, 9]  # prompt keeps 8 // 4 = 2 tokens, completion its first 6

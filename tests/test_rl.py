@@ -174,3 +174,10 @@ def test_lora_uses_the_base_with_the_adapter_off_as_reference(task: dict, tmp_pa
     metrics = read_metrics(tmp_path / "grpo" / "metrics.jsonl")
     assert metrics[0]["train/kl"] == pytest.approx(0.0, abs=1e-4)  # step 1: the adapter is still zero
     assert metrics[-1]["train/kl"] > 1e-4  # then the policy leaves the base, and the KL sees it
+
+
+def test_a_reference_with_another_tokenizer_is_refused(task: dict, tiny_model_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    assert main(rl_args("rloo", task, tmp_path, *GROUPED, "--rl.kl_coef=0.05", f"--rl.ref_model={tiny_model_dir}",
+                        "--train.max_steps=1")) == 2
+    assert "has another tokenizer than the policy" in capsys.readouterr().err

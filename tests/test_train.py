@@ -249,3 +249,11 @@ def test_a_time_budget_ends_training_after_the_step_that_spends_it(tiny_model_di
     assert [m["step"] for m in metrics] == [1]
     assert "eval/loss" in metrics[-1]  # the last step is evaluated, as at max_steps
     assert (tmp_path / "budget" / "final" / "model.safetensors").is_file()
+
+
+def test_epochs_set_the_step_count_in_every_stage(tiny_model_dir, sft_data, tmp_path):
+    train, _ = sft_data  # 64 records, 6 held out: 58 for training, 7 batches of 8 per epoch
+    assert main(sft_args(tiny_model_dir, train, tmp_path, "--train.epochs=2", "--train.max_steps=1000",
+                         "--train.eval_every=0", "--run.name=epochs")) == 0
+    steps = [m["step"] for m in read_metrics(tmp_path / "epochs" / "metrics.jsonl")]
+    assert steps[-1] == 2 * (57 // 8)

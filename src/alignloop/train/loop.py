@@ -13,6 +13,7 @@ class with hooks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -72,6 +73,24 @@ class Run:
             return []
         found = [p for p in self.checkpoints_dir.glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file()]
         return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def with_epochs_as_steps(cfg: Any, num_examples: int) -> Any:
+    """``cfg`` with ``train.max_steps`` set from ``train.epochs`` (when set) and the data size.
+
+    One epoch is ``num_examples // (batch_size × grad_accum × processes)`` steps (the processes
+    from torchrun's ``WORLD_SIZE``); every stage calls this before opening its run folder, so the
+    saved config holds the step count that was run.
+    """
+    t = cfg.train
+    if t.epochs is None:
+        return cfg
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_epoch = max(1, num_examples // (t.batch_size * t.grad_accum * world_size))
+    steps = max(1, math.ceil(t.epochs * per_epoch))
+    log.info("train.epochs=%g over %d examples: %d optimizer steps (train.max_steps is ignored while epochs is set)",
+             t.epochs, num_examples, steps)
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, max_steps=steps))
 
 
 def open_run(config: Any, is_main: bool = True) -> Run:

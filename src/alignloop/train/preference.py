@@ -10,9 +10,10 @@ policy itself, scored before training touches it, so no second copy of the model
 training step is then one policy forward and backward over chosen and rejected together (SimPO
 needs no reference at all).
 
-Over-long sequences: each side of a pair is tokenised as prompt + completion + EOS and cut to
-``data.max_length`` tokens from the end (the completion's head is kept); a pair whose prompt
-alone fills the window has no completion token left and is dropped. Both are counted in the log.
+Over-long sequences: each side is tokenised as prompt + completion + EOS; one longer than
+``data.max_length`` keeps the completion's first tokens and the prompt's last ones, the prompt at
+least a quarter of the window (the reward models' rule, :func:`fit_example`). Rows are never
+dropped; the cut ones are counted in the log.
 
 KTO's reference point z₀ (Ethayarajh et al. 2024) is estimated each step from mismatched
 prompt/completion pairs: example i's prompt with example (i+1 mod N)'s completion, a fixed
@@ -39,7 +40,8 @@ from alignloop.data.records import Row, identical_pair_problem
 from alignloop.data.tokenize import Example, tokenize_sft_rows
 from alignloop.errors import ConfigError, DataError
 from alignloop.models.load import load_causal_lm, load_tokenizer
-from alignloop.train.loop import Run, TrainingSession, open_run
+from alignloop.models.reward import fit_window
+from alignloop.train.loop import Run, TrainingSession, open_run, with_epochs_as_steps
 from alignloop.train.sft import resolve_max_length, to_device
 
 log = logging.getLogger("alignloop")
@@ -97,25 +99,34 @@ def _as_completions(rows: list[Row], field: str) -> list[Row]:
 
 def _tokenised(path: str, rows: list[Row], sides: list[list[Row]], cfg: Any, tokenizer: Any, max_length: int,
                desirable: list[bool] | None) -> PreferenceSet:
-    """Tokenise both sides row by row; keep a row only when both keep a completion token."""
-    kept_first, kept_second, labels, truncated, dropped = [], [], [], 0, 0
+    """Tokenise both sides of every row; a side longer than ``max_length`` is fitted by
+    :func:`fit_example` (or is an error with ``data.overlong=error``), never dropped."""
+    first, second, truncated = [], [], 0
     for i, row in enumerate(rows):
-        pair, stats = tokenize_sft_rows([sides[0][i], sides[1][i]], "prompt_completion", tokenizer, max_length,
-                                        "error" if cfg.data.overlong == "error" else "truncate")
-        if len(pair) < 2:
-            dropped += 1
-            continue
-        truncated += int(stats.truncated > 0)
-        kept_first.append(pair[0])
-        kept_second.append(pair[1])
-        if desirable is not None:
-            labels.append(desirable[i])
-    if truncated or dropped:
-        log.info("%s: %d rows longer than data.max_length=%d were cut (completion head kept), %d dropped (the prompt "
-                 "filled the window)", path, truncated, max_length, dropped)
-    if not kept_first:
-        raise DataError(f"{path}: no row has a completion token left within data.max_length={max_length}")
-    return PreferenceSet(kept_first + kept_second, len(kept_first), labels if desirable is not None else None)
+        pair, _ = tokenize_sft_rows([sides[0][i], sides[1][i]], "prompt_completion", tokenizer, 10**9, "error")
+        if any(len(e.input_ids) > max_length for e in pair):
+            if cfg.data.overlong == "error":
+                raise DataError(f"{row.where}: {max(len(e.input_ids) for e in pair)} tokens, longer than "
+                                f"data.max_length={max_length}; raise it or set data.overlong=truncate")
+            truncated += 1
+        first.append(fit_example(pair[0], max_length))
+        second.append(fit_example(pair[1], max_length))
+    if truncated:
+        log.info("%s: %d of %d rows longer than data.max_length=%d were cut (completion head kept, then the end of "
+                 "the prompt)", path, truncated, len(rows), max_length)
+    return PreferenceSet(first + second, len(first), desirable)
+
+
+def fit_example(example: Example, max_length: int) -> Example:
+    """Fit prompt + completion into ``max_length`` tokens by the reward models' rule
+    (:func:`alignloop.models.reward.fit_window`): the completion keeps its first tokens, the prompt
+    its last ones (those next to the completion) and at least a quarter of the window."""
+    if len(example.input_ids) <= max_length:
+        return example
+    start = example.loss_mask.index(1)  # first completion token
+    keep_prompt, keep_completion = fit_window(start, len(example.input_ids) - start, max_length)
+    kept = slice(start - keep_prompt, start + keep_completion)
+    return Example(example.input_ids[kept], example.loss_mask[kept])
 
 
 def split(data: PreferenceSet, fraction: float, seed: int) -> tuple[PreferenceSet, PreferenceSet | None]:
@@ -289,6 +300,7 @@ def evaluate_preferences(cfg: Any, model: Any, data: PreferenceSet, pad_id: int,
 
 def fit_preference(cfg: Any, model: Any, tokenizer: Any, train: PreferenceSet, held: PreferenceSet | None, title: str) -> Run:
     """Train ``model`` on ``train`` with the configured preference loss; see the module docstring."""
+    cfg = with_epochs_as_steps(cfg, train.n)
     t = cfg.train
     run = open_run(cfg)
     if run.is_complete():

@@ -17,7 +17,6 @@ held-out pairs get the reward-model quality report (accuracy, calibration, lengt
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -44,7 +43,7 @@ from alignloop.models.reward import (
     score_encoded,
 )
 from alignloop.rollout.rewards import completion_text
-from alignloop.train.loop import Run, TrainingSession, open_run
+from alignloop.train.loop import Run, TrainingSession, open_run, with_epochs_as_steps
 from alignloop.train.sft import resolve_max_length
 
 log = logging.getLogger("alignloop")
@@ -113,18 +112,6 @@ def run_reward(cfg: RewardConfig) -> Run:
         lo, hi = cfg.reward.rating_scale
         model.config.alignloop_reward.update(rating_scale=[lo, hi], rating_head=cfg.reward.rating_head)
     return fit_reward_model(cfg, model, tokenizer, kind, train_examples, held_examples)
-
-
-def with_epochs_as_steps(cfg: Any, num_examples: int, world_size: int = 1) -> Any:
-    """``cfg`` with ``train.max_steps`` set from ``train.epochs`` (when set) and the data size."""
-    t = cfg.train
-    if t.epochs is None:
-        return cfg
-    per_epoch = max(1, num_examples // (t.batch_size * t.grad_accum * world_size))
-    steps = max(1, math.ceil(t.epochs * per_epoch))
-    log.info("train.epochs=%g over %d rows: %d optimizer steps (train.max_steps is ignored while epochs is set)",
-             t.epochs, num_examples, steps)
-    return dataclasses.replace(cfg, train=dataclasses.replace(t, max_steps=steps))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ from alignloop.losses import (
 from alignloop.models.load import context_length, disable_dropout, inference_device, load_causal_lm, load_tokenizer
 from alignloop.rollout.generate import SEED_STRIDE, Generation, encode_prompts, generate
 from alignloop.rollout.rewards import check_rewards
-from alignloop.train.loop import Run, TrainingSession, open_run, save_checkpoint
+from alignloop.train.loop import Run, TrainingSession, open_run, save_checkpoint, with_epochs_as_steps
 from alignloop.train.sft import to_device
 
 log = logging.getLogger("alignloop")
@@ -313,6 +313,7 @@ def compute_advantages(cfg: RLConfig, scores: torch.Tensor, rollout_kl: torch.Te
 def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, reward: Any, reference: Reference | None,
                eval_prompts: PromptSet | None = None, ptx: list | None = None) -> Run:
     """Optimise ``model`` against ``reward`` on ``prompts``; see the module docstring for one step."""
+    cfg = with_epochs_as_steps(cfg, len(prompts))  # an epoch: every prompt once
     r, t, s = cfg.rl, cfg.train, cfg.sampling
     title = r.algo.upper() if r.algo != "reinforce" else "REINFORCE++"
     run = open_run(cfg)
