@@ -24,6 +24,8 @@ forward per step.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import hashlib
 import logging
 import time
@@ -207,10 +209,24 @@ def reference_logps(cfg: Any, policy: Any, tokenizer: Any, run: Run, sets: Seque
         for data in sets:
             data.ref = sequence_logps_of(reference, data.sequences, tokenizer.pad_token_id, p.ref_batch_size)
     reference.to(device)
+    release_freed_memory()
     run.dir.mkdir(parents=True, exist_ok=True)
     torch.save({"fingerprint": key, "model": ref_id, "logps": [d.ref for d in sets]}, path)
     log.info("reference log-probs of %d sequences in %.1f s, cached in %s", sum(len(d.sequences) for d in sets),
              time.perf_counter() - started, path)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the reference pass back to the OS (glibc keeps freed CPU tensors in
+    its arenas, where the training step's differently sized tensors do not fit: measured +220 MB
+    of peak RSS at 40M without this)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
