@@ -332,6 +332,16 @@ def test_unknown_builtin_dataset_lists_the_builtins():
         read_rows("builtin:nope")
 
 
+def test_builtin_thumbs_are_the_preference_pairs_unpaired():
+    pytest.importorskip("chitchat_dataset")
+    pairs, _ = load_records("builtin:chitchat-preference", ("preference",))
+    thumbs, kind = load_records("builtin:chitchat-thumbs", ("binary",))
+    assert kind == "binary" and len(thumbs) == len(pairs)
+    assert [t.fields["label"] for t in thumbs[:4]] == [True, False, True, False]
+    assert thumbs[0].fields["completion"] == pairs[0].fields["chosen"]
+    assert thumbs[1].fields["completion"] == pairs[1].fields["rejected"]
+
+
 def test_unreadable_parquet_is_named(tmp_path):
     path = tmp_path / "bad.parquet"
     path.write_text("not parquet")

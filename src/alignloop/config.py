@@ -362,7 +362,7 @@ class KTOConfig:
 
     run: RunConfig = section(RunConfig, "run folder and trackers", name="kto")
     model: ModelConfig = section(ModelConfig, "the policy to train (start from an SFT model, e.g. runs/sft/final)")
-    data: DataConfig = section(DataConfig, "thumbs records: prompt, completion, label (true = good)", path="", max_length=256)
+    data: DataConfig = section(DataConfig, "thumbs records: prompt, completion, label (true = good)", path="builtin:chitchat-thumbs", max_length=256)
     preference: PreferenceOptimizationConfig = section(PreferenceOptimizationConfig, "β, desirable/undesirable weights, reference")
     train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = completions per micro-batch", lr=5e-6, batch_size=8, warmup_steps=10, max_steps=200, eval_every=50)
 

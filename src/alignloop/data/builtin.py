@@ -8,6 +8,9 @@ becomes the ``user``, the second the ``assistant``.
 prompt is a user turn, ``chosen`` the reply that really followed it, ``rejected`` a reply from
 another, seeded-random conversation (next-utterance selection, as in ConvAI2's ranking task). A
 reward model trained on it scores how well a reply answers what was said.
+
+``builtin:chitchat-thumbs`` is the same pairs unpaired, as thumbs for KTO: the real reply with
+``label: true``, the random one with ``label: false``, alternating so each batch holds both.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ TURNS_PER_CHAT_RECORD = 4  # user, assistant, user, assistant: short enough for 
 
 
 def builtin_rows(name: str) -> list[Row]:
-    makers = {"chitchat-text": _chitchat_text, "chitchat-chat": _chitchat_chat, "chitchat-preference": _chitchat_preference}
+    makers = {"chitchat-text": _chitchat_text, "chitchat-chat": _chitchat_chat, "chitchat-preference": _chitchat_preference,
+              "chitchat-thumbs": _chitchat_thumbs}
     if name not in makers:
         raise DataError(f"builtin:{name}: unknown built-in dataset; choose one of {', '.join('builtin:' + k for k in makers)}")
     return makers[name]()
@@ -95,4 +99,14 @@ def _chitchat_preference() -> list[Row]:
             rows.append(Row({"prompt": prompt, "chosen": reply, "rejected": rejected},
                             f"builtin:chitchat-preference conversation {i + 1} turn {k + 1}"))
             break  # one pair per conversation: 7k pairs, every conversation once
+    return rows
+
+
+def _chitchat_thumbs() -> list[Row]:
+    rows = []
+    for i, pair in enumerate(_chitchat_preference()):
+        good = i % 2 == 0  # alternate, so every stretch of rows has both labels
+        completion = pair.fields["chosen"] if good else pair.fields["rejected"]
+        rows.append(Row({"prompt": pair.fields["prompt"], "completion": completion, "label": good},
+                        pair.where.replace("chitchat-preference", "chitchat-thumbs")))
     return rows

@@ -240,8 +240,6 @@ def run_dpo(cfg: DPOConfig) -> Run:
 
 def run_kto(cfg: KTOConfig) -> Run:
     """``alignloop kto``: unpaired thumbs → a policy that favours thumbs-up completions."""
-    if not cfg.data.path:
-        raise ConfigError("data.path: name the thumbs file (records with prompt, completion, label)")
     return _run(cfg, kinds=("binary",), build=thumbs_set, title="KTO")
 
 
