@@ -23,21 +23,11 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def run(cmd: list[str], log: Path, env: dict, cwd: Path) -> tuple[int, float, float]:
-    start = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss / 1024
+from bench_common import REPO, add_trl_arguments, resolve_trl_arguments, run_child
 
 
 def run_alignloop(args, size: str, steps: int, logs: Path, tag: str) -> dict:
@@ -50,7 +40,7 @@ def run_alignloop(args, size: str, steps: int, logs: Path, tag: str) -> dict:
            f"--train.threads={args.threads}", "--train.eval_every=0", "--train.save_every=0", "--train.resume=never",
            "--train.precision=fp32", f"--run.output_dir={out}", "--run.name=run"]
     log = logs / f"alignloop-{tag}.log"
-    code, wall, rss = run(cmd, log, dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"), REPO)
+    code, wall, rss = run_child(cmd, log, dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"), REPO)
     res = {"impl": "alignloop", "size": size, "steps": steps, "wall_s": wall, "peak_rss_mb": rss}
     if code != 0:
         res["error"] = f"exit {code}, see {log}"
@@ -68,7 +58,7 @@ def run_trl(args, size: str, steps: int, logs: Path, tag: str) -> dict:
     cmd = [str(args.trl_python), str(args.trl_script), "--one", "dpo", "--size", size, "--precision", "fp32",
            "--steps", str(steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     log = logs / f"trl-{tag}.log"
-    code, wall, rss = run(cmd, log, dict(os.environ, BENCH_WORK=str(args.bench_work)), args.bench_work)
+    code, wall, rss = run_child(cmd, log, dict(os.environ, BENCH_WORK=str(args.bench_work)), args.bench_work)
     res = {"impl": "trl", "size": size, "steps": steps, "wall_s": wall, "peak_rss_mb": rss}
     line = next((x for x in log.read_text().splitlines() if x.startswith("RESULT_JSON ")), None)
     if code != 0 or line is None:
@@ -83,16 +73,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="5m,40m", help="sizes for the s/step comparison (10 steps)")
     ap.add_argument("--e2e-sizes", default="5m", help="sizes for the end-to-end comparison")
-    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--e2e-steps", type=int, default=64)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bench-work", type=Path, default=Path(os.environ.get("BENCH_WORK", REPO / "bench-work")))
-    ap.add_argument("--trl-python", type=Path, default=None)
-    ap.add_argument("--trl-script", type=Path, default=REPO.parent / "shared" / "bench" / "trl_baseline.py")
-    args = ap.parse_args()
-    args.bench_work = args.bench_work.resolve()
-    args.trl_python = args.trl_python or args.bench_work / "trl-venv" / "bin" / "python"
+    add_trl_arguments(ap)
+    args = resolve_trl_arguments(ap.parse_args())
     logs = args.bench_work / "results" / "dpo_vs_trl-logs"
     logs.mkdir(parents=True, exist_ok=True)
     results = []

@@ -23,25 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench_common import REPO, run_child
 ANCHOR = {  # the issue's TRL 1.16 numbers on this kind of machine (full epoch)
     "ukp": {"accuracy": 0.858, "train_s": 1369, "peak_rss_mb": 3000, "rule": ("longer argument wins", 0.770)},
     "hh": {"accuracy": 0.616, "train_s": None, "peak_rss_mb": None, "rule": ("shorter answer wins", 0.564)},
 }
-
-
-def run(cmd: list[str], log: Path, env: dict) -> tuple[int, float, float]:
-    """Run ``cmd``; return (exit code, wall seconds, peak RSS MB of that child)."""
-    start = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
 def run_alignloop(split: str, data: Path, out: Path, args: argparse.Namespace, env: dict) -> dict:
@@ -51,7 +40,7 @@ def run_alignloop(split: str, data: Path, out: Path, args: argparse.Namespace, e
            "--train.lr_schedule=linear", "--train.warmup_steps=0", "--train.threads=2", "--train.seed=0",
            "--train.eval_every=0", "--train.save_every=0", "--train.precision=fp32",
            f"--run.output_dir={out}", f"--run.name=rm-{split}", "--train.resume=never", *args.alignloop_args]
-    code, wall, rss = run(cmd, out / f"alignloop-{split}.log", env)
+    code, wall, rss = run_child(cmd, out / f"alignloop-{split}.log", env, REPO)
     if code != 0:
         return {"error": f"exit {code}, see {out / f'alignloop-{split}.log'}"}
     run_dir = out / f"rm-{split}"
@@ -74,7 +63,7 @@ def run_trl(split: str, data: Path, out: Path, args: argparse.Namespace, env: di
            "--test", str(data / f"{split}-test.jsonl"), "--out", str(result_path)]
     if steps:
         cmd += ["--max-steps", str(steps)]
-    code, wall, rss = run(cmd, out / f"trl-{split}.log", env)
+    code, wall, rss = run_child(cmd, out / f"trl-{split}.log", env, REPO)
     if code != 0:
         return {"error": f"exit {code}, see {out / f'trl-{split}.log'}"}
     result = json.loads(result_path.read_text())

@@ -25,23 +25,14 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench_common import REPO, add_trl_arguments, resolve_trl_arguments, run_child
+
 PROMPTS_PER_STEP, SAMPLES, NEW_TOKENS, LR = 2, 4, 128, 1e-5
 TRL_BETA = {"grpo": 0.0, "rloo": 0.05}
-
-
-def run(cmd: list[str], log: Path, env: dict, cwd: Path) -> tuple[int, float, float]:
-    start = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
 def reward_file(bench: Path) -> Path:
@@ -71,7 +62,7 @@ def run_alignloop(args, algo: str, size: str, logs: Path) -> dict:
         cmd += ["--rl.epochs=1", "--rl.minibatches=1"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     log = logs / f"alignloop-{algo}-{size}.log"
-    code, wall, rss = run(cmd, log, env, REPO)
+    code, wall, rss = run_child(cmd, log, env, REPO)
     res = {"impl": "alignloop", "algo": algo, "size": size, "wall_s": wall, "peak_rss_mb": rss}
     if code != 0:
         res["error"] = f"exit {code}, see {log}"
@@ -92,7 +83,7 @@ def run_trl(args, algo: str, size: str, logs: Path) -> dict:
     cmd = [str(args.trl_python), str(args.trl_script), "--one", algo, "--size", size, "--precision", "fp32",
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     log = logs / f"trl-{algo}-{size}.log"
-    code, wall, rss = run(cmd, log, dict(os.environ, BENCH_WORK=str(args.bench_work)), args.bench_work)
+    code, wall, rss = run_child(cmd, log, dict(os.environ, BENCH_WORK=str(args.bench_work)), args.bench_work)
     res = {"impl": "trl", "algo": algo, "size": size, "wall_s": wall, "peak_rss_mb": rss}
     line = next((x for x in log.read_text().splitlines() if x.startswith("RESULT_JSON ")), None)
     if code != 0 or line is None:
@@ -125,15 +116,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="5m,40m")
     ap.add_argument("--algos", default="grpo,rloo,ppo")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bench-work", type=Path, default=Path(os.environ.get("BENCH_WORK", REPO / "bench-work")))
-    ap.add_argument("--trl-python", type=Path, default=None)
-    ap.add_argument("--trl-script", type=Path, default=REPO.parent / "shared" / "bench" / "trl_baseline.py")
-    args = ap.parse_args()
-    args.bench_work = args.bench_work.resolve()
-    args.trl_python = args.trl_python or args.bench_work / "trl-venv" / "bin" / "python"
+    add_trl_arguments(ap)
+    args = resolve_trl_arguments(ap.parse_args())
     logs = args.bench_work / "results" / "rl_vs_trl-logs"
     logs.mkdir(parents=True, exist_ok=True)
     results = []

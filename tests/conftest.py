@@ -137,15 +137,24 @@ def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: flo
 
 
 @pytest.fixture
-def kill_9_once_saved() -> Callable[[list[str], Path], None]:
-    """``kill_9_once_saved(cli_args, checkpoint)``: run ``alignloop CLI_ARGS`` in a subprocess and
-    SIGKILL it (a crash, no cleanup) as soon as ``checkpoint`` is complete."""
+def straight_and_killed_runs() -> Callable[[list[str], Path, int], tuple[list[dict], list[dict]]]:
+    """``straight_and_killed_runs(cli_args, out, step)``: run ``alignloop CLI_ARGS`` (writing under
+    ``out``) once uninterrupted as ``straight``; once as ``killed``, SIGKILLed (a crash, no cleanup)
+    as soon as its checkpoint ``step`` is complete, then run again to resume. Checks the resume
+    happened; returns both runs' ``metrics.jsonl`` rows."""
+    from alignloop.train.loop import read_metrics
 
-    def run(cli_args: list[str], checkpoint: Path) -> None:
-        proc = subprocess.Popen(alignloop_command(*cli_args), stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: (checkpoint / "trainer_state.json").is_file(), proc)
+    def run(cli_args: list[str], out: Path, step: int) -> tuple[list[dict], list[dict]]:
+        subprocess.run(alignloop_command(*cli_args, "--run.name=straight"), check=True, capture_output=True)
+        proc = subprocess.Popen(alignloop_command(*cli_args, "--run.name=killed"), stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: (out / "killed" / "checkpoints" / f"step-{step}" / "trainer_state.json").is_file(), proc)
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
+        assert not (out / "killed" / "final").exists(), "the run finished before it was killed"
+        resumed = subprocess.run(alignloop_command(*cli_args, "--run.name=killed"), capture_output=True, text=True)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "resumed from" in resumed.stderr
+        return read_metrics(out / "straight" / "metrics.jsonl"), read_metrics(out / "killed" / "metrics.jsonl")
 
     return run
 

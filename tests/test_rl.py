@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from alignloop.cli import main
 from alignloop.train.loop import read_metrics
-from conftest import GOOD, WORDS, alignloop_command
+from conftest import GOOD, WORDS
 
 
 @pytest.fixture(scope="module")
@@ -123,20 +122,11 @@ def test_a_held_out_judge_that_is_not_the_reward_prefers_the_trained_policy(task
     assert code == 0, json.loads((tmp_path / "judged" / "metrics.json").read_text())
 
 
-def test_kill_9_then_resume_reproduces_the_run_step_for_step(task: dict, tmp_path: Path, kill_9_once_saved) -> None:
+def test_kill_9_then_resume_reproduces_the_run_step_for_step(task: dict, tmp_path: Path, straight_and_killed_runs) -> None:
     """PPO with an adaptive KL: policy, value head, optimiser, KL controller and sampling all resume."""
     common = rl_args("ppo", task, tmp_path, *SINGLE, "--rl.kl_coef=0.05", "--rl.kl_target=0.01", "--rl.kl_horizon=20",
                      "--train.max_steps=10", "--train.save_every=2", "--train.eval_every=5", "--train.threads=1")
-    subprocess.run(alignloop_command(*common, "--run.name=straight"), check=True, capture_output=True)
-
-    kill_9_once_saved([*common, "--run.name=killed"], tmp_path / "killed" / "checkpoints" / "step-4")
-    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it was killed"
-    resumed = subprocess.run(alignloop_command(*common, "--run.name=killed"), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr
-
-    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
-    again = read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    straight, again = straight_and_killed_runs(common, tmp_path, 4)
     assert [m["step"] for m in again] == list(range(1, 11))
     keys = ("train/reward", "train/policy_loss", "train/value_loss", "train/kl", "train/kl_coef", "eval/reward")
     for a, b in zip(straight, again):

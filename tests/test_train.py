@@ -93,21 +93,11 @@ def test_pretraining_on_real_text_lowers_held_out_loss(tmp_path):
     assert evals[-1] < evals[0] - 1.0, evals
 
 
-def test_kill_9_then_resume_reproduces_uninterrupted_losses(tiny_model_dir, sft_data, tmp_path, kill_9_once_saved):
+def test_kill_9_then_resume_reproduces_uninterrupted_losses(tiny_model_dir, sft_data, tmp_path, straight_and_killed_runs):
     train, _ = sft_data
     common = sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=40", "--train.save_every=5",
                       "--train.eval_every=10", "--train.batch_size=16", "--train.threads=1")
-    subprocess.run(alignloop_command(*common, "--run.name=straight"), check=True, capture_output=True)
-
-    kill_9_once_saved([*common, "--run.name=killed"], tmp_path / "killed" / "checkpoints" / "step-10")
-    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it was killed"
-
-    resumed = subprocess.run(alignloop_command(*common, "--run.name=killed"), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr
-
-    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
-    again = read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    straight, again = straight_and_killed_runs(common, tmp_path, 10)
     assert [m["step"] for m in again] == list(range(1, 41))
     for a, b in zip(straight, again):
         assert (a["step"], a["train/loss"], a.get("eval/loss")) == (b["step"], b["train/loss"], b.get("eval/loss"))

@@ -1,7 +1,7 @@
 """The one training-loop mechanism every stage shares: plain functions a loop calls, not a base
 class with hooks.
 
-* :func:`open_run` — the run folder (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``final/``)
+* :func:`open_stage_run`, :func:`open_run` — the run folder (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``final/``)
 * :func:`make_accelerator`, :func:`make_optimizer`, :func:`make_scheduler` — one code path for
   1 process, DDP, FSDP or DeepSpeed through accelerate; AdamW; warmup then a transformers schedule
 * :func:`save_checkpoint`, :func:`resume` — exact resume: model, optimiser, scheduler, RNG states
@@ -91,6 +91,17 @@ def with_epochs_as_steps(cfg: Any, num_examples: int) -> Any:
     log.info("train.epochs=%g over %d examples: %d optimizer steps (train.max_steps is ignored while epochs is set)",
              t.epochs, num_examples, steps)
     return dataclasses.replace(cfg, train=dataclasses.replace(t, max_steps=steps))
+
+
+def open_stage_run(cfg: Any, num_examples: int, title: str) -> tuple[Any, Run]:
+    """What every stage does before training: ``train.epochs`` → steps (:func:`with_epochs_as_steps`),
+    then :func:`open_run`. Returns the resolved config and the run; a caller returns the run at
+    once when :meth:`Run.is_complete` (logged here)."""
+    cfg = with_epochs_as_steps(cfg, num_examples)
+    run = open_run(cfg)
+    if run.is_complete():
+        log.info("%s: %s is already complete (model in %s); --train.resume=never trains it again", title, run.dir, run.final_dir)
+    return cfg, run
 
 
 def open_run(config: Any, is_main: bool = True) -> Run:

@@ -43,7 +43,7 @@ from alignloop.data.tokenize import Example, tokenize_sft_rows
 from alignloop.errors import ConfigError, DataError
 from alignloop.models.load import load_causal_lm, load_tokenizer
 from alignloop.models.reward import fit_window
-from alignloop.train.loop import Run, TrainingSession, open_run, with_epochs_as_steps
+from alignloop.train.loop import Run, TrainingSession, open_stage_run
 from alignloop.train.sft import resolve_max_length, to_device
 
 log = logging.getLogger("alignloop")
@@ -260,8 +260,8 @@ def _run(cfg: Any, kinds: tuple[str, ...], build: Any, title: str) -> Run:
     return fit_preference(cfg, model, tokenizer, train, held, title)
 
 
-def batch_loss(cfg: Any, model: Any, data: PreferenceSet, idx: list[int], pad_id: int, device: torch.device,
-               title: str) -> tuple[torch.Tensor, dict[str, float]]:
+def batch_loss(cfg: Any, model: Any, data: PreferenceSet, idx: list[int], pad_id: int,
+               device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of examples ``idx``: one forward over both sides (chosen + rejected, or KTO's
     completions; KTO's mismatched sequences go through a second, no-grad forward for z₀)."""
     p = cfg.preference
@@ -294,8 +294,7 @@ def batch_loss(cfg: Any, model: Any, data: PreferenceSet, idx: list[int], pad_id
 
 
 @torch.no_grad()
-def evaluate_preferences(cfg: Any, model: Any, data: PreferenceSet, pad_id: int, device: torch.device,
-                         title: str) -> dict[str, float]:
+def evaluate_preferences(cfg: Any, model: Any, data: PreferenceSet, pad_id: int, device: torch.device) -> dict[str, float]:
     """The step metrics on held-out rows (all of them, in batches), prefixed ``eval/``."""
     model.eval()
     sums: dict[str, float] = {}
@@ -303,7 +302,7 @@ def evaluate_preferences(cfg: Any, model: Any, data: PreferenceSet, pad_id: int,
     size = cfg.train.batch_size
     for start in range(0, data.n, size):
         idx = list(range(start, min(start + size, data.n)))
-        loss, metrics = batch_loss(cfg, model, data, idx, pad_id, device, title)
+        loss, metrics = batch_loss(cfg, model, data, idx, pad_id, device)
         for k, v in {"loss": float(loss), **metrics}.items():
             if v == v:  # a NaN (e.g. no undesirable example in this batch) is left out of the mean
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
@@ -314,12 +313,10 @@ def evaluate_preferences(cfg: Any, model: Any, data: PreferenceSet, pad_id: int,
 
 def fit_preference(cfg: Any, model: Any, tokenizer: Any, train: PreferenceSet, held: PreferenceSet | None, title: str) -> Run:
     """Train ``model`` on ``train`` with the configured preference loss; see the module docstring."""
-    cfg = with_epochs_as_steps(cfg, train.n)
-    t = cfg.train
-    run = open_run(cfg)
+    cfg, run = open_stage_run(cfg, train.n, title)
     if run.is_complete():
-        log.info("%s: %s is already complete (model in %s); --train.resume=never trains it again", title, run.dir, run.final_dir)
         return run
+    t = cfg.train
     pad_id = tokenizer.pad_token_id
     if cfg.preference.loss != "simpo" or train.desirable is not None:
         reference_logps(cfg, model, tokenizer, run, [train] + ([held] if held else []))
@@ -336,7 +333,7 @@ def fit_preference(cfg: Any, model: Any, tokenizer: Any, train: PreferenceSet, h
             for k in range(t.grad_accum):
                 idx = batches.indices(session.step * t.grad_accum + k)
                 with session.autocast():
-                    loss, metrics = batch_loss(cfg, model, train, idx, pad_id, device, title)
+                    loss, metrics = batch_loss(cfg, model, train, idx, pad_id, device)
                 session.backward(loss / t.grad_accum)
                 for name, v in {"loss": float(loss.detach()), **metrics}.items():
                     sums.setdefault(name, []).append(v)
@@ -344,7 +341,7 @@ def fit_preference(cfg: Any, model: Any, tokenizer: Any, train: PreferenceSet, h
             trained = idx if train.desirable is not None else train.rows(idx)  # KTO's mismatched side has no gradient
             record["train/tokens"] = float(sum(sum(train.sequences[i].loss_mask) for i in trained))
             record.update(session.optimizer_step())
-            evaluate = (lambda: evaluate_preferences(cfg, model, held, pad_id, device, title)) if held else None
+            evaluate = (lambda: evaluate_preferences(cfg, model, held, pad_id, device)) if held else None
             session.end_step(record, started, evaluate)
         session.save_final(tokenizer)
     if accelerator.is_main_process:

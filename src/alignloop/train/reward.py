@@ -43,7 +43,7 @@ from alignloop.models.reward import (
     score_encoded,
 )
 from alignloop.rollout.rewards import completion_text
-from alignloop.train.loop import Run, TrainingSession, open_run, with_epochs_as_steps
+from alignloop.train.loop import Run, TrainingSession, open_stage_run
 from alignloop.train.sft import resolve_max_length
 
 log = logging.getLogger("alignloop")
@@ -106,7 +106,6 @@ def run_reward(cfg: RewardConfig) -> Run:
         train_examples, held_examples = train.examples, held.examples
     else:
         train_examples, held_examples = split_holdout(train.examples, cfg.data.eval_fraction, cfg.train.seed)
-    cfg = with_epochs_as_steps(cfg, len(train_examples))
     model.config.alignloop_reward = {"kind": kind, "max_length": max_length, "text_pairs": cfg.reward.encoder_text_pairs}
     if kind == "rating":
         lo, hi = cfg.reward.rating_scale
@@ -209,11 +208,10 @@ def per_user_zscores(ratings: Sequence[float], users: Sequence[Any]) -> list[flo
 # ---------------------------------------------------------------------------------------------
 def fit_reward_model(cfg: RewardConfig, model: Any, tokenizer: Any, kind: str,
                      train: list[RewardExample], held_out: list[RewardExample]) -> Run:
-    t = cfg.train
-    run = open_run(cfg)
+    cfg, run = open_stage_run(cfg, len(train), "reward")
     if run.is_complete():
-        log.info("reward: %s is already complete (model in %s); --train.resume=never trains it again", run.dir, run.final_dir)
         return run
+    t = cfg.train
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     head = None
     if kind == "rating" and cfg.reward.rating_head == "ordinal":

@@ -52,7 +52,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -75,7 +74,7 @@ from alignloop.losses import (
 from alignloop.models.load import context_length, disable_dropout, inference_device, load_causal_lm, load_tokenizer
 from alignloop.rollout.generate import SEED_STRIDE, Generation, encode_prompts, generate
 from alignloop.rollout.rewards import check_rewards
-from alignloop.train.loop import Run, TrainingSession, open_run, save_checkpoint, with_epochs_as_steps
+from alignloop.train.loop import Run, TrainingSession, open_stage_run, save_checkpoint
 from alignloop.train.sft import to_device
 
 log = logging.getLogger("alignloop")
@@ -313,13 +312,11 @@ def compute_advantages(cfg: RLConfig, scores: torch.Tensor, rollout_kl: torch.Te
 def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, reward: Any, reference: Reference | None,
                eval_prompts: PromptSet | None = None, ptx: list | None = None) -> Run:
     """Optimise ``model`` against ``reward`` on ``prompts``; see the module docstring for one step."""
-    cfg = with_epochs_as_steps(cfg, len(prompts))  # an epoch: every prompt once
-    r, t, s = cfg.rl, cfg.train, cfg.sampling
-    title = r.algo.upper() if r.algo != "reinforce" else "REINFORCE++"
-    run = open_run(cfg)
+    title = cfg.rl.algo.upper() if cfg.rl.algo != "reinforce" else "REINFORCE++"
+    cfg, run = open_stage_run(cfg, len(prompts), title)  # an epoch: every prompt once
     if run.is_complete():
-        log.info("%s: %s is already complete (model in %s); --train.resume=never trains it again", title, run.dir, run.final_dir)
         return run
+    r, t, s = cfg.rl, cfg.train, cfg.sampling
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     value_head = None
     if r.algo == "ppo":
@@ -490,15 +487,20 @@ def eval_sampling(s: SamplingConfig) -> SamplingConfig:
     return dataclasses.replace(s, seed=s.seed + 104729)
 
 
+def heldout_rewards(policy: Any, tokenizer: Any, prompts: PromptSet, reward: Any, s: SamplingConfig) -> tuple[Generation, list[float]]:
+    """The policy's completions of the held-out prompts (:func:`eval_sampling`) and their rewards."""
+    texts, fields = prompts.take(range(len(prompts)), 1)
+    generation = generate(policy, tokenizer, texts, eval_sampling(s))
+    return generation, check_rewards(reward(texts, generation.completions, **fields), len(texts), "rl.reward")
+
+
 def eval_baseline(run: Run, policy: Any, tokenizer: Any, prompts: PromptSet, reward: Any, s: SamplingConfig) -> dict:
     """The starting policy's held-out completions and rewards, computed once and kept in the run
     folder (a resumed run's policy is no longer the starting one)."""
     path = run.dir / EVAL_BASELINE_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    columns = {k: [f.get(k) for f in prompts.fields] for k in sorted({k for f in prompts.fields for k in f})}
-    generation = generate(policy, tokenizer, prompts.prompts, eval_sampling(s))
-    rewards = check_rewards(reward(prompts.prompts, generation.completions, **columns), len(prompts), "rl.reward")
+    generation, rewards = heldout_rewards(policy, tokenizer, prompts, reward, s)
     baseline = {"completions": generation.completions, "rewards": rewards}
     path.write_text(json.dumps(baseline))
     return baseline
@@ -508,9 +510,7 @@ def evaluate_policy(policy: Any, tokenizer: Any, prompts: PromptSet, reward: Any
     """Held-out reward and win rate (Wilson 95%, ties apart) of the current policy vs the starting one."""
     from alignloop.evaluate.compare import judge_outcomes, win_rate
 
-    columns = {k: [f.get(k) for f in prompts.fields] for k in sorted({k for f in prompts.fields for k in f})}
-    generation = generate(policy, tokenizer, prompts.prompts, eval_sampling(s))
-    rewards = check_rewards(reward(prompts.prompts, generation.completions, **columns), len(prompts), "rl.reward")
+    generation, rewards = heldout_rewards(policy, tokenizer, prompts, reward, s)
     win = win_rate(judge_outcomes(rewards, baseline["rewards"], 0.0))
     return {
         "eval/reward": sum(rewards) / len(rewards),
@@ -520,15 +520,3 @@ def evaluate_policy(policy: Any, tokenizer: Any, prompts: PromptSet, reward: Any
         "eval/win_rate_upper": win["win_rate_upper"],
         "eval/length": sum(len(ids) for ids in generation.completion_ids) / len(prompts),
     }
-
-
-def load_value_head(folder: str | Path) -> torch.nn.Linear | None:
-    """A PPO run's critic head from ``final/``, or None for runs without one."""
-    path = Path(folder) / VALUE_HEAD_FILE
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu")
-    head = torch.nn.Linear(state["weight"].size(1), 1)
-    head.load_state_dict(state)
-    return head
-

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from alignloop.errors import ConfigError, DataError
 from alignloop.evaluate.report import write_training_report
 from alignloop.losses import completion_nll, count_loss_tokens
 from alignloop.models.load import context_length, load_causal_lm, load_tokenizer
-from alignloop.train.loop import Run, TrainingSession, open_run, with_epochs_as_steps
+from alignloop.train.loop import Run, TrainingSession, open_stage_run
 
 log = logging.getLogger("alignloop")
 
@@ -75,12 +74,10 @@ def resolve_max_length(data: DataConfig, model: Any) -> int:
 def fit_causal_lm(cfg: Any, model: Any, tokenizer: Any, train: list[Example], held_out: list[Example], title: str) -> Run:
     """Train ``model`` on ``train`` with :func:`completion_nll`; evaluate on ``held_out``; save
     ``final/`` and ``report.md`` in the run folder. Resumes from the newest checkpoint when asked."""
-    cfg = with_epochs_as_steps(cfg, len(train))
-    t = cfg.train
-    run = open_run(cfg)
+    cfg, run = open_stage_run(cfg, len(train), title)
     if run.is_complete():
-        log.info("%s: %s is already complete (model in %s); --train.resume=never trains it again", title, run.dir, run.final_dir)
         return run
+    t = cfg.train
     pad_id = tokenizer.pad_token_id
     with TrainingSession(cfg, model, run, title) as session:
         model, accelerator = session.model, session.accelerator
