@@ -24,7 +24,11 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/alignloop demo
 
+# chromium: the browser tests drive Debian's package; installed best effort, they skip (saying why) without it
+# postgresql: the feedback store tests run on it too; the local server is started if one is installed
 test: $(VENV)/.installed-test
+	command -v chromium >/dev/null || (command -v apt-get >/dev/null && apt-get install -y -q chromium >/dev/null 2>&1) || true
+	! command -v pg_isready >/dev/null || pg_isready -q -h 127.0.0.1 || service postgresql start || true
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: $(VENV)/.installed-test

@@ -13,7 +13,8 @@ import torch
 from alignloop.errors import ConfigError, ModelError
 from alignloop.rollout.generate import (
     Sampling,
-    _Sampler,
+    RowSampling,
+    TokenSampler,
     default_stop_token_ids,
     encode_prompts,
     generate,
@@ -159,7 +160,8 @@ def test_gumbel_sampler_draws_from_the_filtered_distribution():
     logits = probs.log().expand(rows, 3).clone()
 
     def frequencies(sampling: Sampling) -> list[float]:
-        token, _ = _Sampler(sampling, list(range(rows)), 3, torch.device("cpu"))(logits, list(range(rows)))
+        sampler = TokenSampler([RowSampling.from_config(sampling, i) for i in range(rows)], 3, torch.device("cpu"))
+        token, _ = sampler(logits, list(range(rows)))
         counts = Counter(token.tolist())
         return [counts[v] / rows for v in range(3)]
 
@@ -170,6 +172,27 @@ def test_gumbel_sampler_draws_from_the_filtered_distribution():
     # Temperature 2 flattens: p ∝ sqrt(probs).
     flat = probs.sqrt() / probs.sqrt().sum()
     assert frequencies(Sampling(temperature=2.0)) == pytest.approx(flat.tolist(), abs=0.03)
+
+
+def test_rows_with_different_settings_sample_as_they_would_alone():
+    """A served batch mixes requests: each row's tokens and log-probs equal those of a batch
+    where every row has that row's settings, and rows can leave and join between steps."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    settings = [RowSampling(1.0, 1.0, 0, 3, 0), RowSampling(0.0), RowSampling(0.7, 0.8, 0, 5, 1), RowSampling(1.3, 1.0, 7, 9, 2)]
+    mixed = TokenSampler(settings, 50, torch.device("cpu"))
+    token, logp = mixed(logits, range(4))
+    for r, row in enumerate(settings):
+        alone, alone_logp = TokenSampler([row], 50, torch.device("cpu"))(logits[r : r + 1], [0])
+        assert token[r] == alone[0] and torch.allclose(logp[r], alone_logp[0])
+    # Row 2 leaves, a new row joins: row 3 continues its own stream (its second draw).
+    mixed.select([0, 1, 3])
+    mixed.extend(TokenSampler([RowSampling(1.0, 1.0, 0, 11, 0)], 50, torch.device("cpu")))
+    second, _ = mixed(logits[[0, 1, 3, 2]], range(4))
+    alone = TokenSampler([settings[3]], 50, torch.device("cpu"))
+    alone(logits[3:4], [0])
+    assert second[2] == alone(logits[3:4], [0])[0][0]
+    assert second[1] == logits[1].argmax()
 
 
 # --- stopping --------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from alignloop.config import STAGES, describe, load_config
+from alignloop.config import STAGES, ServeConfig, describe, load_config
 from alignloop.errors import AlignloopError, ConfigError, TrainingInterrupted
 
 log = logging.getLogger("alignloop")
@@ -99,6 +99,50 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="the JSONL file to write")
     convert.set_defaults(handler=_run_convert)
 
+    db_help = "database URL (default: $ALIGNLOOP_DB or sqlite:///feedback.db; PostgreSQL: postgresql+psycopg://USER@HOST/DB)"
+    db = commands.add_parser("db", help="the feedback database: apply its migrations")
+    db_actions = db.add_subparsers(dest="action", metavar="ACTION", required=True)
+    db_upgrade = db_actions.add_parser("upgrade", help="create the feedback tables or migrate them to this version's schema")
+    db_upgrade.add_argument("--db", help=db_help)
+    db_upgrade.set_defaults(handler=_run_db_upgrade)
+
+    users = commands.add_parser("users", help="who may use `alignloop serve`: add users (prints their API key), list them")
+    users_actions = users.add_subparsers(dest="action", metavar="ACTION", required=True)
+    users_add = users_actions.add_parser("add", help="add a user and print their API key (shown once: only a hash is stored)")
+    users_add.add_argument("name", help="the user's name, unique")
+    users_add.add_argument("--admin", action="store_true", help="may export all feedback (GET /admin/export)")
+    users_add.add_argument("--db", help=db_help)
+    users_add.set_defaults(handler=_run_users_add)
+    users_list = users_actions.add_parser("list", help="list the users: id, name, admin")
+    users_list.add_argument("--db", help=db_help)
+    users_list.set_defaults(handler=_run_users_list)
+
+    feedback = commands.add_parser("feedback", help="export collected feedback as training records")
+    feedback_actions = feedback.add_subparsers(dest="action", metavar="ACTION", required=True)
+    export = feedback_actions.add_parser("export", help="write feedback as JSONL training records (TRL field names, with provenance)",
+                                         description="pairs: pairwise a/b votes and corrections → prompt, chosen, rejected; "
+                                                     "kto: thumbs → prompt, completion, label; sft: corrections → prompt, completion; "
+                                                     "ratings: → prompt, completion, rating, user.")
+    export.add_argument("--kind", required=True, choices=["pairs", "kto", "sft", "ratings"], help="which training records to write")
+    export.add_argument("--out", required=True, help="the JSONL file to write")
+    export.add_argument("--db", help=db_help)
+    export.set_defaults(handler=_run_feedback_export)
+
+    serve = commands.add_parser("serve", help="serve models: OpenAI-compatible API (streaming), chat page, feedback store",
+                                description=(ServeConfig.__doc__ or "").strip(), allow_abbrev=False)
+    serve.add_argument("--config", metavar="FILE", help="YAML with any of the keys below; command-line options override it")
+    serve.add_argument("--model", dest="models", action="append", metavar="[NAME=]PATH",
+                       help="a model to serve (repeat for several): an HF id or folder such as runs/sft/final")
+    serve.add_argument("--no-auth", dest="auth", action="store_const", const="false",
+                       help="no API keys: every request is the user 'anonymous' (local demos only)")
+    for key, type_name, default, help_text in describe(ServeConfig):
+        if key in ("models", "auth"):
+            continue
+        kwargs = {"nargs": "?", "const": "true"} if type_name == "bool" else {}
+        serve.add_argument(f"--{key.replace('_', '-')}", f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=type_name,
+                           help=f"{help_text} (default: {json.dumps(default)})", **kwargs)
+    serve.set_defaults(handler=_run_serve)
+
     for stage, cls in STAGES.items():
         sub = commands.add_parser(stage, help=STAGE_HELP[stage], description=(cls.__doc__ or "").strip(), allow_abbrev=False)
         sub.add_argument("--config", metavar="FILE", help="YAML config; command-line keys override it")
@@ -156,6 +200,72 @@ def _run_convert(args: argparse.Namespace, extra: list[str]) -> int:
     rows = read_rows(f"{args.format}:{args.source}")
     write_jsonl(rows, args.output)
     log.info("convert: %d %s records from %s written to %s", len(rows), args.format, args.source, args.output)
+    return 0
+
+
+def _run_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"serve: unknown option {extra[0]!r}; see `alignloop serve --help`")
+    keys = {key for key, *_ in describe(ServeConfig)}
+    overrides = {key: value for key, value in vars(args).items() if key in keys and value is not None}
+    if args.models:
+        overrides["models"] = list(args.models)  # typed already: each a PATH or NAME=PATH
+    config = load_config(ServeConfig, args.config, overrides)
+    from alignloop.serve.run import serve_forever
+
+    serve_forever(config)
+    return 0
+
+
+def _no_extra(command: str, extra: list[str]) -> None:
+    if extra:
+        raise ConfigError(f"{command}: unknown option {extra[0]!r}; see `alignloop {command} --help`")
+
+
+def _run_db_upgrade(args: argparse.Namespace, extra: list[str]) -> int:
+    _no_extra("db upgrade", extra)
+    from alignloop.feedback.store import resolve_db_url, shown_url, upgrade
+
+    url = resolve_db_url(args.db)
+    log.info("db upgrade: %s is at schema revision %s", shown_url(url), upgrade(url))
+    return 0
+
+
+def _run_users_add(args: argparse.Namespace, extra: list[str]) -> int:
+    _no_extra("users add", extra)
+    from alignloop.feedback.store import FeedbackStore, resolve_db_url
+
+    with FeedbackStore(resolve_db_url(args.db)) as store:
+        key = store.add_user(args.name, admin=args.admin)
+    log.info("users add: %s%s added; their API key follows (shown once, only its hash is stored)",
+             args.name, " (admin)" if args.admin else "")
+    print(key)  # alone on stdout, so `KEY=$(alignloop users add NAME)` works
+    return 0
+
+
+def _run_users_list(args: argparse.Namespace, extra: list[str]) -> int:
+    _no_extra("users list", extra)
+    from alignloop.feedback.store import FeedbackStore, resolve_db_url
+
+    with FeedbackStore(resolve_db_url(args.db)) as store:
+        users = store.list_users()
+    print(f"{'id':>5}  {'admin':<5}  name")
+    for user in users:
+        print(f"{user.id:>5}  {'yes' if user.admin else 'no':<5}  {user.name}")
+    return 0
+
+
+def _run_feedback_export(args: argparse.Namespace, extra: list[str]) -> int:
+    _no_extra("feedback export", extra)
+    from alignloop.data.convert import write_jsonl
+    from alignloop.data.records import Row
+    from alignloop.feedback.store import FeedbackStore, resolve_db_url
+
+    with FeedbackStore(resolve_db_url(args.db)) as store:
+        records, skipped = store.export(args.kind)
+    write_jsonl((Row(record, f"feedback {record['feedback_id']}") for record in records), args.out)
+    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items())) or "none"
+    log.info("feedback export: %d %s records written to %s; skipped: %s", len(records), args.kind, args.out, reasons)
     return 0
 
 

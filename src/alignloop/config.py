@@ -372,6 +372,38 @@ STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward
                            "dpo": DPOConfig, "kto": KTOConfig}
 
 
+@dataclass
+class ServeConfig:
+    """Serve models over an OpenAI-compatible API with a chat page, storing every completion and
+    every piece of feedback with who gave it on which model version."""
+
+    models: list[str] = option([], "models to serve: PATH or NAME=PATH (an HF id or folder, e.g. runs/sft/final); the name defaults to the folder's name (runs/X/final → X)")
+    db: Optional[str] = option(None, "feedback store URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB (default: $ALIGNLOOP_DB or sqlite:///feedback.db)")
+    host: str = option("127.0.0.1", "interface to listen on")
+    port: int = option(8000, "port to listen on")
+    auth: bool = option(True, "require an API key (`alignloop users add NAME`); false only for local demos: every request is the user 'anonymous'")
+    device: Optional[str] = option(None, "where the models run (default: the GPU when there is one)")
+    dtype: Literal["float32", "bfloat16"] = option("float32", "weights' dtype")
+    max_batch: int = option(32, "most rows (completions) decoded together per model; more wait their turn")
+    default_max_tokens: int = option(256, "max_tokens when a request gives none")
+    max_tokens_limit: int = option(1024, "largest max_tokens a request may ask for")
+    max_prompt_tokens: Optional[int] = option(None, "longest prompt after the chat template (default: the model's context minus max_tokens)")
+    max_n: int = option(8, "largest n (completions per request)")
+    max_body_bytes: int = option(1_000_000, "largest request body; bigger ones get 413")
+    rate_limit_per_minute: float = option(600.0, "requests per minute per user (token bucket); over it: 429 with Retry-After; 0 = unlimited")
+    rate_burst: int = option(60, "requests a user may make at once before the per-minute rate applies")
+    cors_origins: list[str] = option([], "origins allowed to call the API from a browser (CORS); empty = same origin only")
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "default_max_tokens", "max_tokens_limit", "max_n", "max_body_bytes", "rate_burst"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ConfigError(f"default_max_tokens ({self.default_max_tokens}) is above max_tokens_limit ({self.max_tokens_limit})")
+        if self.rate_limit_per_minute < 0:
+            raise ConfigError(f"rate_limit_per_minute must be ≥ 0 (got {self.rate_limit_per_minute}); 0 turns the limit off")
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading, overriding, saving
 # ---------------------------------------------------------------------------------------------

@@ -205,7 +205,7 @@ def _decode_batch(
     if shared:
         _expand_cache(cache, source)
         logits = logits[source]
-    sampler = _Sampler(sampling, sample_ids, logits.shape[-1], device)
+    sampler = TokenSampler([RowSampling.from_config(sampling, i) for i in sample_ids], logits.shape[-1], device)
 
     tokens = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)  # (B, T) sampled ids
     logps = torch.zeros((rows, steps), dtype=torch.float32, device=device)  # (B, T) their log-probs
@@ -255,42 +255,86 @@ def _expand_cache(cache: Any, source: torch.Tensor) -> None:
         layer.batch_size = len(source)
 
 
-class _Sampler:
-    """Picks the next token of every row from (B, V) logits; see :func:`generate` for the scheme."""
+@dataclass(frozen=True)
+class RowSampling:
+    """How one row samples: its own temperature, top-p, top-k and random stream. A served batch
+    mixes requests with different settings; a rollout gives every row the same ones."""
 
-    def __init__(self, sampling: Sampling, sample_ids: list[int], vocab: int, device: torch.device) -> None:
-        self.sampling = sampling
-        self.top_k = min(sampling.top_k, vocab)
-        if sampling.temperature > 0:
-            self.generators = [
-                torch.Generator(device=device).manual_seed((sampling.seed * SEED_STRIDE + i) % 2**63)
-                for i in sample_ids
-            ]
-            self.noise = torch.empty((len(sample_ids), vocab), device=device)  # (B, V) uniforms, then Gumbels
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    sample_id: int = 0  # the row's stream is seed * SEED_STRIDE + sample_id
 
-    def __call__(self, logits: torch.Tensor, live: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    @classmethod
+    def from_config(cls, sampling: Sampling, sample_id: int) -> "RowSampling":
+        return cls(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, sample_id)
+
+
+class TokenSampler:
+    """Picks the next token of every row from (B, V) logits; see :func:`generate` for the scheme.
+
+    Parameters are per row (tensors of shape (B, 1)), so rows with different settings share one
+    forward; :meth:`select` and :meth:`extend` let rows leave and join between steps (continuous
+    batching) without disturbing any row's random stream. With the same settings in every row the
+    arithmetic is the same as with one scalar setting, so results do not depend on the batch.
+    """
+
+    def __init__(self, rows: Sequence[RowSampling], vocab: int, device: torch.device) -> None:
+        self.rows, self.vocab, self.device = list(rows), vocab, device
+        self.generators = [
+            torch.Generator(device=device).manual_seed((r.seed * SEED_STRIDE + r.sample_id) % 2**63)
+            if r.temperature > 0 else None
+            for r in self.rows
+        ]
+        self._tensors()
+
+    def _tensors(self) -> None:
+        rows, device = self.rows, self.device
+        self.greedy = torch.tensor([r.temperature == 0 for r in rows], dtype=torch.bool, device=device)
+        self.temperature = torch.tensor([r.temperature or 1.0 for r in rows], device=device)[:, None]
+        self.top_k = torch.tensor([min(r.top_k, self.vocab) for r in rows], dtype=torch.long, device=device)
+        self.top_p = torch.tensor([r.top_p for r in rows], device=device)[:, None]
+        self.noise = torch.empty((len(rows), self.vocab), device=device)  # (B, V) uniforms, then Gumbels
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep only rows ``keep`` (in that order)."""
+        self.rows = [self.rows[i] for i in keep]
+        self.generators = [self.generators[i] for i in keep]
+        self._tensors()
+
+    def extend(self, other: "TokenSampler") -> None:
+        """Append ``other``'s rows after these."""
+        self.rows += other.rows
+        self.generators += other.generators
+        self._tensors()
+
+    def __call__(self, logits: torch.Tensor, live: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) token ids and (B,) their log-probs; rows not in ``live`` get a token that is discarded."""
-        if self.sampling.temperature == 0:
-            token = logits.argmax(-1)
-            return token, logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
-        scores = self._filter(logits / self.sampling.temperature)
-        for r in live:
-            self.noise[r].uniform_(generator=self.generators[r])
-        gumbel = self.noise.log().neg_().log_().neg_()  # -log(-log u); u = 0 gives -inf, never picked
-        token = (scores + gumbel).argmax(-1)
+        scores = self._filter(logits / self.temperature)
+        token = logits.argmax(-1)
+        if not bool(self.greedy.all()):
+            for r in live:
+                if self.generators[r] is not None:
+                    self.noise[r].uniform_(generator=self.generators[r])
+            gumbel = self.noise.log().neg_().log_().neg_()  # -log(-log u); u = 0 gives -inf, never picked
+            token = torch.where(self.greedy, token, (scores + gumbel).argmax(-1))
+        # Greedy rows report the temperature-1 distribution: their scores are the logits, unfiltered.
+        scores = torch.where(self.greedy[:, None], logits, scores)
         return token, scores.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
 
     def _filter(self, scores: torch.Tensor) -> torch.Tensor:
         """Top-k, then top-p (nucleus), in HF's order: excluded tokens get -inf."""
-        if self.top_k:
-            kth = scores.topk(self.top_k, dim=-1).values[:, -1:]
+        if bool((self.top_k > 0).any()):
+            kth = scores.topk(int(self.top_k.max()), dim=-1).values.gather(-1, (self.top_k.clamp(min=1) - 1)[:, None])
+            kth = kth.masked_fill((self.top_k == 0)[:, None], -math.inf)
             scores = scores.masked_fill(scores < kth, -math.inf)
-        if self.sampling.top_p < 1:
+        if bool((self.top_p < 1).any()):
             sorted_scores, order = scores.sort(dim=-1, descending=True)
             probs = sorted_scores.softmax(-1)
             # Drop a token when the tokens ranked above it already hold top_p of the mass: the
-            # most likely token always stays.
-            drop_sorted = probs.cumsum(-1) - probs >= self.sampling.top_p
+            # most likely token always stays. Rows with top_p = 1 drop nothing.
+            drop_sorted = (probs.cumsum(-1) - probs >= self.top_p) & (self.top_p < 1)
             drop = drop_sorted.scatter(-1, order, drop_sorted)
             scores = scores.masked_fill(drop, -math.inf)
         return scores

@@ -1,0 +1,139 @@
+"""Connecting to the feedback database and migrating it: SQLite files and PostgreSQL URLs, the
+SQLite settings that make group commit durable and fast, and Alembic run from inside the package
+(``migrations/``, no alembic.ini).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlalchemy as sa
+
+from alignloop.feedback.entities import StoreError
+
+DEFAULT_DB_URL = "sqlite:///feedback.db"
+URL_FORMS = "sqlite:///FILE or postgresql+psycopg://USER@HOST/DB"
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def resolve_db_url(url: str | None) -> str:
+    """``url``, else ``$ALIGNLOOP_DB``, else :data:`DEFAULT_DB_URL`."""
+    return url or os.environ.get("ALIGNLOOP_DB") or DEFAULT_DB_URL
+
+
+def shown_url(url: str) -> str:
+    """The URL as it may appear in a message or a log: the password masked."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url
+
+
+def make_engine(url: str, create: bool = False) -> sa.Engine:
+    """An engine for a ``sqlite:///FILE`` or PostgreSQL URL (``postgresql://`` means psycopg 3).
+
+    SQLite connections get WAL, ``synchronous=NORMAL``, foreign keys and a busy timeout, and run
+    their own BEGIN: the writer's is ``BEGIN IMMEDIATE`` so it takes the write lock up front and
+    waits on ``busy_timeout`` instead of failing when another process writes. Without ``create``
+    a missing SQLite file is an error rather than a new empty database.
+    """
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        raise StoreError(f"{url!r}: not a database URL; use {URL_FORMS}") from None
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        if parsed.drivername in ("postgresql", "postgres"):
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        # Connections above pool_size are closed after use and reopened on the next burst; the
+        # server reads from up to 40 worker threads at once (Starlette's thread pool).
+        return sa.create_engine(parsed, pool_pre_ping=True, pool_size=20, max_overflow=30)
+    if backend != "sqlite":
+        raise StoreError(f"{shown_url(url)}: unsupported database; use {URL_FORMS}")
+    if not parsed.database or parsed.database == ":memory:":
+        raise StoreError(f"{url}: an in-memory SQLite database cannot be shared or migrated; "
+                         "give a file, sqlite:///feedback.db")
+    path = Path(parsed.database)
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.is_file():
+        raise StoreError(f"{url}: no database file at {path}; create it with `alignloop db upgrade --db {url}`")
+    # A SQLite connection is a file handle: keep one per concurrent reader (up to Starlette's 40
+    # worker threads) instead of reopening overflow connections, each with its PRAGMAs, per read.
+    engine = sa.create_engine(parsed, connect_args={"check_same_thread": False}, pool_size=40, max_overflow=10)
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # pysqlite's own implicit BEGINs off: see "begin" below
+        cursor = dbapi_connection.cursor()
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=10000"):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("sqlite_immediate") else "BEGIN")
+
+    return engine
+
+
+def _alembic_config(connection: sa.Connection) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    """The newest migration shipped with this alignloop."""
+    with _quiet_alembic():
+        from alembic.script import ScriptDirectory
+
+        return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+
+
+def upgrade(url: str) -> str:
+    """Apply the migrations up to the newest (creating the SQLite file if needed); return it."""
+    engine = make_engine(url, create=True)
+    try:
+        with engine.begin() as conn, _quiet_alembic():
+            from alembic import command
+
+            command.upgrade(_alembic_config(conn), "head")
+    except sa.exc.OperationalError as e:
+        raise StoreError(f"{shown_url(url)}: cannot migrate the database ({first_line(e.orig)})") from None
+    finally:
+        engine.dispose()
+    return head_revision()
+
+
+def current_revision(engine: sa.Engine) -> str | None:
+    """The migration the database is at, None for one alignloop never migrated. Read directly
+    from Alembic's table: opening a store should not cost importing Alembic's runtime."""
+    with engine.connect() as conn:
+        if not sa.inspect(conn).has_table("alembic_version"):
+            return None
+        return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def first_line(error: BaseException | None) -> str:
+    """A driver error's first line (psycopg adds hints on further lines; the CLI prints one)."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+@contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    """Alembic logs its plugin set-up and dialect choice at INFO; the CLI reports the outcome."""
+    logger = logging.getLogger("alembic")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,395 @@
+"""The durable feedback store: users, served model versions, completions with their provenance,
+and the feedback people give on them. SQLite by default, PostgreSQL by URL.
+
+Every write goes through one group-commit writer (:mod:`alignloop.feedback.writer`) and returns
+only after its transaction has committed, so an acknowledged write survives a crash. On SQLite
+the database runs in WAL mode with ``synchronous=NORMAL``: a commit has been written to the WAL
+file (the OS holds it) before COMMIT returns, which survives a SIGKILL of the process; only a
+power cut or an OS crash can lose the last commits (``synchronous=FULL`` would fsync each one).
+On PostgreSQL a commit is flushed to its WAL before it returns (``synchronous_commit=on``).
+
+Reads run on the calling thread through a small connection pool. Completions never change once
+written, so their owner, text and model version are cached to keep the feedback path short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable
+
+import sqlalchemy as sa
+
+from alignloop.feedback import schema
+from alignloop.feedback.database import (
+    DEFAULT_DB_URL,
+    current_revision,
+    first_line,
+    head_revision,
+    make_engine,
+    resolve_db_url,
+    shown_url,
+    upgrade,
+)
+from alignloop.feedback.entities import (
+    FEEDBACK_KINDS,
+    MAX_ID_CHARS,
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    CompletionRecord,
+    FeedbackInput,
+    FeedbackRecord,
+    IdempotencyConflict,
+    Invalid,
+    NotFound,
+    StoreError,
+    User,
+    check_completion,
+    check_feedback,
+    check_user_name,
+)
+from alignloop.feedback.schema import utc_now
+from alignloop.feedback.writer import GroupCommitWriter, WriterStopped
+
+# The store's API in one import: ``from alignloop.feedback.store import FeedbackStore, upgrade, ...``
+__all__ = [
+    "DEFAULT_DB_URL", "CompletionRecord", "FeedbackInput", "FeedbackRecord", "FeedbackStore", "IdempotencyConflict",
+    "Invalid", "NotFound", "StoreError", "User", "make_engine", "resolve_db_url", "upgrade",
+]
+
+COMPLETION_CACHE_SIZE = 100_000
+
+users_t = schema.User.__table__
+models_t = schema.Model.__table__
+conversations_t = schema.Conversation.__table__
+messages_t = schema.Message.__table__
+completions_t = schema.Completion.__table__
+feedback_t = schema.Feedback.__table__
+idempotency_t = schema.IdempotencyKey.__table__
+
+
+def _hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _request_hash(fb: FeedbackInput) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(fb), sort_keys=True).encode()).hexdigest()
+
+
+@functools.cache
+def _feedback_upsert(dialect: str) -> Any:
+    """Insert a vote, or replace the live one and bump its revision; returns id, revision and
+    created_at. Built once per dialect: building the statement per call cost more than running it."""
+    insert = _dialect_insert(dialect)(feedback_t)
+    names = ("user_id", "target", "kind", "completion_id", "up", "rating", "other_completion_id", "verdict", "left",
+             "correction", "comment", "tags")
+    insert = insert.values({**{name: sa.bindparam(name, type_=feedback_t.c[name].type) for name in names},
+                            "revision": 1, "created_at": sa.bindparam("now", type_=feedback_t.c.created_at.type),
+                            "updated_at": sa.bindparam("now", type_=feedback_t.c.updated_at.type)})
+    replaced = {name: insert.excluded[name] for name in names if name not in ("user_id", "target", "kind")}
+    return insert.on_conflict_do_update(
+        index_elements=["user_id", "kind", "target"],
+        set_={**replaced, "revision": feedback_t.c.revision + 1, "updated_at": insert.excluded.updated_at},
+    ).returning(feedback_t.c.id, feedback_t.c.revision, feedback_t.c.created_at)
+
+
+def _dialect_insert(dialect: str) -> Any:
+    """``insert`` with ``ON CONFLICT`` for ``dialect`` (SQLite and PostgreSQL spell it alike in
+    SQLAlchemy)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+@dataclass(frozen=True)
+class _CompletionFacts:
+    """What the feedback path needs to know about a completion; never changes once written."""
+
+    user_id: int
+    completion_text: str
+    model_version: str
+
+
+class FeedbackStore:
+    """The store behind ``alignloop serve``, the CLI and export. Safe to share between threads."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine = make_engine(url)
+        try:
+            revision = current_revision(self._engine)
+        except sa.exc.OperationalError as e:
+            self._engine.dispose()
+            raise StoreError(f"{shown_url(url)}: cannot connect to the feedback database ({first_line(e.orig)})") from None
+        head = head_revision()
+        if revision != head:
+            self._engine.dispose()
+            state = ("has no alignloop schema" if revision is None
+                     else f"has schema revision {revision}, this alignloop needs {head}")
+            raise StoreError(f"{shown_url(url)}: the feedback database {state}; "
+                             f"run `alignloop db upgrade --db {shown_url(url)}`")
+        self._completions: OrderedDict[str, _CompletionFacts] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._writer = GroupCommitWriter(self._engine.execution_options(sqlite_immediate=True),
+                                         expected_errors=StoreError)
+
+    def close(self) -> None:
+        """Finish queued writes and release the connections."""
+        self._writer.close()
+        self._engine.dispose()
+
+    def __enter__(self) -> FeedbackStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, write: Callable[[sa.Connection], Any]) -> Any:
+        try:
+            return self._writer.submit(write)
+        except WriterStopped as e:  # the caller's write did not happen
+            raise StoreError(f"{shown_url(self.url)}: {e}") from None
+
+    # users ---------------------------------------------------------------------------------
+
+    def add_user(self, name: str, admin: bool = False) -> str:
+        """Create a user; return their API key. Only its sha256 is stored, so this is the one
+        time anyone sees it."""
+        name = check_user_name(name)
+        key = "al-" + secrets.token_urlsafe(32)
+
+        def write(conn: sa.Connection) -> None:
+            if conn.execute(sa.select(users_t.c.id).where(users_t.c.name == name)).first() is not None:
+                raise StoreError(f"a user named {name!r} already exists; pick another name", field="name")
+            conn.execute(users_t.insert().values(name=name, key_hash=_hash_key(key), admin=admin, created_at=utc_now()))
+
+        self._write(write)
+        return key
+
+    def ensure_user(self, name: str, admin: bool = False) -> User:
+        """The user called ``name``, created without a usable key if absent (``--no-auth``'s
+        "anonymous")."""
+        name = check_user_name(name)
+
+        def write(conn: sa.Connection) -> User:
+            row = conn.execute(sa.select(users_t).where(users_t.c.name == name)).first()
+            if row is None:
+                conn.execute(users_t.insert().values(name=name, key_hash=None, admin=admin, created_at=utc_now()))
+                row = conn.execute(sa.select(users_t).where(users_t.c.name == name)).one()
+            return User(row.id, row.name, row.admin)
+
+        return self._write(write)
+
+    def user_by_key(self, key: str) -> User | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(users_t).where(users_t.c.key_hash == _hash_key(key))).first()
+        return None if row is None else User(row.id, row.name, row.admin)
+
+    def list_users(self) -> list[User]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(users_t).order_by(users_t.c.id)).all()
+        return [User(row.id, row.name, row.admin) for row in rows]
+
+    # models and completions ------------------------------------------------------------------
+
+    def register_model(self, name: str, version: str, path: str) -> None:
+        """Record a served model version; registering a known version again changes nothing."""
+        if not version or len(version) > 64:
+            raise Invalid(f"field 'version' must be 1 to 64 characters, got {version!r}", field="version")
+
+        def write(conn: sa.Connection) -> None:
+            stmt = _dialect_insert(conn.dialect.name)(models_t).values(version=version, name=name, path=path, created_at=utc_now())
+            conn.execute(stmt.on_conflict_do_nothing(index_elements=["version"]))
+
+        self._write(write)
+
+    def add_completions(self, records: list[CompletionRecord]) -> None:
+        """Store the choices of one or more requests; returns after they are committed.
+
+        With a ``conversation_id`` the conversation is created for the record's user (or must
+        already be theirs), and the chat messages it has not seen yet are appended to it in order.
+        """
+        for record in records:
+            check_completion(record)
+
+        def write(conn: sa.Connection) -> None:
+            for user_id in {r.user_id for r in records}:
+                if conn.execute(sa.select(users_t.c.id).where(users_t.c.id == user_id)).first() is None:
+                    raise NotFound(f"field 'user_id': no user {user_id}", field="user_id")
+            for version in {r.model_version for r in records}:
+                if conn.execute(sa.select(models_t.c.version).where(models_t.c.version == version)).first() is None:
+                    raise NotFound(f"field 'model_version': model version {version!r} is not registered; "
+                                   "call register_model first", field="model_version")
+            conversations = {r.conversation_id: r.user_id for r in records if r.conversation_id is not None}
+            for conversation_id, user_id in conversations.items():
+                owner = conn.execute(sa.select(conversations_t.c.user_id)
+                                     .where(conversations_t.c.id == conversation_id)).scalar()
+                if owner is not None and owner != user_id:
+                    raise NotFound(f"field 'conversation_id': no conversation {conversation_id!r} of yours",
+                                   field="conversation_id")
+            now = utc_now()
+            for record in records:
+                if record.conversation_id is not None:
+                    _append_conversation(conn, record, now)
+            conn.execute(completions_t.insert(), [dataclasses.asdict(r) for r in records])
+
+        self._write(write)
+        for record in records:
+            self._remember(record.id, _CompletionFacts(record.user_id, record.completion_text, record.model_version))
+
+    def get_completion(self, completion_id: str) -> CompletionRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(completions_t).where(completions_t.c.id == completion_id)).first()
+        return None if row is None else CompletionRecord(**row._asdict())
+
+    def _remember(self, completion_id: str, facts: _CompletionFacts) -> None:
+        with self._cache_lock:
+            self._completions[completion_id] = facts
+            if len(self._completions) > COMPLETION_CACHE_SIZE:
+                self._completions.popitem(last=False)
+
+    def _owned_completion(self, user_id: int, completion_id: str | None, field_name: str) -> _CompletionFacts:
+        """The completion ``completion_id`` if it exists and is ``user_id``'s, else NotFound."""
+        facts = None
+        if isinstance(completion_id, str) and len(completion_id) <= MAX_ID_CHARS:
+            with self._cache_lock:
+                facts = self._completions.get(completion_id)
+            if facts is None:
+                columns = (completions_t.c.user_id, completions_t.c.completion_text, completions_t.c.model_version)
+                with self._engine.connect() as conn:
+                    row = conn.execute(sa.select(*columns).where(completions_t.c.id == completion_id)).first()
+                if row is not None:
+                    facts = _CompletionFacts(*row)
+                    self._remember(completion_id, facts)
+        if facts is None or facts.user_id != user_id:
+            raise NotFound(f"field '{field_name}': no completion {completion_id!r} of yours", field=field_name)
+        return facts
+
+    # feedback --------------------------------------------------------------------------------
+
+    def put_feedback(self, user_id: int, fb: FeedbackInput,
+                     idempotency_key: str | None = None) -> tuple[FeedbackRecord, str]:
+        """Create or replace the user's vote; return it and ``"created"``, ``"replaced"`` or
+        ``"replayed"`` (a retry with a known idempotency key: the first answer, nothing written).
+
+        One live vote per (user, kind, target): the target is the completion, or for pairwise the
+        unordered pair, so voting again replaces the vote and bumps its revision. Returns after
+        COMMIT.
+        """
+        check_feedback(fb)
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+            raise Invalid(f"field 'idempotency_key' must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+                          field="idempotency_key")
+        facts = self._owned_completion(user_id, fb.completion_id, "completion_id")
+        target = fb.completion_id
+        if fb.kind == "pairwise":
+            self._owned_completion(user_id, fb.other_completion_id, "other_completion_id")
+            target = " ".join(sorted((fb.completion_id, fb.other_completion_id)))
+        request_hash = _request_hash(fb) if idempotency_key is not None else ""
+        values = {name: getattr(fb, name) for name in
+                  ("kind", "completion_id", "up", "rating", "other_completion_id", "verdict", "left",
+                   "correction", "comment", "tags")}
+
+        def write(conn: sa.Connection) -> tuple[FeedbackRecord, str]:
+            if idempotency_key is not None:
+                first = conn.execute(sa.select(idempotency_t.c.request_hash, idempotency_t.c.response)
+                                     .where(idempotency_t.c.user_id == user_id,
+                                            idempotency_t.c.key == idempotency_key)).first()
+                if first is not None:
+                    if first.request_hash != request_hash:
+                        raise IdempotencyConflict(
+                            "field 'idempotency_key': this Idempotency-Key was already used with a different "
+                            "body; use a new key for a new request", field="idempotency_key")
+                    return FeedbackRecord.from_json(first.response), "replayed"
+            now = utc_now()
+            row = conn.execute(_feedback_upsert(conn.dialect.name),
+                               {**values, "user_id": user_id, "target": target, "now": now}).one()
+            record = FeedbackRecord(id=row.id, user_id=user_id, created_at=row.created_at, updated_at=now,
+                                    revision=row.revision, completion_text=facts.completion_text,
+                                    model_version=facts.model_version, **values)
+            if idempotency_key is not None:
+                conn.execute(idempotency_t.insert(), {"user_id": user_id, "key": idempotency_key,
+                                                      "request_hash": request_hash,
+                                                      "response": record.to_json(), "created_at": now})
+            return record, "created" if row.revision == 1 else "replaced"
+
+        return self._write(write)
+
+    def _feedback_query(self, user_id: int) -> sa.Select:
+        return (sa.select(feedback_t, completions_t.c.completion_text, completions_t.c.model_version)
+                .join(completions_t, completions_t.c.id == feedback_t.c.completion_id)
+                .where(feedback_t.c.user_id == user_id))
+
+    def list_feedback(self, user_id: int, kind: str | None = None, limit: int = 100) -> list[FeedbackRecord]:
+        """The user's live votes, most recently created or replaced first."""
+        if kind is not None and kind not in FEEDBACK_KINDS:
+            raise Invalid(f"field 'kind' must be one of {', '.join(FEEDBACK_KINDS)}, got {kind!r}", field="kind")
+        if not 1 <= limit <= 1000:
+            raise Invalid(f"field 'limit' must be between 1 and 1000, got {limit}", field="limit")
+        query = self._feedback_query(user_id)
+        if kind is not None:
+            query = query.where(feedback_t.c.kind == kind)
+        query = query.order_by(feedback_t.c.updated_at.desc(), feedback_t.c.id.desc()).limit(limit)
+        with self._engine.connect() as conn:
+            return [_feedback_record(row) for row in conn.execute(query)]
+
+    def get_feedback(self, user_id: int, feedback_id: int) -> FeedbackRecord | None:
+        """The vote ``feedback_id`` if it is ``user_id``'s, else None."""
+        with self._engine.connect() as conn:
+            row = conn.execute(self._feedback_query(user_id).where(feedback_t.c.id == feedback_id)).first()
+        return None if row is None else _feedback_record(row)
+
+    def delete_feedback(self, user_id: int, feedback_id: int) -> bool:
+        """Delete the user's own vote; False if there is none with that id (or it is another's)."""
+
+        def write(conn: sa.Connection) -> bool:
+            result = conn.execute(feedback_t.delete().where(feedback_t.c.id == feedback_id,
+                                                            feedback_t.c.user_id == user_id))
+            return result.rowcount == 1
+
+        return self._write(write)
+
+    def export(self, kind: str) -> tuple[list[dict], dict]:
+        """Training records of ``kind`` (pairs, kto, sft, ratings) and the count of votes skipped
+        per reason; see :mod:`alignloop.feedback.export`."""
+        from alignloop.feedback.export import export_records
+
+        with self._engine.connect() as conn:
+            return export_records(conn, kind)
+
+
+def _feedback_record(row: sa.Row) -> FeedbackRecord:
+    data = row._asdict()
+    del data["target"]
+    return FeedbackRecord(**data)
+
+
+def _append_conversation(conn: sa.Connection, record: CompletionRecord, now: datetime) -> None:
+    """Create the conversation if new; append the request's messages beyond those stored.
+
+    A client resends the whole history each turn, so what is new is the tail past the stored
+    count: the reply it kept from the previous turn and the new user message.
+    """
+    updated = conn.execute(conversations_t.update().where(conversations_t.c.id == record.conversation_id)
+                           .values(updated_at=now))
+    if updated.rowcount == 0:
+        conn.execute(conversations_t.insert().values(id=record.conversation_id, user_id=record.user_id,
+                                                     created_at=now, updated_at=now))
+    stored = conn.execute(sa.select(sa.func.count()).select_from(messages_t)
+                          .where(messages_t.c.conversation_id == record.conversation_id)).scalar_one()
+    new = (record.prompt_messages or [])[stored:]
+    if new:
+        conn.execute(messages_t.insert(), [
+            {"conversation_id": record.conversation_id, "position": stored + i, "role": m["role"],
+             "content": m["content"], "created_at": now}
+            for i, m in enumerate(new)
+        ])
+

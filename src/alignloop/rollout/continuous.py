@@ -1,0 +1,244 @@
+"""Continuous batching: requests join and leave one running batch between decode steps.
+
+:func:`~alignloop.rollout.generate.generate` decodes a fixed set of prompts to the end; a server
+cannot wait for that, because a request that arrives while a batch decodes would wait for its
+slowest row. Here every :meth:`ContinuousBatcher.step` first prefills whatever has arrived
+(so a new request's first token comes after one prefill, not after the running batch), merges
+it into the running batch, and then decodes one token for every running row. A row leaves as
+soon as it stops (stop token, its own ``max_new_tokens``, or its caller cancels it: a stop
+string was seen or the client went away), so its slot is free at the next step.
+
+The running batch keeps one KV cache (transformers' ``DynamicCache``) whose rows have different
+prompt lengths: shorter rows are left-padded in the cache and masked out of attention, and every
+row carries its own position (the count of its real tokens), as :func:`generate` does for left
+padding. When rows leave, columns that are padding in every remaining row are cut, so the cache
+is as wide as its longest live row. Sampling is per row (:class:`TokenSampler`): each request
+has its own temperature, top-p, top-k and seed, and the same seed gives the same tokens however
+the request is batched with others (the Gumbel-max draws are per row, see :func:`generate`).
+
+One thread owns a batcher and calls :meth:`step`; :meth:`submit` and :meth:`cancel` may be called
+from any thread. Callbacks run on the stepping thread and must be quick (hand the token to
+another thread or event loop; do not decode there).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from alignloop.rollout.generate import RowSampling, TokenSampler, _cache_argument, _eval_mode
+
+
+@dataclass(eq=False)
+class DecodeRequest:
+    """One completion to produce. ``on_token(token_id, logprob)`` receives every generated token
+    (a stop token is not passed on); ``on_finish(reason)`` is called once, with ``"stop"`` (a stop
+    token), ``"length"`` (``max_new_tokens`` reached) or ``"cancelled"``, or ``"error: …"``
+    when the forward failed."""
+
+    prompt_ids: list[int]
+    sampling: RowSampling
+    max_new_tokens: int
+    on_token: Callable[[int, float], None]
+    on_finish: Callable[[str], None]
+    generated: int = 0
+    cancelled: bool = field(default=False, repr=False)
+
+
+class ContinuousBatcher:
+    """A running batch of :class:`DecodeRequest` rows on one causal LM; see the module docstring."""
+
+    def __init__(self, model: Any, stop_token_ids: Sequence[int], pad_id: int, max_batch: int = 32) -> None:
+        self.model, self.max_batch, self.pad_id = model, max_batch, pad_id
+        self.device = next(model.parameters()).device
+        self.stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=self.device)
+        self.cache_kw = _cache_argument(model)
+        self._pending: list[list[DecodeRequest]] = []  # submissions, FIFO; rows of one submission join together
+        self._lock = threading.Condition()
+        self.rows: list[DecodeRequest] = []
+        self.cache: Any = None
+        self.mask = self.position = self.last = None  # (R, S), (R,), (R,)
+        self.sampler: TokenSampler | None = None
+
+    # --- any thread --------------------------------------------------------------------------
+    def submit(self, requests: Sequence[DecodeRequest]) -> None:
+        """Queue requests; they join at the next step. Rows with identical prompts share one prefill."""
+        with self._lock:
+            self._pending.append(list(requests))
+            self._lock.notify()
+
+    def cancel(self, request: DecodeRequest) -> None:
+        """Stop a request at the next step (its ``on_finish`` gets ``"cancelled"``)."""
+        request.cancelled = True
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Block until something is running or queued (or ``timeout``); True if there is work."""
+        with self._lock:
+            if not self.rows and not self._pending:
+                self._lock.wait(timeout)
+            return bool(self.rows or self._pending)
+
+    @property
+    def load(self) -> int:
+        """Rows running plus rows queued."""
+        with self._lock:
+            return len(self.rows) + sum(len(s) for s in self._pending)
+
+    # --- the stepping thread -----------------------------------------------------------------
+    def step(self) -> None:
+        """Admit what fits, then decode one token for every running row."""
+        with _eval_mode(self.model), torch.inference_mode():
+            try:
+                self._admit()
+                if self.rows:
+                    self._decode()
+            except Exception as e:  # a failed forward ends every row it touched, not the server
+                for request in self.rows + [r for s in self._take_all() for r in s]:
+                    request.on_finish(f"error: {type(e).__name__}: {e}")
+                self._reset()
+                raise
+
+    def _take_all(self) -> list[list[DecodeRequest]]:
+        with self._lock:
+            taken, self._pending = self._pending, []
+        return taken
+
+    def _admit(self) -> None:
+        with self._lock:
+            admitted: list[DecodeRequest] = []
+            while self._pending and (not self.rows and not admitted or
+                                     len(self.rows) + len(admitted) + len(self._pending[0]) <= self.max_batch):
+                admitted += self._pending.pop(0)
+        admitted = [r for r in admitted if not self._finish_if_cancelled(r)]
+        if not admitted:
+            return
+        zero = [r for r in admitted if r.max_new_tokens <= 0]
+        for r in zero:
+            r.on_finish("length")
+        admitted = [r for r in admitted if r.max_new_tokens > 0]
+        if not admitted:
+            return
+        cache, mask, position, logits = self._prefill([r.prompt_ids for r in admitted])
+        sampler = TokenSampler([r.sampling for r in admitted], logits.shape[-1], self.device)
+        token, logp = sampler(logits.float(), range(len(admitted)))
+        keep = self._deliver(admitted, token, logp)
+        if not keep:
+            return
+        index = torch.tensor(keep, device=self.device)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        sampler.select(keep)
+        self._merge([admitted[i] for i in keep], cache, mask[index], position[index], token[index], sampler)
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded prefill of the distinct prompts, expanded to one row per request."""
+        from transformers import DynamicCache
+
+        unique: dict[tuple[int, ...], int] = {}
+        for p in prompts:
+            unique.setdefault(tuple(p), len(unique))
+        distinct = list(unique)
+        width = max(len(p) for p in distinct)
+        input_ids = torch.full((len(distinct), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(distinct), width), dtype=torch.long)
+        for r, p in enumerate(distinct):
+            input_ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+            logits_to_keep=1, **{self.cache_kw: cache},
+        ).logits[:, -1, :]
+        source = torch.tensor([unique[tuple(p)] for p in prompts], device=self.device)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[source], layer.values[source]
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        return cache, mask[source], lengths, logits[source]
+
+    def _merge(self, rows: list[DecodeRequest], cache: Any, mask: torch.Tensor, position: torch.Tensor,
+               last: torch.Tensor, sampler: TokenSampler) -> None:
+        """Append prefilled rows to the running batch, left-padding whichever cache is shorter."""
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.position, self.last, self.sampler = rows, cache, mask, position, last, sampler
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
+            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.position = torch.cat([self.position, position])
+        self.last = torch.cat([self.last, last])
+        self.sampler.extend(sampler)
+        self.rows = self.rows + rows
+
+    def _decode(self) -> None:
+        rows = len(self.rows)
+        width = self.mask.shape[1]
+        self.mask = torch.cat([self.mask, torch.ones((rows, 1), dtype=torch.long, device=self.device)], dim=1)
+        logits = self.model(
+            input_ids=self.last[:, None], attention_mask=self.mask, position_ids=self.position[:, None],
+            cache_position=torch.tensor([width], device=self.device), use_cache=True, logits_to_keep=1,
+            **{self.cache_kw: self.cache},
+        ).logits[:, -1, :]
+        self.position = self.position + 1
+        token, logp = self.sampler(logits.float(), range(rows))
+        keep = self._deliver(self.rows, token, logp)
+        if len(keep) == rows:
+            self.last = token
+            return
+        if not keep:
+            self._reset()
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, self.position, self.last = self.mask[index], self.position[index], token[index]
+        self.sampler.select(keep)
+        # Columns that are padding in every remaining row carry nothing: cut them.
+        first = int(self.mask.any(dim=0).int().argmax())
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
+        self.mask = self.mask[:, first:]
+
+    def _deliver(self, rows: list[DecodeRequest], token: torch.Tensor, logp: torch.Tensor) -> list[int]:
+        """Hand each row its token; the indices of rows that go on."""
+        stopped = torch.isin(token, self.stop_ids).tolist() if len(self.stop_ids) else [False] * len(rows)
+        tokens, logps = token.tolist(), logp.tolist()
+        keep = []
+        for i, request in enumerate(rows):
+            if self._finish_if_cancelled(request):
+                continue
+            if stopped[i]:
+                request.on_finish("stop")
+                continue
+            request.generated += 1
+            request.on_token(tokens[i], logps[i])
+            if request.generated >= request.max_new_tokens:
+                request.on_finish("length")
+            elif not self._finish_if_cancelled(request):
+                keep.append(i)
+        return keep
+
+    @staticmethod
+    def _finish_if_cancelled(request: DecodeRequest) -> bool:
+        if request.cancelled:
+            request.on_finish("cancelled")
+        return request.cancelled
+
+    def _reset(self) -> None:
+        self.rows, self.cache, self.mask, self.position, self.last, self.sampler = [], None, None, None, None, None
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zeros before ``tensor`` along ``dim`` up to ``width`` (masked-out cache slots or mask zeros)."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -1,0 +1,185 @@
+"""A served model: weights, tokenizer, version hash and one decode thread running a
+:class:`~alignloop.rollout.continuous.ContinuousBatcher`.
+
+Requests from every client of a model share that model's running batch. The bridge to the
+event loop is one ``asyncio.Queue`` per request: the decode thread puts ``(choice, token, logp)``
+and ``(choice, None, reason)`` events on it with ``call_soon_threadsafe`` and never waits for the
+event loop; the request's handler detokenises, applies stop strings and streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignloop.config import ModelConfig
+from alignloop.errors import ConfigError
+from alignloop.models.load import context_length, disable_dropout, inference_device, load_causal_lm, load_tokenizer
+from alignloop.rollout.continuous import ContinuousBatcher, DecodeRequest
+from alignloop.rollout.generate import RowSampling, default_stop_token_ids
+
+log = logging.getLogger("alignloop")
+
+
+def model_version(model: torch.nn.Module) -> str:
+    """A content hash of the weights (adapters included, as they are part of the module): the
+    SHA-256 of every tensor's name, dtype, shape and bytes in name order, first 16 hex digits.
+    Two folders with the same weights get the same version; one changed weight changes it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` or ``PATH`` → (name, path). The name of ``runs/X/final`` is ``X``."""
+    name, sep, path = spec.partition("=")
+    if sep:
+        if not name or not path:
+            raise ConfigError(f"models: {spec!r} should be PATH or NAME=PATH")
+        return name, path
+    parts = Path(spec.rstrip("/")).parts
+    if len(parts) >= 2 and parts[-1] == "final":
+        return parts[-2], spec
+    return (parts[-1] if parts else spec), spec
+
+
+class ServedModel:
+    """One model behind the API: ``name`` (what requests ask for), ``version`` (the content hash
+    stored with every completion) and the decode thread."""
+
+    def __init__(self, name: str, path: str, device: str | None = None, dtype: str = "float32", max_batch: int = 32) -> None:
+        cfg = ModelConfig(name_or_path=path, dtype=dtype)
+        self.name, self.path = name, path
+        self.tokenizer = load_tokenizer(cfg)
+        self.model = load_causal_lm(cfg, self.tokenizer, seed=0).to(inference_device(device)).eval()
+        disable_dropout(self.model)
+        self.version = model_version(self.model)
+        self.context = context_length(self.model)
+        self.stop_ids = default_stop_token_ids(self.model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.batcher = ContinuousBatcher(self.model, self.stop_ids, pad, max_batch=max_batch)
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the decode thread (again, after :meth:`stop`)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._run, name=f"decode-{self.name}", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            if not self.batcher.wait_for_work(timeout=0.2):
+                continue
+            try:
+                self.batcher.step()
+            except Exception:  # every affected request got on_finish("error: …"); keep serving
+                log.exception("decode step failed on model %s", self.name)
+
+    def render_chat(self, messages: Sequence[dict]) -> str:
+        """The prompt text the model sees: the chat template with the assistant header appended."""
+        return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def submit(self, prompt_ids: list[int], rows: Sequence[RowSampling], max_new_tokens: int) -> "Submission":
+        """Queue one request's rows (its ``n`` choices) on the running batch."""
+        return Submission(self.batcher, prompt_ids, rows, max_new_tokens)
+
+
+class Submission:
+    """The rows of one request in a model's running batch, seen from the event loop.
+
+    ``events()`` yields ``(choice, token_id, None)`` per generated token and ``(choice, None,
+    reason)`` when a choice ends; ``cancel(choice)`` stops one row (a stop string was seen),
+    ``close()`` every row still running (the client went away).
+    """
+
+    def __init__(self, batcher: ContinuousBatcher, prompt_ids: list[int], rows: Sequence[RowSampling], max_new_tokens: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.batcher = batcher
+        self.requests = [
+            DecodeRequest(
+                prompt_ids, sampling, max_new_tokens,
+                on_token=lambda token, logp, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, token, None)),
+                on_finish=lambda reason, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, None, reason)),
+            )
+            for i, sampling in enumerate(rows)
+        ]
+        batcher.submit(self.requests)
+
+    async def events(self) -> AsyncIterator[tuple[int, int | None, str | None]]:
+        open_rows = len(self.requests)
+        while open_rows:
+            event = await self.queue.get()
+            if event[1] is None:
+                open_rows -= 1
+            yield event
+
+    def cancel(self, choice: int) -> None:
+        self.batcher.cancel(self.requests[choice])
+
+    def close(self) -> None:
+        for request in self.requests:
+            self.batcher.cancel(request)
+
+
+class TextStream:
+    """Incremental detokenisation of one choice with stop strings.
+
+    ``push(token)`` returns the new text that is safe to show: characters that might still turn
+    into the start of a stop string, and an incomplete UTF-8 sequence (decoded as U+FFFD), are
+    held back until the next token settles them. ``stopped`` turns true when a stop string
+    appears; the text is cut before it.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        for s in self.stop:
+            at = text.find(s, max(0, self.sent - len(s)))
+            if at >= 0:
+                text, self.stopped = text[:at], True
+        self.text = text
+        if self.stopped:
+            return self.flush()
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        safe = len(text) - hold
+        if text.endswith("\ufffd"):
+            safe = min(safe, len(text) - 1)
+        return self._send_to(safe)
+
+    def flush(self) -> str:
+        """Everything not yet sent (the choice has ended)."""
+        return self._send_to(len(self.text))
+
+    def _send_to(self, end: int) -> str:
+        if end <= self.sent:
+            return ""
+        piece, self.sent = self.text[self.sent:end], end
+        return piece

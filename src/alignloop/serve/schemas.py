@@ -1,0 +1,147 @@
+"""Request and response bodies of the HTTP API (pydantic): the OpenAI-compatible shapes the
+official ``openai`` client sends and reads, plus alignloop's extensions (``completion_id`` on every
+choice, ``model_version`` on every response, ``conversation_id`` on chat requests) and feedback.
+
+Unknown request fields are ignored, as OpenAI-compatible servers do (clients send fields such as
+``logprobs`` or ``user`` that a server may not implement); known fields are checked strictly and
+an error names the field.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+Text = Annotated[str, Field(max_length=200_000)]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Union[Text, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields both completion endpoints take."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=200)
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    n: StrictInt = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)  # the newer OpenAI name
+    stop: Union[None, Annotated[str, Field(max_length=200)], Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=4)]] = None
+    seed: Optional[StrictInt] = Field(None, ge=0, le=2**63 - 1)
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    conversation_id: Optional[Annotated[str, Field(min_length=1, max_length=100)]] = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Text = Field(min_length=1)
+
+
+FeedbackKind = Literal["thumbs", "rating", "pairwise", "correction"]
+
+
+class FeedbackIn(BaseModel):
+    """One piece of feedback on a completion (``completion_id``: the choice's ``completion_id``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: FeedbackKind
+    completion_id: str = Field(min_length=1, max_length=100)
+    up: Optional[StrictBool] = None
+    rating: Optional[StrictInt] = Field(None, ge=1, le=5)
+    other_completion_id: Optional[str] = Field(None, min_length=1, max_length=100)
+    verdict: Optional[Literal["a", "b", "tie", "both_bad"]] = None
+    left: Optional[Literal["a", "b"]] = None
+    correction: Optional[str] = Field(None, max_length=100_000)
+    comment: Optional[str] = Field(None, max_length=10_000)
+    tags: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(default_factory=list, max_length=20)
+
+    @field_validator("correction")
+    @classmethod
+    def _correction_not_blank(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():
+            raise ValueError("a correction needs the corrected answer's text")
+        return value
+
+
+class FeedbackOut(BaseModel):
+    id: int
+    kind: FeedbackKind
+    completion_id: str
+    up: Optional[bool] = None
+    rating: Optional[int] = None
+    other_completion_id: Optional[str] = None
+    verdict: Optional[str] = None
+    left: Optional[str] = None
+    correction: Optional[str] = None
+    comment: Optional[str] = None
+    tags: list[str] = []
+    revision: int
+    created_at: datetime
+    updated_at: datetime
+    completion_text: Optional[str] = None
+    model_version: Optional[str] = None
+    outcome: Optional[Literal["created", "replaced", "replayed"]] = None
+
+
+class FeedbackList(BaseModel):
+    data: list[FeedbackOut]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "alignloop"
+    version: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Me(BaseModel):
+    id: int
+    name: str
+    admin: bool
+    auth: bool
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

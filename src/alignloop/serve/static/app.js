@@ -1,0 +1,687 @@
+"use strict";
+// The alignloop chat page. It speaks only the server's public HTTP API (the same one the openai
+// client and scripts use), so whatever the page records a script could record too: chat
+// completions streamed as server-sent events, and feedback attached to each answer's
+// `completion_id`. Plain JS with no build step and nothing fetched from outside the server.
+
+const KEY_STORAGE = "alignloop.apiKey";
+const FEEDBACK_RETRIES = 3; // network failures only; the Idempotency-Key makes a retry safe
+
+const state = {
+  key: null, // the API key sent as a bearer token; null when auth is off or before login
+  me: null, // GET /v1/me
+  models: [], // GET /v1/models data
+  conversationId: null,
+  turns: [], // {role, content}; an assistant turn's content follows a saved correction
+  chatBusy: false, // one answer streams at a time in the chat
+  chatAbort: null, // aborts the answer streaming now when "New chat" is pressed
+  compareBusy: false,
+};
+
+const $ = (id) => document.getElementById(id);
+
+/** A random UUID. crypto.randomUUID exists only in secure contexts (https, localhost), and the
+ * page may be opened over plain http on a LAN address, so fall back to getRandomValues. */
+function newId() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  bytes[6] = (bytes[6] & 0x0f) | 0x40;
+  bytes[8] = (bytes[8] & 0x3f) | 0x80;
+  const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** An HTTP error from the API, carrying the server's own message (its `{"error": {"message"}}`). */
+class ApiError extends Error {
+  constructor(status, message, param) {
+    super(message);
+    this.status = status;
+    this.param = param;
+  }
+}
+
+/** The message of an error body: ours is {"error": {"message"}}; FastAPI's own is {"detail"}. */
+function errorMessage(body, status, retryAfter) {
+  let message = `HTTP ${status}`;
+  if (body && body.error && body.error.message) message = body.error.message;
+  else if (body && typeof body.detail === "string") message = body.detail;
+  else if (body && Array.isArray(body.detail)) {
+    message = body.detail.map((d) => `${(d.loc || []).join(".")}: ${d.msg}`).join("; ");
+  }
+  if (status === 429 && retryAfter) message += ` (try again in ${retryAfter} s)`;
+  return message;
+}
+
+/** fetch with the bearer key; throws ApiError with the server's message on a non-2xx answer. */
+async function apiFetch(path, { method = "GET", body, headers = {}, signal } = {}) {
+  const allHeaders = { ...headers };
+  if (state.key) allHeaders.Authorization = `Bearer ${state.key}`;
+  if (body !== undefined) allHeaders["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method,
+    headers: allHeaders,
+    body: body === undefined ? undefined : JSON.stringify(body),
+    signal,
+  });
+  if (response.ok) return response;
+  const text = await response.text();
+  let parsed = null;
+  try {
+    parsed = JSON.parse(text);
+  } catch (_) {
+    parsed = null;
+  }
+  const error = new ApiError(response.status, errorMessage(parsed, response.status, response.headers.get("Retry-After")),
+    parsed && parsed.error ? parsed.error.param : undefined);
+  if (response.status === 401 && state.me) showLogin("Your key is no longer accepted; log in again.");
+  throw error;
+}
+
+/** apiFetch, then the JSON body (null for 204 No Content). */
+async function api(path, options) {
+  const response = await apiFetch(path, options);
+  if (response.status === 204) return null;
+  return response.json();
+}
+
+/** Yields the `data:` payload of each server-sent event of a streaming response. */
+async function* readSse(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  const boundary = /\r\n\r\n|\n\n|\r\r/;
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let match;
+    while ((match = boundary.exec(buffer))) {
+      const block = buffer.slice(0, match.index);
+      buffer = buffer.slice(match.index + match[0].length);
+      const data = block
+        .split(/\r\n|\n|\r/)
+        .filter((line) => line.startsWith("data:"))
+        .map((line) => line.slice(5).replace(/^ /, ""))
+        .join("\n");
+      if (data) yield data;
+    }
+  }
+}
+
+/** POST /v1/chat/completions with stream:true. Calls onDelta(index, choice) as tokens arrive and
+ * returns the choices, each {text, completionId, finishReason, model}, once `[DONE]` comes. */
+async function streamChat(request, onDelta, signal) {
+  const response = await apiFetch("/v1/chat/completions", { method: "POST", body: { ...request, stream: true }, signal });
+  const choices = [];
+  for await (const data of readSse(response)) {
+    if (data === "[DONE]") return choices;
+    const chunk = JSON.parse(data);
+    if (chunk.error) throw new ApiError(500, chunk.error.message || "the stream failed", chunk.error.param);
+    for (const delta of chunk.choices || []) {
+      const choice = (choices[delta.index] ??= { text: "", completionId: null, finishReason: null, model: chunk.model });
+      if (delta.completion_id) choice.completionId = delta.completion_id;
+      if (delta.delta && delta.delta.content) choice.text += delta.delta.content;
+      if (delta.finish_reason) choice.finishReason = delta.finish_reason;
+      onDelta(delta.index, choice);
+    }
+  }
+  throw new Error("The connection closed before the answer finished.");
+}
+
+/** POST /v1/feedback under one Idempotency-Key, retried on network failures: a retry of a write
+ * the server already committed is answered "replayed" instead of being stored twice. */
+async function postFeedback(body) {
+  const idempotencyKey = newId();
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await api("/v1/feedback", { method: "POST", body, headers: { "Idempotency-Key": idempotencyKey } });
+    } catch (error) {
+      if (error instanceof ApiError || attempt >= FEEDBACK_RETRIES) throw error;
+      await sleep(300 * 2 ** attempt);
+    }
+  }
+}
+
+/** Shows `text` in a status line; `ok` false styles it as an error. */
+function setStatus(element, text, ok = true) {
+  element.textContent = text;
+  element.classList.toggle("error", !ok);
+  element.classList.toggle("ok", ok && text !== "");
+}
+
+function savedText(outcome, what) {
+  if (outcome === "replaced") return `Saved ${what} (replaces your earlier vote).`;
+  if (outcome === "replayed") return `Already saved: ${what}.`;
+  return `Saved ${what}.`;
+}
+
+function sampling() {
+  const request = {};
+  const temperature = parseFloat($("temperature").value);
+  const maxTokens = parseInt($("max-tokens").value, 10);
+  if (Number.isFinite(temperature)) request.temperature = temperature;
+  if (Number.isFinite(maxTokens)) request.max_tokens = maxTokens;
+  return request;
+}
+
+// ---- login ----
+
+function showLogin(message = "") {
+  state.me = null;
+  $("app").hidden = true;
+  $("tabs").hidden = true;
+  $("account").hidden = true;
+  $("login").hidden = false;
+  setStatus($("login-error"), message, false);
+  $("api-key").focus();
+}
+
+async function enterApp(me) {
+  state.me = me;
+  $("login").hidden = true;
+  $("app").hidden = false;
+  $("tabs").hidden = false;
+  $("account").hidden = false;
+  $("user-name").textContent = me.auth ? me.name : `${me.name} (auth off)`;
+  $("logout").hidden = !me.auth;
+  await loadModels();
+  $("chat-input").focus();
+}
+
+async function start() {
+  state.key = localStorage.getItem(KEY_STORAGE);
+  try {
+    await enterApp(await api("/v1/me"));
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) {
+      showLogin(state.key ? "Your saved key was not accepted; log in again." : "");
+    } else {
+      showLogin(`Cannot reach the server: ${error.message}`);
+    }
+  }
+}
+
+async function login(event) {
+  event.preventDefault();
+  const key = $("api-key").value.trim();
+  state.key = key;
+  try {
+    const me = await api("/v1/me");
+    localStorage.setItem(KEY_STORAGE, key);
+    $("api-key").value = "";
+    await enterApp(me);
+  } catch (error) {
+    state.key = null;
+    const message = error instanceof ApiError && error.status === 401 ? "That key was not accepted." : error.message;
+    setStatus($("login-error"), message, false);
+  }
+}
+
+function logout() {
+  localStorage.removeItem(KEY_STORAGE);
+  state.key = null;
+  newConversation();
+  showLogin("");
+}
+
+// ---- models ----
+
+async function loadModels() {
+  const { data } = await api("/v1/models");
+  state.models = data;
+  for (const select of [$("model"), $("compare-model-a"), $("compare-model-b")]) {
+    const previous = select.value;
+    select.replaceChildren(...data.map((model) => {
+      const option = new Option(model.id, model.id);
+      option.title = `version ${model.version || "unknown"}`;
+      return option;
+    }));
+    if (data.some((model) => model.id === previous)) select.value = previous;
+  }
+  if (data.length > 1 && $("compare-model-a").value === $("compare-model-b").value) $("compare-model-b").selectedIndex = 1;
+  const twoModels = data.length > 1;
+  $("compare-models").hidden = !twoModels;
+  $("compare-mode").textContent = twoModels
+    ? "Two models answer the same prompt; their places are shuffled. Pick the better one."
+    : "The model answers twice (two samples); their places are shuffled. Pick the better one.";
+  if (data.length === 0) setStatus($("chat-error"), "The server serves no model.", false);
+}
+
+// ---- tabs ----
+
+const TABS = ["chat", "compare", "history"];
+
+function selectTab(name) {
+  for (const tab of TABS) {
+    const selected = tab === name;
+    $(`tab-${tab}`).setAttribute("aria-selected", String(selected));
+    $(`tab-${tab}`).tabIndex = selected ? 0 : -1;
+    $(`view-${tab}`).hidden = !selected;
+  }
+  $("settings").hidden = name === "history";
+  $("new-chat").hidden = name !== "chat";
+  if (name === "history") loadHistory();
+}
+
+function tabKeys(event) {
+  const index = TABS.indexOf(event.target.id.replace("tab-", ""));
+  const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
+  if (index < 0 || !step) return;
+  const next = TABS[(index + step + TABS.length) % TABS.length];
+  selectTab(next);
+  $(`tab-${next}`).focus();
+}
+
+// ---- chat ----
+
+function newConversation() {
+  if (state.chatAbort) state.chatAbort.abort();
+  state.conversationId = newId();
+  state.turns = [];
+  $("messages").replaceChildren($("chat-empty"));
+  $("chat-empty").hidden = false;
+  setStatus($("chat-error"), "", false);
+}
+
+/** Keeps the newest tokens in view: the page scrolls, the composer sticks to the bottom. */
+function scrollToEnd() {
+  window.scrollTo(0, document.documentElement.scrollHeight);
+}
+
+function addUserMessage(text) {
+  $("chat-empty").hidden = true;
+  const article = document.createElement("article");
+  article.className = "message user";
+  const content = document.createElement("div");
+  content.className = "content";
+  content.textContent = text;
+  article.append(content);
+  $("messages").append(article);
+  scrollToEnd();
+  return article;
+}
+
+/** An assistant bubble from the template, with its feedback controls wired to `turn`. */
+function addAssistantMessage(model) {
+  const article = $("assistant-template").content.firstElementChild.cloneNode(true);
+  article.querySelector(".meta").textContent = model;
+  article.querySelector(".content").classList.add("streaming");
+  article.setAttribute("aria-busy", "true"); // screen readers read the answer once, not per token
+  $("messages").append(article);
+  scrollToEnd();
+  return article;
+}
+
+function pressOnly(buttons, pressed) {
+  for (const button of buttons) button.setAttribute("aria-pressed", String(button === pressed));
+}
+
+function wireFeedback(article, turn) {
+  const status = article.querySelector(".status");
+  const thumbs = [article.querySelector(".thumb-up"), article.querySelector(".thumb-down")];
+  const ratingGroup = article.querySelector(".rating");
+  const ratingButtons = [1, 2, 3, 4, 5].map((value) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = String(value);
+    button.setAttribute("aria-label", `Rate ${value} out of 5`);
+    button.setAttribute("aria-pressed", "false");
+    button.dataset.rating = String(value);
+    ratingGroup.append(button);
+    return button;
+  });
+
+  async function send(body, what, button, group) {
+    setStatus(status, "Saving…");
+    try {
+      const saved = await postFeedback({ completion_id: turn.completionId, ...body });
+      if (button) pressOnly(group, button);
+      setStatus(status, savedText(saved.outcome, what));
+      return true;
+    } catch (error) {
+      setStatus(status, error.message, false);
+      return false;
+    }
+  }
+
+  thumbs[0].addEventListener("click", () => send({ kind: "thumbs", up: true }, "thumbs up", thumbs[0], thumbs));
+  thumbs[1].addEventListener("click", () => send({ kind: "thumbs", up: false }, "thumbs down", thumbs[1], thumbs));
+  for (const button of ratingButtons) {
+    const rating = Number(button.dataset.rating);
+    button.addEventListener("click", () => send({ kind: "rating", rating }, `rating ${rating}/5`, button, ratingButtons));
+  }
+  article.querySelector(".correct").addEventListener("click", () => editAnswer(article, turn, send));
+}
+
+/** "Correct this answer": the answer becomes an editable box; saving posts a correction and
+ * shows the corrected text (the original stays one click away). */
+function editAnswer(article, turn, send) {
+  if (article.querySelector(".editor")) return;
+  const content = article.querySelector(".content");
+  const editor = document.createElement("form");
+  editor.className = "editor";
+  const label = document.createElement("label");
+  label.textContent = "Corrected answer";
+  const textarea = document.createElement("textarea");
+  textarea.value = turn.content;
+  textarea.rows = Math.min(12, Math.max(3, turn.content.split("\n").length + 1));
+  textarea.id = `correction-${turn.completionId}`;
+  label.htmlFor = textarea.id;
+  const save = document.createElement("button");
+  save.type = "submit";
+  save.className = "primary";
+  save.textContent = "Save correction";
+  const cancel = document.createElement("button");
+  cancel.type = "button";
+  cancel.textContent = "Cancel";
+  const buttons = document.createElement("div");
+  buttons.className = "editor-buttons";
+  buttons.append(save, cancel);
+  editor.append(label, textarea, buttons);
+  content.hidden = true;
+  content.after(editor);
+  textarea.focus();
+
+  cancel.addEventListener("click", () => {
+    editor.remove();
+    content.hidden = false;
+  });
+  editor.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const correction = textarea.value;
+    if (correction.trim() === "") {
+      setStatus(article.querySelector(".status"), "A correction cannot be empty.", false);
+      return;
+    }
+    save.disabled = true;
+    const ok = await send({ kind: "correction", correction }, "your correction");
+    save.disabled = false;
+    if (!ok) return;
+    if (!article.querySelector(".original")) {
+      const original = document.createElement("details");
+      original.className = "original";
+      const summary = document.createElement("summary");
+      summary.textContent = "Original answer";
+      const text = document.createElement("div");
+      text.textContent = turn.original;
+      original.append(summary, text);
+      content.before(original);
+    }
+    turn.content = correction;
+    content.textContent = correction;
+    content.classList.add("corrected");
+    editor.remove();
+    content.hidden = false;
+  });
+}
+
+async function sendChat(event) {
+  event.preventDefault();
+  const input = $("chat-input");
+  const text = input.value.trim();
+  const model = $("model").value;
+  if (!text || state.chatBusy || !model) return;
+  state.chatBusy = true;
+  $("send").disabled = true;
+  setStatus($("chat-error"), "", false);
+  input.value = "";
+  // This conversation's turns: "New chat" replaces state.turns, and a late answer must not
+  // land in the next conversation.
+  const turns = state.turns;
+  const userTurn = { role: "user", content: text };
+  turns.push(userTurn);
+  const userArticle = addUserMessage(text);
+  const article = addAssistantMessage(model);
+  const content = article.querySelector(".content");
+  const abort = new AbortController();
+  state.chatAbort = abort;
+  try {
+    const choices = await streamChat(
+      {
+        model,
+        messages: turns.map(({ role, content: turnContent }) => ({ role, content: turnContent })),
+        conversation_id: state.conversationId,
+        ...sampling(),
+      },
+      (index, choice) => {
+        if (index !== 0) return;
+        content.textContent = choice.text;
+        scrollToEnd();
+      },
+      abort.signal,
+    );
+    const choice = choices[0];
+    if (!choice || !choice.completionId) throw new Error("The answer carried no completion_id, so it cannot be rated.");
+    const turn = { role: "assistant", content: choice.text, original: choice.text, completionId: choice.completionId };
+    turns.push(turn);
+    article.dataset.completionId = choice.completionId;
+    article.querySelector(".meta").textContent = choice.finishReason === "length" ? `${model} · cut at max tokens` : model;
+    content.classList.remove("streaming");
+    article.removeAttribute("aria-busy");
+    article.querySelector(".feedback").hidden = false;
+    wireFeedback(article, turn);
+  } catch (error) {
+    // Forget the failed turn so the next message does not carry an unanswered question.
+    turns.splice(turns.indexOf(userTurn), 1);
+    if (!abort.signal.aborted) {
+      userArticle.classList.add("failed");
+      article.remove();
+      input.value = text;
+      setStatus($("chat-error"), error.message, false);
+    }
+  } finally {
+    if (state.chatAbort === abort) state.chatAbort = null;
+    state.chatBusy = false;
+    $("send").disabled = false;
+  }
+}
+
+// ---- compare ----
+
+/** The current comparison: answers a and b (a = first model or sample 0) and which one the
+ * page placed on the left, chosen at random so position bias can be measured, not baked in. */
+let comparison = null;
+
+function panelOf(side) {
+  return { answer: $(`answer-${side}`), reveal: $(`reveal-${side}`), panel: $(`panel-${side}`) };
+}
+
+async function runCompare(event) {
+  event.preventDefault();
+  const prompt = $("compare-input").value.trim();
+  if (!prompt || state.compareBusy) return;
+  state.compareBusy = true;
+  $("compare-send").disabled = true;
+  setStatus($("compare-error"), "", false);
+  setStatus($("compare-status"), "");
+  const left = Math.random() < 0.5 ? "a" : "b";
+  const sideOf = { a: left === "a" ? "left" : "right", b: left === "a" ? "right" : "left" };
+  comparison = { left, answers: { a: null, b: null } };
+  for (const side of ["left", "right"]) {
+    const { answer, reveal, panel } = panelOf(side);
+    answer.textContent = "";
+    answer.classList.add("streaming");
+    reveal.textContent = "";
+    delete panel.dataset.completionId;
+  }
+  for (const button of document.querySelectorAll(".verdicts button")) {
+    button.disabled = true;
+    button.setAttribute("aria-pressed", "false");
+  }
+  $("compare-result").hidden = false;
+
+  const show = (which) => (_index, choice) => {
+    panelOf(sideOf[which]).answer.textContent = choice.text;
+  };
+  const messages = [{ role: "user", content: prompt }];
+  const common = { messages, conversation_id: newId(), ...sampling() };
+  try {
+    let a;
+    let b;
+    if (state.models.length > 1) {
+      const [modelA, modelB] = [$("compare-model-a").value, $("compare-model-b").value];
+      [[a], [b]] = await Promise.all([
+        streamChat({ model: modelA, ...common }, show("a")),
+        streamChat({ model: modelB, ...common }, show("b")),
+      ]);
+      a.label = modelA;
+      b.label = modelB;
+    } else {
+      const model = $("model").value;
+      [a, b] = await streamChat({ model, n: 2, ...common }, (index, choice) => show(index === 0 ? "a" : "b")(index, choice));
+      a.label = `${model}, sample 1`;
+      b.label = `${model}, sample 2`;
+    }
+    if (!a || !b || !a.completionId || !b.completionId) throw new Error("The server did not return two answers with completion ids.");
+    comparison.answers = { a, b };
+    for (const which of ["a", "b"]) {
+      const { answer, panel } = panelOf(sideOf[which]);
+      answer.classList.remove("streaming");
+      panel.dataset.completionId = comparison.answers[which].completionId;
+    }
+    for (const button of document.querySelectorAll(".verdicts button")) button.disabled = false;
+  } catch (error) {
+    $("compare-result").hidden = true;
+    comparison = null;
+    setStatus($("compare-error"), error.message, false);
+  } finally {
+    state.compareBusy = false;
+    $("compare-send").disabled = false;
+  }
+}
+
+const VERDICT_TEXT = { tie: "a tie", both_bad: "both bad" };
+
+async function vote(event) {
+  const button = event.target.closest("button[data-verdict]");
+  if (!button || !comparison) return;
+  const { left, answers } = comparison;
+  const right = left === "a" ? "b" : "a";
+  const picked = button.dataset.verdict; // left | right | tie | both_bad, as the user saw it
+  const verdict = picked === "left" ? left : picked === "right" ? right : picked;
+  const status = $("compare-status");
+  setStatus(status, "Saving…");
+  try {
+    const saved = await postFeedback({
+      kind: "pairwise",
+      completion_id: answers.a.completionId,
+      other_completion_id: answers.b.completionId,
+      verdict,
+      left,
+    });
+    pressOnly(document.querySelectorAll(".verdicts button"), button);
+    const what = picked === "left" ? "A is better" : picked === "right" ? "B is better" : VERDICT_TEXT[picked];
+    setStatus(status, savedText(saved.outcome, what));
+    panelOf(left === "a" ? "left" : "right").reveal.textContent = answers.a.label;
+    panelOf(left === "a" ? "right" : "left").reveal.textContent = answers.b.label;
+  } catch (error) {
+    setStatus(status, error.message, false);
+  }
+}
+
+// ---- history ----
+
+function describe(feedback) {
+  switch (feedback.kind) {
+    case "thumbs":
+      return feedback.up ? "thumbs up" : "thumbs down";
+    case "rating":
+      return `rated ${feedback.rating}/5`;
+    case "pairwise":
+      return {
+        a: "preferred the first answer",
+        b: "preferred the second answer",
+        tie: "a tie",
+        both_bad: "both bad",
+      }[feedback.verdict] || `verdict ${feedback.verdict}`;
+    case "correction":
+      return "corrected the answer";
+    default:
+      return feedback.kind;
+  }
+}
+
+function historyItem(feedback) {
+  const item = document.createElement("li");
+  item.className = "history-item";
+  item.dataset.feedbackId = String(feedback.id);
+  const head = document.createElement("div");
+  head.className = "history-item-head";
+  const kind = document.createElement("span");
+  kind.className = `badge ${feedback.kind}`;
+  kind.textContent = feedback.kind;
+  const summary = document.createElement("span");
+  summary.className = "summary";
+  summary.textContent = describe(feedback);
+  const when = document.createElement("time");
+  when.dateTime = feedback.updated_at || feedback.created_at;
+  when.textContent = new Date(when.dateTime).toLocaleString();
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "delete";
+  remove.textContent = "Delete";
+  remove.setAttribute("aria-label", `Delete ${feedback.kind} feedback ${feedback.id}`);
+  remove.addEventListener("click", () => deleteFeedback(feedback, item));
+  head.append(kind, summary, when, remove);
+  const answer = document.createElement("p");
+  answer.className = "answer-snippet";
+  // For a comparison the text is answer a's: the one "first answer" in the summary means.
+  const prefix = feedback.kind === "pairwise" ? "First answer: " : "";
+  answer.textContent = prefix + (feedback.completion_text || "");
+  item.append(head, answer);
+  if (feedback.kind === "correction") {
+    const corrected = document.createElement("p");
+    corrected.className = "correction-text";
+    corrected.textContent = `→ ${feedback.correction}`;
+    item.append(corrected);
+  }
+  return item;
+}
+
+async function loadHistory() {
+  const status = $("history-status");
+  setStatus(status, "Loading…");
+  try {
+    const { data } = await api("/v1/feedback?limit=100");
+    $("history-list").replaceChildren(...data.map(historyItem));
+    setStatus(status, data.length ? `${data.length} item${data.length === 1 ? "" : "s"}.` : "No feedback yet.");
+  } catch (error) {
+    setStatus(status, error.message, false);
+  }
+}
+
+async function deleteFeedback(feedback, item) {
+  const status = $("history-status");
+  try {
+    await api(`/v1/feedback/${encodeURIComponent(feedback.id)}`, { method: "DELETE" });
+    item.remove();
+    setStatus(status, `Deleted ${feedback.kind} feedback ${feedback.id}.`);
+  } catch (error) {
+    setStatus(status, error.message, false);
+  }
+}
+
+// ---- wiring ----
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("login-form").addEventListener("submit", login);
+  $("logout").addEventListener("click", logout);
+  for (const tab of TABS) $(`tab-${tab}`).addEventListener("click", () => selectTab(tab));
+  $("tabs").addEventListener("keydown", tabKeys);
+  $("chat-form").addEventListener("submit", sendChat);
+  $("chat-input").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      $("chat-form").requestSubmit();
+    }
+  });
+  $("new-chat").addEventListener("click", newConversation);
+  $("compare-form").addEventListener("submit", runCompare);
+  document.querySelector(".verdicts").addEventListener("click", vote);
+  $("history-refresh").addEventListener("click", loadHistory);
+  newConversation();
+  selectTab("chat");
+  start();
+});

@@ -1,0 +1,316 @@
+"""The chat page in a real browser against a real server.
+
+Debian's headless ``chromium``, driven through Playwright's Python package, opens the page served
+by a real ``alignloop serve`` process (uvicorn, SQLite feedback store, a tiny random model whose
+answers are gibberish), logs in with a user's key, chats with streamed tokens, rates, corrects,
+compares and deletes, and then the rows are read back from the database the server wrote: the
+page is only done when its clicks are committed feedback attached to the right completions.
+Screenshots at phone (375 px) and laptop (1280 px) widths go to the test's temp folder and, when
+``ALIGNLOOP_ARTIFACTS`` is set, to ``$ALIGNLOOP_ARTIFACTS/browser/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import alignloop_command
+
+CHROMIUM = Path("/usr/bin/chromium")
+LAPTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 375, "height": 812}
+GENERATION_MS = 60_000  # a streamed answer on a shared CPU; everything else uses Playwright's 5 s
+SERVER_START_S = 120.0
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} is missing (`apt-get install chromium`)"),
+]
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is missing: pip install -e '.[test]'")
+expect = sync_api.expect
+
+
+@dataclass
+class Server:
+    base_url: str
+    db_url: str
+    key: str | None  # alice's API key; None when the server runs with --no-auth
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+@contextmanager
+def _serve(models: list[str], folder: Path, *extra: str) -> Iterator[Server]:
+    """A migrated SQLite DB with user alice, and ``alignloop serve --model M...`` (``M`` is
+    ``PATH`` or ``NAME=PATH``) on a free port until exit.
+    The server's output goes to a file (a full pipe would block it) shown if it fails to start."""
+    from alignloop.feedback.store import FeedbackStore, upgrade
+
+    db_url = f"sqlite:///{folder / 'feedback.db'}"
+    upgrade(db_url)
+    store = FeedbackStore(db_url)
+    try:
+        key = None if "--no-auth" in extra else store.add_user("alice")
+    finally:
+        store.close()
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log_path = folder / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            alignloop_command("serve", *(f"--model={m}" for m in models), "--db", db_url, "--port", str(port), *extra),
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while not _healthy(base_url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"`alignloop serve` did not come up:\n{log_path.read_text()}")
+            time.sleep(0.1)
+        yield Server(base_url, db_url, key)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def _browser_page(shots: Path) -> Iterator[Any]:
+    """A fresh laptop-sized page in headless chromium. JavaScript exceptions fail the test; on
+    any failure the page as it was is saved as ``failure.png``; the screenshots are copied to
+    ``$ALIGNLOOP_ARTIFACTS/browser/<shots folder name>`` when that is set."""
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            page = browser.new_page(viewport=LAPTOP)
+            js_errors: list[str] = []
+            page.on("pageerror", lambda error: js_errors.append(str(error)))
+            try:
+                yield page
+            except BaseException:
+                page.screenshot(path=str(shots / "failure.png"), full_page=True)
+                raise
+            assert not js_errors, f"JavaScript errors on the page: {js_errors}"
+        finally:
+            browser.close()
+            artifacts = os.environ.get("ALIGNLOOP_ARTIFACTS")
+            if artifacts:
+                shutil.copytree(shots, Path(artifacts) / "browser" / shots.name, dirs_exist_ok=True)
+
+
+def _screenshots(page: Any, shots: Path, name: str) -> None:
+    """``NAME-1280.png`` and ``NAME-375.png``, each scrolled to the end as a user would see it;
+    at phone width nothing may stick out sideways."""
+    for viewport in (LAPTOP, PHONE):
+        page.set_viewport_size(viewport)
+        page.evaluate("window.scrollTo(0, document.documentElement.scrollHeight)")
+        page.screenshot(path=str(shots / f"{name}-{viewport['width']}.png"))
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"{name} at {viewport['width']} px is {overflow} px too wide"
+    page.set_viewport_size(LAPTOP)
+
+
+def _log_in(page: Any, server: Server) -> None:
+    page.goto(server.base_url + "/")
+    page.get_by_label("API key").fill("not-a-key")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator("#login-error")).to_contain_text("not accepted")
+    page.get_by_label("API key").fill(server.key)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("tab", name="Chat")).to_be_visible()
+    expect(page.locator("#user-name")).to_have_text("alice")
+
+
+def _set_sampling(page: Any) -> None:
+    """Few tokens: gibberish from a random model is as good as prose for the page, and faster."""
+    page.get_by_text("Sampling").click()
+    page.get_by_label("Temperature").fill("1")
+    page.get_by_label("Max tokens").fill("8")
+    page.get_by_text("Sampling").click()
+
+
+def _chat(page: Any, text: str) -> Any:
+    """Sends ``text``; returns the answer's article once it finished streaming. Records every
+    length the answer's text had on the way, on the article as ``data-lengths``."""
+    page.evaluate(
+        """() => {
+          const seen = new Set();
+          const observer = new MutationObserver(() => {
+            const last = [...document.querySelectorAll('#messages .assistant')].pop();
+            if (!last) return;
+            seen.add(last.querySelector('.content').textContent.length);
+            last.dataset.lengths = [...seen].join(',');
+          });
+          observer.observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+        }"""
+    )
+    page.get_by_label("Message").fill(text)
+    page.get_by_role("button", name="Send").click()
+    answer = page.locator("#messages article.assistant").last
+    expect(answer.get_by_role("button", name="Thumbs up")).to_be_visible(timeout=GENERATION_MS)
+    return answer
+
+
+def test_page_chats_rates_corrects_compares_and_the_rows_are_in_the_db(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from alignloop.feedback.store import FeedbackStore
+
+    shots = tmp_path / "chat-rate-compare"
+    with _serve([str(tiny_model_dir)], tmp_path) as server, _browser_page(shots) as page:
+        page.goto(server.base_url + "/")
+        _screenshots(page, shots, "login")
+        _log_in(page, server)
+        _set_sampling(page)
+
+        answer = _chat(page, "Hello, how are you?")
+        completion_id = answer.get_attribute("data-completion-id")
+        assert re.fullmatch(r"chatcmpl-\w+-0", completion_id or ""), completion_id
+        lengths = [int(n) for n in (answer.get_attribute("data-lengths") or "").split(",") if n]
+        assert len(set(lengths) - {0}) >= 2, f"the answer arrived in one piece, not streamed: lengths {lengths}"
+        status = answer.get_by_role("status")
+
+        answer.get_by_role("button", name="Thumbs up").click()
+        expect(status).to_have_text("Saved thumbs up.")
+        answer.get_by_role("button", name="Thumbs down").click()  # replaces the thumbs up
+        expect(status).to_contain_text("replaces your earlier vote")
+        expect(answer.get_by_role("button", name="Thumbs down")).to_have_attribute("aria-pressed", "true")
+        expect(answer.get_by_role("button", name="Thumbs up")).to_have_attribute("aria-pressed", "false")
+
+        answer.get_by_role("button", name="Rate 4 out of 5").click()
+        expect(status).to_have_text("Saved rating 4/5.")
+
+        correction = "I am fine, thank you."
+        answer.get_by_role("button", name="Correct this answer").click()
+        answer.get_by_label("Corrected answer").fill(correction)
+        answer.get_by_role("button", name="Save correction").click()
+        expect(status).to_have_text("Saved your correction.")
+        expect(answer.locator(".content")).to_have_text(correction)
+
+        second = _chat(page, "And you?")
+        second_id = second.get_attribute("data-completion-id")
+        second_text = second.locator(".content").text_content()
+        _screenshots(page, shots, "chat")
+
+        page.get_by_role("tab", name="Compare").click()
+        page.get_by_label("Prompt to compare").fill("Tell me a story.")
+        page.get_by_role("button", name="Compare", exact=True).click()
+        expect(page.get_by_role("button", name="B is better")).to_be_enabled(timeout=GENERATION_MS)
+        left_id = page.locator("#panel-left").get_attribute("data-completion-id")
+        right_id = page.locator("#panel-right").get_attribute("data-completion-id")
+        # One model is served, so the two answers are samples 0 (answer a) and 1 (answer b).
+        assert {left_id[-2:], right_id[-2:]} == {"-0", "-1"} and left_id[:-2] == right_id[:-2], (left_id, right_id)
+        page.get_by_role("button", name="B is better").click()
+        expect(page.locator("#compare-status")).to_have_text("Saved B is better.")
+        _screenshots(page, shots, "compare")
+
+        with closing(FeedbackStore(server.db_url)) as store:
+            user = store.user_by_key(server.key)
+            assert user is not None and user.name == "alice"
+            ratings = store.list_feedback(user.id, kind="rating")
+            assert [(r.completion_id, r.rating) for r in ratings] == [(completion_id, 4)]
+
+        page.get_by_role("tab", name="History").click()
+        expect(page.locator(".history-item")).to_have_count(4)
+        expect(page.locator(".history-item").filter(has_text="thumbs down")).to_have_count(1)
+        page.get_by_role("button", name=f"Delete rating feedback {ratings[0].id}").click()
+        expect(page.locator("#history-status")).to_have_text(f"Deleted rating feedback {ratings[0].id}.")
+        expect(page.locator(".history-item")).to_have_count(3)
+        _screenshots(page, shots, "history")
+
+        page.reload()  # the key is remembered: no second login
+        expect(page.get_by_role("tab", name="Chat")).to_be_visible()
+        expect(page.get_by_label("API key")).to_be_hidden()
+
+        with closing(FeedbackStore(server.db_url)) as store:
+            rows = {row.kind: row for row in store.list_feedback(user.id)}
+            assert sorted(rows) == ["correction", "pairwise", "thumbs"], "the rating was deleted from the page"
+            thumbs = rows["thumbs"]
+            assert (thumbs.completion_id, thumbs.up, thumbs.revision) == (completion_id, False, 2)
+            assert (rows["correction"].completion_id, rows["correction"].correction) == (completion_id, correction)
+            pairwise = rows["pairwise"]
+            answer_a, answer_b = sorted([left_id, right_id])  # "-0" sorts before "-1"
+            shown_left = "a" if left_id == answer_a else "b"
+            right_is = "b" if shown_left == "a" else "a"
+            assert (pairwise.completion_id, pairwise.other_completion_id) == (answer_a, answer_b)
+            assert (pairwise.verdict, pairwise.left) == (right_is, shown_left)
+            # The second turn carried the whole conversation, with the corrected answer in it.
+            follow_up = store.get_completion(second_id)
+            first = store.get_completion(completion_id)
+            assert follow_up is not None and first is not None
+            assert [m["content"] for m in follow_up.prompt_messages] == ["Hello, how are you?", correction, "And you?"]
+            assert follow_up.conversation_id is not None and follow_up.conversation_id == first.conversation_id
+            # What streamed into the page is what was stored.
+            assert second_text == follow_up.completion_text
+
+    assert sorted(p.name for p in shots.glob("*.png")) == [
+        f"{name}-{width}.png" for name in ("chat", "compare", "history", "login") for width in (1280, 375)
+    ]
+
+
+def test_page_skips_login_when_auth_is_off(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with _serve([str(tiny_model_dir)], tmp_path, "--no-auth") as server, _browser_page(tmp_path / "no-auth") as page:
+        page.goto(server.base_url + "/")
+        expect(page.get_by_role("tab", name="Chat")).to_be_visible()
+        expect(page.get_by_label("API key")).to_be_hidden()
+        expect(page.locator("#user-name")).to_contain_text("auth off")
+        expect(page.get_by_role("button", name="Log out")).to_be_hidden()
+        expect(page.get_by_label("Model", exact=True)).not_to_have_value("")
+
+
+def test_compare_puts_two_served_models_side_by_side(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """With two models served, compare asks each once (answer a from the first picker, b from
+    the second) instead of two samples of one."""
+    from alignloop.feedback.store import FeedbackStore
+
+    models = [f"alpha={tiny_model_dir}", f"beta={tiny_model_dir}"]
+    with _serve(models, tmp_path) as server, _browser_page(tmp_path / "two-models") as page:
+        _log_in(page, server)
+        _set_sampling(page)
+        page.get_by_role("tab", name="Compare").click()
+        expect(page.get_by_label("First model")).to_have_value("alpha")
+        expect(page.get_by_label("Second model")).to_have_value("beta")
+        page.get_by_label("Prompt to compare").fill("Which is better?")
+        page.get_by_role("button", name="Compare", exact=True).click()
+        expect(page.get_by_role("button", name="Tie")).to_be_enabled(timeout=GENERATION_MS)
+        left_id = page.locator("#panel-left").get_attribute("data-completion-id")
+        right_id = page.locator("#panel-right").get_attribute("data-completion-id")
+        page.get_by_role("button", name="Tie").click()
+        expect(page.locator("#compare-status")).to_have_text("Saved a tie.")
+
+        with closing(FeedbackStore(server.db_url)) as store:
+            user = store.user_by_key(server.key)
+            [pairwise] = store.list_feedback(user.id, kind="pairwise")
+            answer_a = store.get_completion(pairwise.completion_id)
+            answer_b = store.get_completion(pairwise.other_completion_id)
+            assert (answer_a.model_name, answer_b.model_name) == ("alpha", "beta")
+            assert {answer_a.id, answer_b.id} == {left_id, right_id}
+            assert pairwise.verdict == "tie"
+            assert pairwise.left == ("a" if left_id == answer_a.id else "b")

@@ -1,0 +1,117 @@
+"""Continuous batching: requests that join a running batch at different steps get the same
+tokens as :func:`generate` gives them alone (greedy and seeded sampling), stop where they
+should, and leave the batch without disturbing the rows that stay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from alignloop.rollout.continuous import ContinuousBatcher, DecodeRequest
+from alignloop.rollout.generate import RowSampling, Sampling, default_stop_token_ids, encode_prompts, generate
+
+PROMPTS = [
+    "Hi",
+    "How are you doing today, my friend?",
+    "What is your favourite food and why do you like it so much?",
+    "Tell me",
+    "I went to the park yesterday and saw a dog.",
+]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.logps: list[float] = []
+        self.reason: str | None = None
+
+    def request(self, prompt_ids: list[int], sampling: RowSampling, max_new_tokens: int) -> DecodeRequest:
+        return DecodeRequest(prompt_ids, sampling, max_new_tokens, self.on_token, self.on_finish)
+
+    def on_token(self, token: int, logp: float) -> None:
+        assert self.reason is None, "a token after the request finished"
+        self.tokens.append(token)
+        self.logps.append(logp)
+
+    def on_finish(self, reason: str) -> None:
+        assert self.reason is None, "finished twice"
+        self.reason = reason
+
+
+def run_staggered(model: Any, tok: Any, sampling: Sampling, joins: list[int], stops: list[int], max_batch: int = 8):
+    """Submit prompt i before step joins[i]; step until every request has finished."""
+    batcher = ContinuousBatcher(model, stops, tok.pad_token_id, max_batch=max_batch)
+    ids = encode_prompts(tok, PROMPTS)
+    collectors = [Collector() for _ in PROMPTS]
+    step = 0
+    while any(c.reason is None for c in collectors):
+        for i, join in enumerate(joins):
+            if join == step:
+                batcher.submit([collectors[i].request(ids[i], RowSampling.from_config(sampling, i), sampling.max_new_tokens)])
+        batcher.step()
+        step += 1
+        assert step < 500
+    return collectors
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_staggered_requests_match_generate_alone(model: Any, builtin_tok: Any, temperature: float) -> None:
+    sampling = Sampling(max_new_tokens=10, temperature=temperature, seed=4)
+    # No stop tokens: every row runs its full length, so rows overlap at many widths.
+    expected = generate(model, builtin_tok, PROMPTS, sampling, stop_token_ids=())
+    got = run_staggered(model, builtin_tok, sampling, joins=[0, 0, 3, 5, 9], stops=[])
+    for c, ids, logps in zip(got, expected.completion_ids, expected.logprobs):
+        assert c.reason == "length"
+        assert c.tokens == ids
+        assert c.logps == pytest.approx(logps, abs=1e-4)
+
+
+def test_stop_tokens_and_cancel_free_their_rows(model: Any, builtin_tok: Any) -> None:
+    sampling = Sampling(max_new_tokens=30, temperature=1.0, seed=1)
+    stops = default_stop_token_ids(model, builtin_tok)
+    expected = generate(model, builtin_tok, PROMPTS, sampling)
+    got = run_staggered(model, builtin_tok, sampling, joins=[0, 1, 2, 3, 4], stops=stops)
+    for c, ids, done in zip(got, expected.completion_ids, expected.finished):
+        assert c.tokens == (ids[:-1] if done else ids)  # the stop token is not handed on
+        assert c.reason == ("stop" if done else "length")
+
+    # A cancelled row leaves at the next step; the others are untouched.
+    batcher = ContinuousBatcher(model, [], builtin_tok.pad_token_id)
+    ids = encode_prompts(builtin_tok, PROMPTS[:2])
+    keep, cancel = Collector(), Collector()
+    requests = [keep.request(ids[0], RowSampling(0.0), 8), cancel.request(ids[1], RowSampling(0.0), 8)]
+    batcher.submit(requests)
+    batcher.step()
+    batcher.cancel(requests[1])
+    while keep.reason is None:
+        batcher.step()
+    assert cancel.reason == "cancelled" and len(cancel.tokens) <= 2
+    alone = generate(model, builtin_tok, PROMPTS[:1], Sampling(max_new_tokens=8, temperature=0.0), stop_token_ids=())
+    assert keep.tokens == alone.completion_ids[0]
+    assert batcher.rows == [] and batcher.cache is None
+
+
+def test_max_batch_queues_the_rest(model: Any, builtin_tok: Any) -> None:
+    sampling = Sampling(max_new_tokens=4, temperature=0.0)
+    batcher = ContinuousBatcher(model, [], builtin_tok.pad_token_id, max_batch=2)
+    ids = encode_prompts(builtin_tok, PROMPTS)
+    collectors = [Collector() for _ in PROMPTS]
+    batcher.submit([c.request(i, RowSampling(0.0), 4) for c, i in zip(collectors[:1], ids)])
+    for c, i in zip(collectors[1:], ids[1:]):
+        batcher.submit([c.request(i, RowSampling(0.0), 4)])
+    widths = []
+    while any(c.reason is None for c in collectors):
+        batcher.step()
+        widths.append(len(batcher.rows))
+    assert max(widths) == 2
+    expected = generate(model, builtin_tok, PROMPTS, sampling, stop_token_ids=())
+    assert [c.tokens for c in collectors] == expected.completion_ids

@@ -1,0 +1,579 @@
+"""The feedback store on SQLite and on a real PostgreSQL: migrations, users and keys, completions,
+every feedback kind, vote replacement, idempotency, ownership, group commit under concurrency and
+after a crash, export to training records, and the CLI around it.
+
+PostgreSQL tests use the server at $ALIGNLOOP_TEST_PG (default
+postgresql+psycopg://postgres@127.0.0.1:5432/test), each in a fresh schema dropped afterwards, and
+skip saying why when none answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from datetime import timezone
+from functools import cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from alignloop.feedback.store import (
+    CompletionRecord,
+    FeedbackInput,
+    FeedbackStore,
+    IdempotencyConflict,
+    Invalid,
+    NotFound,
+    StoreError,
+    make_engine,
+    resolve_db_url,
+    upgrade,
+)
+
+PG_URL = os.environ.get("ALIGNLOOP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@cache
+def postgres_unreachable() -> str | None:
+    """Why the test PostgreSQL cannot be used, or None."""
+    engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except Exception as e:
+        return f"no PostgreSQL at {PG_URL} ({type(e).__name__}: {str(e).splitlines()[0]}); set ALIGNLOOP_TEST_PG"
+    finally:
+        engine.dispose()
+    return None
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: a SQLite file path under tmp_path, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'feedback.db'}"
+        return
+    reason = postgres_unreachable()
+    if reason:
+        pytest.skip(reason)
+    schema = f"alignloop_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.dispose()
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[FeedbackStore]:
+    upgrade(db_url)
+    feedback_store = FeedbackStore(db_url)
+    yield feedback_store
+    feedback_store.close()
+
+
+def completion(cid: str, user_id: int, text: str = "Paris.", prompt: str = "Capital of France?",
+               version: str = "v1", chat: bool = True, conversation_id: str | None = None,
+               messages: list[dict] | None = None) -> CompletionRecord:
+    messages = messages or [{"role": "user", "content": prompt}]
+    return CompletionRecord(
+        id=cid, request_id=cid.rsplit("-", 1)[0], choice_index=0, user_id=user_id, model_name="tiny",
+        model_version=version, endpoint="chat" if chat else "completion",
+        prompt_messages=messages if chat else None, prompt_text=None if chat else prompt,
+        rendered_prompt=f"<|user|>{messages[-1]['content'] if chat else prompt}<|assistant|>",
+        prompt_tokens=7, completion_text=text, completion_token_ids=[5, 6, 7], finish_reason="stop",
+        sampling={"temperature": 0.7, "top_p": 1.0, "max_tokens": 16, "stop": None, "seed": 1, "n": 1},
+        latency_ms=12.5, ttft_ms=3.25, conversation_id=conversation_id,
+    )
+
+
+@pytest.fixture
+def people(store: FeedbackStore) -> dict[str, Any]:
+    """Two users, one registered model and two chat completions (same prompt) for each user."""
+    store.register_model("tiny", "v1", "/models/tiny")
+    alice_key, bob_key = store.add_user("alice"), store.add_user("bob")
+    alice, bob = store.user_by_key(alice_key), store.user_by_key(bob_key)
+    store.add_completions([completion("chatcmpl-a-0", alice.id, "Paris."),
+                           completion("chatcmpl-a-1", alice.id, "Lyon.")])
+    store.add_completions([completion("chatcmpl-b-0", bob.id, "Paris.")])
+    return {"alice": alice, "bob": bob, "alice_key": alice_key}
+
+
+def count(db_url: str, table: str) -> int:
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        n = conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+    engine.dispose()
+    return n
+
+
+# migrations ----------------------------------------------------------------------------------
+
+def test_store_refuses_an_unmigrated_database_until_upgraded(db_url: str) -> None:
+    if db_url.startswith("sqlite"):
+        with pytest.raises(StoreError, match="alignloop db upgrade --db"):
+            FeedbackStore(db_url)  # no file yet
+        Path(sa.make_url(db_url).database).touch()  # an empty file: a database without tables
+    with pytest.raises(StoreError, match=r"has no alignloop schema; run `alignloop db upgrade --db "):
+        FeedbackStore(db_url)
+
+    assert upgrade(db_url) == "0001"
+    assert upgrade(db_url) == "0001"  # a second upgrade changes nothing
+    engine = make_engine(db_url)
+    tables = set(sa.inspect(engine).get_table_names())
+    assert {"users", "models", "conversations", "messages", "completions", "feedback", "idempotency_keys"} <= tables
+    FeedbackStore(db_url).close()
+
+    with engine.begin() as conn:  # as if the database were migrated by an older alignloop
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0000'"))
+    engine.dispose()
+    with pytest.raises(StoreError, match=r"schema revision 0000, this alignloop needs 0001; run `alignloop db upgrade"):
+        FeedbackStore(db_url)
+
+
+def test_migrations_create_exactly_the_orm_schema(db_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from alignloop.feedback.schema import Base
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    engine.dispose()
+    assert diff == []
+
+
+# users ---------------------------------------------------------------------------------------
+
+def test_user_keys_work_and_only_their_hash_is_stored(store: FeedbackStore, db_url: str) -> None:
+    key = store.add_user("alice", admin=True)
+    alice = store.user_by_key(key)
+    assert alice is not None and alice.name == "alice" and alice.admin
+    assert store.user_by_key(key + "x") is None
+    assert store.user_by_key("") is None
+
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        stored = [str(v) for row in conn.execute(sa.text("SELECT * FROM users")) for v in row]
+    engine.dispose()
+    assert hashlib.sha256(key.encode()).hexdigest() in stored
+    assert not any(key in value for value in stored)
+
+    with pytest.raises(StoreError, match="already exists") as e:
+        store.add_user("alice")
+    assert e.value.field == "name"
+    with pytest.raises(Invalid):
+        store.add_user("  ")
+
+    anonymous = store.ensure_user("anonymous")
+    assert store.ensure_user("anonymous") == anonymous
+    assert not anonymous.admin
+    assert [u.name for u in store.list_users()] == ["alice", "anonymous"]
+
+
+# completions ---------------------------------------------------------------------------------
+
+def test_completions_round_trip_with_their_provenance(store: FeedbackStore, db_url: str) -> None:
+    store.register_model("tiny", "v1", "/models/tiny")
+    store.register_model("tiny", "v1", "/models/tiny")  # idempotent on the version
+    user = store.ensure_user("alice")
+    chat = completion("chatcmpl-1-0", user.id, conversation_id="conv-1")
+    plain = completion("cmpl-2-0", user.id, chat=False, prompt="Once upon a time")
+    store.add_completions([chat, plain])
+
+    assert store.get_completion("chatcmpl-1-0") == chat
+    assert store.get_completion("cmpl-2-0") == plain
+    assert store.get_completion("chatcmpl-1-0").created_at.tzinfo == timezone.utc
+    assert store.get_completion("nope") is None
+
+    # the next turn resends the history: only its new messages are appended to the conversation
+    history = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."},
+               {"role": "user", "content": "And of Italy?"}]
+    store.add_completions([completion("chatcmpl-3-0", user.id, "Rome.", conversation_id="conv-1", messages=history)])
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT position, role, content FROM messages WHERE conversation_id = 'conv-1' "
+                                    "ORDER BY position")).all()
+    engine.dispose()
+    assert [(r.role, r.content) for r in rows] == [(m["role"], m["content"]) for m in history]
+
+    bob = store.ensure_user("bob")
+    with pytest.raises(NotFound) as e:
+        store.add_completions([completion("chatcmpl-4-0", bob.id, conversation_id="conv-1")])
+    assert e.value.field == "conversation_id"
+    with pytest.raises(NotFound) as e:
+        store.add_completions([completion("chatcmpl-5-0", user.id, version="unregistered")])
+    assert e.value.field == "model_version"
+    assert store.get_completion("chatcmpl-4-0") is None
+
+
+# feedback ------------------------------------------------------------------------------------
+
+FEEDBACK_OF_EACH_KIND = {
+    "thumbs": FeedbackInput("thumbs", "chatcmpl-a-0", up=True, comment="right", tags=["geo"]),
+    "rating": FeedbackInput("rating", "chatcmpl-a-0", rating=4),
+    "pairwise": FeedbackInput("pairwise", "chatcmpl-a-0", other_completion_id="chatcmpl-a-1", verdict="a", left="b"),
+    "correction": FeedbackInput("correction", "chatcmpl-a-1", correction="Paris, not Lyon."),
+}
+
+
+@pytest.mark.parametrize("kind", FEEDBACK_OF_EACH_KIND)
+def test_each_feedback_kind_round_trips(store: FeedbackStore, people: dict, kind: str) -> None:
+    alice, fb = people["alice"], FEEDBACK_OF_EACH_KIND[kind]
+    record, outcome = store.put_feedback(alice.id, fb)
+    assert outcome == "created" and record.revision == 1
+    for name, value in dataclasses.asdict(fb).items():
+        assert getattr(record, name) == value, name
+    assert record.completion_text == ("Lyon." if kind == "correction" else "Paris.")
+    assert record.model_version == "v1"
+    assert record.created_at.tzinfo == timezone.utc
+    assert store.get_feedback(alice.id, record.id) == record
+    assert store.list_feedback(alice.id) == [record]
+    assert store.list_feedback(alice.id, kind=kind) == [record]
+    other_kind = "rating" if kind != "rating" else "thumbs"
+    assert store.list_feedback(alice.id, kind=other_kind) == []
+
+
+def test_a_second_vote_replaces_the_first(store: FeedbackStore, people: dict, db_url: str) -> None:
+    alice = people["alice"]
+    first, outcome = store.put_feedback(alice.id, FeedbackInput("thumbs", "chatcmpl-a-0", up=True))
+    assert outcome == "created"
+    second, outcome = store.put_feedback(alice.id, FeedbackInput("thumbs", "chatcmpl-a-0", up=False))
+    assert outcome == "replaced"
+    assert (second.id, second.revision, second.up) == (first.id, 2, False)
+    assert second.created_at == first.created_at and second.updated_at > first.updated_at
+    assert store.list_feedback(alice.id) == [second]
+
+    # pairwise: B-vs-A is the same comparison as A-vs-B
+    ab, _ = store.put_feedback(alice.id, FeedbackInput("pairwise", "chatcmpl-a-0", other_completion_id="chatcmpl-a-1",
+                                                       verdict="a"))
+    ba, outcome = store.put_feedback(alice.id, FeedbackInput("pairwise", "chatcmpl-a-1",
+                                                             other_completion_id="chatcmpl-a-0", verdict="b"))
+    assert outcome == "replaced" and ba.id == ab.id and ba.revision == 2
+    assert count(db_url, "feedback") == 2
+
+    # other kinds on the same completion are separate votes
+    _, outcome = store.put_feedback(alice.id, FeedbackInput("rating", "chatcmpl-a-0", rating=2))
+    assert outcome == "created"
+
+
+def test_an_idempotent_retry_writes_nothing(store: FeedbackStore, people: dict, db_url: str) -> None:
+    alice, bob = people["alice"], people["bob"]
+    fb = FeedbackInput("rating", "chatcmpl-a-0", rating=5)
+    record, outcome = store.put_feedback(alice.id, fb, idempotency_key="req-1")
+    assert outcome == "created"
+    again, outcome = store.put_feedback(alice.id, fb, idempotency_key="req-1")
+    assert outcome == "replayed" and again == record
+    assert store.get_feedback(alice.id, record.id).revision == 1
+    assert count(db_url, "feedback") == 1
+
+    with pytest.raises(IdempotencyConflict) as e:
+        store.put_feedback(alice.id, FeedbackInput("rating", "chatcmpl-a-0", rating=1), idempotency_key="req-1")
+    assert e.value.field == "idempotency_key"
+    assert store.get_feedback(alice.id, record.id).rating == 5
+
+    # keys belong to their user
+    _, outcome = store.put_feedback(bob.id, FeedbackInput("rating", "chatcmpl-b-0", rating=5), idempotency_key="req-1")
+    assert outcome == "created"
+
+
+def test_feedback_on_someone_elses_completion_is_not_found(store: FeedbackStore, people: dict) -> None:
+    alice = people["alice"]
+    for fb, field in [
+        (FeedbackInput("thumbs", "chatcmpl-b-0", up=True), "completion_id"),
+        (FeedbackInput("thumbs", "chatcmpl-missing", up=True), "completion_id"),
+        (FeedbackInput("pairwise", "chatcmpl-a-0", other_completion_id="chatcmpl-b-0", verdict="a"),
+         "other_completion_id"),
+    ]:
+        with pytest.raises(NotFound) as e:
+            store.put_feedback(alice.id, fb)
+        assert e.value.field == field
+        assert field in str(e.value)
+    assert store.list_feedback(alice.id) == []
+
+
+@pytest.mark.parametrize(("fb", "field"), [
+    (FeedbackInput("stars", "chatcmpl-a-0"), "kind"),
+    (FeedbackInput("thumbs", "chatcmpl-a-0"), "up"),
+    (FeedbackInput("thumbs", "chatcmpl-a-0", up=True, rating=3), "rating"),
+    (FeedbackInput("rating", "chatcmpl-a-0", rating=6), "rating"),
+    (FeedbackInput("rating", "chatcmpl-a-0", rating=0), "rating"),
+    (FeedbackInput("rating", "chatcmpl-a-0", rating=True), "rating"),
+    (FeedbackInput("pairwise", "chatcmpl-a-0", other_completion_id="chatcmpl-a-0", verdict="a"), "other_completion_id"),
+    (FeedbackInput("pairwise", "chatcmpl-a-0", verdict="a"), "other_completion_id"),
+    (FeedbackInput("pairwise", "chatcmpl-a-0", other_completion_id="chatcmpl-a-1"), "verdict"),
+    (FeedbackInput("pairwise", "chatcmpl-a-0", other_completion_id="chatcmpl-a-1", verdict="a", left="c"), "left"),
+    (FeedbackInput("correction", "chatcmpl-a-0", correction="  "), "correction"),
+    (FeedbackInput("thumbs", "chatcmpl-a-0", up=True, tags=[""]), "tags"),
+])
+def test_invalid_values_name_the_field(store: FeedbackStore, people: dict, fb: FeedbackInput, field: str) -> None:
+    with pytest.raises(Invalid) as e:
+        store.put_feedback(people["alice"].id, fb)
+    assert e.value.field == field
+    assert f"'{field}'" in str(e.value)
+
+
+def test_users_delete_their_own_feedback_only(store: FeedbackStore, people: dict) -> None:
+    alice, bob = people["alice"], people["bob"]
+    record, _ = store.put_feedback(alice.id, FeedbackInput("thumbs", "chatcmpl-a-0", up=True))
+    assert store.get_feedback(bob.id, record.id) is None
+    assert store.delete_feedback(bob.id, record.id) is False
+    assert store.get_feedback(alice.id, record.id) == record
+    assert store.delete_feedback(alice.id, record.id) is True
+    assert store.get_feedback(alice.id, record.id) is None
+    assert store.delete_feedback(alice.id, record.id) is False
+    _, outcome = store.put_feedback(alice.id, FeedbackInput("thumbs", "chatcmpl-a-0", up=True))
+    assert outcome == "created"  # a deleted vote leaves no live vote to replace
+
+
+# group commit --------------------------------------------------------------------------------
+
+def test_a_closed_store_refuses_writes(db_url: str) -> None:
+    upgrade(db_url)
+    store = FeedbackStore(db_url)
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.add_user("late")
+
+
+def test_concurrent_writes_are_all_acknowledged_and_present(store: FeedbackStore, people: dict, db_url: str) -> None:
+    threads, per_thread = 32, 20
+    alice = people["alice"]
+    ids = [[f"chatcmpl-c{t}x{i}-0" for i in range(per_thread)] for t in range(threads)]
+    store.add_completions([completion(cid, alice.id) for part in ids for cid in part])
+    acknowledged: list[int] = []
+    errors: list[BaseException] = []
+
+    def vote(t: int) -> None:
+        try:
+            for i, cid in enumerate(ids[t]):
+                record, outcome = store.put_feedback(alice.id, FeedbackInput("rating", cid, rating=1 + i % 5))
+                assert outcome == "created"
+                acknowledged.append(record.id)
+        except BaseException as e:
+            errors.append(e)
+
+    workers = [threading.Thread(target=vote, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+    assert len(set(acknowledged)) == threads * per_thread
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        stored = set(conn.execute(sa.text("SELECT id FROM feedback")).scalars())
+    engine.dispose()
+    assert stored == set(acknowledged)
+
+
+def test_a_failed_batch_is_retried_so_one_bad_write_fails_alone(db_url: str) -> None:
+    from alignloop.feedback.writer import GroupCommitWriter
+
+    upgrade(db_url)
+    FeedbackStore(db_url).close()
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO users (name, admin, created_at) VALUES ('taken', false, CURRENT_TIMESTAMP)"))
+    writer = GroupCommitWriter(engine)
+    gate = threading.Event()
+    results: dict[str, Any] = {}
+
+    def insert_user(name: str) -> Any:
+        return lambda conn: conn.execute(sa.text("INSERT INTO users (name, admin, created_at) "
+                                                 "VALUES (:name, false, CURRENT_TIMESTAMP)"), {"name": name})
+
+    def submit(label: str, write: Any) -> None:
+        try:
+            results[label] = writer.submit(write)
+        except Exception as e:
+            results[label] = e
+
+    blocker = threading.Thread(target=submit, args=("gate", lambda conn: gate.wait()))
+    blocker.start()
+    while writer._queue.qsize():  # the writer has taken the gate write and waits in it
+        pass
+    batch = [threading.Thread(target=submit, args=(name, insert_user(name))) for name in ("carol", "taken", "dave")]
+    for worker in batch:
+        worker.start()
+    while writer._queue.qsize() < 3:  # all three queued: they will share one transaction
+        pass
+    gate.set()
+    for worker in [blocker, *batch]:
+        worker.join()
+    writer.close()
+
+    assert isinstance(results["taken"], sa.exc.IntegrityError)
+    assert not isinstance(results["carol"], Exception) and not isinstance(results["dave"], Exception)
+    with engine.connect() as conn:
+        names = set(conn.execute(sa.text("SELECT name FROM users")).scalars())
+    engine.dispose()
+    assert names == {"taken", "carol", "dave"}
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import sys, threading
+    from alignloop.feedback.store import CompletionRecord, FeedbackInput, FeedbackStore
+    store = FeedbackStore(sys.argv[1])
+    user = store.ensure_user("burst")
+    store.register_model("tiny", "v1", "/models/tiny")
+    ids = [f"chatcmpl-k{i}-0" for i in range(4000)]
+    store.add_completions([CompletionRecord(id=i, request_id=i[:-2], choice_index=0, user_id=user.id, model_name="tiny",
+        model_version="v1", endpoint="completion", prompt_messages=None, prompt_text="p", rendered_prompt="p",
+        prompt_tokens=1, completion_text="c", completion_token_ids=[1], finish_reason="stop", sampling={},
+        latency_ms=1.0, ttft_ms=None) for i in ids])
+    lock = threading.Lock()
+    def vote(part):
+        for cid in part:
+            record, _ = store.put_feedback(user.id, FeedbackInput("thumbs", cid, up=True))
+            with lock:
+                print(record.id, flush=True)
+    threads = [threading.Thread(target=vote, args=(ids[t::16],)) for t in range(16)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+""")
+
+
+def test_acknowledged_writes_survive_sigkill(db_url: str) -> None:
+    """Kill the writing process mid-burst: every write it acknowledged is in the database."""
+    upgrade(db_url)
+    acknowledged = []
+    with subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, db_url], stdout=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout:
+            acknowledged.append(int(line))
+            if len(acknowledged) == 500:
+                proc.send_signal(signal.SIGKILL)
+                break
+        acknowledged += [int(line) for line in proc.stdout.read().split()]  # printed before the kill landed
+    assert proc.returncode == -signal.SIGKILL
+    assert len(acknowledged) >= 500
+    FeedbackStore(db_url).close()  # opens after the crash
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        stored = set(conn.execute(sa.text("SELECT id FROM feedback")).scalars())
+    engine.dispose()
+    assert set(acknowledged) <= stored
+
+
+# export --------------------------------------------------------------------------------------
+
+def test_export_of_each_kind_is_valid_training_data(store: FeedbackStore, db_url: str, tmp_path: Path) -> None:
+    from alignloop.data.load import read_rows
+    from alignloop.data.records import validate_rows
+
+    store.register_model("tiny", "v1", "/models/tiny")
+    store.register_model("tiny", "v2", "/models/tiny-ppo")
+    user = store.ensure_user("alice")
+    same = [completion(f"chatcmpl-s{i}-0", user.id, text, version=version)
+            for i, (text, version) in enumerate([("Paris.", "v1"), ("Lyon.", "v2"), ("Nice.", "v1"), ("Metz.", "v2")])]
+    plain = [completion(f"cmpl-p{i}-0", user.id, text, chat=False, prompt="2+2=") for i, text in enumerate(["4", "5"])]
+    elsewhere = completion("chatcmpl-e-0", user.id, "Rome.", prompt="Capital of Italy?")
+    store.add_completions([*same, *plain, elsewhere])
+
+    def put(kind: str, cid: str, **fields: Any) -> None:
+        store.put_feedback(user.id, FeedbackInput(kind, cid, **fields))
+
+    put("pairwise", "chatcmpl-s0-0", other_completion_id="chatcmpl-s1-0", verdict="a", left="a")
+    put("pairwise", "chatcmpl-s2-0", other_completion_id="chatcmpl-s3-0", verdict="b", left="b")
+    put("pairwise", "cmpl-p0-0", other_completion_id="cmpl-p1-0", verdict="a")
+    put("pairwise", "chatcmpl-s0-0", other_completion_id="chatcmpl-s2-0", verdict="tie")
+    put("pairwise", "chatcmpl-s1-0", other_completion_id="chatcmpl-s3-0", verdict="both_bad")
+    put("pairwise", "chatcmpl-s0-0", other_completion_id="chatcmpl-e-0", verdict="a")  # different prompts
+    put("correction", "chatcmpl-s1-0", correction="Paris.")
+    put("correction", "cmpl-p1-0", correction="4")
+    put("thumbs", "chatcmpl-s0-0", up=True)
+    put("thumbs", "cmpl-p1-0", up=False)
+    put("rating", "chatcmpl-s0-0", rating=5)
+    put("rating", "cmpl-p0-0", rating=4)
+
+    expected_kind = {"pairs": "preference", "kto": "binary", "sft": "prompt_completion", "ratings": "rating"}
+    exported = {}
+    for kind, record_kind in expected_kind.items():
+        records, skipped = store.export(kind)
+        path = tmp_path / f"{kind}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        assert validate_rows(read_rows(str(path)), [record_kind], str(path)) == record_kind
+        assert all({"feedback_id", "user", "model_version", "source"} <= r.keys() for r in records)
+        exported[kind] = (records, skipped)
+
+    pairs, skipped = exported["pairs"]
+    assert skipped == {"tie": 1, "both_bad": 1, "different_prompts": 1}
+    as_text = [(r["chosen"] if isinstance(r["chosen"], str) else r["chosen"][0]["content"],
+                r["rejected"] if isinstance(r["rejected"], str) else r["rejected"][0]["content"], r["source"])
+               for r in pairs]
+    assert as_text == [("Paris.", "Lyon.", "pairwise"), ("Metz.", "Nice.", "pairwise"), ("4", "5", "pairwise"),
+                       ("Paris.", "Lyon.", "correction"), ("4", "5", "correction")]
+    first = pairs[0]
+    assert first["prompt"] == [{"role": "user", "content": "Capital of France?"}]
+    assert first["chosen"] == [{"role": "assistant", "content": "Paris."}]
+    assert (first["user"], first["model_version"], first["other_model_version"]) == ("alice", "v1", "v2")
+    assert pairs[2]["prompt"] == "2+2=" and pairs[2]["chosen"] == "4"
+
+    kto, _ = exported["kto"]
+    assert [(r["label"], r["completion_id"]) for r in kto] == [(True, "chatcmpl-s0-0"), (False, "cmpl-p1-0")]
+    sft, _ = exported["sft"]
+    assert [r["completion"] for r in sft] == [[{"role": "assistant", "content": "Paris."}], "4"]
+    ratings, _ = exported["ratings"]
+    assert [(r["rating"], r["user"]) for r in ratings] == [(5, "alice"), (4, "alice")]
+
+    with pytest.raises(Invalid) as e:
+        store.export("dpo")
+    assert e.value.field == "kind"
+
+
+# CLI -----------------------------------------------------------------------------------------
+
+def test_cli_upgrades_adds_users_and_exports(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from alignloop.cli import main
+
+    assert main(["users", "list", "--db", db_url]) == 2
+    assert "alignloop db upgrade --db" in capsys.readouterr().err
+
+    assert main(["db", "upgrade", "--db", db_url]) == 0
+    assert main(["users", "add", "alice", "--admin", "--db", db_url]) == 0
+    key = capsys.readouterr().out.strip()
+    assert main(["users", "add", "bob", "--db", db_url]) == 0
+    capsys.readouterr()
+    assert main(["users", "add", "bob", "--db", db_url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err
+    assert main(["users", "list", "--db", db_url]) == 0
+    listing = capsys.readouterr().out
+    assert "alice" in listing and "bob" in listing and key not in listing
+
+    with FeedbackStore(db_url) as store:
+        alice = store.user_by_key(key)
+        assert alice is not None and alice.admin
+        store.register_model("tiny", "v1", "/models/tiny")
+        store.add_completions([completion("chatcmpl-a-0", alice.id, "Paris."),
+                               completion("chatcmpl-a-1", alice.id, "Lyon.")])
+        store.put_feedback(alice.id, FeedbackInput("pairwise", "chatcmpl-a-0", other_completion_id="chatcmpl-a-1",
+                                                   verdict="a"))
+    out = tmp_path / "out" / "pairs.jsonl"
+    assert main(["feedback", "export", "--kind", "pairs", "--out", str(out), "--db", db_url]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [("Paris.", "Lyon.")]
+
+
+def test_the_database_url_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ALIGNLOOP_DB", raising=False)
+    assert resolve_db_url(None) == "sqlite:///feedback.db"
+    monkeypatch.setenv("ALIGNLOOP_DB", "postgresql+psycopg://me@db/feedback")
+    assert resolve_db_url(None) == "postgresql+psycopg://me@db/feedback"
+    assert resolve_db_url("sqlite:///other.db") == "sqlite:///other.db"
