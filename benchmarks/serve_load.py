@@ -33,7 +33,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -215,7 +216,9 @@ def alignloop(*args: str) -> list[str]:
     return [sys.executable, "-m", "alignloop", *args]
 
 
-def run_alignloop(args: argparse.Namespace, model_dir: Path, db: str, env: dict, tokenizer) -> tuple[list[dict], dict]:
+@contextmanager
+def alignloop_server(args: argparse.Namespace, model_dir: Path, db: str, env: dict) -> Iterator[tuple[str, str, subprocess.Popen]]:
+    """A migrated store, a user, and `alignloop serve` on it: yields (url, key, process)."""
     subprocess.run(alignloop("db", "upgrade", "--db", db), check=True, env=env, capture_output=True)
     key = subprocess.run(alignloop("users", "add", f"bench-{uuid.uuid4().hex[:8]}", "--db", db), check=True, env=env,
                          capture_output=True, text=True).stdout.strip()
@@ -226,17 +229,23 @@ def run_alignloop(args: argparse.Namespace, model_dir: Path, db: str, env: dict,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_up(url, proc, "/health")
-        headers = {"Authorization": f"Bearer {key}"}
-        asyncio.run(closed_loop(url, headers, "m", 2, 5, args.max_tokens, tokenizer))  # warm-up
-        cells = []
-        for clients in args.clients:
-            cell = asyncio.run(closed_loop(url, headers, "m", clients, args.duration, args.max_tokens, tokenizer))
-            print("alignloop", json.dumps(cell), flush=True)
-            cells.append(cell)
-        burst = run_burst(url, db, key, args, env)
+        yield url, key, proc
     finally:
         stop(proc)
-    return cells, burst
+
+
+@contextmanager
+def transformers_server(args: argparse.Namespace, model_dir: Path, env: dict) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(args.transformers_cli), "serve", "--continuous-batching", "--device", "cpu",
+                             "--dtype", "float32", "--port", str(port), "--host", "127.0.0.1", str(model_dir)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(args.out.with_suffix(".transformers.log"), "w"))
+    try:
+        wait_up(url, proc, "/v1/models")
+        yield url, proc
+    finally:
+        stop(proc)
 
 
 def run_burst(url: str, db: str, key: str, args: argparse.Namespace, env: dict) -> dict:
@@ -261,26 +270,6 @@ def run_burst(url: str, db: str, key: str, args: argparse.Namespace, env: dict) 
     return burst
 
 
-def run_transformers(args: argparse.Namespace, model_dir: Path, env: dict, tokenizer) -> list[dict]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(args.transformers_cli), "serve", "--continuous-batching", "--device", "cpu",
-                             "--dtype", "float32", "--port", str(port), "--host", "127.0.0.1", str(model_dir)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(args.out.with_suffix(".transformers.log"), "w"))
-    try:
-        wait_up(url, proc, "/v1/models")
-        model = str(model_dir)
-        asyncio.run(closed_loop(url, {}, model, 2, 5, args.max_tokens, tokenizer))  # warm-up (loads the model)
-        cells = []
-        for clients in args.clients:
-            cell = asyncio.run(closed_loop(url, {}, model, clients, args.duration, args.max_tokens, tokenizer))
-            print("transformers", json.dumps(cell), flush=True)
-            cells.append(cell)
-    finally:
-        stop(proc)
-    return cells
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="tiny-5m", help="built-in size saved as the shared model folder (random init, chitchat tokenizer, ChatML)")
@@ -293,6 +282,7 @@ def main() -> None:
     ap.add_argument("--burst-seconds", type=float, default=10.0)
     ap.add_argument("--pg", default=os.environ.get("ALIGNLOOP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
     ap.add_argument("--transformers-cli", type=Path, default=REPO / "bench-work" / "serve-venv" / "bin" / "transformers")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each cell per server, in alternating order; medians reported")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "bench-work" / "results" / "serve_load.json")
     args = ap.parse_args()
@@ -311,16 +301,61 @@ def main() -> None:
     save_model(builtin_model(args.size, tokenizer), tokenizer, model_dir)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-    results: dict = {"size": args.size, "max_tokens": args.max_tokens, "duration_s": args.duration, "threads": args.threads}
-    results["alignloop"], results["feedback_sqlite"] = run_alignloop(args, model_dir, f"sqlite:///{work}/feedback.db", env, tokenizer)
+    results: dict = {"size": args.size, "max_tokens": args.max_tokens, "duration_s": args.duration, "threads": args.threads,
+                     "repeats": args.repeats, "alignloop": [], "transformers": []}
+    with ExitStack() as servers:
+        ours, key, our_proc = servers.enter_context(alignloop_server(args, model_dir, f"sqlite:///{work}/feedback.db", env))
+        targets = {"alignloop": (ours, {"Authorization": f"Bearer {key}"}, "m", our_proc)}
+        if not args.skip_transformers:
+            theirs, their_proc = servers.enter_context(transformers_server(args, model_dir, env))
+            targets["transformers"] = (theirs, {}, str(model_dir), their_proc)
+        # Both servers stay up and take turns, cell by cell, in alternating order, so drift of
+        # the machine during the run hits both alike. The one not measured is frozen (SIGSTOP):
+        # an idle `transformers serve` still takes CPU (ours ran 20× slower beside it).
+        for clients in [2] + args.clients:  # the first round warms up (transformers serve loads the model)
+            cells: dict[str, list[dict]] = {name: [] for name in targets}
+            for repeat in range(args.repeats if clients in args.clients else 1):
+                for name in (list(targets) if repeat % 2 == 0 else list(reversed(targets))):
+                    url, headers, model, proc = targets[name]
+                    others = [t[3] for n, t in targets.items() if n != name]
+                    for other in others:
+                        other.send_signal(signal.SIGSTOP)
+                    try:
+                        cell = asyncio.run(closed_loop(url, headers, model, clients, args.duration, args.max_tokens, tokenizer))
+                    finally:
+                        for other in others:
+                            other.send_signal(signal.SIGCONT)
+                    print(name, json.dumps(cell), flush=True)
+                    cells[name].append(cell)
+            if clients not in args.clients:
+                continue
+            for name, runs in cells.items():
+                results[name].append(median_cell(runs))
+        for name, (_, _, _, proc) in targets.items():
+            if name != "alignloop":
+                proc.send_signal(signal.SIGSTOP)  # frozen for good: stop() sends SIGINT after a SIGCONT
+        results["feedback_sqlite"] = run_burst(ours, f"sqlite:///{work}/feedback.db", key, args, env)
+        for name, (_, _, _, proc) in targets.items():
+            if name != "alignloop":
+                proc.send_signal(signal.SIGCONT)
     try:
         results["feedback_postgresql"] = run_pg_burst(args, model_dir, env)
     except Exception as e:  # no server reachable: say so in the results
         results["feedback_postgresql"] = {"error": repr(e)[:300]}
-    if not args.skip_transformers:
-        results["transformers"] = run_transformers(args, model_dir, env, tokenizer)
     args.out.write_text(json.dumps(results, indent=1))
     print_table(results)
+
+
+def median_cell(runs: list[dict]) -> dict:
+    """The repeats of one cell: medians of the rates and latencies, sums of requests and errors."""
+    cell = dict(runs[0])
+    for key in ("requests_per_s", "tokens_per_s", "ttft_p50_s", "ttft_p95_s"):
+        values = [r[key] for r in runs if r[key] is not None]
+        cell[key] = statistics.median(values) if values else None
+    for key in ("requests", "errors"):
+        cell[key] = sum(r[key] for r in runs)
+    cell["runs"] = runs
+    return cell
 
 
 def run_pg_burst(args: argparse.Namespace, model_dir: Path, env: dict) -> dict:

@@ -357,7 +357,7 @@ async def _complete(request: Request, served: ServedModel, user: User, body: Sam
         return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
                 "total_tokens": len(prompt_ids) + completion_tokens}
 
-    async def on_event(choice: int, token: int | None, reason: str | None) -> str:
+    def on_event(choice: int, token: int | None, reason: str | None) -> str:
         """Apply one event; the text it makes safe to show."""
         if token is None:
             finish(choice, reason or "length")
@@ -373,8 +373,9 @@ async def _complete(request: Request, served: ServedModel, user: User, body: Sam
 
     if not body.stream:
         try:
-            async for choice, token, reason in submission.events():
-                await on_event(choice, token, reason)
+            async for events in submission.batches():
+                for choice, token, reason in events:
+                    on_event(choice, token, reason)
         finally:
             submission.close()
         await record()
@@ -403,10 +404,14 @@ async def _complete(request: Request, served: ServedModel, user: User, body: Sam
                 for i in range(body.n):
                     yield chunk(i, None, role=True)
             try:
-                async for choice, token, reason in submission.events():
-                    piece = await on_event(choice, token, reason)
-                    if piece:
-                        yield chunk(choice, piece)
+                async for events in submission.batches():
+                    # Tokens that arrived together go out as one chunk per choice.
+                    pieces: dict[int, str] = {}
+                    for choice, token, reason in events:
+                        pieces[choice] = pieces.get(choice, "") + on_event(choice, token, reason)
+                    for choice, piece in pieces.items():
+                        if piece:
+                            yield chunk(choice, piece)
             except ApiError as e:
                 yield "data: " + json.dumps({"error": {"message": e.message, "type": e.type, "param": None, "code": None}}) + "\n\n"
                 yield "data: [DONE]\n\n"

@@ -68,6 +68,7 @@ class ServedModel:
         self.stop_ids = default_stop_token_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.batcher = ContinuousBatcher(self.model, self.stop_ids, pad, max_batch=max_batch)
+        self.waker = Waker()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -88,9 +89,11 @@ class ServedModel:
             if not self.batcher.wait_for_work(timeout=0.2):
                 continue
             try:
-                self.batcher.step()
+                self.batcher.step(after_admit=self.waker.wake)  # first tokens out before the decode step
             except Exception:  # every affected request got on_finish("error: …"); keep serving
                 log.exception("decode step failed on model %s", self.name)
+            finally:
+                self.waker.wake()
 
     def render_chat(self, messages: Sequence[dict]) -> str:
         """The prompt text the model sees: the chat template with the assistant header appended."""
@@ -101,38 +104,82 @@ class ServedModel:
 
     def submit(self, prompt_ids: list[int], rows: Sequence[RowSampling], max_new_tokens: int) -> "Submission":
         """Queue one request's rows (its ``n`` choices) on the running batch."""
-        return Submission(self.batcher, prompt_ids, rows, max_new_tokens)
+        return Submission(self.batcher, self.waker, prompt_ids, rows, max_new_tokens)
+
+
+class Waker:
+    """Submissions with new events, woken together after each decode step: one
+    ``call_soon_threadsafe`` per event loop per step instead of one per row."""
+
+    def __init__(self) -> None:
+        self._due: list[Submission] = []
+        self._lock = threading.Lock()
+
+    def add(self, submission: "Submission") -> None:
+        with self._lock:
+            self._due.append(submission)
+
+    def wake(self) -> None:
+        with self._lock:
+            due, self._due = self._due, []
+        by_loop: dict[Any, list[asyncio.Event]] = {}
+        for submission in due:
+            by_loop.setdefault(submission.loop, []).append(submission._ready)
+        for loop, events in by_loop.items():
+            loop.call_soon_threadsafe(_set_all, events)
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
 
 
 class Submission:
     """The rows of one request in a model's running batch, seen from the event loop.
 
-    ``events()`` yields ``(choice, token_id, None)`` per generated token and ``(choice, None,
-    reason)`` when a choice ends; ``cancel(choice)`` stops one row (a stop string was seen),
-    ``close()`` every row still running (the client went away).
+    The decode thread appends events to a list and wakes the event loop only when the list was
+    empty, so a loop that falls behind takes several tokens in one go (one SSE chunk, one wakeup)
+    instead of paying per token. ``batches()`` yields lists of ``(choice, token_id, None)`` per
+    generated token and ``(choice, None, reason)`` when a choice ends; ``cancel(choice)`` stops one
+    row (a stop string was seen), ``close()`` every row still running (the client went away).
     """
 
-    def __init__(self, batcher: ContinuousBatcher, prompt_ids: list[int], rows: Sequence[RowSampling], max_new_tokens: int) -> None:
-        loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.batcher = batcher
+    def __init__(self, batcher: ContinuousBatcher, waker: "Waker", prompt_ids: list[int], rows: Sequence[RowSampling],
+                 max_new_tokens: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.batcher, self.waker = batcher, waker
+        self._pending: list[tuple[int, int | None, str | None]] = []
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
         self.requests = [
             DecodeRequest(
                 prompt_ids, sampling, max_new_tokens,
-                on_token=lambda token, logp, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, token, None)),
-                on_finish=lambda reason, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, None, reason)),
+                on_token=lambda token, logp, i=i: self._put((i, token, None)),
+                on_finish=lambda reason, i=i: self._put((i, None, reason)),
             )
             for i, sampling in enumerate(rows)
         ]
         batcher.submit(self.requests)
 
-    async def events(self) -> AsyncIterator[tuple[int, int | None, str | None]]:
+    def _put(self, event: tuple[int, int | None, str | None]) -> None:
+        """On the decode thread: queue the event; the first one since the last drain marks the
+        submission for waking, which :meth:`ServedModel._run` does once per step for all."""
+        with self._lock:
+            self._pending.append(event)
+            wake = len(self._pending) == 1
+        if wake:
+            self.waker.add(self)
+
+    async def batches(self) -> AsyncIterator[list[tuple[int, int | None, str | None]]]:
         open_rows = len(self.requests)
         while open_rows:
-            event = await self.queue.get()
-            if event[1] is None:
-                open_rows -= 1
-            yield event
+            await self._ready.wait()
+            with self._lock:
+                events, self._pending = self._pending, []
+                self._ready.clear()
+            open_rows -= sum(1 for _, token, _ in events if token is None)
+            if events:
+                yield events
 
     def cancel(self, choice: int) -> None:
         self.batcher.cancel(self.requests[choice])
