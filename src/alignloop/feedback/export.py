@@ -58,6 +58,24 @@ def export_records(conn: sa.Connection, kind: str) -> tuple[list[dict[str, Any]]
     return records, dict(skipped)
 
 
+def vote_rows(conn: sa.Connection) -> list[dict[str, Any]]:
+    """Every live vote with its user, when it last changed, and both answers' facts (``a_*``,
+    ``b_*``: id, endpoint, prompt, rendered prompt, text, model version), oldest first: the raw
+    material of the closed loop's dataset rules (:mod:`alignloop.loop.datasets`)."""
+    feedback, users = schema.Feedback.__table__, schema.User.__table__
+    a, b = schema.Completion.__table__.alias("a"), schema.Completion.__table__.alias("b")
+    query = (
+        sa.select(feedback.c.id, feedback.c.kind, feedback.c.up, feedback.c.rating, feedback.c.verdict,
+                  feedback.c.correction, feedback.c.updated_at, users.c.name.label("user"),
+                  *_completion_columns(a, "a"), *_completion_columns(b, "b"))
+        .join(users, users.c.id == feedback.c.user_id)
+        .join(a, a.c.id == feedback.c.completion_id)
+        .outerjoin(b, b.c.id == feedback.c.other_completion_id)
+        .order_by(feedback.c.id)
+    )
+    return [row._asdict() for row in conn.execute(query)]
+
+
 def _completion_columns(table: sa.FromClause, prefix: str) -> list[sa.ColumnElement]:
     names = ("id", "endpoint", "prompt_messages", "prompt_text", "rendered_prompt", "completion_text", "model_version")
     return [table.c[name].label(f"{prefix}_{name}") for name in names]

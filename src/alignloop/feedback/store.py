@@ -357,6 +357,14 @@ class FeedbackStore:
 
         return self._write(write)
 
+    def votes(self) -> list[dict]:
+        """Every live vote with both answers' facts, oldest first; see
+        :func:`alignloop.feedback.export.vote_rows`."""
+        from alignloop.feedback.export import vote_rows
+
+        with self._engine.connect() as conn:
+            return vote_rows(conn)
+
     def export(self, kind: str) -> tuple[list[dict], dict]:
         """Training records of ``kind`` (pairs, kto, sft, ratings) and the count of votes skipped
         per reason; see :mod:`alignloop.feedback.export`."""
