@@ -35,6 +35,7 @@ from alignloop.feedback.store import (
     Invalid,
     NotFound,
     StoreError,
+    head_revision,
     make_engine,
     resolve_db_url,
     upgrade,
@@ -131,8 +132,8 @@ def test_store_refuses_an_unmigrated_database_until_upgraded(db_url: str) -> Non
     with pytest.raises(StoreError, match=r"has no alignloop schema; run `alignloop db upgrade --db "):
         FeedbackStore(db_url)
 
-    assert upgrade(db_url) == "0001"
-    assert upgrade(db_url) == "0001"  # a second upgrade changes nothing
+    assert upgrade(db_url) == head_revision()
+    assert upgrade(db_url) == head_revision()  # a second upgrade changes nothing
     engine = make_engine(db_url)
     tables = set(sa.inspect(engine).get_table_names())
     assert {"users", "models", "conversations", "messages", "completions", "feedback", "idempotency_keys"} <= tables
@@ -141,7 +142,7 @@ def test_store_refuses_an_unmigrated_database_until_upgraded(db_url: str) -> Non
     with engine.begin() as conn:  # as if the database were migrated by an older alignloop
         conn.execute(sa.text("UPDATE alembic_version SET version_num = '0000'"))
     engine.dispose()
-    with pytest.raises(StoreError, match=r"schema revision 0000, this alignloop needs 0001; run `alignloop db upgrade"):
+    with pytest.raises(StoreError, match=rf"schema revision 0000, this alignloop needs {head_revision()}; run `alignloop db upgrade"):
         FeedbackStore(db_url)
 
 
@@ -577,3 +578,68 @@ def test_the_database_url_defaults_to_the_environment(monkeypatch: pytest.Monkey
     monkeypatch.setenv("ALIGNLOOP_DB", "postgresql+psycopg://me@db/feedback")
     assert resolve_db_url(None) == "postgresql+psycopg://me@db/feedback"
     assert resolve_db_url("sqlite:///other.db") == "sqlite:///other.db"
+
+
+# the model registry --------------------------------------------------------------------------
+
+def test_registry_records_lineage_evaluation_and_deployment(store: FeedbackStore) -> None:
+    store.register_model("base", "v0", "/runs/sft/final")
+    store.register_trained("base", "v1", "/runs/loop-1/final", parent_version="v0", run_dir="/runs/loop-1",
+                           datasets={"pairs": 12}, feedback=[(3, "ann", "pairwise"), (5, "bob", "thumbs")])
+    # Rerunning an interrupted iteration adds nothing twice.
+    store.register_trained("base", "v1", "/runs/loop-1/final", parent_version="v0", run_dir="/runs/loop-1",
+                           datasets={"pairs": 12}, feedback=[(3, "ann", "pairwise"), (5, "bob", "thumbs")])
+    store.register_trained("base", "v2", "/runs/loop-2/final", parent_version="v1", run_dir="/runs/loop-2",
+                           datasets={"pairs": 4}, feedback=[(9, "ann", "rating")])
+    store.record_evaluation("v1", {"win_rate": 0.7, "promoted": True})
+    store.deploy("v0")
+    store.deploy("v1")
+    models = {m["version"]: m for m in store.models()}
+    assert [m["version"] for m in store.models()] == ["v0", "v1", "v2"]
+    assert [models[v]["deployed"] for v in ("v0", "v1", "v2")] == [False, True, False]
+    assert models["v1"]["parent_version"] == "v0" and models["v1"]["datasets"] == {"pairs": 12}
+    assert models["v1"]["evaluation"]["win_rate"] == 0.7 and models["v1"]["feedback_rows"] == 2
+    assert models["v1"]["promoted_at"] is not None and models["v2"]["promoted_at"] is None
+    assert store.lineage("v1") == [{"feedback_id": 3, "user_name": "ann", "kind": "pairwise"},
+                                   {"feedback_id": 5, "user_name": "bob", "kind": "thumbs"}]
+    assert store.reached_by("ann") == ["v1", "v2"] and store.reached_by("bob") == ["v1"] and store.reached_by("cy") == []
+    store.deploy("v0")  # a rollback is one call
+    assert [m["version"] for m in store.models() if m["deployed"]] == ["v0"]
+    with pytest.raises(NotFound, match="not registered"):
+        store.lineage("v9")
+    with pytest.raises(NotFound, match="parent_version"):
+        store.register_trained("base", "v3", "/x", parent_version="nope", run_dir="/x", datasets={}, feedback=[])
+
+
+def test_registry_commands(tmp_path: Path) -> None:
+    from alignloop.cli import main
+
+    url = f"sqlite:///{tmp_path}/registry.db"
+    upgrade(url)
+    with FeedbackStore(url) as store:
+        store.register_model("base", "v0", "/runs/sft/final")
+        store.register_trained("base", "v1", "/runs/loop-1/final", parent_version="v0", run_dir="/runs/loop-1",
+                               datasets={}, feedback=[(4, "ann", "thumbs")])
+    assert main(["deploy", "v1", "--db", url]) == 0
+    assert main(["lineage", "v9", "--db", url]) == 2  # an unknown version: one line, exit 2
+    assert main(["lineage", "--db", url]) == 2  # neither a version nor a user
+    with FeedbackStore(url) as store:
+        assert [m["version"] for m in store.models() if m["deployed"]] == ["v1"]
+
+
+def test_registry_command_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from alignloop.cli import main
+
+    url = f"sqlite:///{tmp_path}/registry.db"
+    upgrade(url)
+    with FeedbackStore(url) as store:
+        store.register_model("base", "v0", "/runs/sft/final")
+        store.register_trained("base", "v1", "/runs/loop-1/final", parent_version="v0", run_dir="/runs/loop-1",
+                               datasets={}, feedback=[(4, "ann", "thumbs"), (7, "bob", "pairwise")])
+    assert main(["lineage", "v1", "--db", url]) == 0
+    assert [line.split() for line in capsys.readouterr().out.splitlines()[1:]] == [["4", "thumbs", "ann"], ["7", "pairwise", "bob"]]
+    assert main(["lineage", "--user", "bob", "--db", url]) == 0
+    assert capsys.readouterr().out.split() == ["v1"]
+    assert main(["models", "--db", url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[0] == "v0" and lines[2].split()[:3] == ["v1", "v0", "2"]

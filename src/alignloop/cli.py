@@ -128,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--db", help=db_help)
     export.set_defaults(handler=_run_feedback_export)
 
+    models = commands.add_parser("models", help="the model registry: every version, its parent, feedback rows, evaluation, which is deployed")
+    models.add_argument("--db", help=db_help)
+    models.set_defaults(handler=_run_models)
+    lineage = commands.add_parser("lineage", help="which feedback made a model version, or which versions a user's feedback reached")
+    lineage.add_argument("version", nargs="?", help="a model version (`alignloop models` lists them)")
+    lineage.add_argument("--user", help="instead: the versions this user's feedback trained")
+    lineage.add_argument("--db", help=db_help)
+    lineage.set_defaults(handler=_run_lineage)
+    deploy = commands.add_parser("deploy", help="mark a model version as the deployed one (promotion, or a rollback to an earlier version)")
+    deploy.add_argument("version", help="a registered model version")
+    deploy.add_argument("--db", help=db_help)
+    deploy.set_defaults(handler=_run_deploy)
+
     serve = commands.add_parser("serve", help="serve models: OpenAI-compatible API (streaming), chat page, feedback store",
                                 description=(ServeConfig.__doc__ or "").strip(), allow_abbrev=False)
     serve.add_argument("--config", metavar="FILE", help="YAML with any of the keys below; command-line options override it")
@@ -217,6 +230,13 @@ def _run_serve(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace) -> Any:
+    """The feedback store named by ``--db`` (else $ALIGNLOOP_DB, else sqlite:///feedback.db)."""
+    from alignloop.feedback.store import FeedbackStore, resolve_db_url
+
+    return FeedbackStore(resolve_db_url(args.db))
+
+
 def _no_extra(command: str, extra: list[str]) -> None:
     if extra:
         raise ConfigError(f"{command}: unknown option {extra[0]!r}; see `alignloop {command} --help`")
@@ -233,9 +253,7 @@ def _run_db_upgrade(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _run_users_add(args: argparse.Namespace, extra: list[str]) -> int:
     _no_extra("users add", extra)
-    from alignloop.feedback.store import FeedbackStore, resolve_db_url
-
-    with FeedbackStore(resolve_db_url(args.db)) as store:
+    with _store(args) as store:
         key = store.add_user(args.name, admin=args.admin)
     log.info("users add: %s%s added; their API key follows (shown once, only its hash is stored)",
              args.name, " (admin)" if args.admin else "")
@@ -243,11 +261,45 @@ def _run_users_add(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _run_models(args: argparse.Namespace, extra: list[str]) -> int:
+    _no_extra("models", extra)
+    with _store(args) as store:
+        rows = store.models()
+    print(f"{'version':<18} {'parent':<18} {'deployed':<8} {'feedback':>8}  {'evaluation':<30} path")
+    for m in rows:
+        evaluation = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (m["evaluation"] or {}).items())
+        print(f"{m['version']:<18} {m['parent_version'] or '-':<18} {'yes' if m['deployed'] else '':<8} {m['feedback_rows']:>8}  "
+              f"{evaluation[:30]:<30} {m['path']}")
+    return 0
+
+
+def _run_lineage(args: argparse.Namespace, extra: list[str]) -> int:
+    _no_extra("lineage", extra)
+    if (args.version is None) == (args.user is None):
+        raise ConfigError("lineage: give a VERSION (which feedback made it) or --user NAME (which versions it reached), one of them")
+    with _store(args) as store:
+        if args.user is not None:
+            for version in store.reached_by(args.user):
+                print(version)
+            return 0
+        rows = store.lineage(args.version)
+    print(f"{'feedback_id':>11}  {'kind':<10} user")
+    for row in rows:
+        print(f"{row['feedback_id']:>11}  {row['kind']:<10} {row['user_name']}")
+    return 0
+
+
+def _run_deploy(args: argparse.Namespace, extra: list[str]) -> int:
+    _no_extra("deploy", extra)
+    with _store(args) as store:
+        store.deploy(args.version)
+    log.info("deploy: %s is now the deployed version (servers pick it up when they reload)", args.version)
+    return 0
+
+
 def _run_users_list(args: argparse.Namespace, extra: list[str]) -> int:
     _no_extra("users list", extra)
-    from alignloop.feedback.store import FeedbackStore, resolve_db_url
-
-    with FeedbackStore(resolve_db_url(args.db)) as store:
+    with _store(args) as store:
         users = store.list_users()
     print(f"{'id':>5}  {'admin':<5}  name")
     for user in users:
@@ -259,9 +311,8 @@ def _run_feedback_export(args: argparse.Namespace, extra: list[str]) -> int:
     _no_extra("feedback export", extra)
     from alignloop.data.convert import write_jsonl
     from alignloop.data.records import Row
-    from alignloop.feedback.store import FeedbackStore, resolve_db_url
 
-    with FeedbackStore(resolve_db_url(args.db)) as store:
+    with _store(args) as store:
         records, skipped = store.export(args.kind)
     write_jsonl((Row(record, f"feedback {record['feedback_id']}") for record in records), args.out)
     reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items())) or "none"

@@ -74,8 +74,10 @@ class User(Base):
 
 
 class Model(Base):
-    """A served model version: the content hash of its weights and adapter, the name it was
-    first served under and the folder it was loaded from."""
+    """A model version (the registry): the content hash of its weights and adapter, the name it
+    was first served under and the folder it was loaded from; for a version the closed loop
+    trained, also its parent, run folder, datasets, evaluation against the parent, and whether it
+    is the deployed one."""
 
     __tablename__ = "models"
 
@@ -83,6 +85,25 @@ class Model(Base):
     name: Mapped[str] = mapped_column(sa.String(200))
     path: Mapped[str] = mapped_column(sa.Text)
     created_at: Mapped[datetime]
+    parent_version: Mapped[str | None] = mapped_column(sa.ForeignKey("models.version"))
+    run_dir: Mapped[str | None] = mapped_column(sa.Text)
+    datasets: Mapped[dict[str, Any] | None]
+    evaluation: Mapped[dict[str, Any] | None]
+    deployed: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    promoted_at: Mapped[datetime | None]
+
+
+class ModelFeedback(Base):
+    """Lineage: each feedback row that trained a model version, with who gave it and its kind
+    copied here, so the answer survives the user deleting the vote later (hence no foreign key
+    to ``feedback``)."""
+
+    __tablename__ = "model_feedback"
+
+    model_version: Mapped[str] = mapped_column(sa.ForeignKey("models.version"), primary_key=True)
+    feedback_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    user_name: Mapped[str] = mapped_column(sa.String(100), index=True)  # "which models did this user's feedback reach"
+    kind: Mapped[str] = mapped_column(sa.String(16))
 
 
 class Conversation(Base):

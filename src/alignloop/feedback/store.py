@@ -72,6 +72,7 @@ messages_t = schema.Message.__table__
 completions_t = schema.Completion.__table__
 feedback_t = schema.Feedback.__table__
 idempotency_t = schema.IdempotencyKey.__table__
+model_feedback_t = schema.ModelFeedback.__table__
 
 
 def _hash_key(key: str) -> str:
@@ -210,6 +211,82 @@ class FeedbackStore:
             conn.execute(stmt.on_conflict_do_nothing(index_elements=["version"]))
 
         self._write(write)
+
+    # --- the model registry (the closed loop's lineage) ----------------------------------------
+    def register_trained(self, name: str, version: str, path: str, parent_version: str, run_dir: str,
+                         datasets: dict, feedback: list[tuple[int, str, str]]) -> None:
+        """Record a version the loop trained from ``parent_version``: its run folder, the datasets
+        it was trained on (paths and counts) and the feedback rows behind them as
+        ``(feedback_id, user_name, kind)``. Idempotent: rerunning an interrupted iteration adds
+        no second row."""
+
+        def write(conn: sa.Connection) -> None:
+            if conn.execute(sa.select(models_t.c.version).where(models_t.c.version == parent_version)).first() is None:
+                raise NotFound(f"field 'parent_version': model version {parent_version!r} is not registered",
+                               field="parent_version")
+            insert = _dialect_insert(conn.dialect.name)
+            conn.execute(insert(models_t).values(version=version, name=name, path=path, created_at=utc_now())
+                         .on_conflict_do_nothing(index_elements=["version"]))
+            conn.execute(models_t.update().where(models_t.c.version == version)
+                         .values(parent_version=parent_version, run_dir=run_dir, datasets=datasets))
+            if feedback:
+                conn.execute(insert(model_feedback_t).values([
+                    {"model_version": version, "feedback_id": fid, "user_name": user, "kind": kind} for fid, user, kind in feedback
+                ]).on_conflict_do_nothing(index_elements=["model_version", "feedback_id"]))
+
+        self._write(write)
+
+    def record_evaluation(self, version: str, evaluation: dict) -> None:
+        """Store the version's evaluation against its parent (the gate's inputs and decision)."""
+
+        def write(conn: sa.Connection) -> None:
+            self._require_version(conn, version)
+            conn.execute(models_t.update().where(models_t.c.version == version).values(evaluation=evaluation))
+
+        self._write(write)
+
+    def deploy(self, version: str) -> None:
+        """Make ``version`` the deployed one (promotion or rollback): every other version is
+        marked not deployed in the same transaction."""
+
+        def write(conn: sa.Connection) -> None:
+            self._require_version(conn, version)
+            conn.execute(models_t.update().where(models_t.c.version != version).values(deployed=False))
+            conn.execute(models_t.update().where(models_t.c.version == version).values(deployed=True, promoted_at=utc_now()))
+
+        self._write(write)
+
+    def models(self) -> list[dict]:
+        """Every registered version, oldest first, with its registry fields and how many feedback
+        rows trained it."""
+        counts = (sa.select(model_feedback_t.c.model_version, sa.func.count().label("feedback_rows"))
+                  .group_by(model_feedback_t.c.model_version).subquery())
+        query = (sa.select(models_t, sa.func.coalesce(counts.c.feedback_rows, 0).label("feedback_rows"))
+                 .outerjoin(counts, counts.c.model_version == models_t.c.version)
+                 .order_by(models_t.c.created_at, models_t.c.version))
+        with self._engine.connect() as conn:
+            return [row._asdict() for row in conn.execute(query)]
+
+    def lineage(self, version: str) -> list[dict]:
+        """The feedback rows that trained ``version``: (feedback_id, user_name, kind), by id."""
+        query = (sa.select(model_feedback_t.c.feedback_id, model_feedback_t.c.user_name, model_feedback_t.c.kind)
+                 .where(model_feedback_t.c.model_version == version).order_by(model_feedback_t.c.feedback_id))
+        with self._engine.connect() as conn:
+            self._require_version(conn, version)
+            return [row._asdict() for row in conn.execute(query)]
+
+    def reached_by(self, user_name: str) -> list[str]:
+        """The model versions this user's feedback trained, oldest first."""
+        query = (sa.select(model_feedback_t.c.model_version).where(model_feedback_t.c.user_name == user_name)
+                 .join(models_t, models_t.c.version == model_feedback_t.c.model_version)
+                 .group_by(model_feedback_t.c.model_version, models_t.c.created_at).order_by(models_t.c.created_at))
+        with self._engine.connect() as conn:
+            return [row[0] for row in conn.execute(query)]
+
+    @staticmethod
+    def _require_version(conn: sa.Connection, version: str) -> None:
+        if conn.execute(sa.select(models_t.c.version).where(models_t.c.version == version)).first() is None:
+            raise NotFound(f"model version {version!r} is not registered; `alignloop models` lists them", field="version")
 
     def add_completions(self, records: list[CompletionRecord]) -> None:
         """Store the choices of one or more requests; returns after they are committed.
