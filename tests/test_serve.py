@@ -286,3 +286,63 @@ def test_bad_feedback_requests(db_url: str, served: ServedModel) -> None:
         assert r.status_code == 400 and "not valid JSON" in error_of(r)["message"]
         assert a.client.get("/v1/feedback/abc", headers=a.auth()).status_code == 422
         assert a.client.get("/v1/feedback", headers=a.auth()).json()["data"] == []  # nothing half-written
+
+
+# --- redeploy ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny model with every weight nudged: another version of it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignloop.models.load import save_model
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    folder = tmp_path_factory.mktemp("other") / "model"
+    save_model(model, AutoTokenizer.from_pretrained(str(tiny_model_dir)), folder)
+    return folder
+
+
+def test_redeploy_under_a_running_stream(db_url: str, tiny_model_dir: Path, other_model_dir: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    served = ServedModel("tiny", str(tiny_model_dir))  # its own: the redeploy stops it
+    step = served.batcher.step
+
+    def slow_step(*args: Any, **kwargs: Any) -> None:  # 40 ms a token: the stream outlives the deploy
+        time.sleep(0.04)
+        step(*args, **kwargs)
+
+    monkeypatch.setattr(served.batcher, "step", slow_step)
+    with api(db_url, served) as a:
+        old_version = served.version
+        body = {"model": "tiny", "messages": HI, "max_tokens": 100, "seed": 1, "stream": True}
+        with a.client.stream("POST", "/v1/chat/completions", json=body, headers=a.auth()) as stream:
+            lines = stream.iter_lines()
+            first = next(line for line in lines if line.startswith("data: {"))
+            assert a.client.post("/admin/deploy", json={"name": "tiny", "path": str(other_model_dir)}, headers=a.auth()).status_code == 403
+            r = a.client.post("/admin/deploy", json={"name": "tiny", "path": str(other_model_dir)}, headers=a.auth("root"))
+            assert r.status_code == 200, r.text
+            assert r.json()["previous_version"] == old_version and r.json()["version"] != old_version
+            assert served.batcher.load == 1  # the old model is still generating that stream
+            rest = [line for line in lines if line.startswith("data: ")]
+        # The stream that was running finished whole, on the weights it started with.
+        assert rest[-1] == "data: [DONE]"
+        chunks = [json.loads(line[6:]) for line in [first] + rest[:-1]]
+        assert {c["model_version"] for c in chunks} == {old_version}
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        deadline = time.monotonic() + 10
+        while served._thread.is_alive() and time.monotonic() < deadline:  # drained, the old decode thread ends
+            time.sleep(0.05)
+        assert not served._thread.is_alive()
+        # The next completion carries the new version, and the registry says it is deployed.
+        after = a.chat().json()
+        assert after["model_version"] == r.json()["version"]
+        assert [m["version"] for m in a.store.models() if m["deployed"]] == [after["model_version"]]
+        bad = a.client.post("/admin/deploy", json={"name": "tiny", "path": "/no/such/folder"}, headers=a.auth("root"))
+        assert bad.status_code == 400 and "/no/such/folder" in error_of(bad)["message"]
+        assert a.chat().json()["model_version"] == after["model_version"]  # a failed deploy changes nothing

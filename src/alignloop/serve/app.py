@@ -46,6 +46,8 @@ from alignloop.serve.engine import ServedModel, TextStream
 from alignloop.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    DeployIn,
+    DeployOut,
     ErrorBody,
     FeedbackIn,
     FeedbackKind,
@@ -148,6 +150,22 @@ class Serving:
         self.limiter = RateLimiter(config.rate_limit_per_minute, config.rate_burst)
         self.anonymous: User | None = None if config.auth else store.ensure_user("anonymous", admin=True)
         self._keys: dict[str, tuple[User, float]] = {}  # key → (user, when looked up): one DB read per key a minute
+
+    def deploy(self, name: str, path: str) -> tuple[ServedModel, str | None]:
+        """Load ``path`` and serve it as ``name`` from the next request on, without dropping any:
+        requests already running finish on the old weights (their rows stay in the old batcher,
+        whose thread stops once they are done). Marks the new version deployed in the registry.
+        Returns the new model and the version it replaced."""
+        config = self.config
+        new = ServedModel(name, path, device=config.device, dtype=config.dtype, max_batch=config.max_batch)
+        self.store.register_model(name, new.version, path)
+        new.start()
+        old = self.models.get(name)
+        self.models = {**self.models, name: new}  # one assignment: a request sees the old dict or the new
+        self.store.deploy(new.version)
+        if old is not None and old is not new:
+            threading.Thread(target=old.drain_and_stop, name=f"drain-{name}", daemon=True).start()
+        return new, None if old is None else old.version
 
     def cached_user(self, key: str) -> User | None:
         cached = self._keys.get(key)
@@ -285,6 +303,16 @@ def create_app(config: ServeConfig, store: FeedbackStore, models: Sequence[Serve
         records, skipped = serving(request).store.export(kind)
         lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
         return Response(lines, media_type="application/x-ndjson", headers={"X-Skipped": json.dumps(skipped)})
+
+    @app.post("/admin/deploy", response_model=DeployOut, responses=ERRORS)
+    def deploy(body: DeployIn, request: Request, user: User = Depends(current_user)) -> DeployOut:
+        """Serve the model at ``path`` as ``name`` from the next request on (promotion or rollback);
+        streams already running finish on the weights they started with."""
+        if not user.admin:
+            raise ApiError(403, "deploying is for admins (`alignloop users add NAME --admin`)", "permission_error")
+        new, previous = serving(request).deploy(body.name, body.path)
+        log.info("serve: %s now serves version %s (was %s)", body.name, new.version, previous)
+        return DeployOut(name=body.name, version=new.version, previous_version=previous)
 
     if STATIC.is_dir():
         from fastapi.staticfiles import StaticFiles

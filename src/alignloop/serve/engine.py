@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,14 @@ class ServedModel:
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+    def drain_and_stop(self, timeout: float = 600.0) -> None:
+        """Stop once every request already submitted has finished (a redeployed model serves out
+        its running streams while new requests go to its successor)."""
+        deadline = time.monotonic() + timeout
+        while self.batcher.load and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.stop()
 
     def _run(self) -> None:
         while not self._stopping.is_set():

@@ -145,3 +145,17 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class DeployIn(BaseModel):
+    """Serve another model folder under a served name (``/admin/deploy``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    path: str = Field(min_length=1, max_length=4096)
+
+
+class DeployOut(BaseModel):
+    name: str
+    version: str
+    previous_version: Optional[str] = None
