@@ -25,13 +25,11 @@ import statistics
 import tempfile
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import sqlalchemy as sa
-
+from alignloop.feedback.database import scratch_postgres_schema
 from alignloop.feedback.store import CompletionRecord, FeedbackInput, FeedbackStore, upgrade
 
 
@@ -39,20 +37,6 @@ from alignloop.feedback.store import CompletionRecord, FeedbackInput, FeedbackSt
 def sqlite_database() -> Iterator[str]:
     with tempfile.TemporaryDirectory() as folder:
         yield f"sqlite:///{Path(folder) / 'feedback.db'}"
-
-
-@contextmanager
-def postgres_database(url: str) -> Iterator[str]:
-    schema = f"alignloop_bench_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.dispose()
 
 
 def completions(user_id: int, prefix: str, n: int) -> list[CompletionRecord]:
@@ -122,7 +106,7 @@ def main() -> None:
     with sqlite_database() as url:
         results += [{"backend": "SQLite WAL", **row} for row in bench_backend(url, threads, args.writes)]
     if args.pg != "none":
-        with postgres_database(args.pg) as url:
+        with scratch_postgres_schema(args.pg, "alignloop_bench") as url:
             results += [{"backend": "PostgreSQL", **row} for row in bench_backend(url, threads, args.writes)]
 
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")

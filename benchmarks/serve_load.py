@@ -360,30 +360,10 @@ def median_cell(runs: list[dict]) -> dict:
 
 def run_pg_burst(args: argparse.Namespace, model_dir: Path, env: dict) -> dict:
     """The feedback burst on PostgreSQL, in a fresh schema of the server's database."""
-    import sqlalchemy as sa
+    from alignloop.feedback.database import scratch_postgres_schema
 
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(args.pg)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    url = f"{args.pg}?options=-csearch_path%3D{schema}"
-    try:
-        subprocess.run(alignloop("db", "upgrade", "--db", url), check=True, env=env, capture_output=True)
-        key = subprocess.run(alignloop("users", "add", "bench-pg", "--db", url), check=True, env=env, capture_output=True,
-                             text=True).stdout.strip()
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen(alignloop("serve", "--model", f"m={model_dir}", "--db", url, "--port", str(port),
-                                          "--rate-limit-per-minute", "0"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_up(base, proc, "/health")
-            return run_burst(base, url, key, args, env)
-        finally:
-            stop(proc)
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-        engine.dispose()
+    with scratch_postgres_schema(args.pg, "alignloop_bench") as url, alignloop_server(args, model_dir, url, env) as (base, key, _):
+        return run_burst(base, url, key, args, env)
 
 
 def print_table(results: dict) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 
 from alignloop.rollout.continuous import ContinuousBatcher, DecodeRequest
 from alignloop.rollout.generate import RowSampling, Sampling, default_stop_token_ids, encode_prompts, generate

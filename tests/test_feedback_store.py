@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import uuid
 from datetime import timezone
 from functools import cache
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Iterator
 import pytest
 import sqlalchemy as sa
 
+from alignloop.feedback.database import scratch_postgres_schema
 from alignloop.feedback.store import (
     CompletionRecord,
     FeedbackInput,
@@ -67,16 +67,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     reason = postgres_unreachable()
     if reason:
         pytest.skip(reason)
-    schema = f"alignloop_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.dispose()
+    with scratch_postgres_schema(PG_URL, "alignloop_test") as url:
+        yield url
 
 
 @pytest.fixture
