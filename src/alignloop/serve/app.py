@@ -222,7 +222,7 @@ def create_app(config: ServeConfig, store: FeedbackStore, models: Sequence[Serve
         try:
             yield
         finally:
-            for m in models:
+            for m in {*models, *app.state.serving.models.values()}:  # redeployed ones too
                 m.stop()
             store.close()
 
