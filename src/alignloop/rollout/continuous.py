@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from alignloop.rollout.generate import RowSampling, TokenSampler, _cache_argument
+from alignloop.rollout.generate import RowSampling, TokenSampler, _cache_argument, left_padded
 
 
 @dataclass(eq=False)
@@ -148,15 +148,7 @@ class ContinuousBatcher:
         unique: dict[tuple[int, ...], int] = {}
         for p in prompts:
             unique.setdefault(tuple(p), len(unique))
-        distinct = list(unique)
-        width = max(len(p) for p in distinct)
-        input_ids = torch.full((len(distinct), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(distinct), width), dtype=torch.long)
-        for r, p in enumerate(distinct):
-            input_ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, mask, positions = left_padded(list(unique), self.pad_id, self.device)
         cache = DynamicCache()
         logits = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,

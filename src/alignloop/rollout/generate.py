@@ -163,16 +163,11 @@ def _decode_batch(
     if steps == 0:
         return [([], [], False) for _ in prompts]
     lengths = [len(p) for p in prompts]
-    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    input_ids, prompt_mask, positions = left_padded(prompts, pad_id, device)
     # The mask covers the prompt and every token still to come; step t passes its first width + t + 1
     # columns. A finished row keeps attending to the pads it is fed, which changes only its own
     # later outputs, and those are cut.
-    attention_mask = torch.ones((rows, width + steps), dtype=torch.long)
-    for r, ids in enumerate(prompts):
-        input_ids[r, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[r, : width - len(ids)] = 0
-    positions = (attention_mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-    input_ids, attention_mask, positions = input_ids.to(device), attention_mask.to(device), positions.to(device)
+    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones((rows, steps))], dim=1)
     next_position = torch.tensor(lengths, device=device)[:, None]  # (B, 1) position of the first new token
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
 
@@ -241,6 +236,20 @@ def _decode_batch(
         (tokens_cpu[r][:k], logps_cpu[r][:k], finished)
         for r, (k, finished) in enumerate(zip(n_tokens.tolist(), done.tolist()))
     ]
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, W) input ids left-padded with ``pad_id``, their attention mask, and positions that
+    count real tokens only (``mask.cumsum - 1``, as HF does for left padding), so a prompt gets
+    the same positions whatever it is batched with."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, ids in enumerate(prompts):
+        input_ids[r, width - len(ids) :] = torch.tensor(ids)
+        mask[r, width - len(ids) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), mask.to(device), positions.to(device)
 
 
 def _can_expand(cache: Any) -> bool:

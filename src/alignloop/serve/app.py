@@ -73,8 +73,13 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.headers = status, message, type, param, headers
 
 
+def error_body(message: str, type: str, param: str | None = None) -> dict:
+    """OpenAI's error shape, for responses and for an error inside a stream."""
+    return {"error": {"message": message, "type": type, "param": param, "code": None}}
+
+
 def error_response(status: int, message: str, type: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": None}}, status, headers=headers)
+    return JSONResponse(error_body(message, type, param), status, headers=headers)
 
 
 class RateLimiter:
@@ -352,9 +357,10 @@ async def _complete(request: Request, served: ServedModel, user: User, body: Sam
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     ids = [f"{request_id}-{i}" for i in range(body.n)]
     created = int(time.time())
-    sampling = {"temperature": body.temperature, "top_p": body.top_p, "max_tokens": max_tokens, "stop": body.stop_strings(),
+    stop = body.stop_strings()
+    sampling = {"temperature": body.temperature, "top_p": body.top_p, "max_tokens": max_tokens, "stop": stop,
                 "seed": seed, "n": body.n}
-    streams = [TextStream(served.tokenizer, body.stop_strings()) for _ in rows]
+    streams = [TextStream(served.tokenizer, stop) for _ in rows]
     reasons: list[str | None] = [None] * body.n
     first_token: list[float | None] = [None]
     submission = served.submit(prompt_ids, rows, max_tokens)
@@ -441,7 +447,7 @@ async def _complete(request: Request, served: ServedModel, user: User, body: Sam
                         if piece:
                             yield chunk(choice, piece)
             except ApiError as e:
-                yield "data: " + json.dumps({"error": {"message": e.message, "type": e.type, "param": None, "code": None}}) + "\n\n"
+                yield "data: " + json.dumps(error_body(e.message, e.type)) + "\n\n"
                 yield "data: [DONE]\n\n"
                 return
             # Stored before the final chunks: once a client sees finish_reason, feedback on the id works.
@@ -458,8 +464,7 @@ async def _complete(request: Request, served: ServedModel, user: User, body: Sam
 
 
 def _feedback_out(record: Any, outcome: str | None = None) -> FeedbackOut:
-    fields = asdict(record)
-    fields.pop("user_id", None)
+    fields = asdict(record)  # user_id is not among FeedbackOut's fields: a user's id is not echoed
     return FeedbackOut(**{k: v for k, v in fields.items() if k in FeedbackOut.model_fields}, outcome=outcome)
 
 

@@ -2,9 +2,10 @@
 :class:`~alignloop.rollout.continuous.ContinuousBatcher`.
 
 Requests from every client of a model share that model's running batch. The bridge to the
-event loop is one ``asyncio.Queue`` per request: the decode thread puts ``(choice, token, logp)``
-and ``(choice, None, reason)`` events on it with ``call_soon_threadsafe`` and never waits for the
-event loop; the request's handler detokenises, applies stop strings and streams.
+event loop is a :class:`Submission` per request: the decode thread appends ``(choice, token,
+None)`` and ``(choice, None, reason)`` events to it and never waits for the event loop; a
+:class:`Waker` wakes the loop once per step for every submission with new events; the request's
+handler detokenises (:class:`TextStream`), applies stop strings and streams.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class ServedModel:
         cfg = ModelConfig(name_or_path=path, dtype=dtype)
         self.name, self.path = name, path
         self.tokenizer = load_tokenizer(cfg)
-        self.model = load_causal_lm(cfg, self.tokenizer, seed=0).to(inference_device(device)).eval()
+        self.model = load_causal_lm(cfg, self.tokenizer, seed=0).to(inference_device(device))  # the batcher puts it in eval mode
         disable_dropout(self.model)
         self.version = model_version(self.model)
         self.context = context_length(self.model)
@@ -146,8 +147,8 @@ def _set_all(events: list[asyncio.Event]) -> None:
 class Submission:
     """The rows of one request in a model's running batch, seen from the event loop.
 
-    The decode thread appends events to a list and wakes the event loop only when the list was
-    empty, so a loop that falls behind takes several tokens in one go (one SSE chunk, one wakeup)
+    The decode thread appends events to a list and marks the submission for the next wake only
+    when the list was empty, so a loop that falls behind takes several tokens in one go (one SSE chunk, one wakeup)
     instead of paying per token. ``batches()`` yields lists of ``(choice, token_id, None)`` per
     generated token and ``(choice, None, reason)`` when a choice ends; ``cancel(choice)`` stops one
     row (a stop string was seen), ``close()`` every row still running (the client went away).
