@@ -362,6 +362,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alignloop: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the torch.distributed group a multi-process run (torchrun) joined, if any.
+
+    Left to the interpreter's exit, the gloo group's teardown can hang a rank whose peer has
+    already exited; destroying it while both are alive ends the run cleanly.
+    """
+    dist = sys.modules.get("torch.distributed")  # not imported: no group to leave (and no torch import for `users list`)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
