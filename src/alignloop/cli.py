@@ -13,43 +13,13 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from alignloop.config import STAGES, ServeConfig, describe, load_config
 from alignloop.errors import AlignloopError, ConfigError, TrainingInterrupted
+from alignloop.stages import stage_runner
 
 log = logging.getLogger("alignloop")
-
-
-def _stage_runner(stage: str) -> Callable[[Any], Any]:
-    # Imported on use: `alignloop --help` should not pay for importing torch and transformers.
-    if stage == "pretrain":
-        from alignloop.train.pretrain import run_pretrain
-
-        return run_pretrain
-    if stage == "reward":
-        from alignloop.train.reward import run_reward
-
-        return run_reward
-    if stage == "evaluate":
-        from alignloop.evaluate.run import run_evaluate
-
-        return run_evaluate
-    if stage == "dpo":
-        from alignloop.train.preference import run_dpo
-
-        return run_dpo
-    if stage == "kto":
-        from alignloop.train.preference import run_kto
-
-        return run_kto
-    if stage in ("ppo", "grpo", "rloo", "reinforce"):
-        from alignloop.train.rl import run_rl
-
-        return run_rl
-    from alignloop.train.sft import run_sft
-
-    return run_sft
 
 
 STAGE_HELP = {
@@ -63,6 +33,7 @@ STAGE_HELP = {
     "reinforce": "online RL: REINFORCE++, per-token KL in the reward, batch-normalised returns",
     "dpo": "offline preference optimisation on pairs: DPO, IPO, robust DPO, SimPO (reference log-probs computed once)",
     "kto": "KTO on unpaired thumbs up/down (reference log-probs computed once)",
+    "loop": "the closed loop: feedback → datasets → train → gate against the deployed model → promote → redeploy, N times",
 }
 
 
@@ -75,11 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="also show library warnings and debug logs")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    demo = commands.add_parser("demo", help="offline demo: pretrain a tiny model on chitchat, then SFT it on chat data")
+    demo = commands.add_parser("demo", help="offline demo of the whole loop: a tiny base model, a server, simulated users, 3 loop iterations")
     demo.add_argument("--output-dir", default="runs", help="parent of the demo's run folder (default: runs)")
     demo.add_argument("--model", default="tiny-5m", help="built-in size or model path to start from (default: tiny-5m)")
     demo.add_argument("--pretrain-steps", type=int, default=200, help="continued-pretraining steps (default: 200)")
     demo.add_argument("--sft-steps", type=int, default=150, help="SFT steps (default: 150)")
+    demo.add_argument("--preference", default="mixture", choices=["mixture", "sentiment", "length", "topic"],
+                      help="the simulated users' hidden preference (default: mixture)")
+    demo.add_argument("--iterations", type=int, default=3, help="loop iterations (default: 3)")
+    demo.add_argument("--users", type=int, default=24, help="simulated users (default: 24)")
+    demo.add_argument("--turns-per-user", type=int, default=12, help="chat turns with feedback per user per iteration (default: 12)")
     demo.set_defaults(handler=_run_demo)
 
     report = commands.add_parser("reward-report", help="how good is a reward model? accuracy, calibration, length bias on preference pairs",
@@ -179,7 +155,7 @@ def _run_stage(args: argparse.Namespace, extra: list[str]) -> int:
     if getattr(args, "resume", None) is not None:
         overrides["train.resume"] = args.resume
     config = load_config(cls, args.config, overrides)
-    result = _stage_runner(args.stage)(config)
+    result = stage_runner(args.stage)(config)
     return result if isinstance(result, int) else 0
 
 
@@ -188,7 +164,8 @@ def _run_demo(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"demo: unknown option {extra[0]!r}; see `alignloop demo --help`")
     from alignloop.demo import run_demo
 
-    run_demo(args.output_dir, args.model, args.pretrain_steps, args.sft_steps)
+    run_demo(args.output_dir, args.model, args.pretrain_steps, args.sft_steps, args.preference, args.iterations,
+             args.users, args.turns_per_user)
     return 0
 
 
@@ -207,8 +184,8 @@ def _run_reward_report(args: argparse.Namespace, extra: list[str]) -> int:
 def _run_convert(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"convert: unknown option {extra[0]!r}; see `alignloop convert --help`")
-    from alignloop.data.load import read_rows
     from alignloop.data.convert import write_jsonl
+    from alignloop.data.load import read_rows
 
     rows = read_rows(f"{args.format}:{args.source}")
     write_jsonl(rows, args.output)

@@ -367,9 +367,90 @@ class KTOConfig:
     train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = completions per micro-batch", lr=5e-6, batch_size=8, warmup_steps=10, max_steps=200, eval_every=50)
 
 
+@dataclass
+class LoopRulesConfig:
+    """How stored feedback becomes an iteration's training sets (:mod:`alignloop.loop.datasets`)."""
+
+    window: Literal["new", "all"] = option("new", "new: only feedback given or changed since the previous iteration's export; all: every live vote")
+    only_deployed: bool = option(False, "use only feedback on answers of the version deployed when the iteration starts")
+    max_votes_per_user: Optional[int] = option(None, "keep each user's newest N votes per iteration (null: no cap)")
+    min_agreement: float = option(0.5, "a pair several users judged is kept (in the majority's direction) only when the majority's share is at least this")
+    sibling_thumbs: bool = option(True, "an up and a down on two answers to the same prompt also make a pair (up ≻ down)")
+    both_bad_as_kto: bool = option(True, "pairwise both_bad → two thumbs-down records (else skipped)")
+    dedupe: bool = option(True, "the same record once, its feedback ids merged")
+    min_records: int = option(8, "a recipe stage whose dataset has fewer records is skipped this iteration")
+
+
+@dataclass
+class LoopEvaluateConfig:
+    """The gate: the candidate against the deployed model on held-out prompts (``alignloop evaluate``)."""
+
+    prompts: str = option("", "held-out prompts (records with `prompt`), never shown to users; default with a simulation: a held-out share of its prompts")
+    max_prompts: Optional[int] = option(None, "use only the first N held-out prompts")
+    reward: Optional[str] = option(None, "reward source the judge reads (model folder, `module:fn`, YAML spec); default with a simulation: the population's hidden utility")
+    gate: str = option("win_rate_lower>0.5,kl_per_token<0.5", "promote only when every clause holds (metrics of `alignloop evaluate`)")
+    sampling: SamplingConfig = section(SamplingConfig, "how both models complete the held-out prompts", max_new_tokens=32, batch_size=32)
+    judge: JudgeConfig = section(JudgeConfig, "who decides each candidate-vs-deployed pair", epsilon=1e-6)
+
+
+@dataclass
+class SimulationConfig:
+    """Simulated users (:mod:`alignloop.envs`): a population with a hidden preference chatting with
+    the served model through the HTTP API before each iteration's export."""
+
+    preference: Literal["none", "sentiment", "length", "topic", "mixture"] = option("none", "the population's hidden preference; none: no simulated users (real users give the feedback)")
+    users: int = option(12, "simulated users")
+    troll_share: float = option(0.0, "share of users who are trolls")
+    troll_kind: Literal["random", "contrary"] = option("random", "trolls vote at random or against the preference")
+    noise: float = option(0.05, "Bradley–Terry temperature of the users' votes (0: always the better answer)")
+    turns_per_user: int = option(8, "chat turns (each with one piece of feedback) per user per iteration")
+    prompts: str = option("builtin:chitchat-prompts", "what users ask: records with `prompt`")
+    heldout_every: int = option(10, "every N-th prompt is held out for the gate and never asked by users")
+    max_prompt_chars: int = option(200, "prompts longer than this are left out (people open a chat with a line, not an essay)")
+    max_tokens: int = option(32, "max_tokens of the users' chat requests")
+    temperature: float = option(1.0, "temperature of the users' chat requests")
+    seed: int = option(0, "seed of the population and its choices")
+
+
+@dataclass
+class LoopConfig:
+    """The closed loop, N iterations: collect feedback → datasets → train the recipe → evaluate
+    against the deployed model → promote if the gate passes → redeploy. Every step is recorded in
+    the run folder, so an interrupted loop continues where it stopped."""
+
+    run: RunConfig = section(RunConfig, "the loop's folder: iter-N/ per iteration, report.md, state", name="loop")
+    server: Optional[str] = option(None, "URL of a running `alignloop serve` (needs admin_key); null: start one here on `db`, serving base_model")
+    admin_key: Optional[str] = option(None, "an admin's API key for the running server (default: $ALIGNLOOP_ADMIN_KEY)")
+    db: Optional[str] = option(None, "the server's feedback store URL (default: $ALIGNLOOP_DB or sqlite:///feedback.db)")
+    model_name: str = option("policy", "the served model name the loop improves")
+    base_model: str = option("", "when the loop starts the server: the first deployed model (an HF id or folder)")
+    port: int = option(0, "when the loop starts the server: its port (0: any free one)")
+    iterations: int = option(3, "loop iterations to run")
+    recipe: list[str] = option(["dpo"], "training stages in order, each on its dataset: sft (corrections), dpo (pairs), kto (thumbs), reward (pairs) then ppo|grpo|rloo|reinforce (the users' prompts, that reward)")
+    stage_options: list[str] = option([], "settings for a recipe stage as STAGE.KEY=VALUE, e.g. dpo.train.lr=1e-4 or dpo.preference.beta=0.2")
+    rules: LoopRulesConfig = section(LoopRulesConfig, "feedback → datasets")
+    evaluate: LoopEvaluateConfig = section(LoopEvaluateConfig, "the gate against the deployed model")
+    simulation: SimulationConfig = section(SimulationConfig, "simulated users (none by default)")
+
+    def __post_init__(self) -> None:
+        known = ("sft", "dpo", "kto", "reward", "ppo", "grpo", "rloo", "reinforce")
+        for stage in self.recipe:
+            if stage not in known:
+                raise ConfigError(f"recipe: unknown stage {stage!r}; choose from {', '.join(known)}")
+        rl = [s for s in self.recipe if s in ("ppo", "grpo", "rloo", "reinforce")]
+        if rl and "reward" not in self.recipe[: self.recipe.index(rl[0])]:
+            raise ConfigError(f"recipe: {rl[0]} needs a reward stage before it (e.g. recipe: [reward, {rl[0]}])")
+        if self.iterations < 1:
+            raise ConfigError(f"iterations must be ≥ 1 (got {self.iterations})")
+        for option_text in self.stage_options:
+            stage, dot, rest = option_text.partition(".")
+            if not dot or "=" not in rest or stage not in known:
+                raise ConfigError(f"stage_options: {option_text!r} should be STAGE.KEY=VALUE with STAGE one of {', '.join(known)}")
+
+
 STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "evaluate": EvaluateConfig,
                            "ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "reinforce": ReinforceConfig,
-                           "dpo": DPOConfig, "kto": KTOConfig}
+                           "dpo": DPOConfig, "kto": KTOConfig, "loop": LoopConfig}
 
 
 @dataclass

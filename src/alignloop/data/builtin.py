@@ -27,7 +27,7 @@ TURNS_PER_CHAT_RECORD = 4  # user, assistant, user, assistant: short enough for 
 
 def builtin_rows(name: str) -> list[Row]:
     makers = {"chitchat-text": _chitchat_text, "chitchat-chat": _chitchat_chat, "chitchat-preference": _chitchat_preference,
-              "chitchat-thumbs": _chitchat_thumbs}
+              "chitchat-thumbs": _chitchat_thumbs, "chitchat-prompts": _chitchat_prompts}
     if name not in makers:
         raise DataError(f"builtin:{name}: unknown built-in dataset; choose one of {', '.join('builtin:' + k for k in makers)}")
     return makers[name]()
@@ -110,3 +110,9 @@ def _chitchat_thumbs() -> list[Row]:
         rows.append(Row({"prompt": pair.fields["prompt"], "completion": completion, "label": good},
                         pair.where.replace("chitchat-preference", "chitchat-thumbs")))
     return rows
+
+
+def _chitchat_prompts() -> list[Row]:
+    """Each conversation's opening line as a chat prompt (one user message): what people say first."""
+    return [Row({"prompt": [{"role": "user", "content": conv[0][1]}]}, f"builtin:chitchat-prompts conversation {i + 1}")
+            for i, conv in enumerate(chitchat_conversations()) if conv[0][0] == "user"]

@@ -156,3 +156,22 @@ def bradley_terry(utility_a: float, utility_b: float, temperature: float) -> flo
     if temperature <= 0:
         return 1.0 if utility_a > utility_b else 0.0 if utility_a < utility_b else 0.5
     return 1 / (1 + math.exp(-(utility_a - utility_b) / temperature))
+
+
+# --- the hidden utilities as reward functions (`module:fn`), for the gate's judge and reports ---
+def _utility_reward(name: str):
+    def reward(prompts: Sequence, completions: Sequence[str], **_: object) -> list[float]:
+        from alignloop.rollout.rewards import prompt_text
+
+        preference = preference_named(name)
+        return [preference.utility(prompt_text(p), c) for p, c in zip(prompts, completions)]
+
+    reward.__name__ = reward.__qualname__ = f"{name}_utility"
+    reward.__doc__ = f"The {name} population's mean utility of each completion: the simulation's ground truth."
+    return reward
+
+
+sentiment_utility = _utility_reward("sentiment")
+length_utility = _utility_reward("length")
+topic_utility = _utility_reward("topic")
+mixture_utility = _utility_reward("mixture")

@@ -456,7 +456,7 @@ def _shown(value: float, threshold: float) -> str:
 
 # ---- plots ---------------------------------------------------------------------------------------------------
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -465,17 +465,17 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: Path) -> Path:
+def save_figure(fig, out: Path) -> Path:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return Path(out)
 
 
 def plot_reward_distributions(candidate: Sequence[float], baseline: Sequence[float], out: Path,
                               title: str = "candidate vs baseline") -> Path:
     """Overlaid histograms of both models' rewards on shared bins, each mean a dashed line."""
-    plt = _pyplot()
+    plt = pyplot()
     c, b = _finite_1d(candidate, "candidate"), _finite_1d(baseline, "baseline")
     edges = np.histogram_bin_edges(np.concatenate([c, b]), bins=40)  # shared, so heights compare
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -488,14 +488,14 @@ def plot_reward_distributions(candidate: Sequence[float], baseline: Sequence[flo
     ax.set_title(f"{title}: reward distributions")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_length_vs_reward(candidate_lengths: Sequence[float], candidate_rewards: Sequence[float],
                           baseline_lengths: Sequence[float], baseline_rewards: Sequence[float], out: Path,
                           title: str = "candidate vs baseline", length_unit: str = "tokens") -> Path:
     """Scatter of completion length against reward for both models; the legend gives each Pearson r."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for lengths, rewards, name, colour in ((baseline_lengths, baseline_rewards, "baseline", "tab:gray"),
                                            (candidate_lengths, candidate_rewards, "candidate", "tab:blue")):
@@ -508,12 +508,12 @@ def plot_length_vs_reward(candidate_lengths: Sequence[float], candidate_rewards:
     ax.set_title(f"{title}: length vs reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_win_rate(win: dict, out: Path, title: str = "candidate vs baseline") -> Path:
     """One stacked bar of win / tie / loss shares, the win rate and its interval as an error bar, a line at 0.5."""
-    plt = _pyplot()
+    plt = pyplot()
     n = win["n"]
     fig, ax = plt.subplots(figsize=(7.0, 2.6))
     left = 0.0
@@ -556,7 +556,7 @@ def plot_run_curves(metrics_rows: Sequence[dict], out: Path, title: str) -> Path
     keys are drawn with markers: they are logged sparsely. Rows without ``step`` use their index.
     With no such key the figure says so, so the report's image is never missing.
     """
-    plt = _pyplot()
+    plt = pyplot()
     panels: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name, _, _ in FAMILIES}
     for i, row in enumerate(metrics_rows):
         step = row.get("step", i)
@@ -581,7 +581,7 @@ def plot_run_curves(metrics_rows: Sequence[dict], out: Path, title: str) -> Path
         ax.set_title(f"{title}: {name}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 # ---- report: metrics.json and report.md ---------------------------------------------------------------------

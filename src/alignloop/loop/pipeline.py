@@ -1,0 +1,402 @@
+"""``alignloop loop``: stored feedback → a better deployed model, N times, unattended.
+
+One iteration, in order, each step recorded in ``iter-N/state.json`` when it is done:
+
+1. **collect** (only with simulated users): the population chats with the deployed model
+   through the HTTP API and gives feedback, as people would.
+2. **export**: the live votes in the iteration's window → training sets by the rules of
+   :mod:`alignloop.loop.datasets`, written as JSONL (each record with its ``feedback_ids``).
+3. **train**: the recipe's stages in order, each an ordinary stage run (``iter-N/train-STAGE/``)
+   starting from the previous stage's policy, the first from the deployed model (also the
+   reference: the KL the gate reads is to what users have now).
+4. **evaluate**: ``alignloop evaluate`` of the candidate against the deployed model on held-out
+   prompts; the gate's verdict.
+5. **register**: the candidate's version in the model registry with its parent, run folder,
+   datasets, the exact feedback rows behind them, and its evaluation (promoted or not).
+6. **promote**: only when the gate passed, ``POST /admin/deploy``: the server answers with the new
+   version from the next request on, running streams finish on the old one.
+
+Crash safety: a step's outputs are written before its marker, and a rerun skips the steps whose
+markers exist, so an interrupted loop continues with the step it was in. Stage runs resume from
+their own checkpoints; the registry writes are idempotent; the export of an unfinished
+iteration is redone over the same window, so no dataset or registry row is written twice.
+
+The folder::
+
+    runs/<name>/
+      config.yaml, loop.json        the config; v0 and the simulated population
+      prompts/                      users' and held-out prompts (simulation)
+      iter-N/state.json             steps done, with their results and seconds
+      iter-N/datasets/              pairs/kto/sft/ratings.jsonl, feedback.jsonl, summary.json
+      iter-N/train-STAGE/           each recipe stage's run folder
+      iter-N/evaluate/              candidate vs deployed: report.md, metrics.json
+      final-vs-v0/                  the last deployed version against v0
+      report.md, loop.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from alignloop.config import STAGES, EvaluateConfig, LoopConfig, load_config, save_config
+from alignloop.errors import ConfigError
+
+log = logging.getLogger("alignloop")
+
+STEPS = ("collect", "export", "train", "evaluate", "register", "promote")
+POLICY_STAGES = ("sft", "dpo", "kto", "ppo", "grpo", "rloo", "reinforce")
+RL_STAGES = ("ppo", "grpo", "rloo", "reinforce")
+STAGE_DATA = {"sft": "sft", "dpo": "pairs", "kto": "kto", "reward": "pairs"}  # RL stages read prompts.jsonl
+
+
+def run_loop(cfg: LoopConfig) -> Path:
+    """Run ``cfg.iterations`` iterations (continuing an interrupted loop); return the report's path."""
+    from alignloop.feedback.database import resolve_db_url
+    from alignloop.feedback.store import FeedbackStore
+    from alignloop.loop.report import write_loop_report
+    from alignloop.loop.server import connect
+
+    folder = Path(cfg.run.output_dir) / cfg.run.name
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder / "config.yaml")
+    url = resolve_db_url(cfg.db)
+    with connect(cfg, url) as server, FeedbackStore(url) as store:
+        loop = Loop(cfg, folder, server, store)
+        loop.start()
+        started, ran = time.perf_counter(), 0
+        for i in range(1, cfg.iterations + 1):
+            if loop.done(i):
+                log.info("loop: iteration %d/%d was done before", i, cfg.iterations)
+                started = time.perf_counter()  # the ETA counts this run's iterations only
+                continue
+            loop.iteration(i)
+            ran += 1
+            per_iteration = (time.perf_counter() - started) / ran
+            left = cfg.iterations - i
+            log.info("loop: iteration %d/%d done in %s; %s", i, cfg.iterations, _clock(per_iteration),
+                     f"ETA {_clock(per_iteration * left)}" if left else "all iterations done")
+        loop.final_comparison()
+    report = write_loop_report(folder, store)
+    log.info("loop: report in %s", report)
+    return report
+
+
+class Loop:
+    """One loop's folder, server and store; each method is one step of an iteration."""
+
+    def __init__(self, cfg: LoopConfig, folder: Path, server: Any, store: Any) -> None:
+        self.cfg, self.folder, self.server, self.store = cfg, folder, server, store
+        self.meta_path = folder / "loop.json"
+        self.meta: dict = _read_json(self.meta_path) or {}
+
+    # --- set-up -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Record v0 (the version deployed when the loop first ran) and, with a simulation, the
+        prompts and the population, once: a rerun reuses them."""
+        cfg = self.cfg
+        if "v0" not in self.meta:
+            version = self.server.served_version(cfg.model_name)
+            self.store.deploy(version)
+            self.meta["v0"] = {"version": version, "path": self._path_of(version)}
+            _write_json(self.meta_path, self.meta)
+        s = cfg.simulation
+        if s.preference != "none" and "users" not in self.meta:
+            self.meta.update(self._split_prompts())
+            from alignloop.envs.preferences import preference_named
+            from alignloop.envs.users import make_population
+
+            users = make_population(preference_named(s.preference), s.users, self.store.add_user, s.troll_share,
+                                    s.troll_kind, s.noise, s.seed, prefix=f"sim-{s.preference}")
+            # The keys are kept so an interrupted simulation goes on with the same users.
+            self.meta["users"] = [{"name": u.name, "key": u.key, "troll": u.troll, "taste": u.preference.name} for u in users]
+            _write_json(self.meta_path, self.meta)
+        log.info("loop: %s starts from version %s (%s)", cfg.model_name, self.meta["v0"]["version"], self.meta["v0"]["path"])
+
+    def _split_prompts(self) -> dict:
+        """The simulation's prompts, every ``heldout_every``-th kept for the gate only."""
+        from alignloop.data.load import load_records
+        from alignloop.rollout.rewards import prompt_text
+
+        s = self.cfg.simulation
+        rows, _ = load_records(s.prompts, ("prompt",))
+        # Each text once (ignoring case): a held-out "hi" must not be asked by users too.
+        by_key = {}
+        for r in rows:
+            text = prompt_text(r.fields["prompt"]).strip()
+            by_key.setdefault(text.lower(), text)
+        texts = [t for t in by_key.values() if t and len(t) <= s.max_prompt_chars]
+        rows = [{"prompt": [{"role": "user", "content": t}]} for t in texts]
+        out = self.folder / "prompts"
+        out.mkdir(exist_ok=True)
+        held = [r for i, r in enumerate(rows) if i % s.heldout_every == 0]
+        asked = [r for i, r in enumerate(rows) if i % s.heldout_every != 0]
+        if not asked or not held:
+            raise ConfigError(f"simulation.prompts: {s.prompts} has {len(rows)} prompts; need enough for users and held-out ones")
+        _write_jsonl(out / "users.jsonl", asked)
+        _write_jsonl(out / "heldout.jsonl", held)
+        return {"user_prompts": str(out / "users.jsonl"), "heldout_prompts": str(out / "heldout.jsonl")}
+
+    def _path_of(self, version: str) -> str:
+        for row in self.store.models():
+            if row["version"] == version:
+                return row["path"]
+        raise ConfigError(f"version {version} is served but not in the registry; is the loop on the server's database?")
+
+    # --- one iteration ------------------------------------------------------------------------
+    def done(self, i: int) -> bool:
+        state = _read_json(self.folder / f"iter-{i}" / "state.json")
+        return bool(state) and all(step in state["steps"] for step in STEPS)
+
+    def iteration(self, i: int) -> dict:
+        folder = self.folder / f"iter-{i}"
+        folder.mkdir(exist_ok=True)
+        state_path = folder / "state.json"
+        state = _read_json(state_path) or {"steps": {}}
+        if "start" not in state:  # what is deployed when the iteration starts: the parent and baseline
+            version = self.server.served_version(self.cfg.model_name)
+            state["start"] = {"version": version, "path": self._path_of(version)}
+            _write_json(state_path, state)
+        steps: dict[str, Callable[[int, Path, dict], dict]] = {
+            "collect": self.collect, "export": self.export, "train": self.train,
+            "evaluate": self.evaluate, "register": self.register, "promote": self.promote}
+        for name in STEPS:
+            if name in state["steps"]:
+                continue
+            log.info("loop: iteration %d/%d: %s", i, self.cfg.iterations, name)
+            started = time.perf_counter()
+            result = steps[name](i, folder, state)
+            state["steps"][name] = {**result, "seconds": round(time.perf_counter() - started, 2)}
+            _write_json(state_path, state)  # the marker: this step is done
+        return state
+
+    def collect(self, i: int, folder: Path, state: dict) -> dict:
+        """Simulated users chat with the deployed model and give feedback (HTTP, their own keys)."""
+        s = self.cfg.simulation
+        if s.preference == "none":
+            return {"skipped": "no simulation: the feedback comes from real users"}
+        from alignloop.data.load import load_records
+        from alignloop.envs.preferences import preference_named
+        from alignloop.envs.users import SimulatedUser, run_session
+        from alignloop.rollout.rewards import prompt_text
+
+        prompts = [prompt_text(r.fields["prompt"]) for r in load_records(self.meta["user_prompts"], ("prompt",))[0]]
+        tastes = _tastes(preference_named(s.preference))
+        users = [SimulatedUser(u["name"], u["key"], tastes[u["taste"]], s.noise, u["troll"]) for u in self.meta["users"]]
+        with self.server.client() as client:
+            stats = run_session(client, users, prompts, self.cfg.model_name, s.turns_per_user, seed=s.seed * 1000 + i,
+                                max_tokens=s.max_tokens, temperature=s.temperature)
+        log.info("loop: %d simulated users asked for %d completions and gave %s", len(users), stats.completions,
+                 dict(stats.feedback))
+        return stats.as_dict()
+
+    def export(self, i: int, folder: Path, state: dict) -> dict:
+        """The votes of this iteration's window → training sets (JSONL) and the feedback rows used."""
+        from alignloop.loop.datasets import DatasetRules, build_datasets, votes_from_rows
+
+        r = self.cfg.rules
+        previous = _read_json(self.folder / f"iter-{i - 1}" / "state.json") if i > 1 else None
+        since = previous["steps"]["export"]["until"] if previous and r.window == "new" else None
+        until = datetime.now(timezone.utc)
+        rules = DatasetRules(since=datetime.fromisoformat(since) if since else None, until=until,
+                             model_versions=[state["start"]["version"]] if r.only_deployed else None,
+                             max_votes_per_user=r.max_votes_per_user, min_agreement=r.min_agreement,
+                             sibling_thumbs=r.sibling_thumbs, both_bad_as_kto=r.both_bad_as_kto, dedupe=r.dedupe)
+        votes = votes_from_rows(self.store.votes())
+        sets = build_datasets(votes, rules)
+        out = folder / "datasets"
+        out.mkdir(exist_ok=True)
+        counts = {}
+        for kind in ("pairs", "kto", "sft", "ratings"):
+            records = getattr(sets, kind)
+            _write_jsonl(out / f"{kind}.jsonl", records)
+            counts[kind] = len(records)
+        prompts = _unique_prompts(sets)
+        _write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in prompts])
+        used = sets.feedback_ids
+        _write_jsonl(out / "feedback.jsonl", [{"feedback_id": v.feedback_id, "user": v.user, "kind": v.kind}
+                                              for v in votes if v.feedback_id in used])
+        summary = {"since": since, "until": until.isoformat(), "counts": counts, "prompts": len(prompts),
+                   "feedback_rows": len(used), "skipped": dict(sets.skipped)}
+        _write_json(out / "summary.json", summary)
+        log.info("loop: %d feedback rows → %s (skipped: %s)", len(used), counts, dict(sets.skipped) or "none")
+        return summary
+
+    def train(self, i: int, folder: Path, state: dict) -> dict:
+        """The recipe's stages in order; each resumes from its checkpoints when rerun."""
+        from alignloop.stages import stage_runner
+
+        data = folder / "datasets"
+        counts = state["steps"]["export"]["counts"]
+        policy, reward, ran, skipped = state["start"]["path"], None, [], {}
+        for stage in self.cfg.recipe:
+            dataset = STAGE_DATA.get(stage)
+            records = counts[dataset] if dataset else state["steps"]["export"]["prompts"]
+            if records < self.cfg.rules.min_records:
+                skipped[stage] = f"{records} records < rules.min_records={self.cfg.rules.min_records}"
+                log.info("loop: %s skipped this iteration: %s", stage, skipped[stage])
+                continue
+            if stage in RL_STAGES and reward is None:
+                skipped[stage] = "no reward model this iteration"
+                continue
+            overrides = {"run.output_dir": str(folder), "run.name": f"train-{stage}",
+                         "data.path": str(data / (f"{dataset}.jsonl" if dataset else "prompts.jsonl"))}
+            if stage != "reward":
+                overrides["model.name_or_path"] = policy
+            if stage in RL_STAGES:
+                overrides["rl.reward"] = reward
+            overrides.update(self._stage_options(stage))
+            cfg = load_config(STAGES[stage], overrides=overrides)
+            run = stage_runner(stage)(cfg)
+            ran.append(stage)
+            if stage == "reward":
+                reward = str(run.final_dir)
+            else:
+                policy = str(run.final_dir)
+        candidate = policy if any(s in POLICY_STAGES for s in ran) else None
+        return {"candidate": candidate, "stages": ran, "skipped_stages": skipped}
+
+    def _stage_options(self, stage: str) -> dict[str, Any]:
+        options = {}
+        for text in self.cfg.stage_options:
+            name, _, rest = text.partition(".")
+            if name == stage:
+                key, _, value = rest.partition("=")
+                options[key.strip()] = value.strip()
+        return options
+
+    def evaluate(self, i: int, folder: Path, state: dict) -> dict:
+        """The candidate against the deployed model; the gate's verdict and the metrics it read."""
+        candidate = state["steps"]["train"]["candidate"]
+        if candidate is None:
+            return {"passed": False, "reasons": ["nothing was trained this iteration"]}
+        return self.compare(candidate, state["start"]["path"], folder, "evaluate", self.cfg.evaluate.gate)
+
+    def compare(self, candidate: str, baseline: str, folder: Path, name: str, gate: str | None) -> dict:
+        from alignloop.evaluate import compare
+        from alignloop.evaluate.run import run_evaluate
+
+        e, s = self.cfg.evaluate, self.cfg.simulation
+        prompts = e.prompts or self.meta.get("heldout_prompts", "")
+        reward = e.reward or (f"alignloop.envs.preferences:{s.preference}_utility" if s.preference != "none" else None)
+        if not prompts:
+            raise ConfigError("evaluate.prompts: name the held-out prompts the gate compares on")
+        cfg = EvaluateConfig(candidate=candidate, baseline=baseline, prompts=prompts, max_prompts=e.max_prompts,
+                             reward=reward, gate=gate, sampling=e.sampling, judge=e.judge)
+        cfg.run.output_dir, cfg.run.name = str(folder), name
+        run_evaluate(cfg)
+        metrics = json.loads((folder / name / "metrics.json").read_text())
+        passed, reasons = compare.check_gate(compare.parse_gate(gate), metrics) if gate else (True, [])
+        keep = ("prompts", "win_rate", "win_rate_lower", "win_rate_upper", "wins", "ties", "losses", "kl_per_token",
+                "kl_mean", "candidate_reward_mean", "baseline_reward_mean", "candidate_length_mean", "baseline_length_mean")
+        return {"passed": passed, "reasons": reasons, "gate": gate, "reward": reward,
+                "metrics": {k: metrics[k] for k in keep if k in metrics}}
+
+    def register(self, i: int, folder: Path, state: dict) -> dict:
+        """The candidate in the registry with its lineage and evaluation (promoted or refused)."""
+        candidate = state["steps"]["train"]["candidate"]
+        if candidate is None:
+            return {"version": None}
+        version = weights_version(candidate)
+        data = folder / "datasets"
+        feedback = [(r["feedback_id"], r["user"], r["kind"]) for r in _read_jsonl(data / "feedback.jsonl")]
+        export = state["steps"]["export"]
+        datasets = {"folder": str(data), "counts": export["counts"], "window": [export["since"], export["until"]]}
+        self.store.register_trained(self.cfg.model_name, version, candidate, state["start"]["version"],
+                                    str(folder), datasets, feedback)
+        self.store.record_evaluation(version, {**state["steps"]["evaluate"], "iteration": i})
+        return {"version": version, "feedback_rows": len(feedback)}
+
+    def promote(self, i: int, folder: Path, state: dict) -> dict:
+        """Redeploy when the gate passed; otherwise the deployed model stays."""
+        verdict = state["steps"]["evaluate"]
+        version = state["steps"]["register"]["version"]
+        if not verdict["passed"]:
+            log.info("loop: gate refused %s: %s; %s stays deployed", version, "; ".join(verdict["reasons"]),
+                     state["start"]["version"])
+            return {"promoted": False, "deployed": state["start"]["version"]}
+        answer = self.server.deploy(self.cfg.model_name, state["steps"]["train"]["candidate"])
+        if answer["version"] != version:
+            log.warning("loop: the server hashes the promoted weights as %s (registered as %s): it serves another dtype",
+                        answer["version"], version)
+        log.info("loop: promoted %s (was %s)", answer["version"], answer.get("previous_version"))
+        return {"promoted": True, "deployed": answer["version"], "previous": answer.get("previous_version")}
+
+    # --- after the iterations -----------------------------------------------------------------
+    def final_comparison(self) -> dict | None:
+        """The deployed version against v0 on the held-out prompts (no gate): the loop's net effect."""
+        v0 = self.meta["v0"]
+        version = self.server.served_version(self.cfg.model_name)
+        marker = self.folder / "final-vs-v0.json"
+        done = _read_json(marker)
+        if done and done.get("version") == version:
+            return done
+        if version == v0["version"]:
+            result = {"version": version, "same_as_v0": True}
+        else:
+            log.info("loop: the deployed version %s against v0 %s", version, v0["version"])
+            result = {"version": version, **self.compare(self._path_of(version), v0["path"], self.folder, "final-vs-v0", None)}
+        _write_json(marker, result)
+        return result
+
+
+def weights_version(path: str) -> str:
+    """The version the server would give the folder at ``path`` (float32 weights)."""
+    from alignloop.evaluate.run import load_policy
+    from alignloop.serve.engine import model_version
+
+    model, _ = load_policy(path, "candidate")
+    return model_version(model)
+
+
+def _tastes(preference: Any) -> dict[str, Any]:
+    """Group name → preference: a mixture's groups, or the preference itself."""
+    groups = getattr(preference, "groups", None)
+    found = {p.name: p for _, p in groups} if groups else {}
+    return {preference.name: preference, **found}
+
+
+def _unique_prompts(sets: Any) -> list[Any]:
+    seen, prompts = set(), []
+    for records in (sets.pairs, sets.kto, sets.sft):
+        for r in records:
+            key = json.dumps(r["prompt"], sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                prompts.append(r["prompt"])
+    return prompts
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Write, then rename: a kill mid-write leaves the previous file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+

@@ -1,0 +1,147 @@
+"""A loop's ``report.md``: per iteration what feedback came in, what it trained, what the gate
+decided and how long each step took; a plot of held-out reward (the hidden utility, with a
+simulation) and win rate per version; the lineage table from the registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from alignloop.evaluate.compare import md_cell
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def iterations(folder: Path) -> list[dict]:
+    """Each iteration's state, in order, as far as it got."""
+    found = sorted(folder.glob("iter-*/state.json"), key=lambda p: int(p.parent.name.removeprefix("iter-")))
+    return [{"iteration": int(p.parent.name.removeprefix("iter-")), **_read(p)} for p in found]
+
+
+def write_loop_report(folder: Path, store: Any) -> Path:
+    """``report.md`` in the loop's folder."""
+    out = folder / "report.md"
+    out.write_text("\n".join(["# alignloop loop", "", *loop_report_lines(folder, store)]) + "\n")
+    return out
+
+
+def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[str]:
+    """The loop's report as markdown lines; links into the loop's folder start with ``link_prefix``
+    (for a report written elsewhere, like the demo's)."""
+    meta = _read(folder / "loop.json") or {}
+    config = (folder / "config.yaml").read_text() if (folder / "config.yaml").is_file() else ""
+    its = iterations(folder)
+    final = _read(folder / "final-vs-v0.json")
+    plot = plot_loop(its, final, folder / "loop.png")
+    v0 = meta.get("v0", {}).get("version", "?")
+    lines = [f"Started from version `{v0}`. Each iteration: collect feedback → datasets → train → "
+             "evaluate against the deployed version → promote only if the gate passes.", ""]
+    if final and not final.get("same_as_v0"):
+        m = final["metrics"]
+        lines += [f"**After {len(its)} iterations** the deployed version `{final['version']}` against v0 on held-out prompts: "
+                  f"win rate {_pct(m.get('win_rate'))} (CI {_pct(m.get('win_rate_lower'))}–{_pct(m.get('win_rate_upper'))}), "
+                  f"reward {_num(m.get('baseline_reward_mean'))} → {_num(m.get('candidate_reward_mean'))}, "
+                  f"KL {_num(m.get('kl_per_token'))} per token. Details: [final-vs-v0/report.md]({link_prefix}final-vs-v0/report.md).", ""]
+    elif final:
+        lines += [f"**After {len(its)} iterations** v0 is still deployed: no candidate passed the gate.", ""]
+    if plot:
+        lines += [f"![reward and win rate per version]({link_prefix}{plot.name})", ""]
+    lines += ["## Iterations", "",
+              "| iter | feedback given | rows used | pairs / kto / sft / ratings | trained | candidate | reward: deployed → candidate "
+              "| win rate (CI) | KL/token | gate | deployed after |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for it in its:
+        s = it["steps"]
+        collect, export, train = s.get("collect", {}), s.get("export", {}), s.get("train", {})
+        verdict, promote = s.get("evaluate", {}), s.get("promote", {})
+        m = verdict.get("metrics", {})
+        counts = export.get("counts", {})
+        given = collect.get("feedback")
+        gate = "passed" if verdict.get("passed") else ("refused: " + "; ".join(verdict.get("reasons", [])) if verdict else "…")
+        lines.append("| " + " | ".join([
+            str(it["iteration"]),
+            ", ".join(f"{k} {v}" for k, v in given.items()) if given else "—",
+            str(export.get("feedback_rows", "…")),
+            " / ".join(str(counts.get(k, "…")) for k in ("pairs", "kto", "sft", "ratings")),
+            ", ".join(train.get("stages", [])) or "—",
+            f"`{s.get('register', {}).get('version')}`" if s.get("register", {}).get("version") else "—",
+            f"{_num(m.get('baseline_reward_mean'))} → {_num(m.get('candidate_reward_mean'))}" if m else "—",
+            f"{_pct(m.get('win_rate'))} ({_pct(m.get('win_rate_lower'))}–{_pct(m.get('win_rate_upper'))})" if m else "—",
+            _num(m.get("kl_per_token")),
+            md_cell(gate, 200),
+            f"`{promote.get('deployed')}`" if promote else "…",
+        ]) + " |")
+    lines += ["", "Evaluation reports: " + ", ".join(f"[iter {it['iteration']}]({link_prefix}iter-{it['iteration']}/evaluate/report.md)"
+                                                    for it in its if (folder / f"iter-{it['iteration']}/evaluate/report.md").is_file()), ""]
+    lines += ["## Time per step (seconds)", "", "| iter | " + " | ".join(STEP_NAMES) + " | total |",
+              "| --- |" + " --- |" * (len(STEP_NAMES) + 1)]
+    for it in its:
+        seconds = [it["steps"].get(k, {}).get("seconds") for k in STEP_NAMES]
+        total = sum(x for x in seconds if x is not None)
+        lines.append(f"| {it['iteration']} | " + " | ".join("…" if x is None else f"{x:.1f}" for x in seconds) + f" | {total:.1f} |")
+    lines += ["", "## Lineage (the model registry)", "",
+              "`alignloop lineage VERSION` lists the exact feedback rows behind a version; `alignloop deploy VERSION` rolls back.", "",
+              "| version | parent | feedback rows | deployed | evaluation | path |", "| --- | --- | --- | --- | --- | --- |"]
+    for row in store.models():
+        evaluation = row.get("evaluation") or {}
+        verdict = "passed" if evaluation.get("passed") else ("refused" if evaluation else "—")
+        lines.append(f"| `{row['version']}` | {('`' + row['parent_version'] + '`') if row.get('parent_version') else '—'} | "
+                     f"{row.get('feedback_rows', 0)} | {'yes' if row.get('deployed') else ''} | {verdict} | {md_cell(str(row['path']), 120)} |")
+    if config:
+        lines += ["", "## Config", "", "```yaml", config.rstrip(), "```"]
+    return lines
+
+
+STEP_NAMES = ("collect", "export", "train", "evaluate", "register", "promote")
+
+
+def plot_loop(its: list[dict], final: dict | None, out: Path) -> Path | None:
+    """Left: held-out reward of the deployed version at each iteration's start and of its candidate.
+    Right: each candidate's win rate against the deployed version with its CI, and the final
+    deployed version against v0."""
+    rows = [(it["iteration"], it["steps"]["evaluate"]["metrics"]) for it in its
+            if it["steps"].get("evaluate", {}).get("metrics")]
+    if not rows:
+        return None
+    from alignloop.evaluate.compare import pyplot, save_figure
+
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [i for i, _ in rows]
+    left.plot(xs, [m.get("baseline_reward_mean") for _, m in rows], "o-", label="deployed at start")
+    left.plot(xs, [m.get("candidate_reward_mean") for _, m in rows], "s--", label="candidate")
+    passed = [it["iteration"] for it in its if it["steps"].get("evaluate", {}).get("passed")]
+    for i, m in rows:
+        if i in passed:
+            left.annotate("promoted", (i, m.get("candidate_reward_mean")), textcoords="offset points", xytext=(0, 8),
+                          ha="center", fontsize=8)
+    left.set_xlabel("iteration")
+    left.set_ylabel("held-out reward (mean)")
+    left.set_title("reward per version")
+    left.legend()
+    wins = [m.get("win_rate") for _, m in rows]
+    errors = [[w - m.get("win_rate_lower", w) for w, (_, m) in zip(wins, rows)],
+              [m.get("win_rate_upper", w) - w for w, (_, m) in zip(wins, rows)]]
+    right.errorbar(xs, wins, yerr=errors, fmt="o", capsize=4, label="candidate vs deployed")
+    if final and final.get("metrics"):
+        m = final["metrics"]
+        right.errorbar([xs[-1] + 0.5], [m["win_rate"]], yerr=[[m["win_rate"] - m["win_rate_lower"]], [m["win_rate_upper"] - m["win_rate"]]],
+                       fmt="D", color="tab:green", capsize=4, label="final deployed vs v0")
+    right.axhline(0.5, color="grey", linestyle=":")
+    right.set_ylim(0, 1)
+    right.set_xlabel("iteration")
+    right.set_ylabel("win rate (95% CI)")
+    right.set_title("win rate")
+    right.legend(fontsize=8)
+    return save_figure(fig, out)
+
+
+def _num(value: Any) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _pct(value: Any) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%"
