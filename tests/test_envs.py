@@ -100,14 +100,17 @@ def test_users_drive_the_server_over_http(tmp_path: Path, tiny_model_dir: Path) 
     users = make_population(preference, 4, add_user=store.add_user, temperature=0.0, seed=0)  # noiseless: every vote follows the taste
     prompts = ["Hi!", "What do you like to eat?", "Tell me about your day.", "Any pets?"]
     with TestClient(app) as client:
-        stats = run_session(client, users, prompts, "tiny", turns_per_user=6, seed=0, max_tokens=12)
-    assert sum(stats.feedback.values()) == 24 and stats.completions == 24 + stats.feedback["pairwise"]
+        stats = run_session(client, users, prompts, "tiny", turns_per_user=10, seed=0, max_tokens=12)  # users at once
+        again = run_session(client, users, prompts, "tiny", turns_per_user=10, seed=0, max_tokens=12, concurrent=False)
+    # Each user's own seeded stream: one at a time or all at once, they ask and vote the same.
+    assert (again.feedback, sorted(again.utilities)) == (stats.feedback, sorted(stats.utilities))
+    assert sum(stats.feedback.values()) == 40 and stats.completions == 40 + stats.feedback["pairwise"]
     assert set(stats.feedback) == {"pairwise", "thumbs", "rating", "correction"}
 
     reader = FeedbackStore(url)
     for user in users:  # every vote is in the store, under the user who gave it
         key_user = reader.user_by_key(user.key)
-        assert len(reader.list_feedback(key_user.id)) == 6
+        assert len(reader.list_feedback(key_user.id)) == 20
     # The exported pairs carry the hidden taste: the chosen answer is the one the users' utility
     # ranks higher (or equal), though no utility ever crossed the API.
     pairs, _ = reader.export("pairs")

@@ -184,3 +184,31 @@ def test_demo_runs_the_whole_loop_from_nothing(tmp_path: Path) -> None:
     state = json.loads((tmp_path / "demo" / "loop-length" / "iter-1" / "state.json").read_text())
     assert set(state["steps"]) == set(pipeline.STEPS)
     assert sum(state["steps"]["collect"]["feedback"].values()) == 24
+
+
+def test_the_loop_drives_a_running_server(tmp_path: Path, chat_base_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `server` and `admin_key` the loop uses a server it did not start: the promoted version
+    is what that server answers with afterwards, and its registry row points at the loop's run."""
+    import httpx
+
+    from alignloop.config import ServeConfig
+    from alignloop.loop.server import free_port, local_server
+
+    db = f"sqlite:///{tmp_path}/feedback.db"
+    serve = ServeConfig(models=[f"policy={chat_base_dir}"], db=db, port=free_port())
+    with local_server(serve) as server:
+        cfg = loop_config(tmp_path, chat_base_dir, iterations=1, server=server.url, admin_key=server.admin_key,
+                          **{"simulation.users": 6, "simulation.turns_per_user": 4,
+                                            "evaluate.gate": "win_rate_lower>-1"})
+        run_loop(cfg)
+        (state,) = states(Path(cfg.run.output_dir) / cfg.run.name)
+        promoted = state["steps"]["promote"]
+        assert promoted["promoted"] and promoted["deployed"] == state["steps"]["register"]["version"]
+        assert server.served_version("policy") == promoted["deployed"]
+        user_key = json.loads((Path(cfg.run.output_dir) / cfg.run.name / "loop.json").read_text())["users"][0]["key"]
+        answer = httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {user_key}"},
+                            json={"model": "policy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).json()
+        assert answer["model_version"] == promoted["deployed"]
+    monkeypatch.delenv("ALIGNLOOP_ADMIN_KEY", raising=False)
+    with pytest.raises(ConfigError, match="admin_key"):
+        run_loop(loop_config(tmp_path, chat_base_dir, server="http://127.0.0.1:9", admin_key=None))

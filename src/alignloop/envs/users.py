@@ -12,9 +12,11 @@ a share of the users are trolls who vote at random (``"random"``) or against the
 from __future__ import annotations
 
 import random
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -102,25 +104,30 @@ class SessionStats:
 
 
 def run_session(client: Any, users: Sequence[SimulatedUser], prompts: Sequence[str], model: str, turns_per_user: int,
-                seed: int = 0, max_tokens: int = 32, temperature: float = 1.0) -> SessionStats:
+                seed: int = 0, max_tokens: int = 32, temperature: float = 1.0, concurrent: bool = True) -> SessionStats:
     """Every user chats ``turns_per_user`` times through ``client`` (an ``httpx.Client`` with the
     server's base URL, or FastAPI's TestClient) and gives one piece of feedback per turn, of a
     kind drawn from their ``feedback_mix``. A pairwise turn asks for two samples (``n=2``) and
     shows them in a random order. Raises on any non-2xx answer: a simulation must not hide a
-    broken server."""
-    rng = random.Random(seed)
+    broken server.
+
+    With ``concurrent`` each user is a thread of their own, as people are (the server batches
+    their requests together). Each user draws from their own seeded random stream and every
+    request carries its seed, so what is asked, answered and voted does not depend on the
+    scheduling."""
     stats = SessionStats()
-    for turn in range(turns_per_user):
-        for user in users:
+    lock = threading.Lock()
+
+    def one_user(index: int, user: SimulatedUser) -> None:
+        rng = random.Random(f"{seed}/{index}")
+        headers = {"Authorization": f"Bearer {user.key}"}
+        for _ in range(turns_per_user):
             prompt = prompts[rng.randrange(len(prompts))]
             kind = rng.choices(list(user.feedback_mix), weights=list(user.feedback_mix.values()))[0]
-            headers = {"Authorization": f"Bearer {user.key}"}
             body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                     "temperature": temperature, "n": 2 if kind == "pairwise" else 1, "seed": rng.randrange(2**31)}
             answer = _ok(client.post("/v1/chat/completions", json=body, headers=headers)).json()
             choices = [(c["completion_id"], c["message"]["content"]) for c in answer["choices"]]
-            stats.completions += len(choices)
-            stats.utilities += [user.preference.utility(prompt, text) for _, text in choices]
             (a_id, a), *rest = choices
             feedback: dict[str, Any] = {"kind": kind, "completion_id": a_id}
             if kind == "pairwise":
@@ -134,7 +141,18 @@ def run_session(client: Any, users: Sequence[SimulatedUser], prompts: Sequence[s
             else:
                 feedback["correction"] = user.correction(prompt, a) or a + "."
             _ok(client.post("/v1/feedback", json=feedback, headers={**headers, "Idempotency-Key": uuid.uuid4().hex}))
-            stats.feedback[kind] += 1
+            with lock:
+                stats.completions += len(choices)
+                stats.utilities += [user.preference.utility(prompt, text) for _, text in choices]
+                stats.feedback[kind] += 1
+
+    if concurrent and len(users) > 1:
+        with ThreadPoolExecutor(max_workers=len(users), thread_name_prefix="simulated-user") as pool:
+            for done in [pool.submit(one_user, i, user) for i, user in enumerate(users)]:
+                done.result()  # the first user's error, if any, is raised here
+    else:
+        for i, user in enumerate(users):
+            one_user(i, user)
     return stats
 
 
