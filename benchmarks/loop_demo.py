@@ -49,7 +49,8 @@ def run_one(preference: str, out: Path) -> dict:
             "iteration": int(path.parent.name.removeprefix("iter-")),
             "seconds": {k: s[k]["seconds"] for k in STEPS},
             "feedback_given": sum(s["collect"].get("feedback", {}).values()),
-            "feedback_rows_used": s["export"]["feedback_rows"], "datasets": s["export"]["counts"],
+            "feedback_rows_in_datasets": s["export"]["feedback_rows"], "datasets": s["export"]["counts"],
+            "feedback_rows_behind_candidate": s["register"].get("feedback_rows"),
             "deployed_utility": m.get("baseline_reward_mean"), "candidate_utility": m.get("candidate_reward_mean"),
             "win_rate": m.get("win_rate"), "win_rate_ci": [m.get("win_rate_lower"), m.get("win_rate_upper")],
             "kl_per_token": m.get("kl_per_token"), "promoted": s["promote"]["promoted"],
@@ -60,14 +61,14 @@ def run_one(preference: str, out: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| preference | demo wall | iter | collect / export / train / evaluate / register / promote (s) | feedback used "
+    lines = ["| preference | demo wall | iter | collect / export / train / evaluate / register / promote (s) | feedback rows: in datasets / behind candidate "
              "| utility deployed → candidate | win rate vs deployed (CI) | KL/token | promoted |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         for it in r["iterations"]:
             sec = " / ".join(f"{it['seconds'][k]:.1f}" for k in STEPS)
             lo, hi = it["win_rate_ci"]
-            lines.append(f"| {r['preference']} | {r['wall_s'] / 60:.1f} min | {it['iteration']} | {sec} | {it['feedback_rows_used']} | "
+            lines.append(f"| {r['preference']} | {r['wall_s'] / 60:.1f} min | {it['iteration']} | {sec} | {it['feedback_rows_in_datasets']} / {it['feedback_rows_behind_candidate']} | "
                          f"{it['deployed_utility']:.3f} → {it['candidate_utility']:.3f} | {100 * it['win_rate']:.0f}% "
                          f"({100 * lo:.0f}–{100 * hi:.0f}%) | {it['kl_per_token']:.3f} | {'yes' if it['promoted'] else 'no'} |")
     lines += ["", "| preference | final vs v0: win rate (CI) | utility v0 → final | KL/token to v0 |", "| --- | --- | --- | --- |"]

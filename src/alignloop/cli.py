@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = commands.add_parser("deploy", help="mark a model version as the deployed one (promotion, or a rollback to an earlier version)")
     deploy.add_argument("version", help="a registered model version")
     deploy.add_argument("--db", help=db_help)
+    deploy.add_argument("--server", help="a running `alignloop serve` (URL) to switch to this version now, through /admin/deploy; "
+                                         "without it only the registry changes")
+    deploy.add_argument("--admin-key", help="an admin's API key for --server (default: $ALIGNLOOP_ADMIN_KEY)")
     deploy.set_defaults(handler=_run_deploy)
 
     serve = commands.add_parser("serve", help="serve models: OpenAI-compatible API (streaming), chat page, feedback store",
@@ -269,8 +272,24 @@ def _run_lineage(args: argparse.Namespace, extra: list[str]) -> int:
 def _run_deploy(args: argparse.Namespace, extra: list[str]) -> int:
     _no_extra("deploy", extra)
     with _store(args) as store:
-        store.deploy(args.version)
-    log.info("deploy: %s is now the deployed version (servers pick it up when they reload)", args.version)
+        if not args.server:
+            store.deploy(args.version)
+            log.info("deploy: %s is now the deployed version in the registry; a running server switches with --server URL",
+                     args.version)
+            return 0
+        row = next((m for m in store.models() if m["version"] == args.version), None)
+    if row is None:
+        raise ConfigError(f"deploy: model version {args.version!r} is not registered; `alignloop models` lists them")
+    from alignloop.loop.server import Server
+
+    key = args.admin_key or os.environ.get("ALIGNLOOP_ADMIN_KEY")
+    if not key:
+        raise ConfigError("deploy --server: give an admin's key with --admin-key or $ALIGNLOOP_ADMIN_KEY")
+    answer = Server(args.server.rstrip("/"), key).deploy(row["name"], row["path"])  # the server marks it deployed
+    if answer["version"] != args.version:
+        raise ConfigError(f"deploy: {row['path']} now hashes to {answer['version']}, not {args.version}: "
+                          "the folder changed since it was registered (or the server loads another dtype)")
+    log.info("deploy: %s serves %s (was %s)", args.server, answer["version"], answer.get("previous_version"))
     return 0
 
 

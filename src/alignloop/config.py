@@ -371,7 +371,7 @@ class KTOConfig:
 class LoopRulesConfig:
     """How stored feedback becomes an iteration's training sets (:mod:`alignloop.loop.datasets`)."""
 
-    window: Literal["new", "all"] = option("new", "new: only feedback given or changed since the previous iteration's export; all: every live vote")
+    window: Literal["new", "since_promotion", "all"] = option("new", "new: only feedback given or changed since the previous iteration's export; since_promotion: since the export of the last iteration that promoted (feedback on a model the gate kept is still about the deployed one); all: every live vote")
     only_deployed: bool = option(False, "use only feedback on answers of the version deployed when the iteration starts")
     max_votes_per_user: Optional[int] = option(None, "keep each user's newest N votes per iteration (null: no cap)")
     min_agreement: float = option(0.5, "a pair several users judged is kept (in the majority's direction) only when the majority's share is at least this")

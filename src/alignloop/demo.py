@@ -69,6 +69,8 @@ def run_demo(output_dir: str, model: str, pretrain_steps: int, sft_steps: int, p
     loop_cfg = load_config(LoopConfig, overrides={
         "run.output_dir": str(folder), "run.name": f"loop-{preference}", "db": db, "base_model": str(tuned),
         "iterations": iterations, "recipe": ["sft", "dpo"], "stage_options": DEMO_STAGE_OPTIONS,
+        # A refused candidate leaves the same model deployed, so its feedback still counts next time.
+        "rules.window": "since_promotion",
         "simulation.preference": preference, "simulation.users": users, "simulation.turns_per_user": turns_per_user,
     })
     run_loop(loop_cfg)

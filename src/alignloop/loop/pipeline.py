@@ -201,9 +201,11 @@ class Loop:
         from alignloop.loop.datasets import DatasetRules, build_datasets, votes_from_rows
 
         r = self.cfg.rules
-        previous = _read_json(self.folder / f"iter-{i - 1}" / "state.json") if i > 1 else None
-        since = previous["steps"]["export"]["until"] if previous and r.window == "new" else None
-        until = datetime.now(timezone.utc)
+        since = self._window_start(i)
+        if "export_until" not in state:  # fixed once: an interrupted export is redone over the same window
+            state["export_until"] = datetime.now(timezone.utc).isoformat()
+            _write_json(folder / "state.json", state)
+        until = datetime.fromisoformat(state["export_until"])
         rules = DatasetRules(since=datetime.fromisoformat(since) if since else None, until=until,
                              model_versions=[state["start"]["version"]] if r.only_deployed else None,
                              max_votes_per_user=r.max_votes_per_user, min_agreement=r.min_agreement,
@@ -227,6 +229,15 @@ class Loop:
         _write_json(out / "summary.json", summary)
         log.info("loop: %d feedback rows → %s (skipped: %s)", len(used), counts, dict(sets.skipped) or "none")
         return summary
+
+    def _window_start(self, i: int) -> str | None:
+        """Where iteration ``i``'s export window opens (``rules.window``); None: at the first vote."""
+        window = self.cfg.rules.window
+        for j in range(i - 1, 0, -1) if window != "all" else ():
+            steps = (_read_json(self.folder / f"iter-{j}" / "state.json") or {}).get("steps", {})
+            if window == "new" or steps.get("promote", {}).get("promoted"):
+                return steps["export"]["until"]
+        return None
 
     def train(self, i: int, folder: Path, state: dict) -> dict:
         """The recipe's stages in order; each resumes from its checkpoints when rerun."""
@@ -305,7 +316,11 @@ class Loop:
             return {"version": None}
         version = weights_version(candidate)
         data = folder / "datasets"
-        feedback = [(r["feedback_id"], r["user"], r["kind"]) for r in _read_jsonl(data / "feedback.jsonl")]
+        # The rows behind the datasets the recipe's stages actually trained on (RL: the reward model's pairs).
+        files = {STAGE_DATA.get(stage, "pairs") for stage in state["steps"]["train"]["stages"]}
+        behind = {fid for name in files for record in _read_jsonl(data / f"{name}.jsonl") for fid in record["feedback_ids"]}
+        feedback = [(r["feedback_id"], r["user"], r["kind"]) for r in _read_jsonl(data / "feedback.jsonl")
+                    if r["feedback_id"] in behind]
         export = state["steps"]["export"]
         datasets = {"folder": str(data), "counts": export["counts"], "window": [export["since"], export["until"]]}
         self.store.register_trained(self.cfg.model_name, version, candidate, state["start"]["version"],

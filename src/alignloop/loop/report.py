@@ -50,7 +50,7 @@ def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[s
     if plot:
         lines += [f"![reward and win rate per version]({link_prefix}{plot.name})", ""]
     lines += ["## Iterations", "",
-              "| iter | feedback given | rows used | pairs / kto / sft / ratings | trained | candidate | reward: deployed → candidate "
+              "| iter | feedback given | rows in datasets / behind the candidate | pairs / kto / sft / ratings | trained | candidate | reward: deployed → candidate "
               "| win rate (CI) | KL/token | gate | deployed after |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for it in its:
@@ -64,7 +64,7 @@ def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[s
         lines.append("| " + " | ".join([
             str(it["iteration"]),
             ", ".join(f"{k} {v}" for k, v in given.items()) if given else "—",
-            str(export.get("feedback_rows", "…")),
+            f"{export.get('feedback_rows', '…')} / {s.get('register', {}).get('feedback_rows', '—')}",
             " / ".join(str(counts.get(k, "…")) for k in ("pairs", "kto", "sft", "ratings")),
             ", ".join(train.get("stages", [])) or "—",
             f"`{s.get('register', {}).get('version')}`" if s.get("register", {}).get("version") else "—",
@@ -118,18 +118,24 @@ def plot_loop(its: list[dict], final: dict | None, out: Path) -> Path | None:
         if i in passed:
             left.annotate("promoted", (i, m.get("candidate_reward_mean")), textcoords="offset points", xytext=(0, 8),
                           ha="center", fontsize=8)
+    left.set_xticks(xs)
     left.set_xlabel("iteration")
-    left.set_ylabel("held-out reward (mean)")
-    left.set_title("reward per version")
+    hidden = all(str(it["steps"]["evaluate"].get("reward", "")).startswith("alignloop.envs.") for it in its if it["steps"].get("evaluate"))
+    left.set_ylabel("simulated users' hidden utility (mean)" if hidden else "reward (mean)")
+    left.set_title("held-out prompts: deployed vs candidate")
     left.legend()
     wins = [m.get("win_rate") for _, m in rows]
     errors = [[w - m.get("win_rate_lower", w) for w, (_, m) in zip(wins, rows)],
               [m.get("win_rate_upper", w) - w for w, (_, m) in zip(wins, rows)]]
     right.errorbar(xs, wins, yerr=errors, fmt="o", capsize=4, label="candidate vs deployed")
+    ticks, labels = list(xs), [str(x) for x in xs]
     if final and final.get("metrics"):
         m = final["metrics"]
-        right.errorbar([xs[-1] + 0.5], [m["win_rate"]], yerr=[[m["win_rate"] - m["win_rate_lower"]], [m["win_rate_upper"] - m["win_rate"]]],
+        right.errorbar([xs[-1] + 1], [m["win_rate"]], yerr=[[m["win_rate"] - m["win_rate_lower"]], [m["win_rate_upper"] - m["win_rate"]]],
                        fmt="D", color="tab:green", capsize=4, label="final deployed vs v0")
+        ticks.append(xs[-1] + 1)
+        labels.append("final\nvs v0")
+    right.set_xticks(ticks, labels)
     right.axhline(0.5, color="grey", linestyle=":")
     right.set_ylim(0, 1)
     right.set_xlabel("iteration")
