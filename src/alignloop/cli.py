@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preference", default="mixture", choices=["mixture", "sentiment", "length", "topic"],
                       help="the simulated users' hidden preference (default: mixture)")
     demo.add_argument("--iterations", type=int, default=3, help="loop iterations (default: 3)")
-    demo.add_argument("--users", type=int, default=24, help="simulated users (default: 24)")
-    demo.add_argument("--turns-per-user", type=int, default=12, help="chat turns with feedback per user per iteration (default: 12)")
+    demo.add_argument("--users", type=int, default=32, help="simulated users (default: 32)")
+    demo.add_argument("--turns-per-user", type=int, default=15, help="chat turns with feedback per user per iteration (default: 15)")
     demo.set_defaults(handler=_run_demo)
 
     report = commands.add_parser("reward-report", help="how good is a reward model? accuracy, calibration, length bias on preference pairs",

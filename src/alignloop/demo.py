@@ -57,7 +57,7 @@ def build_base_model(folder: Path, model: str, pretrain_steps: int, sft_steps: i
 
 
 def run_demo(output_dir: str, model: str, pretrain_steps: int, sft_steps: int, preference: str = "mixture",
-             iterations: int = 3, users: int = 24, turns_per_user: int = 12) -> Path:
+             iterations: int = 3, users: int = 32, turns_per_user: int = 15) -> Path:
     from alignloop.feedback.store import FeedbackStore
     from alignloop.loop.pipeline import run_loop
 
