@@ -125,7 +125,7 @@ def test_an_interrupted_loop_continues_without_writing_twice(tmp_path: Path, cha
     """A crash in ``evaluate`` (after training) or in ``promote`` (after the registry writes): the
     rerun does not collect, export or train again, and the registry holds each row once."""
     cfg = loop_config(tmp_path, chat_base_dir, iterations=1, **{"simulation.users": 6, "simulation.turns_per_user": 6,
-                                                                  "evaluate.gate": "win_rate_lower>-1"})
+                                                                  "evaluate.gate": "win_rate_lower>-1", "evaluate.max_prompts": 32})
     real = getattr(pipeline.Loop, crash_in)
 
     def crash(self, *args: Any) -> dict:
@@ -197,7 +197,7 @@ def test_the_loop_drives_a_running_server(tmp_path: Path, chat_base_dir: Path, m
     with local_server(serve) as server:
         cfg = loop_config(tmp_path, chat_base_dir, iterations=1, server=server.url, admin_key=server.admin_key,
                           **{"simulation.users": 6, "simulation.turns_per_user": 4,
-                                            "evaluate.gate": "win_rate_lower>-1"})
+                                            "evaluate.gate": "win_rate_lower>-1", "evaluate.max_prompts": 32})
         run_loop(cfg)
         (state,) = states(Path(cfg.run.output_dir) / cfg.run.name)
         promoted = state["steps"]["promote"]

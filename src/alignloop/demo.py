@@ -71,6 +71,9 @@ def run_demo(output_dir: str, model: str, pretrain_steps: int, sft_steps: int, p
         "iterations": iterations, "recipe": ["sft", "dpo"], "stage_options": DEMO_STAGE_OPTIONS,
         # A refused candidate leaves the same model deployed, so its feedback still counts next time.
         "rules.window": "since_promotion",
+        # A tiny model learning a new habit (a cheerful closing line, a topic) moves ~0.5-1 nat per
+        # token; the budget is per iteration, against the deployed model.
+        "evaluate.gate": "win_rate_lower>0.5,kl_per_token<1",
         "simulation.preference": preference, "simulation.users": users, "simulation.turns_per_user": turns_per_user,
     })
     run_loop(loop_cfg)
