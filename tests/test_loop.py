@@ -230,3 +230,26 @@ def test_export_window_opens_after_the_previous_iteration_or_promotion(tmp_path:
             {"steps": {"export": {"until": f"t{i}"}, "promote": {"promoted": promoted}}}))
     cfg = load_config(LoopConfig, overrides={"rules.window": window})
     assert pipeline.Loop(cfg, tmp_path, server=None, store=None)._window_start(4) == expected
+
+
+def test_a_reward_model_then_grpo_recipe(tmp_path: Path, chat_base_dir: Path) -> None:
+    """recipe [reward, grpo]: a reward model trained on the iteration's pairs, then GRPO on the
+    prompts users asked, scored by that reward model; lineage is the pairs' feedback."""
+    import yaml
+
+    options = ["reward.train.epochs=1", "reward.train.save_every=0", "grpo.train.max_steps=3", "grpo.train.eval_every=0",
+               "grpo.train.save_every=0", "grpo.sampling.max_new_tokens=8"]
+    cfg = loop_config(tmp_path, chat_base_dir, iterations=1, recipe=["reward", "grpo"], stage_options=options,
+                      **{"simulation.users": 8, "simulation.turns_per_user": 6, "evaluate.gate": "win_rate_lower>-1",
+                         "evaluate.max_prompts": 32})
+    run_loop(cfg)
+    folder = Path(cfg.run.output_dir) / cfg.run.name
+    (state,) = states(folder)
+    assert state["steps"]["train"]["stages"] == ["reward", "grpo"]
+    grpo = yaml.safe_load((folder / "iter-1" / "train-grpo" / "config.yaml").read_text())
+    assert grpo["rl"]["reward"] == str(folder / "iter-1" / "train-reward" / "final")
+    assert grpo["model"]["name_or_path"] == str(chat_base_dir)
+    pairs = [json.loads(line) for line in (folder / "iter-1" / "datasets" / "pairs.jsonl").read_text().splitlines()]
+    with FeedbackStore(cfg.db) as store:
+        lineage = {row["feedback_id"] for row in store.lineage(state["steps"]["register"]["version"])}
+    assert lineage == {fid for p in pairs for fid in p["feedback_ids"]}
