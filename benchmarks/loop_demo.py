@@ -27,8 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from alignloop.loop.pipeline import STEPS
+
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("collect", "export", "train", "evaluate", "register", "promote")
 
 
 def run_one(preference: str, out: Path) -> dict:

@@ -280,12 +280,9 @@ def _run_deploy(args: argparse.Namespace, extra: list[str]) -> int:
         row = next((m for m in store.models() if m["version"] == args.version), None)
     if row is None:
         raise ConfigError(f"deploy: model version {args.version!r} is not registered; `alignloop models` lists them")
-    from alignloop.loop.server import Server
+    from alignloop.loop.server import Server, admin_key
 
-    key = args.admin_key or os.environ.get("ALIGNLOOP_ADMIN_KEY")
-    if not key:
-        raise ConfigError("deploy --server: give an admin's key with --admin-key or $ALIGNLOOP_ADMIN_KEY")
-    answer = Server(args.server.rstrip("/"), key).deploy(row["name"], row["path"])  # the server marks it deployed
+    answer = Server(args.server.rstrip("/"), admin_key(args.admin_key, "--admin-key")).deploy(row["name"], row["path"])  # the server marks it deployed
     if answer["version"] != args.version:
         raise ConfigError(f"deploy: {row['path']} now hashes to {answer['version']}, not {args.version}: "
                           "the folder changed since it was registered (or the server loads another dtype)")

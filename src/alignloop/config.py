@@ -412,6 +412,9 @@ class SimulationConfig:
     seed: int = option(0, "seed of the population and its choices")
 
 
+RECIPE_STAGES = ("sft", "dpo", "kto", "reward", "ppo", "grpo", "rloo", "reinforce")
+
+
 @dataclass
 class LoopConfig:
     """The closed loop, N iterations: collect feedback → datasets → train the recipe → evaluate
@@ -433,7 +436,7 @@ class LoopConfig:
     simulation: SimulationConfig = section(SimulationConfig, "simulated users (none by default)")
 
     def __post_init__(self) -> None:
-        known = ("sft", "dpo", "kto", "reward", "ppo", "grpo", "rloo", "reinforce")
+        known = RECIPE_STAGES
         for stage in self.recipe:
             if stage not in known:
                 raise ConfigError(f"recipe: unknown stage {stage!r}; choose from {', '.join(known)}")
@@ -442,10 +445,21 @@ class LoopConfig:
             raise ConfigError(f"recipe: {rl[0]} needs a reward stage before it (e.g. recipe: [reward, {rl[0]}])")
         if self.iterations < 1:
             raise ConfigError(f"iterations must be ≥ 1 (got {self.iterations})")
+        for stage in known:
+            self.options_for(stage)  # a malformed entry fails here, before any iteration
+
+    def options_for(self, stage: str) -> dict[str, str]:
+        """``stage_options`` of ``stage`` as config overrides {KEY: VALUE}."""
+        known = RECIPE_STAGES
+        options = {}
         for option_text in self.stage_options:
-            stage, dot, rest = option_text.partition(".")
-            if not dot or "=" not in rest or stage not in known:
+            name, dot, rest = option_text.partition(".")
+            key, equals, value = rest.partition("=")
+            if not dot or not equals or not key.strip() or name not in known:
                 raise ConfigError(f"stage_options: {option_text!r} should be STAGE.KEY=VALUE with STAGE one of {', '.join(known)}")
+            if name == stage:
+                options[key.strip()] = value.strip()
+        return options
 
 
 STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "evaluate": EvaluateConfig,

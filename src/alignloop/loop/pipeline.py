@@ -262,7 +262,7 @@ class Loop:
                 overrides["model.name_or_path"] = policy
             if stage in RL_STAGES:
                 overrides["rl.reward"] = reward
-            overrides.update(self._stage_options(stage))
+            overrides.update(self.cfg.options_for(stage))
             cfg = load_config(STAGES[stage], overrides=overrides)
             run = stage_runner(stage)(cfg)
             ran.append(stage)
@@ -272,15 +272,6 @@ class Loop:
                 policy = str(run.final_dir)
         candidate = policy if any(s in POLICY_STAGES for s in ran) else None
         return {"candidate": candidate, "stages": ran, "skipped_stages": skipped}
-
-    def _stage_options(self, stage: str) -> dict[str, Any]:
-        options = {}
-        for text in self.cfg.stage_options:
-            name, _, rest = text.partition(".")
-            if name == stage:
-                key, _, value = rest.partition("=")
-                options[key.strip()] = value.strip()
-        return options
 
     def evaluate(self, i: int, folder: Path, state: dict) -> dict:
         """The candidate against the deployed model; the gate's verdict and the metrics it read."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from alignloop.evaluate.compare import md_cell
+from alignloop.loop.pipeline import STEPS
 
 
 def _read(path: Path) -> Any:
@@ -76,10 +77,10 @@ def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[s
         ]) + " |")
     lines += ["", "Evaluation reports: " + ", ".join(f"[iter {it['iteration']}]({link_prefix}iter-{it['iteration']}/evaluate/report.md)"
                                                     for it in its if (folder / f"iter-{it['iteration']}/evaluate/report.md").is_file()), ""]
-    lines += ["## Time per step (seconds)", "", "| iter | " + " | ".join(STEP_NAMES) + " | total |",
-              "| --- |" + " --- |" * (len(STEP_NAMES) + 1)]
+    lines += ["## Time per step (seconds)", "", "| iter | " + " | ".join(STEPS) + " | total |",
+              "| --- |" + " --- |" * (len(STEPS) + 1)]
     for it in its:
-        seconds = [it["steps"].get(k, {}).get("seconds") for k in STEP_NAMES]
+        seconds = [it["steps"].get(k, {}).get("seconds") for k in STEPS]
         total = sum(x for x in seconds if x is not None)
         lines.append(f"| {it['iteration']} | " + " | ".join("…" if x is None else f"{x:.1f}" for x in seconds) + f" | {total:.1f} |")
     lines += ["", "## Lineage (the model registry)", "",
@@ -93,9 +94,6 @@ def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[s
     if config:
         lines += ["", "## Config", "", "```yaml", config.rstrip(), "```"]
     return lines
-
-
-STEP_NAMES = ("collect", "export", "train", "evaluate", "register", "promote")
 
 
 def plot_loop(its: list[dict], final: dict | None, out: Path) -> Path | None:

@@ -59,11 +59,7 @@ class Server:
 def connect(cfg: LoopConfig, url: str) -> Iterator[Server]:
     """The server ``cfg`` names, or one started here for the loop's duration."""
     if cfg.server:
-        key = cfg.admin_key or os.environ.get("ALIGNLOOP_ADMIN_KEY")
-        if not key:
-            raise ConfigError("admin_key: the loop deploys through /admin/deploy; give an admin's key "
-                              "(`alignloop users add NAME --admin`) or set $ALIGNLOOP_ADMIN_KEY")
-        server = Server(cfg.server.rstrip("/"), key)
+        server = Server(cfg.server.rstrip("/"), admin_key(cfg.admin_key, "admin_key"))
         server.served_version(cfg.model_name)  # fails early on a wrong URL, key or name
         yield server
         return
@@ -104,6 +100,15 @@ def local_server(config: ServeConfig) -> Iterator[Server]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def admin_key(given: str | None, option: str) -> str:
+    """``given``, else $ALIGNLOOP_ADMIN_KEY; deploying through /admin/deploy needs one."""
+    key = given or os.environ.get("ALIGNLOOP_ADMIN_KEY")
+    if not key:
+        raise ConfigError(f"{option}: deploying through /admin/deploy needs an admin's key "
+                          "(`alignloop users add NAME --admin`); give it or set $ALIGNLOOP_ADMIN_KEY")
+    return key
 
 
 def free_port() -> int:
