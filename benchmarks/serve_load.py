@@ -187,7 +187,10 @@ async def closed_loop(url: str, headers: dict, model: str, clients: int, duratio
             "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95), "error_samples": error_samples}
 
 
-async def feedback_burst(url: str, key: str, completion_ids: list[str], writers: int, seconds: float) -> dict:
+async def feedback_burst(url: str, key: str, completion_ids: list[str], writers: int, seconds: float, batch: int = 1) -> dict:
+    """``writers`` clients rate distinct completions as fast as they are answered: one vote per
+    ``POST /v1/feedback`` (batch 1) or ``batch`` votes per ``POST /v1/feedback/batch``; a write
+    counts when its own answer says 201 (committed)."""
     acked = errors = 0
     queue = list(reversed(completion_ids))
     deadline = time.perf_counter() + seconds
@@ -196,20 +199,25 @@ async def feedback_burst(url: str, key: str, completion_ids: list[str], writers:
         nonlocal acked, errors
         conn = Connection(url, {"Authorization": f"Bearer {key}"})
         while queue and time.perf_counter() < deadline:
-            cid = queue.pop()
-            status, body = await conn.request("POST", "/v1/feedback", {"kind": "rating", "completion_id": cid, "rating": 1 + len(queue) % 5})
-            async for _ in body:
-                pass
-            if status == 201:
-                acked += 1
+            votes = [{"kind": "rating", "completion_id": queue.pop(), "rating": 1 + len(queue) % 5} for _ in range(min(batch, len(queue)))]
+            if batch == 1:
+                status, body = await conn.request("POST", "/v1/feedback", votes[0])
+                async for _ in body:
+                    pass
+                statuses = [status]
             else:
-                errors += 1
+                status, body = await conn.request("POST", "/v1/feedback/batch", {"items": votes})
+                answer = b"".join([piece async for piece in body])
+                statuses = [item["status"] for item in json.loads(answer)["data"]] if status == 200 else [status] * len(votes)
+            acked += sum(s == 201 for s in statuses)
+            errors += sum(s != 201 for s in statuses)
         await conn.close()
 
     start = time.perf_counter()
     await asyncio.gather(*(writer() for _ in range(writers)))
     wall = time.perf_counter() - start
-    return {"writers": writers, "acknowledged": acked, "errors": errors, "wall_s": round(wall, 2), "writes_per_s": round(acked / wall, 1)}
+    return {"writers": writers, "batch": batch, "acknowledged": acked, "errors": errors, "wall_s": round(wall, 2),
+            "writes_per_s": round(acked / wall, 1)}
 
 
 def alignloop(*args: str) -> list[str]:
@@ -248,14 +256,20 @@ def transformers_server(args: argparse.Namespace, model_dir: Path, env: dict) ->
         stop(proc)
 
 
-def run_burst(url: str, db: str, key: str, args: argparse.Namespace, env: dict) -> dict:
+def run_bursts(url: str, db: str, key: str, args: argparse.Namespace, env: dict) -> dict:
+    """One burst per ``--burst-batch`` size: {"feedback_<db>": batch 1, "feedback_<db>_batch<N>": ...}."""
+    name = "postgresql" if db.startswith("postgresql") else "sqlite"
+    return {f"feedback_{name}" + (f"_batch{b}" if b > 1 else ""): run_burst(url, db, key, args, env, b) for b in args.burst_batch}
+
+
+def run_burst(url: str, db: str, key: str, args: argparse.Namespace, env: dict, batch: int = 1) -> dict:
     """Completions to vote on are written through the store (fast), then rated over HTTP."""
     from alignloop.feedback.store import CompletionRecord, FeedbackStore
 
     store = FeedbackStore(db)
     user = store.user_by_key(key)
     version = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"][0]["version"]
-    ids = [f"chatcmpl-{uuid.uuid4().hex}-0" for _ in range(int(args.burst_seconds * 6000))]
+    ids = [f"chatcmpl-{uuid.uuid4().hex}-0" for _ in range(int(args.burst_seconds * (6000 if batch == 1 else 12000)))]
     for start in range(0, len(ids), 5000):
         store.add_completions([
             CompletionRecord(id=i, request_id=i[:-2], choice_index=0, user_id=user.id, model_name="m", model_version=version,
@@ -265,7 +279,7 @@ def run_burst(url: str, db: str, key: str, args: argparse.Namespace, env: dict) 
             for i in ids[start:start + 5000]
         ])
     store.close()
-    burst = asyncio.run(feedback_burst(url, key, ids, args.writers, args.burst_seconds))
+    burst = asyncio.run(feedback_burst(url, key, ids, args.writers, args.burst_seconds, batch))
     print("feedback", db.split(":")[0], json.dumps(burst), flush=True)
     return burst
 
@@ -280,13 +294,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--writers", type=int, default=32)
     ap.add_argument("--burst-seconds", type=float, default=10.0)
+    ap.add_argument("--burst-batch", default="1,50", help="votes per request in the feedback bursts, comma-separated (1: POST /v1/feedback; N>1: POST /v1/feedback/batch)")
+    ap.add_argument("--feedback-only", action="store_true", help="only the feedback bursts (no serving load, no transformers serve)")
     ap.add_argument("--pg", default=os.environ.get("ALIGNLOOP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
     ap.add_argument("--transformers-cli", type=Path, default=REPO / "bench-work" / "serve-venv" / "bin" / "transformers")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each cell per server, in alternating order; medians reported")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "bench-work" / "results" / "serve_load.json")
     args = ap.parse_args()
-    args.clients = [int(c) for c in args.clients.split(",")]
+    args.clients = [] if args.feedback_only else [int(c) for c in args.clients.split(",")]
+    args.skip_transformers = args.skip_transformers or args.feedback_only
+    args.burst_batch = [int(b) for b in args.burst_batch.split(",")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     from alignloop.models.builtin import builtin_model, builtin_tokenizer
@@ -312,7 +330,7 @@ def main() -> None:
         # Both servers stay up and take turns, cell by cell, in alternating order, so drift of
         # the machine during the run hits both alike. The one not measured is frozen (SIGSTOP):
         # an idle `transformers serve` still takes CPU (ours ran 20× slower beside it).
-        for clients in [2] + args.clients:  # the first round warms up (transformers serve loads the model)
+        for clients in ([2] if args.clients else []) + args.clients:  # the first round warms up (transformers serve loads the model)
             cells: dict[str, list[dict]] = {name: [] for name in targets}
             for repeat in range(args.repeats if clients in args.clients else 1):
                 for name in (list(targets) if repeat % 2 == 0 else list(reversed(targets))):
@@ -334,12 +352,12 @@ def main() -> None:
         for name, (_, _, _, proc) in targets.items():
             if name != "alignloop":
                 proc.send_signal(signal.SIGSTOP)  # frozen for good: stop() sends SIGINT after a SIGCONT
-        results["feedback_sqlite"] = run_burst(ours, f"sqlite:///{work}/feedback.db", key, args, env)
+        results.update(run_bursts(ours, f"sqlite:///{work}/feedback.db", key, args, env))
         for name, (_, _, _, proc) in targets.items():
             if name != "alignloop":
                 proc.send_signal(signal.SIGCONT)
     try:
-        results["feedback_postgresql"] = run_pg_burst(args, model_dir, env)
+        results.update(run_pg_burst(args, model_dir, env))
     except Exception as e:  # no server reachable: say so in the results
         results["feedback_postgresql"] = {"error": repr(e)[:300]}
     args.out.write_text(json.dumps(results, indent=1))
@@ -363,7 +381,7 @@ def run_pg_burst(args: argparse.Namespace, model_dir: Path, env: dict) -> dict:
     from alignloop.feedback.database import scratch_postgres_schema
 
     with scratch_postgres_schema(args.pg, "alignloop_bench") as url, alignloop_server(args, model_dir, url, env) as (base, key, _):
-        return run_burst(base, url, key, args, env)
+        return run_bursts(base, url, key, args, env)
 
 
 def print_table(results: dict) -> None:
@@ -375,12 +393,14 @@ def print_table(results: dict) -> None:
             fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
             print(f"| {server} | {cell['clients']} | {cell['requests_per_s']:.2f} | {fmt(cell['ttft_p50_s'])} | "
                   f"{fmt(cell['ttft_p95_s'])} | {cell['tokens_per_s']:.0f} | {cell['errors']} |")
-    for db in ("sqlite", "postgresql"):
-        burst = results.get(f"feedback_{db}", {})
+    for name, burst in results.items():
+        if not name.startswith("feedback_"):
+            continue
         if "writes_per_s" in burst:
-            print(f"feedback {db}: {burst['writes_per_s']:.0f} acknowledged writes/s ({burst['writers']} writers, {burst['errors']} errors)")
+            print(f"{name}: {burst['writes_per_s']:.0f} acknowledged writes/s ({burst['writers']} writers, "
+                  f"{burst.get('batch', 1)} votes a request, {burst['errors']} errors)")
         else:
-            print(f"feedback {db}: {burst}")
+            print(f"{name}: {burst}")
 
 
 if __name__ == "__main__":

@@ -260,7 +260,7 @@ def run_alignloop(args, size: str, precision: str, tag: str, logs: Path) -> dict
         "--train.save_every=0",
         "--train.resume=never",
         # TRL's order (a plain shuffle) and its one forward of 2x8 rows per step (--reward-length-groups)
-        *(["--reward.bucket_by_length=false", f"--reward.length_groups={args.reward_length_groups}"] if stage == "reward" else []),
+        *(["--reward.batching=random", f"--reward.length_groups={args.reward_length_groups}"] if stage == "reward" else []),
         f"--run.output_dir={out_root}",
         f"--run.name={name}",
     ]
@@ -325,7 +325,7 @@ def run_alignloop(args, size: str, precision: str, tag: str, logs: Path) -> dict
 STAGE_CONFIG_NEEDLES = {
     # max_steps from train.max_steps (not from epochs), max_length 256 (every sequence of the work,
     # no truncation), plain shuffled batches, no weight decay (TRL's default)
-    "reward": ("epochs: null", f"max_length: {SEQ}", "bucket_by_length: false", "weight_decay: 0.0"),
+    "reward": ("epochs: null", f"max_length: {SEQ}", "batching: random", "weight_decay: 0.0"),
 }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignloop.data.batching import ShuffledBatches, collate, split_holdout
+from alignloop.data.batching import ShuffledBatches, collate, pack_shared_sides, split_holdout
 from alignloop.data.load import load_records, read_rows
 from alignloop.data.records import KIND_FIELDS, Row, detect_kind
 from alignloop.data.tokenize import Example
@@ -389,6 +389,49 @@ def test_two_processes_get_disjoint_halves_of_each_global_batch():
         assert len(left) == len(right) == 2
         assert not set(left) & set(right)
         assert left + right == single.indices(n)
+
+
+def test_batches_by_group_hold_one_group_where_possible_and_cover_the_epoch():
+    groups = [i % 5 for i in range(60)]  # 5 groups of 12; batches of 4 fit a group exactly
+    batches = ShuffledBatches(60, 4, seed=2, groups=groups)
+    for epoch in range(2):
+        order = epoch_indices(batches, epoch)
+        assert sorted(order) == list(range(60))
+        for b in range(epoch * 15, epoch * 15 + 15):
+            assert len({groups[i] for i in batches.indices(b)}) == 1
+    assert epoch_indices(batches, 0) != epoch_indices(batches, 1)
+    assert ShuffledBatches(60, 4, seed=2, groups=groups).indices(17) == batches.indices(17)  # resumable
+    # Uneven groups: a batch spans at most two groups, and still nothing repeats within an epoch.
+    uneven = [0] * 7 + [1] * 5 + [2] * 9 + [3] * 3
+    batches = ShuffledBatches(24, 4, seed=0, groups=uneven)
+    order = epoch_indices(batches, 0)
+    assert len(order) == len(set(order)) == 24
+    assert all(len({uneven[i] for i in batches.indices(b)}) <= 2 for b in range(6))
+
+
+def test_packed_batches_cover_few_distinct_sides_and_each_example_once():
+    # 3 prompts, each with 10 responses compared all against all (45 pairs): batches of 8 pairs of
+    # one prompt cover ~8.7 of its responses, packed ones ~5.
+    sides, groups = [], []
+    for prompt in range(3):
+        for a in range(10):
+            for b in range(a + 1, 10):
+                sides.append((f"{prompt}/{a}", f"{prompt}/{b}"))
+                groups.append(prompt)
+    packed = ShuffledBatches(len(sides), 8, seed=0, groups=groups, sides=sides)
+    grouped = ShuffledBatches(len(sides), 8, seed=0, groups=groups)
+
+    def mean_distinct(batches: ShuffledBatches) -> float:
+        covered = [len({s for i in batches.indices(b) for s in sides[i]}) for b in range(batches.batches_per_epoch)]
+        return sum(covered) / len(covered)
+
+    assert mean_distinct(packed) < 6.5 < 8 < mean_distinct(grouped)
+    for epoch in range(2):
+        order = epoch_indices(packed, epoch)
+        assert len(order) == len(set(order)) == 16 * 8
+    assert epoch_indices(packed, 0) != epoch_indices(packed, 1)
+    assert ShuffledBatches(len(sides), 8, seed=0, groups=groups, sides=sides).indices(21) == packed.indices(21)
+    assert pack_shared_sides([[0, 1, 2]], [("x", "y"), ("z", "w"), ("y", "x")], 2) == [0, 2, 1]
 
 
 def test_fewer_examples_than_one_batch_is_refused():

@@ -376,6 +376,32 @@ def test_concurrent_writes_are_all_acknowledged_and_present(store: FeedbackStore
     assert stored == set(acknowledged)
 
 
+def test_many_feedback_items_answer_one_by_one_and_share_transactions(store: FeedbackStore, people: dict,
+                                                                       db_url: str) -> None:
+    alice = people["alice"]
+    ids = [f"chatcmpl-m{i}-0" for i in range(40)]
+    store.add_completions([completion(cid, alice.id) for cid in ids])
+    items = [(FeedbackInput("rating", cid, rating=1 + i % 5), f"key-{i}") for i, cid in enumerate(ids)]
+    items.insert(3, (FeedbackInput("thumbs", "chatcmpl-b-0", up=True), None))  # bob's: refused alone
+    items.insert(7, (FeedbackInput("rating", ids[0], rating=9), None))  # out of range: refused alone
+    batches_before = store._writer.batches
+    answers = store.put_feedback_many(alice.id, items)
+    assert len(answers) == len(items)
+    assert isinstance(answers[3], NotFound) and answers[3].field == "completion_id"
+    assert isinstance(answers[7], StoreError) and answers[7].field == "rating"
+    good = [a for i, a in enumerate(answers) if i not in (3, 7)]
+    assert [outcome for _, outcome in good] == ["created"] * 40
+    assert [record.completion_id for record, _ in good] == ids
+    assert store._writer.batches - batches_before <= 2  # queued together, committed together
+    assert count(db_url, "feedback") == 40
+
+    # the same batch again: every good item replays its key, nothing is written twice
+    again = store.put_feedback_many(alice.id, items)
+    assert [a[1] for i, a in enumerate(again) if i not in (3, 7)] == ["replayed"] * 40
+    assert [a[0] for i, a in enumerate(again) if i not in (3, 7)] == [record for record, _ in good]
+    assert count(db_url, "feedback") == 40
+
+
 def test_a_failed_batch_is_retried_so_one_bad_write_fails_alone(db_url: str) -> None:
     from alignloop.feedback.writer import GroupCommitWriter
 

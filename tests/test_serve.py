@@ -185,6 +185,37 @@ def test_a_second_vote_replaces_the_first_and_retries_are_idempotent(db_url: str
         assert conflict.status_code == 409 and error_of(conflict)["param"] == "Idempotency-Key"
 
 
+def test_a_batch_of_feedback_answers_each_item_and_commits_the_good_ones_together(db_url: str, served: ServedModel) -> None:
+    with api(db_url, served) as a:
+        c1, c2, bobs = a.completion_id(seed=1), a.completion_id(seed=2), a.completion_id("bob")
+        items = [
+            {"kind": "thumbs", "completion_id": c1, "up": True, "idempotency_key": "b1"},
+            {"kind": "rating", "completion_id": c1, "rating": 5},
+            {"kind": "thumbs", "completion_id": bobs, "up": False},  # someone else's answer
+            {"kind": "pairwise", "completion_id": c1, "other_completion_id": c2, "verdict": "a", "left": "a"},
+            {"kind": "thumbs", "completion_id": c1, "up": False},  # the same vote again: replaces the first
+            {"kind": "thumbs", "completion_id": "cmpl-missing", "up": True},
+        ]
+        batches_before = a.store._writer.batches
+        r = a.client.post("/v1/feedback/batch", json={"items": items}, headers=a.auth())
+        assert r.status_code == 200, r.text
+        got = r.json()["data"]
+        assert [g["status"] for g in got] == [201, 201, 404, 201, 200, 404]
+        assert got[2]["error"]["param"] == "completion_id" and got[2]["feedback"] is None
+        assert got[4]["feedback"]["outcome"] == "replaced" and got[4]["feedback"]["id"] == got[0]["feedback"]["id"]
+        assert a.store._writer.batches - batches_before <= 2  # queued together: one or two transactions, not four
+        listed = a.client.get("/v1/feedback", headers=a.auth()).json()["data"]
+        assert sorted((f["kind"], f["revision"]) for f in listed) == [("pairwise", 1), ("rating", 1), ("thumbs", 2)]
+        # A retried item with its idempotency key is replayed, not written again.
+        retry = a.client.post("/v1/feedback/batch", json={"items": items[:1]}, headers=a.auth()).json()["data"][0]
+        assert retry["status"] == 200 and retry["feedback"]["outcome"] == "replayed" and retry["feedback"]["up"] is True
+        # The body itself is checked like any request: a bad item names its place.
+        bad = a.client.post("/v1/feedback/batch", json={"items": [items[1], {**items[1], "rating": 9}]}, headers=a.auth())
+        assert bad.status_code == 422 and error_of(bad)["param"] == "items[1].rating"
+        assert a.client.post("/v1/feedback/batch", json={"items": []}, headers=a.auth()).status_code == 422
+        assert a.client.post("/v1/feedback/batch", json={"items": items}).status_code == 401
+
+
 def test_users_see_and_change_only_their_own_feedback(db_url: str, served: ServedModel) -> None:
     with api(db_url, served) as a:
         anns = a.completion_id("ann")

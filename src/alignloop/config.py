@@ -154,7 +154,7 @@ class RewardModelingConfig:
     normalize_per_user: bool = option(False, "ratings: z-score each user's ratings (field `user`) before training, so harsh and generous raters count alike")
     skip_invalid: bool = option(False, "count and skip invalid rows (equal chosen/rejected, rating off the scale) instead of stopping at the first")
     eval_batch_size: int = option(32, "pairs or rows per batch when scoring held-out data")
-    bucket_by_length: bool = option(True, "batch rows of similar length together (less padding, same data per epoch)")
+    batching: Literal["length", "prompt", "random"] = option("length", "which rows share a batch: length (similar lengths: less padding); prompt (pairs of one prompt packed to share responses, each distinct response scored once a step: several times faster where responses recur in many pairs, fewer distinct responses a step); random")
     encoder_text_pairs: bool = option(True, "encoders read [CLS] prompt [SEP] response [SEP] as a text pair; false: one segment [CLS] prompt response [SEP]")
     disable_dropout: bool = option(True, "switch the backbone's dropout off, so both responses of a pair are scored by the same network")
     length_groups: int = option(4, "forwards per batch, each over rows of similar length, padded only to their own longest (1: one padded batch)")

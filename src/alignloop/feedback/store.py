@@ -21,9 +21,10 @@ import json
 import secrets
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import sqlalchemy as sa
 
@@ -361,6 +362,36 @@ class FeedbackStore:
         unordered pair, so voting again replaces the vote and bumps its revision. Returns after
         COMMIT.
         """
+        return self._write(self._feedback_write(user_id, fb, idempotency_key))
+
+    def put_feedback_many(self, user_id: int, items: Sequence[tuple[FeedbackInput, str | None]]
+                          ) -> list[tuple[FeedbackRecord, str] | StoreError]:
+        """:meth:`put_feedback` for many (feedback, idempotency key) items of one user, in order:
+        all are queued before any is waited on, so they commit in few transactions. Each item
+        gets its own answer, a (record, outcome) or the StoreError that refused it alone."""
+        queued: list[Future | StoreError] = []
+        for fb, key in items:
+            try:
+                queued.append(self._writer.enqueue(self._feedback_write(user_id, fb, key)))
+            except StoreError as e:
+                queued.append(e)
+            except WriterStopped as e:
+                queued.append(StoreError(f"{shown_url(self.url)}: {e}"))
+        answers: list[tuple[FeedbackRecord, str] | StoreError] = []
+        for item in queued:
+            if isinstance(item, StoreError):
+                answers.append(item)
+                continue
+            try:
+                answers.append(item.result())
+            except StoreError as e:
+                answers.append(e)
+            except WriterStopped as e:
+                answers.append(StoreError(f"{shown_url(self.url)}: {e}"))
+        return answers
+
+    def _feedback_write(self, user_id: int, fb: FeedbackInput, idempotency_key: str | None) -> Callable[[sa.Connection], Any]:
+        """The checks of one piece of feedback (raising before anything is written) and its write."""
         check_feedback(fb)
         if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
             raise Invalid(f"field 'idempotency_key' must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters",
@@ -398,7 +429,7 @@ class FeedbackStore:
                                                       "response": record.to_json(), "created_at": now})
             return record, "created" if row.revision == 1 else "replaced"
 
-        return self._write(write)
+        return write
 
     def _feedback_query(self, user_id: int) -> sa.Select:
         return (sa.select(feedback_t, completions_t.c.completion_text, completions_t.c.model_version)

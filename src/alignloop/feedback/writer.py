@@ -50,12 +50,17 @@ class GroupCommitWriter:
 
     def submit(self, write: Write) -> Any:
         """Run ``write`` in the next batch; return its result once that batch has committed."""
+        return self.enqueue(write).result()
+
+    def enqueue(self, write: Write) -> Future:
+        """Queue ``write`` without waiting: the future resolves once its batch has committed (a
+        caller with many writes queues them all, then waits, so they share transactions)."""
         future: Future = Future()
         with self._lock:
             if self._closed:
                 raise WriterStopped("the feedback store is closed")
             self._queue.put((write, future))
-        return future.result()
+        return future
 
     def close(self) -> None:
         """Finish the queued writes, then stop the thread."""

@@ -134,6 +134,25 @@ class Encoded:
     token_type_ids: list[int] | None
     truncated: bool
 
+    def key(self) -> tuple:
+        """What the model reads: two items with the same key get the same reward (dropout off)."""
+        return tuple(self.input_ids), tuple(self.token_type_ids or ())
+
+
+def distinct(items: Sequence[Encoded]) -> tuple[list[Encoded], list[int]]:
+    """The distinct items (first occurrence order) and, for each input item, its index among them:
+    a response that appears in several pairs is scored once and its reward shared."""
+    index: dict[tuple, int] = {}
+    unique: list[Encoded] = []
+    where = []
+    for item in items:
+        k = item.key()
+        if k not in index:
+            index[k] = len(unique)
+            unique.append(item)
+        where.append(index[k])
+    return unique, where
+
 
 def fit_window(prompt_len: int, response_len: int, budget: int) -> tuple[int, int]:
     """Tokens kept of (prompt, response) in a window of ``budget`` tokens.
@@ -225,18 +244,20 @@ def reward_forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def score_encoded(model: Any, items: Sequence[Encoded], pad_token_id: int, batch_size: int, device: Any = None) -> list[float]:
-    """Rewards of encoded items in batches of similar length (less padding), in input order."""
+    """Rewards of encoded items in batches of similar length (less padding), in input order; an item
+    that occurs several times (a response in many pairs) is scored once."""
     model.eval()
-    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
-    scores = [0.0] * len(items)
+    unique, where = distinct(items)
+    order = sorted(range(len(unique)), key=lambda i: len(unique[i].input_ids))
+    scores = [0.0] * len(unique)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        batch = collate_encoded([items[i] for i in chunk], pad_token_id)
+        batch = collate_encoded([unique[i] for i in chunk], pad_token_id)
         if device is not None:
             batch = {k: v.to(device) for k, v in batch.items()}
         for i, value in zip(chunk, reward_forward(model, batch).tolist()):
             scores[i] = value
-    return scores
+    return [scores[i] for i in where]
 
 
 class RewardScorer:

@@ -49,6 +49,10 @@ from alignloop.serve.schemas import (
     DeployIn,
     DeployOut,
     ErrorBody,
+    FeedbackBatchError,
+    FeedbackBatchIn,
+    FeedbackBatchOut,
+    FeedbackBatchResult,
     FeedbackIn,
     FeedbackKind,
     FeedbackList,
@@ -281,6 +285,19 @@ def create_app(config: ServeConfig, store: FeedbackStore, models: Sequence[Serve
         out = _feedback_out(record, outcome)
         return JSONResponse(json.loads(out.model_dump_json()), status_code=201 if outcome == "created" else 200)
 
+    @app.post("/v1/feedback/batch", response_model=FeedbackBatchOut, responses=ERRORS)
+    def post_feedback_batch(body: FeedbackBatchIn, request: Request, user: User = Depends(current_user)) -> FeedbackBatchOut:
+        items = [(FeedbackInput(**item.model_dump(exclude={"idempotency_key"})), item.idempotency_key) for item in body.items]
+        results = []
+        for answer in serving(request).store.put_feedback_many(user.id, items):
+            if isinstance(answer, StoreError):
+                status, kind, param = store_error_status(answer)
+                results.append(FeedbackBatchResult(status=status, error=FeedbackBatchError(message=str(answer), type=kind, param=param)))
+            else:
+                record, outcome = answer
+                results.append(FeedbackBatchResult(status=201 if outcome == "created" else 200, feedback=_feedback_out(record, outcome)))
+        return FeedbackBatchOut(data=results)
+
     @app.get("/v1/feedback", response_model=FeedbackList, responses=ERRORS)
     def list_feedback(request: Request, user: User = Depends(current_user), kind: Optional[FeedbackKind] = None,
                       limit: int = Query(100, ge=1, le=1000)) -> FeedbackList:
@@ -492,18 +509,26 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, e: StoreError) -> JSONResponse:
-        param = getattr(e, "field", None)
-        if isinstance(e, NotFound):
-            return error_response(404, str(e), "not_found_error", param)
-        if isinstance(e, Invalid):
-            return error_response(422, str(e), "invalid_request_error", param)
+        status, kind, param = store_error_status(e)
         if isinstance(e, IdempotencyConflict):
-            return error_response(409, str(e), "conflict_error", "Idempotency-Key")
-        return error_response(503, str(e), "server_error", param)
+            param = "Idempotency-Key"  # the header of POST /v1/feedback
+        return error_response(status, str(e), kind, param)
 
     @app.exception_handler(AlignloopError)
     async def alignloop_error(request: Request, e: AlignloopError) -> JSONResponse:
         return error_response(400, str(e), "invalid_request_error")
+
+
+def store_error_status(e: StoreError) -> tuple[int, str, str | None]:
+    """HTTP status, error type and field of a store's refusal."""
+    param = getattr(e, "field", None)
+    if isinstance(e, NotFound):
+        return 404, "not_found_error", param
+    if isinstance(e, Invalid):
+        return 422, "invalid_request_error", param
+    if isinstance(e, IdempotencyConflict):
+        return 409, "conflict_error", param
+    return 503, "server_error", param
 
 
 def _field_name(loc: Sequence[Any]) -> str:

@@ -116,6 +116,41 @@ class FeedbackList(BaseModel):
     data: list[FeedbackOut]
 
 
+MAX_FEEDBACK_BATCH = 1000
+
+
+class FeedbackBatchItem(FeedbackIn):
+    """One item of a batch: a piece of feedback and, optionally, its own idempotency key."""
+
+    idempotency_key: Optional[str] = Field(None, min_length=1, max_length=200)
+
+
+class FeedbackBatchIn(BaseModel):
+    """Many pieces of feedback of one user in one request (an annotation tool syncing, an
+    importer): each item is checked and answered on its own, and all commit together."""
+
+    model_config = ConfigDict(extra="forbid")
+    items: list[FeedbackBatchItem] = Field(min_length=1, max_length=MAX_FEEDBACK_BATCH)
+
+
+class FeedbackBatchError(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+
+
+class FeedbackBatchResult(BaseModel):
+    """The item's own status: 201 created, 200 replaced or replayed, 4xx refused (``error``)."""
+
+    status: int
+    feedback: Optional[FeedbackOut] = None
+    error: Optional[FeedbackBatchError] = None
+
+
+class FeedbackBatchOut(BaseModel):
+    data: list[FeedbackBatchResult]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -8,15 +8,18 @@ One explicit loop for the three record kinds; only the loss differs:
 | prompt, completion, rating       | :func:`rating_regression` or :func:`ordinal_rating`   |
 | prompt, completion, label        | :func:`thumbs_bce`                                     |
 
-Chosen and rejected go through the model in one forward (one batch of 2B), in batches of similar
-length (:class:`ShuffledBatches` with lengths). Rows longer than ``data.max_length`` are
-truncated by :func:`alignloop.models.reward.fit_window` and counted, never dropped. At the end the
-held-out pairs get the reward-model quality report (accuracy, calibration, length bias).
+Chosen and rejected go through the model together, in batches of similar length
+(:class:`ShuffledBatches` with lengths) or, with ``reward.batching=prompt``, pairs of one prompt
+packed to share responses; a response that occurs in several pairs of a batch is scored once.
+Rows longer than ``data.max_length`` are truncated by :func:`alignloop.models.reward.fit_window`
+and counted, never dropped. At the end the held-out pairs get the reward-model quality report
+(accuracy, calibration, length bias).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -36,6 +39,7 @@ from alignloop.models.load import load_tokenizer
 from alignloop.models.reward import (
     Encoded,
     collate_encoded,
+    distinct,
     encode_pairs,
     load_reward_model,
     resolve_backbone,
@@ -63,6 +67,7 @@ class RewardExample:
     tie: bool = False
     group: str | None = None
     chars: tuple[int, int] = (0, 0)  # characters of the first and second response (length-bias report)
+    prompt: str = ""  # the prompt as text, the key of reward.batching=prompt
 
     @property
     def length(self) -> int:
@@ -120,6 +125,7 @@ def encode_reward_rows(path: str, rows: list[Row], kind: str, cfg: RewardConfig,
     """Check each row as a reward record of ``kind`` and encode it for the backbone."""
     rows, skipped = check_reward_rows(path, rows, kind, cfg)
     prompts = [r.fields["prompt"] for r in rows]
+    prompt_keys = [p if isinstance(p, str) else json.dumps(p, sort_keys=True) for p in prompts]
     groups = [str(r.fields["group"]) if r.fields.get("group") is not None else None for r in rows]
     data = RewardData(kind, [], skipped=skipped)
     if kind == "preference":
@@ -127,17 +133,17 @@ def encode_reward_rows(path: str, rows: list[Row], kind: str, cfg: RewardConfig,
         chosen = encode_pairs(tokenizer, prompts, [r.fields["chosen"] for r in rows], max_length, pairs)
         rejected = encode_pairs(tokenizer, prompts, [r.fields["rejected"] for r in rows], max_length, pairs)
         margin_field, tie_field = cfg.reward.margin_field, cfg.reward.tie_field
-        for row, c, r, g in zip(rows, chosen, rejected, groups):
+        for row, c, r, g, key in zip(rows, chosen, rejected, groups, prompt_keys):
             margin = float(row.fields.get(margin_field) or 0.0) if margin_field else 0.0
             tie = bool(row.fields.get(tie_field)) if tie_field else False
             chars = (len(completion_text(row.fields["chosen"])), len(completion_text(row.fields["rejected"])))
-            data.examples.append(RewardExample(c, r, margin, tie, g, chars))
+            data.examples.append(RewardExample(c, r, margin, tie, g, chars, key))
             data.truncated += int(c.truncated or r.truncated)
     else:
         encoded = encode_pairs(tokenizer, prompts, [r.fields["completion"] for r in rows], max_length, cfg.reward.encoder_text_pairs)
         targets = rating_targets(rows, cfg) if kind == "rating" else [float(r.fields["label"]) for r in rows]
-        for e, target, g in zip(encoded, targets, groups):
-            data.examples.append(RewardExample(e, None, target, group=g))
+        for e, target, g, key in zip(encoded, targets, groups, prompt_keys):
+            data.examples.append(RewardExample(e, None, target, group=g, prompt=key))
             data.truncated += int(e.truncated)
     if data.truncated:
         log.info("%s: %d of %d rows longer than data.max_length=%d were truncated (response kept first, then the end of the prompt)",
@@ -220,19 +226,24 @@ def fit_reward_model(cfg: RewardConfig, model: Any, tokenizer: Any, kind: str,
     last_scores: dict[str, list[float]] = {}  # the held-out scores of the last evaluation, for the report
     with TrainingSession(cfg, model, run, "reward", extra_modules=[head] if head else None) as session:
         model, accelerator = session.model, session.accelerator
-        lengths = [e.length for e in train] if cfg.reward.bucket_by_length else None
-        batches = ShuffledBatches(len(train), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes, lengths)
+        batching, sides = cfg.reward.batching, response_ids(train)
+        batches = ShuffledBatches(len(train), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes,
+                                  lengths=[e.length for e in train] if batching == "length" else None,
+                                  groups=[e.prompt for e in train] if batching == "prompt" else None,
+                                  sides=sides if batching == "prompt" else None)
         log.info("reward: %d %s rows for training, %d held out; %d steps of %d×%d×%d; run folder %s",
                  len(train), kind, len(held_out), t.max_steps, t.batch_size, t.grad_accum, accelerator.num_processes, run.dir)
         while session.running:
             started = time.perf_counter()
             model.train()
             sums: dict[str, float] = {}
-            tokens = 0
+            tokens = rows = distinct_rows = 0
             for k in range(t.grad_accum):
                 examples = [train[i] for i in batches.indices(session.step * t.grad_accum + k)]
                 batch = collate_examples(examples, pad_id, accelerator.device, cfg.reward.length_groups)
                 tokens += sum(int(inputs["attention_mask"].sum()) for inputs in batch["inputs"])
+                rows += len(batch["order"])
+                distinct_rows += sum(len(inputs["input_ids"]) for inputs in batch["inputs"])
                 last = k == t.grad_accum - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     with session.autocast():
@@ -243,6 +254,7 @@ def fit_reward_model(cfg: RewardConfig, model: Any, tokenizer: Any, kind: str,
                     sums[name] = sums.get(name, 0.0) + value / t.grad_accum
             record = {f"train/{name}": value for name, value in sums.items()}
             record["train/tokens"] = float(tokens)
+            record["train/distinct_rows"] = distinct_rows / rows  # < 1 when responses repeat within a batch
             record.update(session.optimizer_step())
             evaluate = (lambda: evaluate_reward(model, kind, cfg, held_out, pad_id, head, last_scores)) if held_out else None
             session.end_step(record, started, evaluate)
@@ -261,31 +273,46 @@ def fit_reward_model(cfg: RewardConfig, model: Any, tokenizer: Any, kind: str,
     return run
 
 
+def response_ids(examples: Sequence[RewardExample]) -> list[tuple[int, ...]]:
+    """Each example's rows as small ints, equal where the model reads the same tokens. Says so
+    when rows recur across pairs often enough for ``reward.batching=prompt`` to pay."""
+    ids: dict[tuple, int] = {}
+    sides = [tuple(ids.setdefault(row.key(), len(ids)) for row in (e.first, e.second) if row is not None) for e in examples]
+    rows = sum(len(s) for s in sides)
+    if len(ids) < 0.5 * rows:
+        log.info("reward: %d distinct of %d rows (responses recur across pairs): --reward.batching=prompt scores each once a "
+                 "step, several times faster on such data", len(ids), rows)
+    return sides
+
+
 def collate_examples(examples: Sequence[RewardExample], pad_id: int, device: Any, groups: int = 1) -> dict[str, Any]:
-    """One step's batch: for pairs, the B chosen then the B rejected. The rows are sorted by length
-    and padded in ``groups`` sub-batches (one forward each), so a short row is padded only to the
-    longest row of its own group, not of the whole batch; ``order`` puts the rewards back."""
+    """One step's batch: for pairs, the B chosen then the B rejected. A row that occurs more than
+    once (a response in several pairs of the batch) goes through the model once; its reward is
+    shared and its gradient is the sum over its uses, as if it had been scored each time. The
+    distinct rows are sorted by length and padded in ``groups`` sub-batches (one forward each), so
+    a short row is padded only to the longest row of its own group; ``order`` maps each row of the
+    batch to its place among the sorted distinct rows."""
     items = [e.first for e in examples] + [e.second for e in examples if e.second is not None]
-    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
-    size = math.ceil(len(items) / max(1, min(groups, len(items))))
+    unique, where = distinct(items)
+    by_length = sorted(range(len(unique)), key=lambda i: len(unique[i].input_ids))
+    size = math.ceil(len(unique) / max(1, min(groups, len(unique))))
     sub_batches = [
-        {k: v.to(device) for k, v in collate_encoded([items[i] for i in order[start : start + size]], pad_id).items()}
-        for start in range(0, len(items), size)
+        {k: v.to(device) for k, v in collate_encoded([unique[i] for i in by_length[start : start + size]], pad_id).items()}
+        for start in range(0, len(unique), size)
     ]
+    place = {u: rank for rank, u in enumerate(by_length)}
     return {
         "inputs": sub_batches,
-        "order": torch.tensor(order, device=device),
+        "order": torch.tensor([place[u] for u in where], device=device),
         "target": torch.tensor([e.target for e in examples], dtype=torch.float32, device=device),
         "tie": torch.tensor([e.tie for e in examples], dtype=torch.float32, device=device),
     }
 
 
 def batch_rewards(model: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """Rewards of a collated batch, in the batch's own row order."""
+    """Rewards of a collated batch, in the batch's own row order (a shared row's reward repeated)."""
     sorted_rewards = torch.cat([reward_forward(model, inputs) for inputs in batch["inputs"]])
-    rewards = torch.empty_like(sorted_rewards)
-    rewards[batch["order"]] = sorted_rewards
-    return rewards
+    return sorted_rewards[batch["order"]]
 
 
 def reward_loss(kind: str, cfg: RewardConfig, rewards: torch.Tensor, batch: dict[str, Any],
