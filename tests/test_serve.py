@@ -5,6 +5,7 @@ rate limits, caps and bad input answered as 4xx naming the field."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -342,13 +343,15 @@ def test_redeploy_under_a_running_stream(db_url: str, tiny_model_dir: Path, othe
     import time
 
     served = ServedModel("tiny", str(tiny_model_dir))  # its own: the redeploy stops it
-    step = served.batcher.step
+    step, steps, deployed = served.batcher.step, [], threading.Event()
 
-    def slow_step(*args: Any, **kwargs: Any) -> None:  # 40 ms a token: the stream outlives the deploy
-        time.sleep(0.04)
+    def held_step(*args: Any, **kwargs: Any) -> None:  # after the first token, held until the deploy is done
+        steps.append(1)
+        if len(steps) > 1:
+            deployed.wait(timeout=30)
         step(*args, **kwargs)
 
-    monkeypatch.setattr(served.batcher, "step", slow_step)
+    monkeypatch.setattr(served.batcher, "step", held_step)
     with api(db_url, served) as a:
         old_version = served.version
         body = {"model": "tiny", "messages": HI, "max_tokens": 100, "seed": 1, "stream": True}
@@ -360,6 +363,7 @@ def test_redeploy_under_a_running_stream(db_url: str, tiny_model_dir: Path, othe
             assert r.status_code == 200, r.text
             assert r.json()["previous_version"] == old_version and r.json()["version"] != old_version
             assert served.batcher.load == 1  # the old model is still generating that stream
+            deployed.set()
             rest = [line for line in lines if line.startswith("data: ")]
         # The stream that was running finished whole, on the weights it started with.
         assert rest[-1] == "data: [DONE]"

@@ -334,6 +334,20 @@ class FeedbackStore:
             if len(self._completions) > COMPLETION_CACHE_SIZE:
                 self._completions.popitem(last=False)
 
+    def _load_completions(self, completion_ids: Sequence[Any]) -> None:
+        """Read the facts of the not yet remembered completions among ``completion_ids`` in one
+        query per 500, so checking a batch of votes costs a few reads, not one per vote."""
+        with self._cache_lock:
+            wanted = sorted({cid for cid in completion_ids if isinstance(cid, str) and len(cid) <= MAX_ID_CHARS
+                             and cid not in self._completions})
+        columns = (completions_t.c.id, completions_t.c.user_id, completions_t.c.completion_text,
+                   completions_t.c.model_version)
+        with self._engine.connect() as conn:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                for row in conn.execute(sa.select(*columns).where(completions_t.c.id.in_(chunk))):
+                    self._remember(row.id, _CompletionFacts(row.user_id, row.completion_text, row.model_version))
+
     def _owned_completion(self, user_id: int, completion_id: str | None, field_name: str) -> _CompletionFacts:
         """The completion ``completion_id`` if it exists and is ``user_id``'s, else NotFound."""
         facts = None
@@ -369,6 +383,7 @@ class FeedbackStore:
         """:meth:`put_feedback` for many (feedback, idempotency key) items of one user, in order:
         all are queued before any is waited on, so they commit in few transactions. Each item
         gets its own answer, a (record, outcome) or the StoreError that refused it alone."""
+        self._load_completions([cid for fb, _ in items for cid in (fb.completion_id, fb.other_completion_id)])
         queued: list[Future | StoreError] = []
         for fb, key in items:
             try:
