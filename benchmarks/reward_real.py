@@ -79,7 +79,8 @@ def main() -> int:
     ap.add_argument("--trl-python", type=Path, default=bench_work / "trl-venv/bin/python")
     ap.add_argument("--trl-steps", default="", help="e.g. ukp=60: TRL trains that many steps on the split and its epoch time is extrapolated")
     ap.add_argument("--skip-trl", action="store_true")
-    ap.add_argument("--alignloop-args", nargs="*", default=[], help="extra --section.key=value for alignloop")
+    ap.add_argument("--alignloop-args", action="append", default=[],
+                    help="an extra --section.key=value for alignloop, as --alignloop-args=--train.epochs=2 (repeat for more)")
     ap.add_argument("--name", default="reward_real", help="results folder under $BENCH_WORK/results/ (one per variant)")
     args = ap.parse_args()
     args.trl_steps = {k: int(v) for k, v in (item.split("=") for item in args.trl_steps.split(",") if item)}
