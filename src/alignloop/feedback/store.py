@@ -158,7 +158,10 @@ class FeedbackStore:
         try:
             return self._writer.submit(write)
         except WriterStopped as e:  # the caller's write did not happen
-            raise StoreError(f"{shown_url(self.url)}: {e}") from None
+            raise self._stopped(e) from None
+
+    def _stopped(self, e: WriterStopped) -> StoreError:
+        return StoreError(f"{shown_url(self.url)}: {e}")
 
     # users ---------------------------------------------------------------------------------
 
@@ -340,6 +343,8 @@ class FeedbackStore:
         with self._cache_lock:
             wanted = sorted({cid for cid in completion_ids if isinstance(cid, str) and len(cid) <= MAX_ID_CHARS
                              and cid not in self._completions})
+        if not wanted:  # all remembered (the server wrote them): no pooled connection needed
+            return
         columns = (completions_t.c.id, completions_t.c.user_id, completions_t.c.completion_text,
                    completions_t.c.model_version)
         with self._engine.connect() as conn:
@@ -350,17 +355,9 @@ class FeedbackStore:
 
     def _owned_completion(self, user_id: int, completion_id: str | None, field_name: str) -> _CompletionFacts:
         """The completion ``completion_id`` if it exists and is ``user_id``'s, else NotFound."""
-        facts = None
-        if isinstance(completion_id, str) and len(completion_id) <= MAX_ID_CHARS:
-            with self._cache_lock:
-                facts = self._completions.get(completion_id)
-            if facts is None:
-                columns = (completions_t.c.user_id, completions_t.c.completion_text, completions_t.c.model_version)
-                with self._engine.connect() as conn:
-                    row = conn.execute(sa.select(*columns).where(completions_t.c.id == completion_id)).first()
-                if row is not None:
-                    facts = _CompletionFacts(*row)
-                    self._remember(completion_id, facts)
+        self._load_completions([completion_id])
+        with self._cache_lock:
+            facts = self._completions.get(completion_id) if isinstance(completion_id, str) else None
         if facts is None or facts.user_id != user_id:
             raise NotFound(f"field '{field_name}': no completion {completion_id!r} of yours", field=field_name)
         return facts
@@ -384,25 +381,23 @@ class FeedbackStore:
         all are queued before any is waited on, so they commit in few transactions. Each item
         gets its own answer, a (record, outcome) or the StoreError that refused it alone."""
         self._load_completions([cid for fb, _ in items for cid in (fb.completion_id, fb.other_completion_id)])
-        queued: list[Future | StoreError] = []
+        queued: list[Future | BaseException] = []
         for fb, key in items:
             try:
                 queued.append(self._writer.enqueue(self._feedback_write(user_id, fb, key)))
-            except StoreError as e:
+            except (StoreError, WriterStopped) as e:
                 queued.append(e)
-            except WriterStopped as e:
-                queued.append(StoreError(f"{shown_url(self.url)}: {e}"))
         answers: list[tuple[FeedbackRecord, str] | StoreError] = []
         for item in queued:
-            if isinstance(item, StoreError):
-                answers.append(item)
-                continue
-            try:
+            error = item if isinstance(item, BaseException) else item.exception()  # waits for the commit
+            if error is None:
                 answers.append(item.result())
-            except StoreError as e:
-                answers.append(e)
-            except WriterStopped as e:
-                answers.append(StoreError(f"{shown_url(self.url)}: {e}"))
+            elif isinstance(error, WriterStopped):
+                answers.append(self._stopped(error))
+            elif isinstance(error, StoreError):
+                answers.append(error)
+            else:
+                raise error
         return answers
 
     def _feedback_write(self, user_id: int, fb: FeedbackInput, idempotency_key: str | None) -> Callable[[sa.Connection], Any]:

@@ -276,13 +276,12 @@ def fit_reward_model(cfg: RewardConfig, model: Any, tokenizer: Any, kind: str,
 def response_ids(examples: Sequence[RewardExample]) -> list[tuple[int, ...]]:
     """Each example's rows as small ints, equal where the model reads the same tokens. Says so
     when rows recur across pairs often enough for ``reward.batching=prompt`` to pay."""
-    ids: dict[tuple, int] = {}
-    sides = [tuple(ids.setdefault(row.key(), len(ids)) for row in (e.first, e.second) if row is not None) for e in examples]
-    rows = sum(len(s) for s in sides)
-    if len(ids) < 0.5 * rows:
+    unique, where = distinct([row for e in examples for row in (e.first, e.second) if row is not None])
+    if len(unique) < 0.5 * len(where):
         log.info("reward: %d distinct of %d rows (responses recur across pairs): --reward.batching=prompt scores each once a "
-                 "step, several times faster on such data", len(ids), rows)
-    return sides
+                 "step, several times faster on such data", len(unique), len(where))
+    ids = iter(where)
+    return [tuple(next(ids) for row in (e.first, e.second) if row is not None) for e in examples]
 
 
 def collate_examples(examples: Sequence[RewardExample], pad_id: int, device: Any, groups: int = 1) -> dict[str, Any]:
