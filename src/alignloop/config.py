@@ -107,6 +107,7 @@ class TrainConfig:
     resume: str = option("auto", "auto: continue from the newest checkpoint in the run folder; never: start over; or a checkpoint path")
     threads: Optional[int] = option(None, "torch CPU threads (null: torch's default)")
     time_budget_s: Optional[float] = option(None, "stop after the step that passes this many seconds of training (final model still written); null: no limit")
+    share_prefixes: bool = option(True, "run a prefix that several rows of a batch share (a pair's prompt, an RL group's prompt) once, through a KV cache: same results, fewer positions computed (decoders; DPO, KTO, RL, reward models)")
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):

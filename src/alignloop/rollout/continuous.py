@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from alignloop.rollout.generate import RowSampling, TokenSampler, _cache_argument, left_padded
+from alignloop.models.prefix import cache_argument
+from alignloop.rollout.generate import RowSampling, TokenSampler, left_padded
 
 
 @dataclass(eq=False)
@@ -60,7 +61,7 @@ class ContinuousBatcher:
         model.eval()
         self.device = next(model.parameters()).device
         self.stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=self.device)
-        self.cache_kw = _cache_argument(model)
+        self.cache_kw = cache_argument(model)
         self._pending: list[list[DecodeRequest]] = []  # submissions, FIFO; rows of one submission join together
         self._lock = threading.Condition()
         self.rows: list[DecodeRequest] = []

@@ -18,7 +18,6 @@ Sampling is seeded per row, not per batch: see :func:`generate`.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from alignloop.config import SamplingConfig
 from alignloop.data.tokenize import require_chat_template
 from alignloop.errors import DataError
+from alignloop.models.prefix import cache_argument, can_select_cache_rows, select_cache_rows
 
 Message = dict[str, Any]
 Prompt = str | list[Message]
@@ -177,7 +177,7 @@ def _decode_batch(
     # key/value onto the old ones, copying the whole cache at every step (on CPU most of the
     # decode time went there: 59% at 40M, 128+128 tokens).
     cache = StaticCache(config=model.config, max_cache_len=width + steps)
-    cache_kw = {_cache_argument(model): cache}
+    cache_kw = {cache_argument(model): cache}
     # Samples of the same prompt (an RL group) share one prefill: the prompt is run once and its
     # keys/values are copied to each sample's row. At 128-token prompts × 4 samples the prefill
     # is a quarter of what it would be.
@@ -186,7 +186,7 @@ def _decode_batch(
         first_row.setdefault(tuple(p), r)
     unique_rows = list(first_row.values())
     source = torch.tensor([unique_rows.index(first_row[tuple(p)]) for p in prompts], device=device)
-    shared = len(unique_rows) < rows and _can_expand(cache)
+    shared = len(unique_rows) < rows and can_select_cache_rows(cache)
     prefill = torch.tensor(unique_rows, device=device) if shared else torch.arange(rows, device=device)
     logits = model(
         input_ids=input_ids[prefill],
@@ -198,7 +198,7 @@ def _decode_batch(
         **cache_kw,
     ).logits[:, -1, :]
     if shared:
-        _expand_cache(cache, source)
+        select_cache_rows(cache, source)
         logits = logits[source]
     sampler = TokenSampler([RowSampling.from_config(sampling, i) for i in sample_ids], logits.shape[-1], device)
 
@@ -250,18 +250,6 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.dev
         mask[r, width - len(ids) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return input_ids.to(device), mask.to(device), positions.to(device)
-
-
-def _can_expand(cache: Any) -> bool:
-    """Whether :func:`_expand_cache` knows this cache's layout (transformers' static layers)."""
-    return all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in getattr(cache, "layers", [None]))
-
-
-def _expand_cache(cache: Any, source: torch.Tensor) -> None:
-    """Make row r of every layer's keys/values a copy of row ``source[r]`` (prefilled prompts → samples)."""
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[source], layer.values[source]
-        layer.batch_size = len(source)
 
 
 @dataclass(frozen=True)
@@ -394,13 +382,6 @@ def token_logprobs(
                 offset = len(prompt_ids[i]) - 1 - first
                 result[i] = picked[r][offset : offset + len(completion_ids[i])]
     return result
-
-
-def _cache_argument(model: Any) -> str:
-    """The forward's name for the KV cache: transformers 5.x renamed ``past_key_values`` to ``cache``
-    (the old name still works but warns); peft wrappers pass either through to the base model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 @contextmanager

@@ -8,7 +8,8 @@ reused by every step, every epoch and a resumed run. The reference is, by defaul
 policy itself, scored before training touches it, so no second copy of the model is ever held
 (with LoRA: the base with the adapter off); ``preference.ref_model`` names another model. A
 training step is then one policy forward and backward over chosen and rejected together (SimPO
-needs no reference at all).
+needs no reference at all), the prompt they share run once (``train.share_prefixes``,
+:mod:`alignloop.models.prefix`).
 
 Over-long sequences: each side is tokenised as prompt + completion + EOS; one longer than
 ``data.max_length`` keeps the completion's first tokens and the prompt's last ones, the prompt at
@@ -41,7 +42,9 @@ from alignloop.data.load import load_records
 from alignloop.data.records import Row, identical_pair_problem
 from alignloop.data.tokenize import Example, tokenize_sft_rows
 from alignloop.errors import ConfigError, DataError
+from alignloop.losses import IGNORE_INDEX
 from alignloop.models.load import load_causal_lm, load_tokenizer
+from alignloop.models.prefix import plan_for, shared_prefix_forward
 from alignloop.models.reward import fit_window
 from alignloop.train.loop import Run, TrainingSession, open_stage_run
 from alignloop.train.sft import resolve_max_length, to_device
@@ -156,19 +159,46 @@ def fingerprint(model_id: str, sets: Sequence[PreferenceSet]) -> str:
     return h.hexdigest()[:16]
 
 
+def completion_logps(model: Any, examples: Sequence[Example], pad_id: int, device: torch.device,
+                     share_prefixes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ log π(completion tokens) (B,) of each example and how many there are: one forward, or
+    with ``share_prefixes`` a prompt that several examples share (a pair's) run once
+    (:mod:`alignloop.models.prefix`); the same numbers either way."""
+    rows = [e.input_ids for e in examples]
+    plan = plan_for(model, rows, [_first_completion_token(e) for e in examples], pad_id, share_prefixes)
+    if plan is None:
+        batch = to_device(collate(examples, pad_id), device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return losses.sequence_logps(logits, batch["labels"])
+    labels = plan.align([[t if m else IGNORE_INDEX for t, m in zip(e.input_ids, e.loss_mask)] for e in examples], IGNORE_INDEX)
+    return losses.sequence_logps(shared_prefix_forward(model, plan.to(device)).logits, labels.to(device))
+
+
+def _first_completion_token(example: Example) -> int:
+    return example.loss_mask.index(1) if 1 in example.loss_mask else len(example.input_ids)
+
+
 @torch.no_grad()
-def sequence_logps_of(model: Any, sequences: Sequence[Example], pad_id: int, batch_size: int) -> torch.Tensor:
-    """Σ log π(completion tokens) of each sequence, float64, batches sorted by length."""
+def sequence_logps_of(model: Any, sequences: Sequence[Example], pad_id: int, batch_size: int,
+                      share_prefixes: bool = True) -> torch.Tensor:
+    """Σ log π(completion tokens) of each sequence, float64. Batches hold sequences of similar
+    length; with ``share_prefixes``, sequences of one prompt sit in the same batch (sorted by
+    their prompt's longest sequence) so their prompt is run once."""
     device = next(model.parameters()).device
     out = torch.zeros(len(sequences), dtype=torch.float64)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))
+    if share_prefixes:
+        prompts = [tuple(e.input_ids[:_first_completion_token(e)]) for e in sequences]
+        longest: dict[tuple, int] = {}
+        for prompt, e in zip(prompts, sequences):
+            longest[prompt] = max(longest.get(prompt, 0), len(e.input_ids))
+        order = sorted(range(len(sequences)), key=lambda i: (longest[prompts[i]], prompts[i]))
+    else:
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))
     was_training = model.training
     model.eval()
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = to_device(collate([sequences[i] for i in idx], pad_id), device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logps, _ = losses.sequence_logps(logits, batch["labels"])
+        logps, _ = completion_logps(model, [sequences[i] for i in idx], pad_id, device, share_prefixes)
         out[idx] = logps.double().cpu()
     model.train(was_training)
     return out
@@ -207,7 +237,8 @@ def reference_logps(cfg: Any, policy: Any, tokenizer: Any, run: Run, sets: Seque
     reference.to(inference_device())
     with context:
         for data in sets:
-            data.ref = sequence_logps_of(reference, data.sequences, tokenizer.pad_token_id, p.ref_batch_size)
+            data.ref = sequence_logps_of(reference, data.sequences, tokenizer.pad_token_id, p.ref_batch_size,
+                                             cfg.train.share_prefixes)
     reference.to(device)
     release_freed_memory()
     run.dir.mkdir(parents=True, exist_ok=True)
@@ -268,16 +299,13 @@ def batch_loss(cfg: Any, model: Any, data: PreferenceSet, idx: list[int], pad_id
     n = len(idx)
     kto = data.desirable is not None
     rows = idx if kto else data.rows(idx)
-    batch = to_device(collate([data.sequences[i] for i in rows], pad_id), device)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logps, counts = losses.sequence_logps(logits, batch["labels"])
+    share = cfg.train.share_prefixes
+    logps, counts = completion_logps(model, [data.sequences[i] for i in rows], pad_id, device, share)
     ref = data.ref[rows].to(device=device, dtype=logps.dtype) if data.ref is not None else None  # SimPO has none
     if kto:
         mismatched = [data.n + i for i in idx]
         with torch.no_grad():
-            mm = to_device(collate([data.sequences[i] for i in mismatched], pad_id), device)
-            mm_logits = model(input_ids=mm["input_ids"], attention_mask=mm["attention_mask"], use_cache=False).logits
-            mm_logps, _ = losses.sequence_logps(mm_logits, mm["labels"])
+            mm_logps, _ = completion_logps(model, [data.sequences[i] for i in mismatched], pad_id, device, share)
         z0 = losses.kto_reference_point(mm_logps, data.ref[mismatched].to(device=device, dtype=mm_logps.dtype))
         desirable = torch.tensor([data.desirable[i] for i in idx], device=device)
         return losses.kto_loss(logps, ref, desirable, z0, p.beta, p.desirable_weight, p.undesirable_weight)

@@ -10,7 +10,8 @@ One explicit loop for the three record kinds; only the loss differs:
 
 Chosen and rejected go through the model together, in batches of similar length
 (:class:`ShuffledBatches` with lengths) or, with ``reward.batching=prompt``, pairs of one prompt
-packed to share responses; a response that occurs in several pairs of a batch is scored once.
+packed to share responses; a response that occurs in several pairs of a batch is scored once,
+and with a decoder backbone the prompt a pair shares is run once (``train.share_prefixes``).
 Rows longer than ``data.max_length`` are truncated by :func:`alignloop.models.reward.fit_window`
 and counted, never dropped. At the end the held-out pairs get the reward-model quality report
 (accuracy, calibration, length bias).
@@ -36,6 +37,7 @@ from alignloop.errors import DataError
 from alignloop.evaluate.report import write_training_report
 from alignloop.losses import bradley_terry, ordinal_rating, ordinal_thresholds, rating_regression, thumbs_bce
 from alignloop.models.load import load_tokenizer
+from alignloop.models.prefix import can_share_prefixes, plan_prefixes, shared_prefix_forward
 from alignloop.models.reward import (
     Encoded,
     collate_encoded,
@@ -227,6 +229,7 @@ def fit_reward_model(cfg: RewardConfig, model: Any, tokenizer: Any, kind: str,
     with TrainingSession(cfg, model, run, "reward", extra_modules=[head] if head else None) as session:
         model, accelerator = session.model, session.accelerator
         batching, sides = cfg.reward.batching, response_ids(train)
+        share_prefixes = t.share_prefixes and can_share_prefixes(accelerator.unwrap_model(model))
         batches = ShuffledBatches(len(train), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes,
                                   lengths=[e.length for e in train] if batching == "length" else None,
                                   groups=[e.prompt for e in train] if batching == "prompt" else None,
@@ -240,7 +243,7 @@ def fit_reward_model(cfg: RewardConfig, model: Any, tokenizer: Any, kind: str,
             tokens = rows = distinct_rows = 0
             for k in range(t.grad_accum):
                 examples = [train[i] for i in batches.indices(session.step * t.grad_accum + k)]
-                batch = collate_examples(examples, pad_id, accelerator.device, cfg.reward.length_groups)
+                batch = collate_examples(examples, pad_id, accelerator.device, cfg.reward.length_groups, share_prefixes)
                 tokens += sum(int(inputs["attention_mask"].sum()) for inputs in batch["inputs"])
                 rows += len(batch["order"])
                 distinct_rows += sum(len(inputs["input_ids"]) for inputs in batch["inputs"])
@@ -284,21 +287,39 @@ def response_ids(examples: Sequence[RewardExample]) -> list[tuple[int, ...]]:
     return [tuple(next(ids) for row in (e.first, e.second) if row is not None) for e in examples]
 
 
-def collate_examples(examples: Sequence[RewardExample], pad_id: int, device: Any, groups: int = 1) -> dict[str, Any]:
+def collate_examples(examples: Sequence[RewardExample], pad_id: int, device: Any, groups: int = 1,
+                     share_prefixes: bool = False) -> dict[str, Any]:
     """One step's batch: for pairs, the B chosen then the B rejected. A row that occurs more than
     once (a response in several pairs of the batch) goes through the model once; its reward is
     shared and its gradient is the sum over its uses, as if it had been scored each time. The
     distinct rows are sorted by length and padded in ``groups`` sub-batches (one forward each), so
     a short row is padded only to the longest row of its own group; ``order`` maps each row of the
-    batch to its place among the sorted distinct rows."""
+    batch to its place among the sorted distinct rows.
+
+    With ``share_prefixes`` (a decoder backbone), rows are sorted by their example's length
+    instead, so a pair's two rows share a sub-batch, and each sub-batch carries a plan that runs
+    the prompt they share once (:mod:`alignloop.models.prefix`)."""
     items = [e.first for e in examples] + [e.second for e in examples if e.second is not None]
+    owner = list(range(len(examples))) + [i for i, e in enumerate(examples) if e.second is not None]
     unique, where = distinct(items)
-    by_length = sorted(range(len(unique)), key=lambda i: len(unique[i].input_ids))
+    share_prefixes = share_prefixes and unique[0].token_type_ids is None
+    if share_prefixes:
+        first_owner = {}
+        for u, i in zip(where, owner):
+            first_owner.setdefault(u, i)
+        by_length = sorted(range(len(unique)), key=lambda u: (examples[first_owner[u]].length, first_owner[u]))
+    else:
+        by_length = sorted(range(len(unique)), key=lambda i: len(unique[i].input_ids))
     size = math.ceil(len(unique) / max(1, min(groups, len(unique))))
-    sub_batches = [
-        {k: v.to(device) for k, v in collate_encoded([unique[i] for i in by_length[start : start + size]], pad_id).items()}
-        for start in range(0, len(unique), size)
-    ]
+    sub_batches = []
+    for start in range(0, len(unique), size):
+        rows = [unique[i] for i in by_length[start : start + size]]
+        inputs = {k: v.to(device) for k, v in collate_encoded(rows, pad_id).items()}
+        plan = plan_prefixes([r.input_ids for r in rows], [last_real_token(r.input_ids, pad_id) for r in rows], pad_id) \
+            if share_prefixes else None
+        if plan is not None:
+            inputs["plan"] = plan.to(device)
+        sub_batches.append(inputs)
     place = {u: rank for rank, u in enumerate(by_length)}
     return {
         "inputs": sub_batches,
@@ -308,9 +329,22 @@ def collate_examples(examples: Sequence[RewardExample], pad_id: int, device: Any
     }
 
 
+def last_real_token(ids: Sequence[int], pad_id: int) -> int:
+    """Where the classifier reads a row: its last token that is not the pad id (transformers' rule
+    for decoder classifiers). A shared prefix must stop before it."""
+    for k in range(len(ids) - 1, -1, -1):
+        if ids[k] != pad_id:
+            return k
+    return 0
+
+
 def batch_rewards(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """Rewards of a collated batch, in the batch's own row order (a shared row's reward repeated)."""
-    sorted_rewards = torch.cat([reward_forward(model, inputs) for inputs in batch["inputs"]])
+    sorted_rewards = torch.cat([
+        shared_prefix_forward(model, inputs["plan"], causal_lm=False).logits[:, 0].float() if "plan" in inputs
+        else reward_forward(model, inputs)
+        for inputs in batch["inputs"]
+    ])
     return sorted_rewards[batch["order"]]
 
 

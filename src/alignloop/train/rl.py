@@ -72,6 +72,7 @@ from alignloop.losses import (
     kl_estimate,
 )
 from alignloop.models.load import context_length, disable_dropout, inference_device, load_causal_lm, load_tokenizer
+from alignloop.models.prefix import plan_for, shared_prefix_forward
 from alignloop.rollout.generate import SEED_STRIDE, Generation, encode_prompts, generate
 from alignloop.rollout.rewards import check_rewards
 from alignloop.train.loop import Run, TrainingSession, open_stage_run, save_checkpoint
@@ -161,15 +162,15 @@ class PromptSet:
 class Reference:
     """π_ref's log-probs of given tokens: a frozen model, or the policy with its LoRA adapter off."""
 
-    def __init__(self, model: Any | None, adapter_off: bool):
-        self.model, self.adapter_off = model, adapter_off
+    def __init__(self, model: Any | None, adapter_off: bool, share_prefixes: bool = True):
+        self.model, self.adapter_off, self.share_prefixes = model, adapter_off, share_prefixes
 
     @torch.no_grad()
     def logprobs(self, policy: Any, batch: "Batch", temperature: float) -> torch.Tensor:
         if self.adapter_off:
             with policy.disable_adapter():
-                return score_tokens(policy, batch, temperature)[0]
-        return score_tokens(self.model, batch, temperature)[0]
+                return score_tokens(policy, batch, temperature, share_prefixes=self.share_prefixes)[0]
+        return score_tokens(self.model, batch, temperature, share_prefixes=self.share_prefixes)[0]
 
 
 def load_reference(cfg: RLConfig, model: Any, tokenizer: Any) -> Reference | None:
@@ -186,12 +187,12 @@ def load_reference(cfg: RLConfig, model: Any, tokenizer: Any) -> Reference | Non
                               "same tokens (leave rl.ref_model unset to use the starting policy)")
         reference = load_causal_lm(ref_cfg, tokenizer, cfg.train.seed)
     elif cfg.model.lora.r > 0:
-        return Reference(None, adapter_off=True)  # no second copy: the base weights are the reference
+        return Reference(None, adapter_off=True, share_prefixes=cfg.train.share_prefixes)  # no second copy: the base weights are the reference
     else:
         reference = copy.deepcopy(model)
     disable_dropout(reference)
     reference.requires_grad_(False)
-    return Reference(reference.eval(), adapter_off=False)
+    return Reference(reference.eval(), adapter_off=False, share_prefixes=cfg.train.share_prefixes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,26 +239,40 @@ class Batch:
 
 
 def score_tokens(model: Any, batch: Batch, temperature: float, value_head: torch.nn.Module | None = None,
-                 with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                 with_entropy: bool = False, share_prefixes: bool = True,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """log π(y_t | x, y_<t) (N, T) of the batch's completion tokens at ``temperature``; with a
     value head, V_t (N, T) read at the same positions; with ``with_entropy``, the entropy of each
     of those next-token distributions (no gradient).
 
-    Only logits from the earliest completion position on are computed (``logits_to_keep``): the
-    prompt's logits are never needed.
+    Only logits from the earliest completion position on are computed: the prompt's logits are
+    never needed. With ``share_prefixes``, a prompt sampled several times (a group) runs once
+    (:mod:`alignloop.models.prefix`).
     """
-    first = int(batch.positions.min())
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                logits_to_keep=batch.input_ids.size(1) - first, output_hidden_states=value_head is not None)
-    index = batch.positions - first
-    logits = out.logits.gather(1, index[:, :, None].expand(-1, -1, out.logits.size(-1))).float()  # (N, T, V)
+    lengths = batch.attention_mask.sum(1).tolist()
+    rows = [ids[:n] for ids, n in zip(batch.input_ids.tolist(), lengths)]
+    prompt_lengths = (batch.positions[:, 0] + 1).tolist()
+    plan = plan_for(model, rows, prompt_lengths, 0, share_prefixes)  # pad id 0: padding is masked, never read
+    want_hidden = value_head is not None
+    if plan is None:
+        first = int(batch.positions.min())
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                    logits_to_keep=batch.input_ids.size(1) - first, output_hidden_states=want_hidden)
+        all_logits, hidden = out.logits, (out.hidden_states[-1] if want_hidden else None)
+        index, hidden_index = batch.positions - first, batch.positions
+    else:  # column j of the shared forward is position starts − 1 + j
+        out = shared_prefix_forward(model, plan.to(batch.input_ids.device), output_hidden_states=want_hidden)
+        all_logits, hidden = out.logits, out.hidden
+        index = (batch.positions - plan.starts.to(batch.positions.device)[:, None] + 1).clamp(max=all_logits.size(1) - 1)
+        hidden_index = index
+    logits = all_logits.gather(1, index[:, :, None].expand(-1, -1, all_logits.size(-1))).float()  # (N, T, V)
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logprobs = logits.gather(-1, batch.targets[:, :, None]).squeeze(-1) - logits.logsumexp(-1)
     values = None
     if value_head is not None:
-        hidden = out.hidden_states[-1].gather(1, batch.positions[:, :, None].expand(-1, -1, out.hidden_states[-1].size(-1)))
-        values = value_head(hidden.float()).squeeze(-1)
+        picked = hidden.gather(1, hidden_index[:, :, None].expand(-1, -1, hidden.size(-1)))
+        values = value_head(picked.float()).squeeze(-1)
     entropy = None
     if with_entropy:
         with torch.no_grad():
@@ -359,7 +374,8 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
             old_logprobs = old_values = None
             with torch.no_grad(), session.autocast():
                 if value_head is not None or not uses_rollout_logprobs(s):
-                    old_logprobs, old_values, _ = score_tokens(policy, batch, s.temperature, value_head)
+                    old_logprobs, old_values, _ = score_tokens(policy, batch, s.temperature, value_head,
+                                                               share_prefixes=t.share_prefixes)
                 else:
                     old_logprobs = padded(generation.logprobs, mask.size(1), device)
                 ref_logprobs = reference.logprobs(policy, batch, s.temperature) if reference is not None else None
@@ -378,7 +394,8 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
                 part = order.chunk(r.minibatches)[u % r.minibatches].to(device)
                 mb = batch.rows(part)
                 with session.autocast():
-                    logprobs, values, entropy = score_tokens(model, mb, s.temperature, value_head, with_entropy=u == 0)
+                    logprobs, values, entropy = score_tokens(model, mb, s.temperature, value_head, with_entropy=u == 0,
+                                                            share_prefixes=t.share_prefixes)
                     loss, mb_stats = policy_objective(cfg, logprobs, values, mb.mask, old_logprobs[part], advantages[part],
                                                       None if returns is None else returns[part],
                                                       None if old_values is None else old_values[part],
