@@ -18,8 +18,8 @@ from alignloop.rollout.generate import (
     default_stop_token_ids,
     encode_prompts,
     generate,
-    token_logprobs,
 )
+from alignloop.rollout.scoring import token_logprobs
 
 EOS, IM_END = "<|endoftext|>", "<|im_end|>"
 

@@ -123,7 +123,7 @@ def test_dpo_log_probs_are_the_same_with_and_without_sharing():
 
 
 def test_rl_scores_and_values_are_the_same_with_and_without_sharing():
-    from alignloop.train.rl import Batch, score_tokens
+    from alignloop.rollout.scoring import Batch, score_tokens
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config()).double()

@@ -38,7 +38,8 @@ JUDGE_TEMPLATE = (
 def run_evaluate(cfg: EvaluateConfig) -> int:
     """Run the comparison described by ``cfg``; return 0 when the gate passes (or there is none), 1 when it fails."""
     from alignloop.evaluate import compare
-    from alignloop.rollout.generate import generate, token_logprobs
+    from alignloop.rollout.generate import generate
+    from alignloop.rollout.scoring import token_logprobs
 
     if cfg.task != "generation":
         from alignloop.evaluate.classifier import run_classifier_evaluate

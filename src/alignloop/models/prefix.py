@@ -215,3 +215,12 @@ def can_share_prefixes(model: Any) -> bool:
     if config is None or getattr(model, "is_gradient_checkpointing", False):
         return False
     return not getattr(config, "is_encoder_decoder", False)
+
+
+def shared_prompt_order(prompts: Sequence[tuple], lengths: Sequence[int]) -> list[int]:
+    """An order for batching rows: rows of one prompt next to each other (so a batch can share
+    it), prompts sorted by their longest row (so a batch pads little)."""
+    longest: dict[tuple, int] = {}
+    for prompt, n in zip(prompts, lengths):
+        longest[prompt] = max(longest.get(prompt, 0), n)
+    return sorted(range(len(prompts)), key=lambda i: (longest[prompts[i]], prompts[i]))

@@ -5,8 +5,9 @@ backend can replace them later without touching their callers:
 
 * :func:`generate` ``(model, tokenizer, prompts, sampling) -> Generation``: completions, the
   log-prob of every sampled token, and whether a stop token ended each one.
-* :func:`token_logprobs` ``(model, prompt_ids, completion_ids) -> list[list[float]]``:
-  ``log π(y_t | x, y_<t)`` at temperature 1 for completions that already exist.
+* :func:`alignloop.rollout.scoring.token_logprobs` ``(model, prompt_ids, completion_ids) ->
+  list[list[float]]``: ``log π(y_t | x, y_<t)`` at temperature 1 for completions that already
+  exist (teacher-forced scoring lives in :mod:`alignloop.rollout.scoring`).
 
 The decode loop is our own, not ``model.generate``: prompts are sorted by length into batches,
 left-padded, prefilled once into a ``DynamicCache``, then decoded one token per step. Positions
@@ -107,7 +108,7 @@ def generate(
     nothing. Streams differ between CPU and CUDA generators.
 
     ``logprobs`` are those of the distribution each token was drawn from (after temperature,
-    top-k, top-p); for greedy decoding, the temperature-1 distribution, as :func:`token_logprobs`
+    top-k, top-p); for greedy decoding, the temperature-1 distribution, as ``token_logprobs``
     computes it.
     """
     n = len(prompts)
@@ -335,53 +336,6 @@ class TokenSampler:
             drop = drop_sorted.scatter(-1, order, drop_sorted)
             scores = scores.masked_fill(drop, -math.inf)
         return scores
-
-
-def token_logprobs(
-    model: Any, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], batch_size: int = 16
-) -> list[list[float]]:
-    """Teacher-forced ``log π(y_t | x, y_<t)`` at temperature 1 for each completion token.
-
-    Rows are sorted by length into right-padded batches (positions 0.. as for an unpadded
-    sequence, so they match :func:`generate`'s), run without gradient on the model's device;
-    only the logits from the shortest prompt's end onwards are computed. Results are in input
-    order; an empty completion gives ``[]``.
-    """
-    if len(prompt_ids) != len(completion_ids):
-        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
-    for i, ids in enumerate(prompt_ids):
-        if not ids:
-            raise DataError(f"prompt {i} has no tokens; the first completion token needs one to condition on")
-    device = next(model.parameters()).device
-    n = len(prompt_ids)
-    result: list[list[float]] = [[] for _ in range(n)]
-    order = sorted(range(n), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]), reverse=True)
-    order = [i for i in order if completion_ids[i]]
-    with _eval_mode(model), torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            sequences = [list(prompt_ids[i]) + list(completion_ids[i]) for i in rows]
-            width = max(len(s) for s in sequences)
-            input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, seq in enumerate(sequences):
-                input_ids[r, : len(seq)] = torch.tensor(seq)
-                attention_mask[r, : len(seq)] = 1
-            # Completion token j of a row is predicted at sequence index len(prompt) + j - 1.
-            first = min(len(prompt_ids[i]) for i in rows) - 1
-            logits = model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                use_cache=False,
-                logits_to_keep=width - first,
-            ).logits  # (B, width - first, V): predictions for indices first + 1 .. width - 1 (and one past)
-            logps = logits[:, :-1].float().log_softmax(-1)
-            targets = input_ids[:, first + 1 :].to(device)
-            picked = logps.gather(-1, targets[:, :, None]).squeeze(-1).cpu().tolist()  # (B, width - first - 1)
-            for r, i in enumerate(rows):
-                offset = len(prompt_ids[i]) - 1 - first
-                result[i] = picked[r][offset : offset + len(completion_ids[i])]
-    return result
 
 
 @contextmanager

@@ -44,7 +44,7 @@ from alignloop.data.tokenize import Example, tokenize_sft_rows
 from alignloop.errors import ConfigError, DataError
 from alignloop.losses import IGNORE_INDEX
 from alignloop.models.load import load_causal_lm, load_tokenizer
-from alignloop.models.prefix import plan_for, shared_prefix_forward
+from alignloop.models.prefix import plan_for, shared_prefix_forward, shared_prompt_order
 from alignloop.models.reward import fit_window
 from alignloop.train.loop import Run, TrainingSession, open_stage_run
 from alignloop.train.sft import resolve_max_length, to_device
@@ -187,11 +187,8 @@ def sequence_logps_of(model: Any, sequences: Sequence[Example], pad_id: int, bat
     device = next(model.parameters()).device
     out = torch.zeros(len(sequences), dtype=torch.float64)
     if share_prefixes:
-        prompts = [tuple(e.input_ids[:_first_completion_token(e)]) for e in sequences]
-        longest: dict[tuple, int] = {}
-        for prompt, e in zip(prompts, sequences):
-            longest[prompt] = max(longest.get(prompt, 0), len(e.input_ids))
-        order = sorted(range(len(sequences)), key=lambda i: (longest[prompts[i]], prompts[i]))
+        order = shared_prompt_order([tuple(e.input_ids[:_first_completion_token(e)]) for e in sequences],
+                                    [len(e.input_ids) for e in sequences])
     else:
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))
     was_training = model.training

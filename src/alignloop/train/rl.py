@@ -67,14 +67,13 @@ from alignloop.losses import (
     clipped_value_loss,
     completion_nll,
     count_loss_tokens,
-    entropy_from_logits,
     explained_variance,
     kl_estimate,
 )
 from alignloop.models.load import context_length, disable_dropout, inference_device, load_causal_lm, load_tokenizer
-from alignloop.models.prefix import plan_for, shared_prefix_forward
 from alignloop.rollout.generate import SEED_STRIDE, Generation, encode_prompts, generate
 from alignloop.rollout.rewards import check_rewards
+from alignloop.rollout.scoring import Batch, score_tokens
 from alignloop.train.loop import Run, TrainingSession, open_stage_run, save_checkpoint
 from alignloop.train.sft import to_device
 
@@ -193,91 +192,6 @@ def load_reference(cfg: RLConfig, model: Any, tokenizer: Any) -> Reference | Non
     disable_dropout(reference)
     reference.requires_grad_(False)
     return Reference(reference.eval(), adapter_off=False, share_prefixes=cfg.train.share_prefixes)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches of completions, and the forward that scores them
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Batch:
-    """Prompt + completion token rows, right-padded, and where each completion token sits.
-
-    ``positions[i, t]`` is the index whose logits predict completion token t of row i (its prompt
-    length + t − 1); ``mask[i, t]`` is 1 for real completion tokens. Completions are left-aligned
-    in the (N, T) tensors the losses take.
-    """
-
-    input_ids: torch.Tensor  # (N, L)
-    attention_mask: torch.Tensor  # (N, L)
-    targets: torch.Tensor  # (N, T) completion tokens (0 on padding)
-    positions: torch.Tensor  # (N, T)
-    mask: torch.Tensor  # (N, T) float
-
-    @classmethod
-    def build(cls, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int,
-              device: torch.device) -> "Batch":
-        n = len(prompt_ids)
-        width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
-        steps = max(1, max(len(c) for c in completion_ids))
-        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, width), dtype=torch.long)
-        targets = torch.zeros((n, steps), dtype=torch.long)
-        positions = torch.zeros((n, steps), dtype=torch.long)
-        mask = torch.zeros((n, steps))
-        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-            seq = list(p) + list(c)
-            input_ids[i, : len(seq)] = torch.tensor(seq)
-            attention_mask[i, : len(seq)] = 1
-            if c:
-                targets[i, : len(c)] = torch.tensor(c)
-                mask[i, : len(c)] = 1
-            positions[i] = (len(p) - 1 + torch.arange(steps)).clamp(max=width - 1)
-        return cls(*(t.to(device) for t in (input_ids, attention_mask, targets, positions, mask)))
-
-    def rows(self, index: torch.Tensor) -> "Batch":
-        return Batch(*(t[index] for t in (self.input_ids, self.attention_mask, self.targets, self.positions, self.mask)))
-
-
-def score_tokens(model: Any, batch: Batch, temperature: float, value_head: torch.nn.Module | None = None,
-                 with_entropy: bool = False, share_prefixes: bool = True,
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """log π(y_t | x, y_<t) (N, T) of the batch's completion tokens at ``temperature``; with a
-    value head, V_t (N, T) read at the same positions; with ``with_entropy``, the entropy of each
-    of those next-token distributions (no gradient).
-
-    Only logits from the earliest completion position on are computed: the prompt's logits are
-    never needed. With ``share_prefixes``, a prompt sampled several times (a group) runs once
-    (:mod:`alignloop.models.prefix`).
-    """
-    lengths = batch.attention_mask.sum(1).tolist()
-    rows = [ids[:n] for ids, n in zip(batch.input_ids.tolist(), lengths)]
-    prompt_lengths = (batch.positions[:, 0] + 1).tolist()
-    plan = plan_for(model, rows, prompt_lengths, 0, share_prefixes)  # pad id 0: padding is masked, never read
-    want_hidden = value_head is not None
-    if plan is None:
-        first = int(batch.positions.min())
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                    logits_to_keep=batch.input_ids.size(1) - first, output_hidden_states=want_hidden)
-        all_logits, hidden = out.logits, (out.hidden_states[-1] if want_hidden else None)
-        index, hidden_index = batch.positions - first, batch.positions
-    else:  # column j of the shared forward is position starts − 1 + j
-        out = shared_prefix_forward(model, plan.to(batch.input_ids.device), output_hidden_states=want_hidden)
-        all_logits, hidden = out.logits, out.hidden
-        index = (batch.positions - plan.starts.to(batch.positions.device)[:, None] + 1).clamp(max=all_logits.size(1) - 1)
-        hidden_index = index
-    logits = all_logits.gather(1, index[:, :, None].expand(-1, -1, all_logits.size(-1))).float()  # (N, T, V)
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logprobs = logits.gather(-1, batch.targets[:, :, None]).squeeze(-1) - logits.logsumexp(-1)
-    values = None
-    if value_head is not None:
-        picked = hidden.gather(1, hidden_index[:, :, None].expand(-1, -1, hidden.size(-1)))
-        values = value_head(picked.float()).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach())
-    return logprobs, values, entropy
 
 
 def uses_rollout_logprobs(sampling: SamplingConfig) -> bool:
