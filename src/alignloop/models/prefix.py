@@ -16,9 +16,9 @@ causal LM must keep, after the prefix, every token whose log-prob it needs; a cl
 reads the row's last token, which must be in the suffix. A batch where sharing saves under
 :data:`MIN_SAVING` of the positions runs as one plain forward.
 
-Needs a model that takes ``past_key_values`` and ``position_ids`` (HF decoders do); not used
-with gradient checkpointing (which turns the cache off in training) nor for encoders, whose
-prompt tokens attend to the response.
+Needs a model that takes a KV cache and ``position_ids`` (HF decoders do); not used with
+gradient checkpointing (which turns the cache off in training), under DDP (which expects one
+forward per backward) nor for encoders, whose prompt tokens attend to the response.
 """
 
 from __future__ import annotations
@@ -211,6 +211,8 @@ def can_share_prefixes(model: Any) -> bool:
     """Whether ``model`` can run :func:`shared_prefix_forward` now: not while it checkpoints its
     gradients (which switches the KV cache off in training), not an encoder-decoder. Whether it is
     a decoder at all is the caller's to know (a causal LM; a reward model without text pairs)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return False  # DDP prepares its gradient reduction in each forward: keep to one forward per backward
     config = getattr(model, "config", None)
     if config is None or getattr(model, "is_gradient_checkpointing", False):
         return False
