@@ -130,7 +130,7 @@ def generate(
     finished = [False] * n
     order = sorted(range(n), key=lambda i: len(prompt_ids[i]), reverse=True)  # longest first: any OOM comes early
 
-    with _eval_mode(model), torch.inference_mode(), tqdm(total=n, unit="prompt", disable=not progress) as bar:
+    with eval_mode(model), torch.inference_mode(), tqdm(total=n, unit="prompt", disable=not progress) as bar:
         for start in range(0, n, step):
             rows = order[start : start + step]
             batch = _decode_batch(
@@ -339,7 +339,7 @@ class TokenSampler:
 
 
 @contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
+def eval_mode(model: Any) -> Iterator[None]:
     """Eval mode (no dropout) for the block, then the model's previous mode."""
     was_training = model.training
     model.eval()

@@ -20,6 +20,7 @@ import torch
 from alignloop.errors import DataError
 from alignloop.losses import entropy_from_logits
 from alignloop.models.prefix import plan_for, shared_prefix_forward, shared_prompt_order
+from alignloop.rollout.generate import eval_mode
 
 
 @dataclass
@@ -122,16 +123,11 @@ def token_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]], completion_i
     kept = [i for i in range(len(prompt_ids)) if completion_ids[i]]
     order = [kept[k] for k in shared_prompt_order([tuple(prompt_ids[i]) for i in kept],
                                                   [len(prompt_ids[i]) + len(completion_ids[i]) for i in kept])]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                batch = Batch.build([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], 0, device)
-                logps = score_tokens(model, batch, 1.0, share_prefixes=share_prefixes)[0].cpu().tolist()
-                for r, i in enumerate(rows):
-                    result[i] = logps[r][: len(completion_ids[i])]
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = Batch.build([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], 0, device)
+            logps = score_tokens(model, batch, 1.0, share_prefixes=share_prefixes)[0].cpu().tolist()
+            for r, i in enumerate(rows):
+                result[i] = logps[r][: len(completion_ids[i])]
     return result
