@@ -229,7 +229,7 @@ def fit_reward_model(cfg: RewardConfig, model: Any, tokenizer: Any, kind: str,
     with TrainingSession(cfg, model, run, "reward", extra_modules=[head] if head else None) as session:
         model, accelerator = session.model, session.accelerator
         batching, sides = cfg.reward.batching, response_ids(train)
-        share_prefixes = t.share_prefixes and can_share_prefixes(accelerator.unwrap_model(model))
+        share_prefixes = t.share_prefixes and can_share_prefixes(model)  # the wrapped model: off under DDP
         batches = ShuffledBatches(len(train), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes,
                                   lengths=[e.length for e in train] if batching == "length" else None,
                                   groups=[e.prompt for e in train] if batching == "prompt" else None,
