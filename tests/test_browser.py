@@ -158,9 +158,19 @@ def _set_sampling(page: Any) -> None:
     page.get_by_text("Sampling").click()
 
 
-def _chat(page: Any, text: str) -> Any:
+def _chat(page: Any, text: str, trickle: bool = False) -> Any:
     """Sends ``text``; returns the answer's article once it finished streaming. Records every
-    length the answer's text had on the way, on the article as ``data-lengths``."""
+    length the answer's text had on the way, on the article as ``data-lengths``.
+
+    ``trickle`` throttles the page's network (Chrome DevTools) to ~1 KB/s while the answer streams:
+    a tiny model's few tokens can otherwise reach the page in one read on a busy machine, and the
+    page then rightly shows them at once, so whether the page renders a stream as it comes is
+    only observable when the bytes come apart."""
+    cdp = page.context.new_cdp_session(page) if trickle else None
+    if cdp is not None:
+        cdp.send("Network.enable")
+        cdp.send("Network.emulateNetworkConditions",
+                 {"offline": False, "latency": 0, "downloadThroughput": 1000, "uploadThroughput": -1})
     page.evaluate(
         """() => {
           const seen = new Set();
@@ -177,6 +187,10 @@ def _chat(page: Any, text: str) -> Any:
     page.get_by_role("button", name="Send").click()
     answer = page.locator("#messages article.assistant").last
     expect(answer.get_by_role("button", name="Thumbs up")).to_be_visible(timeout=GENERATION_MS)
+    if cdp is not None:
+        cdp.send("Network.emulateNetworkConditions",
+                 {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+        cdp.detach()
     return answer
 
 
@@ -190,7 +204,7 @@ def test_page_chats_rates_corrects_compares_and_the_rows_are_in_the_db(tiny_mode
         _log_in(page, server)
         _set_sampling(page)
 
-        answer = _chat(page, "Hello, how are you?")
+        answer = _chat(page, "Hello, how are you?", trickle=True)
         completion_id = answer.get_attribute("data-completion-id")
         assert re.fullmatch(r"chatcmpl-\w+-0", completion_id or ""), completion_id
         lengths = [int(n) for n in (answer.get_attribute("data-lengths") or "").split(",") if n]

@@ -1,5 +1,3 @@
-import sys
+from alignloop.cli import run
 
-from alignloop.cli import main
-
-sys.exit(main())
+run()

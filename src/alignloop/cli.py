@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from datetime import timedelta
 from typing import Any
 
 from alignloop.config import STAGES, ServeConfig, describe, load_config
@@ -359,16 +360,46 @@ def main(argv: list[str] | None = None) -> int:
         _leave_process_group()
 
 
+_LEAVE_TIMEOUT = timedelta(minutes=2)  # how long a finished rank waits for the others at the end
+
+
 def _leave_process_group() -> None:
     """Destroy the torch.distributed group a multi-process run (torchrun) joined, if any.
 
-    Left to the interpreter's exit, the gloo group's teardown can hang a rank whose peer has
-    already exited; destroying it while both are alive ends the run cleanly.
+    Left to the interpreter's exit, or destroyed by one rank after its peer has already exited,
+    the gloo group's teardown can hang that rank for good. So the ranks first meet at a barrier
+    (rank 0 may still be writing the report while the others are done) and then destroy the
+    group while all are alive. The barrier has a timeout, so a rank whose peer died does not wait
+    forever.
     """
     dist = sys.modules.get("torch.distributed")  # not imported: no group to leave (and no torch import for `users list`)
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=_LEAVE_TIMEOUT)
+        else:
+            dist.barrier()
+    except RuntimeError as e:  # a peer is gone: nothing left to wait for
+        print(f"alignloop: leaving the process group without the other ranks: {e}", file=sys.stderr)
+    dist.destroy_process_group()
+
+
+def run() -> None:
+    """The ``alignloop`` command (and ``python -m alignloop``): :func:`main`, then exit.
+
+    A rank of a multi-process run (torchrun sets ``WORLD_SIZE``) leaves with ``os._exit`` once its
+    output is flushed: gloo's teardown at interpreter exit can otherwise abort ("terminate called
+    without an active exception") or hang a rank after the work has succeeded.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
