@@ -249,17 +249,23 @@ class Precision:
             self.after_step()
 
 
-def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig,
+                   extra_params: list[torch.nn.Parameter] | None = None, extra_lr: float | None = None) -> torch.optim.Optimizer:
     """AdamW over ``params``; weight decay only on matrices (not biases, norms or other vectors).
 
+    ``extra_params`` (e.g. PPO's value head) get a group of their own at ``extra_lr`` (default:
+    ``train.lr``), no weight decay; the schedule scales every group alike.
     The fused kernel (one pass per parameter, CPU and GPU) is used where torch has it: the default
     multi-tensor version allocates temporaries as large as the model on every step.
     """
+    extra_params = extra_params or []
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": extra_params, "weight_decay": 0.0, "lr": extra_lr or train.lr},
     ]
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
+    everything = [*params, *extra_params]
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in everything)
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), fused=fused
     )
@@ -454,7 +460,8 @@ class TrainingSession:
     state rides along in :attr:`state`), ``metrics.jsonl``, the progress bar, Ctrl-C and checkpoints.
     """
 
-    def __init__(self, cfg: Any, model: torch.nn.Module, run: Run, title: str, extra_modules: list | None = None):
+    def __init__(self, cfg: Any, model: torch.nn.Module, run: Run, title: str, extra_modules: list | None = None,
+                 extra_lr: float | None = None):
         t = cfg.train
         self.train, self.run, self.title = t, run, title
         self.accelerator = make_accelerator(t, cfg.run.report_to, run)
@@ -465,7 +472,7 @@ class TrainingSession:
         # and are checkpointed with it.
         extra_modules = [m.to(self.accelerator.device) for m in extra_modules or []]
         self.extra_params = [p for m in extra_modules for p in m.parameters()]
-        self.optimizer = make_optimizer(self.precision.params + self.extra_params, t)
+        self.optimizer = make_optimizer(self.precision.params, t, self.extra_params, extra_lr)
         self.scheduler = make_scheduler(self.optimizer, t)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, self.optimizer, self.scheduler)
         for obj in [self.precision, *extra_modules]:

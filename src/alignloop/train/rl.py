@@ -80,6 +80,7 @@ from alignloop.train.sft import to_device
 log = logging.getLogger("alignloop")
 
 VALUE_HEAD_FILE = "value_head.pt"
+VALUE_LR_RATIO = 10.0  # the value head's default learning rate, as a multiple of the policy's
 EVAL_BASELINE_FILE = "eval_baseline.json"
 
 
@@ -258,7 +259,11 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
     per_step = t.batch_size * r.group_size
     # The starting policy's held-out completions: before the session, which may load a checkpoint into the model.
     baseline = eval_baseline(run, model.to(inference_device()), tokenizer, eval_prompts, reward, s) if eval_prompts else None
-    with TrainingSession(cfg, model, run, title, extra_modules=[value_head] if value_head is not None else None) as session:
+    # Adam moves each weight by about lr a step whatever the loss scale, so a zero-initialised head
+    # at the policy's lr would take hundreds of steps to predict returns; GAE is blind until it does.
+    value_lr = r.value_lr or VALUE_LR_RATIO * t.lr
+    with TrainingSession(cfg, model, run, title, extra_modules=[value_head] if value_head is not None else None,
+                         extra_lr=value_lr) as session:
         model, accelerator, device = session.model, session.accelerator, session.device
         policy = accelerator.unwrap_model(model)
         if reference is not None and reference.model is not None:
