@@ -16,6 +16,11 @@ Peak RSS of each child from ``os.wait4``. Runs alternate alignloop, TRL per cell
 
     .venv/bin/python benchmarks/rl_vs_trl.py                       # 5m and 40m, grpo, rloo, ppo, fp32
     .venv/bin/python benchmarks/rl_vs_trl.py --sizes 5m --algos grpo
+    .venv/bin/python benchmarks/rl_vs_trl.py --sizes 40m --precisions bf16   # where the CPU has bf16 matmuls
+
+Precisions: ``fp32`` on both sides; ``bf16`` is alignloop's ``--train.precision=bf16`` (bf16
+weights, so the rollout decodes in bf16 with no re-casting; fp32 master weights and optimiser)
+against TRL's ``bf16=True`` (autocast over fp32 weights), the nearest TRL has.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def reward_file(bench: Path) -> Path:
     return path
 
 
-def run_alignloop(args, algo: str, size: str, logs: Path) -> dict:
+def run_alignloop(args, algo: str, size: str, precision: str, logs: Path) -> dict:
     bench = args.bench_work
     out = Path(tempfile.mkdtemp(prefix=f"rl-{algo}-{size}-", dir=bench / "_out"))
     beta = TRL_BETA.get(algo, 0.05)
@@ -57,13 +62,13 @@ def run_alignloop(args, algo: str, size: str, logs: Path) -> dict:
            f"--sampling.max_new_tokens={NEW_TOKENS}", "--sampling.stop_at_eos=false", "--sampling.batch_size=8",
            f"--train.max_steps={args.steps}", f"--train.lr={LR}", "--train.lr_schedule=constant", "--train.warmup_steps=0",
            "--train.max_grad_norm=1.0", f"--train.threads={args.threads}", "--train.eval_every=0", "--train.save_every=0",
-           "--train.resume=never", "--train.precision=fp32", f"--run.output_dir={out}", "--run.name=run"]
+           "--train.resume=never", f"--train.precision={precision}", f"--run.output_dir={out}", "--run.name=run"]
     if algo == "ppo":  # one PPO epoch, one minibatch: the same number of updates as GRPO's step
         cmd += ["--rl.epochs=1", "--rl.minibatches=1"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    log = logs / f"alignloop-{algo}-{size}.log"
+    log = logs / f"alignloop-{algo}-{size}-{precision}.log"
     code, wall, rss = run_child(cmd, log, env, REPO)
-    res = {"impl": "alignloop", "algo": algo, "size": size, "wall_s": wall, "peak_rss_mb": rss}
+    res = {"impl": "alignloop", "algo": algo, "size": size, "precision": precision, "wall_s": wall, "peak_rss_mb": rss}
     if code != 0:
         res["error"] = f"exit {code}, see {log}"
         return res
@@ -79,12 +84,12 @@ def run_alignloop(args, algo: str, size: str, logs: Path) -> dict:
     return res
 
 
-def run_trl(args, algo: str, size: str, logs: Path) -> dict:
-    cmd = [str(args.trl_python), str(args.trl_script), "--one", algo, "--size", size, "--precision", "fp32",
+def run_trl(args, algo: str, size: str, precision: str, logs: Path) -> dict:
+    cmd = [str(args.trl_python), str(args.trl_script), "--one", algo, "--size", size, "--precision", precision,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    log = logs / f"trl-{algo}-{size}.log"
+    log = logs / f"trl-{algo}-{size}-{precision}.log"
     code, wall, rss = run_child(cmd, log, dict(os.environ, BENCH_WORK=str(args.bench_work)), args.bench_work)
-    res = {"impl": "trl", "algo": algo, "size": size, "wall_s": wall, "peak_rss_mb": rss}
+    res = {"impl": "trl", "algo": algo, "size": size, "precision": precision, "wall_s": wall, "peak_rss_mb": rss}
     line = next((x for x in log.read_text().splitlines() if x.startswith("RESULT_JSON ")), None)
     if code != 0 or line is None:
         res["error"] = f"exit {code}, see {log}"
@@ -97,17 +102,17 @@ def run_trl(args, algo: str, size: str, logs: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    out = ["| algo | size | impl | s/step | rollout s | train s | decoded tok/s | peak RSS MB | TRL/alignloop s/step | decode ×TRL |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    trl = {(r["algo"], r["size"]): r for r in results if r["impl"] == "trl" and "error" not in r}
+    out = ["| algo | size | precision | impl | s/step | rollout s | train s | decoded tok/s | peak RSS MB | TRL/alignloop s/step | decode ×TRL |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    trl = {(r["algo"], r["size"], r["precision"]): r for r in results if r["impl"] == "trl" and "error" not in r}
     for r in results:
         if "error" in r:
-            out.append(f"| {r['algo']} | {r['size']} | {r['impl']} | error: {r['error']} | | | | | | |")
+            out.append(f"| {r['algo']} | {r['size']} | {r['precision']} | {r['impl']} | error: {r['error']} | | | | | | |")
             continue
-        anchor = trl.get((r["algo"], r["size"]))
+        anchor = trl.get((r["algo"], r["size"], r["precision"]))
         ratio = f"{anchor['step_s'] / r['step_s']:.2f}×" if anchor and r["impl"] == "alignloop" else ""
         decode = f"{r['decode_tok_s'] / anchor['decode_tok_s']:.2f}×" if anchor and r["impl"] == "alignloop" else ""
-        out.append(f"| {r['algo']} | {r['size']} | {r['impl']} | {r['step_s']:.3f} | {r['rollout_s']:.3f} | {r['train_s']:.3f} | "
+        out.append(f"| {r['algo']} | {r['size']} | {r['precision']} | {r['impl']} | {r['step_s']:.3f} | {r['rollout_s']:.3f} | {r['train_s']:.3f} | "
                    f"{r['decode_tok_s']:.0f} | {r['peak_rss_mb']:.0f} | {ratio} | {decode} |")
     return "\n".join(out)
 
@@ -116,18 +121,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="5m,40m")
     ap.add_argument("--algos", default="grpo,rloo,ppo")
+    ap.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16")
     add_trl_arguments(ap)
     args = resolve_trl_arguments(ap.parse_args())
     logs = args.bench_work / "results" / "rl_vs_trl-logs"
     logs.mkdir(parents=True, exist_ok=True)
     results = []
     for size in args.sizes.split(","):
-        for algo in args.algos.split(","):
-            results.append(run_alignloop(args, algo, size, logs))
-            print(json.dumps(results[-1]), flush=True)
-            if algo in TRL_BETA:
-                results.append(run_trl(args, algo, size, logs))
+        for precision in args.precisions.split(","):
+            for algo in args.algos.split(","):
+                results.append(run_alignloop(args, algo, size, precision, logs))
                 print(json.dumps(results[-1]), flush=True)
+                if algo in TRL_BETA:
+                    results.append(run_trl(args, algo, size, precision, logs))
+                    print(json.dumps(results[-1]), flush=True)
     text = table(results)
     print(text)
     out = args.bench_work / "results"

@@ -34,9 +34,9 @@ One step, read top to bottom in :func:`fit_policy`:
 
 PPO's critic is a **value head on the policy's trunk** (a linear layer on the last hidden state),
 not a second model: one forward gives log-probs and values, and no second copy of the weights
-sits in memory. The price is that value and policy gradients share the trunk; ``vf_coef`` keeps
-the value loss from dominating. The head is checkpointed with the policy and saved as
-``final/value_head.pt``.
+sits in memory. The price is that value and policy gradients share the trunk; a small ``vf_coef``
+keeps the value loss from steering it, while the head learns at its own ``rl.value_lr``. The head
+is checkpointed with the policy and saved as ``final/value_head.pt``.
 
 Exact resume: the session restores policy, value head, optimiser, schedule and RNG; the prompt
 order is a function of the step (:class:`ShuffledBatches`), sampling noise a function of
