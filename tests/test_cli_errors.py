@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 from alignloop.cli import main
 
 # A tqdm bar redraws itself with carriage returns on one stderr line: "Loading weights: 100%|...|".

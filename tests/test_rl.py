@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from alignloop.cli import main
 from alignloop.train.loop import read_metrics
@@ -79,6 +80,20 @@ def test_each_algorithm_raises_held_out_reward_with_bounded_kl(algo: str, extra:
     if algo in ("grpo", "rloo"):
         assert 0.0 <= last["train/zero_std_groups"] <= 1.0
     assert (tmp_path / algo / "report.md").is_file()
+
+
+@pytest.mark.parametrize("options, expected", [
+    (("--train.lr=1e-4",), 1e-3),  # default: 10 × the policy's lr
+    (("--train.lr=1e-4", "--rl.value_lr=3e-3"), 3e-3),
+])
+def test_the_value_head_learns_at_its_own_rate(options: tuple, expected: float, task: dict, tmp_path: Path) -> None:
+    """Adam's first update moves every weight with a gradient by exactly its lr (m̂/√v̂ = ±1), so
+    one PPO update from the zero-initialised head shows the rate the head was given."""
+    assert main(rl_args("ppo", task, tmp_path, *SINGLE, *options, "--train.max_steps=1", "--rl.epochs=1",
+                        "--rl.minibatches=1", "--train.eval_every=0", "--rl.eval_prompts=null")) == 0
+    head = torch.load(tmp_path / "ppo" / "final" / "value_head.pt")
+    moved = head["weight"].abs().flatten()
+    assert torch.allclose(moved.median(), torch.tensor(expected), rtol=0.01), moved.median()
 
 
 def test_a_larger_kl_coefficient_ends_closer_to_the_reference(task: dict, tmp_path: Path) -> None:

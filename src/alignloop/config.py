@@ -272,6 +272,8 @@ class PolicyOptimizationConfig:
             raise ConfigError(f"rl.group_size must be ≥ 2 for {self.algo}: it compares a prompt's completions with each other")
         if self.kl_coef < 0 or self.ptx_coef < 0 or self.clip_eps <= 0:
             raise ConfigError("rl.kl_coef and rl.ptx_coef must be ≥ 0 and rl.clip_eps > 0")
+        if self.value_lr is not None and self.value_lr <= 0:
+            raise ConfigError(f"rl.value_lr must be > 0 (got {self.value_lr}); null: 10 × train.lr")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ConfigError(f"rl.kl_target must be > 0 (got {self.kl_target}); null keeps β fixed")
         if self.ptx_coef > 0 and not self.ptx_data:

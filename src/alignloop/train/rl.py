@@ -261,7 +261,7 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
     baseline = eval_baseline(run, model.to(inference_device()), tokenizer, eval_prompts, reward, s) if eval_prompts else None
     # Adam moves each weight by about lr a step whatever the loss scale, so a zero-initialised head
     # at the policy's lr would take hundreds of steps to predict returns; GAE is blind until it does.
-    value_lr = r.value_lr or VALUE_LR_RATIO * t.lr
+    value_lr = r.value_lr if r.value_lr is not None else VALUE_LR_RATIO * t.lr
     with TrainingSession(cfg, model, run, title, extra_modules=[value_head] if value_head is not None else None,
                          extra_lr=value_lr) as session:
         model, accelerator, device = session.model, session.accelerator, session.device
