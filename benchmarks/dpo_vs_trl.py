@@ -2,7 +2,9 @@
 """alignloop's DPO step against TRL's DPOTrainer on the shared work, same run.
 
 The work (``../shared/bench/README.md``, DPO row): 8 preference pairs per step, chosen and rejected
-256 tokens each, β = 0.1, sigmoid loss, AdamW lr 1e-5 constant, 2 threads, fp32.
+256 tokens each, β = 0.1, sigmoid loss, AdamW lr 1e-5 constant, 2 threads, fp32 (``--precision
+bf16``: alignloop's ``--train.precision=bf16``, bf16 weights with fp32 master weights, against
+TRL's ``bf16=True``, autocast over fp32 weights, the nearest TRL has).
 
 * **s/step**: median over steps 2..N. TRL runs the reference model forward every step; alignloop
   computed the reference log-probs once before step 1, so its steps hold only the policy's
@@ -13,6 +15,7 @@ The work (``../shared/bench/README.md``, DPO row): 8 preference pairs per step, 
 Peak RSS of each child from ``os.wait4``.
 
     .venv/bin/python benchmarks/dpo_vs_trl.py --sizes 5m,40m --e2e-sizes 5m
+    .venv/bin/python benchmarks/dpo_vs_trl.py --sizes 40m --e2e-sizes "" --precision bf16
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def run_alignloop(args, size: str, steps: int, logs: Path, tag: str) -> dict:
            "--preference.loss=sigmoid", "--preference.beta=0.1", "--train.batch_size=8", f"--train.max_steps={steps}",
            "--train.lr=1e-5", "--train.lr_schedule=constant", "--train.warmup_steps=0", "--train.max_grad_norm=1.0",
            f"--train.threads={args.threads}", "--train.eval_every=0", "--train.save_every=0", "--train.resume=never",
-           "--train.precision=fp32", f"--run.output_dir={out}", "--run.name=run"]
+           f"--train.precision={args.precision}", f"--run.output_dir={out}", "--run.name=run"]
     log = logs / f"alignloop-{tag}.log"
     code, wall, rss = run_child(cmd, log, dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"), REPO)
     res = {"impl": "alignloop", "size": size, "steps": steps, "wall_s": wall, "peak_rss_mb": rss}
@@ -55,7 +58,7 @@ def run_alignloop(args, size: str, steps: int, logs: Path, tag: str) -> dict:
 
 
 def run_trl(args, size: str, steps: int, logs: Path, tag: str) -> dict:
-    cmd = [str(args.trl_python), str(args.trl_script), "--one", "dpo", "--size", size, "--precision", "fp32",
+    cmd = [str(args.trl_python), str(args.trl_script), "--one", "dpo", "--size", size, "--precision", args.precision,
            "--steps", str(steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     log = logs / f"trl-{tag}.log"
     code, wall, rss = run_child(cmd, log, dict(os.environ, BENCH_WORK=str(args.bench_work)), args.bench_work)
@@ -74,9 +77,10 @@ def main() -> int:
     ap.add_argument("--sizes", default="5m,40m", help="sizes for the s/step comparison (10 steps)")
     ap.add_argument("--e2e-sizes", default="5m", help="sizes for the end-to-end comparison")
     ap.add_argument("--e2e-steps", type=int, default=64)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     add_trl_arguments(ap)
     args = resolve_trl_arguments(ap.parse_args())
-    logs = args.bench_work / "results" / "dpo_vs_trl-logs"
+    logs = args.bench_work / "results" / f"dpo_vs_trl-{args.precision}-logs"
     logs.mkdir(parents=True, exist_ok=True)
     results = []
     plan = [(s, args.steps, "step") for s in args.sizes.split(",") if s] + \
@@ -99,10 +103,10 @@ def main() -> int:
         lines.append(f"| peak RSS MB | {size} | {steps} | {a['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} | |")
         if a.get("reference_pass_s") is not None:
             lines.append(f"| one-off reference pass s | {size} | {steps} | {a['reference_pass_s']:.1f} | (every step) | |")
-    text = "\n".join(lines)
+    text = f"precision: {args.precision}\n\n" + "\n".join(lines)
     print(text)
-    (args.bench_work / "results" / "dpo_vs_trl.md").write_text(text + "\n")
-    (args.bench_work / "results" / "dpo_vs_trl.json").write_text(json.dumps(results, indent=2))
+    (args.bench_work / "results" / f"dpo_vs_trl-{args.precision}.md").write_text(text + "\n")
+    (args.bench_work / "results" / f"dpo_vs_trl-{args.precision}.json").write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -213,6 +213,13 @@ class Precision:
     def autocast(self, device: torch.device) -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16-autocast")
 
+    @staticmethod
+    def outside_session(precision: str, device: torch.device) -> Any:
+        """Around a no-grad pass over the still-fp32 model before the session (DPO's reference
+        log-probs): bf16 matmuls in either bf16 mode, so the pass computes as training's forwards
+        will (the implicit reward starts at ~0, not at bf16's rounding) and as fast."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "fp32")
+
     def after_backward(self) -> None:
         """Move the model's bf16 gradients to the fp32 master weights."""
         if self.precision != "bf16":

@@ -46,7 +46,7 @@ from alignloop.losses import IGNORE_INDEX
 from alignloop.models.load import load_causal_lm, load_tokenizer
 from alignloop.models.prefix import plan_for, shared_prefix_forward, shared_prompt_order
 from alignloop.models.reward import fit_window
-from alignloop.train.loop import Run, TrainingSession, open_stage_run
+from alignloop.train.loop import Precision, Run, TrainingSession, open_stage_run
 from alignloop.train.sft import resolve_max_length, to_device
 
 log = logging.getLogger("alignloop")
@@ -209,7 +209,7 @@ def reference_logps(cfg: Any, policy: Any, tokenizer: Any, run: Run, sets: Seque
     """
     p = cfg.preference
     ref_id = p.ref_model or cfg.model.name_or_path
-    key = fingerprint(ref_id, sets)
+    key = fingerprint(f"{ref_id} at {'fp32' if cfg.train.precision == 'fp32' else 'bf16'}", sets)
     path = run.dir / REF_FILE
     if path.is_file():
         saved = torch.load(path)
@@ -232,7 +232,7 @@ def reference_logps(cfg: Any, policy: Any, tokenizer: Any, run: Run, sets: Seque
 
     device = next(policy.parameters()).device
     reference.to(inference_device())
-    with context:
+    with context, Precision.outside_session(cfg.train.precision, inference_device()):
         for data in sets:
             data.ref = sequence_logps_of(reference, data.sequences, tokenizer.pad_token_id, p.ref_batch_size,
                                              cfg.train.share_prefixes)
