@@ -6,7 +6,8 @@ over every training and held-out sequence gives log π_ref(y|x) per sequence; th
 the run folder (``ref_logps.pt``, with a fingerprint of the model and the tokenised data) and
 reused by every step, every epoch and a resumed run. The reference is, by default, the starting
 policy itself, scored before training touches it, so no second copy of the model is ever held
-(with LoRA: the base with the adapter off); ``preference.ref_model`` names another model. A
+(with LoRA: the base with the adapter off); ``preference.ref_model`` names another model. In a
+bf16 run the pass uses bf16 matmuls as the policy's forwards will. A
 training step is then one policy forward and backward over chosen and rejected together (SimPO
 needs no reference at all), the prompt they share run once (``train.share_prefixes``,
 :mod:`alignloop.models.prefix`).
