@@ -260,17 +260,18 @@ def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig,
                    extra_params: list[torch.nn.Parameter] | None = None, extra_lr: float | None = None) -> torch.optim.Optimizer:
     """AdamW over ``params``; weight decay only on matrices (not biases, norms or other vectors).
 
-    ``extra_params`` (e.g. PPO's value head) get a group of their own at ``extra_lr`` (default:
-    ``train.lr``), no weight decay; the schedule scales every group alike.
+    ``extra_params`` (a reward head, PPO's value head) follow the same decay rule in groups of
+    their own at ``extra_lr`` (default ``train.lr``); the schedule scales every group alike.
     The fused kernel (one pass per parameter, CPU and GPU) is used where torch has it: the default
     multi-tensor version allocates temporaries as large as the model on every step.
     """
     extra_params = extra_params or []
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        {"params": extra_params, "weight_decay": 0.0, "lr": extra_lr or train.lr},
-    ]
+    groups = []
+    for group, lr in ((params, train.lr), (extra_params, extra_lr or train.lr)):
+        groups += [
+            {"params": [p for p in group if p.ndim >= 2], "weight_decay": train.weight_decay, "lr": lr},
+            {"params": [p for p in group if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+        ]
     everything = [*params, *extra_params]
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in everything)
     return torch.optim.AdamW(
