@@ -191,6 +191,30 @@ def test_bf16_keeps_small_updates_that_bf16_weights_alone_would_round_away(preci
     assert 0.5 < d_low.norm() / d_fp32.norm() < 2.0
 
 
+def test_a_frozen_copy_cast_alike_computes_exactly_as_the_bf16_policy(tiny_model_dir):
+    """RL's reference is a frozen copy of the starting policy. Cast as the policy is, it runs bf16
+    matmuls (fast) and gives the policy's logits bit for bit before the first update; left in fp32
+    it would differ by bf16's rounding."""
+    import copy
+
+    from alignloop.train.loop import Precision
+
+    policy = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    precision = Precision(policy, "bf16")
+    ids = torch.randint(4, policy.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        fp32_logits = reference(input_ids=ids).logits
+        assert precision.cast_frozen(reference) is reference
+        assert all(p.dtype == torch.bfloat16 for p in reference.parameters())
+        assert all(b.dtype == torch.float32 for b in reference.buffers() if b.is_floating_point())
+        policy_logits = policy(input_ids=ids).logits
+        assert torch.equal(reference(input_ids=ids).logits, policy_logits)
+        assert not torch.equal(fp32_logits.to(policy_logits.dtype), policy_logits)
+    fp32_copy = copy.deepcopy(reference).float()
+    assert Precision(fp32_copy, "fp32").cast_frozen(fp32_copy).lm_head.weight.dtype == torch.float32
+
+
 def test_bf16_resume_from_a_checkpoint_continues_exactly(tiny_model_dir, sft_data, tmp_path):
     """The fp32 master weights are part of the checkpoint: continuing from step 3 in a new run
     folder reproduces the losses of steps 4-6."""

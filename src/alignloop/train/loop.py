@@ -213,6 +213,16 @@ class Precision:
     def autocast(self, device: torch.device) -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16-autocast")
 
+    def cast_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen model that runs beside the trained one (RL's reference), in the trained one's
+        dtype: in ``bf16`` its weights become bf16 as the policy's did, so its forwards run at bf16
+        speed (an fp32 copy took 0.6 s of a 4.4 s RLOO step at 40M) and, before the first update,
+        its log-probs equal the policy's exactly. Buffers stay fp32, as in the policy."""
+        if self.precision == "bf16":
+            for p in model.parameters():
+                p.data = p.data.to(torch.bfloat16)
+        return model
+
     @staticmethod
     def outside_session(precision: str, device: torch.device) -> Any:
         """Around a no-grad pass over the still-fp32 model before the session (DPO's reference

@@ -267,7 +267,7 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
         model, accelerator, device = session.model, session.accelerator, session.device
         policy = accelerator.unwrap_model(model)
         if reference is not None and reference.model is not None:
-            reference.model.to(device)
+            session.precision.cast_frozen(reference.model.to(device))
         if "kl_controller" in session.state:
             controller.load_state_dict(session.state["kl_controller"])
         prompt_batches = ShuffledBatches(len(prompts), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
