@@ -262,3 +262,43 @@ def test_bad_sampling_settings_are_refused():
         Sampling(top_p=0.0)
     with pytest.raises(ConfigError, match="top_k"):
         Sampling(top_k=-1)
+
+
+# --- packed weights for the decode loop --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_linears_multiply_as_linear_and_leave_nothing_behind(dtype):
+    from alignloop.rollout.packed import _kernels_work, packed_linears
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32, bias=False)).to(dtype)
+    x = torch.randn(8, 1, 64, dtype=dtype)
+    with torch.inference_mode():
+        plain = net(x)
+        with packed_linears(net, rows=8):
+            packs = _kernels_work("bf16" if dtype == torch.bfloat16 else "fp32")
+            assert all(("forward" in layer.__dict__) == packs for layer in (net[0], net[2]))
+            packed = net(x)
+        if dtype == torch.bfloat16:
+            assert torch.equal(packed, plain)  # oneDNN gives F.linear's bits
+        else:
+            torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+        assert not any("forward" in layer.__dict__ for layer in net)
+        with pytest.raises(KeyError), packed_linears(net, rows=8):
+            raise KeyError("an error inside the block")
+        assert not any("forward" in layer.__dict__ for layer in net)  # restored on the way out too
+
+
+def test_bf16_sampling_is_the_same_with_and_without_packed_weights(tiny_model_dir, builtin_tok, monkeypatch):
+    import contextlib
+
+    import alignloop.rollout.generate as engine
+
+    bf16 = load_model(tiny_model_dir).to(torch.bfloat16)
+    sampling = Sampling(max_new_tokens=16, temperature=1.0, seed=3)
+    packed = generate(bf16, builtin_tok, TEXT_PROMPTS, sampling)
+    monkeypatch.setattr(engine, "packed_linears", lambda model, rows: contextlib.nullcontext())
+    plain = generate(bf16, builtin_tok, TEXT_PROMPTS, sampling)
+    assert packed.completion_ids == plain.completion_ids
+    assert packed.logprobs == plain.logprobs

@@ -32,6 +32,7 @@ from alignloop.config import SamplingConfig
 from alignloop.data.tokenize import require_chat_template
 from alignloop.errors import DataError
 from alignloop.models.prefix import cache_argument, can_select_cache_rows, select_cache_rows
+from alignloop.rollout.packed import packed_linears
 
 Message = dict[str, Any]
 Prompt = str | list[Message]
@@ -172,12 +173,7 @@ def _decode_batch(
     next_position = torch.tensor(lengths, device=device)[:, None]  # (B, 1) position of the first new token
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
 
-    from transformers import StaticCache
-
-    # A static cache holds every position from the start: a DynamicCache concatenates each new
-    # key/value onto the old ones, copying the whole cache at every step (on CPU most of the
-    # decode time went there: 59% at 40M, 128+128 tokens).
-    cache = StaticCache(config=model.config, max_cache_len=width + steps)
+    cache = filled_static_cache(model.config, max_cache_len=width + steps)
     cache_kw = {cache_argument(model): cache}
     # Samples of the same prompt (an RL group) share one prefill: the prompt is run once and its
     # keys/values are copied to each sample's row. At 128-token prompts × 4 samples the prefill
@@ -208,35 +204,71 @@ def _decode_batch(
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     n_tokens = torch.full((rows,), steps, dtype=torch.long, device=device)  # (B,) completion lengths
     live = list(range(rows))  # rows still generating, for the per-row random draws
-    for t in range(steps):
-        token, logp = sampler(logits.float(), live)
-        token = token.masked_fill(done, pad_id)
-        tokens[:, t], logps[:, t] = token, logp
-        if len(stops):
-            stopped = torch.isin(token, stop_ids) & ~done
-            n_tokens.masked_fill_(stopped, t + 1)
-            done |= stopped
-            if stopped.any():
-                live = done.logical_not().nonzero().flatten().tolist()
-                if not live:
-                    break
-        if t + 1 == steps:
-            break
-        logits = model(
-            input_ids=token[:, None],
-            attention_mask=attention_mask[:, : width + t + 1],
-            position_ids=next_position + t,
-            cache_position=torch.tensor([width + t], device=device),
-            use_cache=True,
-            logits_to_keep=1,
-            **cache_kw,
-        ).logits[:, -1, :]
+    # Each decode step multiplies `rows` rows by every weight: pack the weights once for the loop.
+    with packed_linears(model, rows):
+        for t in range(steps):
+            token, logp = sampler(logits.float(), live)
+            token = token.masked_fill(done, pad_id)
+            tokens[:, t], logps[:, t] = token, logp
+            if len(stops):
+                stopped = torch.isin(token, stop_ids) & ~done
+                n_tokens.masked_fill_(stopped, t + 1)
+                done |= stopped
+                if stopped.any():
+                    live = done.logical_not().nonzero().flatten().tolist()
+                    if not live:
+                        break
+            if t + 1 == steps:
+                break
+            logits = model(
+                input_ids=token[:, None],
+                attention_mask=attention_mask[:, : width + t + 1],
+                position_ids=next_position + t,
+                cache_position=torch.tensor([width + t], device=device),
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kw,
+            ).logits[:, -1, :]
 
     tokens_cpu, logps_cpu = tokens.cpu().tolist(), logps.cpu().tolist()
     return [
         (tokens_cpu[r][:k], logps_cpu[r][:k], finished)
         for r, (k, finished) in enumerate(zip(n_tokens.tolist(), done.tolist()))
     ]
+
+
+def filled_static_cache(config: Any, max_cache_len: int) -> Any:
+    """transformers' ``StaticCache`` whose full-attention layers hand attention only the positions
+    written so far.
+
+    A static cache holds every position from the start: a ``DynamicCache`` concatenates each new
+    key/value onto the old ones, copying the whole cache at every step (on CPU most of the decode
+    time went there: 59% at 40M, 128+128 tokens). But a plain ``StaticCache`` gives attention all
+    ``max_cache_len`` positions, written or not, and a decode step's attention reads every one of
+    them (8 MB a layer at 40M fp32, 8 rows × 256 positions): memory-bound work on empty slots.
+    Here attention gets views of the filled prefix (on average ¾ of the slots over a 128+128
+    rollout) and the mask is built to that length, as a ``DynamicCache`` does, with no copying.
+    Sliding-window layers keep their own rules.
+    """
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    class FilledStaticLayer(StaticLayer):
+        def __init__(self, max_cache_len: int, **kwargs: Any) -> None:
+            super().__init__(max_cache_len, **kwargs)
+            self.filled = 0  # a Python count, so no device sync to learn the length
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            self.filled += key_states.shape[-2]
+            return keys[:, :, : self.filled], values[:, :, : self.filled]
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.filled + query_length, 0
+
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    cache.layers = [FilledStaticLayer(max_cache_len) if type(layer) is StaticLayer else layer for layer in cache.layers]
+    return cache
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
