@@ -288,6 +288,10 @@ def test_packed_linears_multiply_as_linear_and_leave_nothing_behind(dtype):
         with pytest.raises(KeyError), packed_linears(net, rows=8):
             raise KeyError("an error inside the block")
         assert not any("forward" in layer.__dict__ for layer in net)  # restored on the way out too
+        hooked = net[2].forward = lambda x: x  # a forward something else installed (an offloading hook)
+        with packed_linears(net, rows=8):
+            assert net[2].forward is hooked
+        assert net[2].forward is hooked
 
 
 def test_bf16_sampling_is_the_same_with_and_without_packed_weights(tiny_model_dir, builtin_tok, monkeypatch):

@@ -256,12 +256,19 @@ def filled_static_cache(config: Any, max_cache_len: int) -> Any:
     class FilledStaticLayer(StaticLayer):
         def __init__(self, max_cache_len: int, **kwargs: Any) -> None:
             super().__init__(max_cache_len, **kwargs)
-            self.filled = 0  # a Python count, so no device sync to learn the length
+            self.filled = 0  # positions written: a Python count, so learning the length needs no device sync
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-            keys, values = super().update(key_states, value_states, *args, **kwargs)
-            self.filled += key_states.shape[-2]
-            return keys[:, :, : self.filled], values[:, :, : self.filled]
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start, self.filled = self.filled, self.filled + key_states.shape[-2]
+            # A slice copy: StaticLayer's index_copy_ builds a position tensor per layer and step.
+            self.keys[:, :, start : self.filled].copy_(key_states)
+            self.values[:, :, start : self.filled].copy_(value_states)
+            return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
+
+        def get_seq_length(self) -> int:
+            return self.filled
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
             return self.filled + query_length, 0

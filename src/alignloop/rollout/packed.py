@@ -12,10 +12,11 @@ Measured on a 2-core Xeon with AMX (8 rows, 40M model's shapes): a bf16 product 
 512×1408 took 88 µs plain and 52 µs packed, with bit-identical results; fp32 through MKL's packed
 GEMM 99 against 70 µs, equal to within float rounding (~5e-5).
 
-Only plain ``torch.nn.Linear`` layers on the CPU in bf16 or fp32 are packed (a LoRA layer's
-pieces are plain ``Linear`` too); anything else, another device, or a torch built without these
-kernels decodes as before. The packed copies cost one more copy of those weights for the length
-of the block. The ops are torch's own (``torch.ops.mkldnn._linear_pointwise``,
+Only plain ``torch.nn.Linear`` layers with an ordinary 2-D CPU weight in bf16 or fp32 are packed
+(a LoRA layer's pieces are plain ``Linear`` too); a layer whose forward something else already
+wraps (accelerate's offloading hooks), a sharded or meta weight, another device, or a torch
+built without these kernels decodes as before. The packed copies cost one more copy of those
+weights for the length of the block. The ops are torch's own (``torch.ops.mkldnn._linear_pointwise``,
 ``torch.ops.mkl._mkl_linear``, the ones inductor emits), private API, so the first use checks that
 they run and give ``F.linear``'s answer, and packing stays off where they do not.
 """
@@ -44,11 +45,17 @@ def packed_linears(model: torch.nn.Module, rows: int) -> Iterator[None]:
         yield
     finally:
         for module in swapped:
-            del module.forward
+            module.__dict__.pop("forward", None)  # not `del`: a block nested on the same model may have removed it
 
 
 def _packed_forward(module: torch.nn.Module, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    if type(module) is not torch.nn.Linear or module.weight.device.type != "cpu":
+    if type(module) is not torch.nn.Linear or "forward" in module.__dict__:
+        return None
+    if type(module.weight.data) is not torch.Tensor or module.weight.device.type != "cpu" or module.weight.dim() != 2:
+        return None
+    if module.bias is not None and module.bias.dtype != module.weight.dtype:
+        return None
+    if torch.is_autocast_enabled("cpu"):  # F.linear would compute in the autocast dtype; keep that
         return None
     weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
     if weight.dtype == torch.bfloat16 and _kernels_work("bf16"):
