@@ -8,7 +8,8 @@ it into the running batch, and then decodes one token for every running row. A r
 soon as it stops (stop token, its own ``max_new_tokens``, or its caller cancels it: a stop
 string was seen or the client went away), so its slot is free at the next step.
 
-The running batch keeps one KV cache (transformers' ``DynamicCache``) whose rows have different
+The running batch keeps one KV cache (transformers' ``DynamicCache`` with the engine's
+:class:`~alignloop.rollout.generate.GrowingLayer` layers) whose rows have different
 prompt lengths: shorter rows are left-padded in the cache and masked out of attention, and every
 row carries its own position (the count of its real tokens), as :func:`generate` does for left
 padding. When rows leave, columns that are padding in every remaining row are cut, so the cache
@@ -29,10 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from alignloop.models.prefix import cache_argument
-from alignloop.rollout.generate import RowSampling, TokenSampler, left_padded
+from alignloop.rollout.generate import GrowingLayer, RowSampling, TokenSampler, left_padded
 
 
 @dataclass(eq=False)
@@ -156,7 +156,7 @@ class ContinuousBatcher:
             logits_to_keep=1, **{self.cache_kw: cache},
         ).logits[:, -1, :]
         source = torch.tensor([unique[tuple(p)] for p in prompts], device=self.device)
-        cache.layers = [_GrowingLayer(layer.keys[source], layer.values[source]) for layer in cache.layers]
+        cache.layers = [GrowingLayer(layer.keys[source], layer.values[source]) for layer in cache.layers]
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         return cache, mask[source], lengths, logits[source]
 
@@ -231,37 +231,6 @@ class ContinuousBatcher:
 
     def _reset(self) -> None:
         self.rows, self.cache, self.mask, self.position, self.last, self.sampler = [], None, None, None, None, None
-
-
-class _GrowingLayer(DynamicLayer):
-    """A ``DynamicLayer`` that appends into spare capacity instead of concatenating: the stock
-    layer copies its whole cache at every decode step (12% of a serving step at 5M, 32 rows).
-    ``keys``/``values`` stay views of the valid part, so everything that reads them is unchanged;
-    :meth:`set` replaces the rows (join, leave, trim) with one copy into a fresh buffer."""
-
-    SPARE = 64  # decode steps between reallocations
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
-        self.set(keys, values)
-
-    def set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        rows, heads, length, _ = keys.shape
-        self._keys = keys.new_empty((rows, heads, length + self.SPARE, keys.shape[-1]))
-        self._values = values.new_empty((rows, heads, length + self.SPARE, values.shape[-1]))
-        self._keys[:, :, :length], self._values[:, :, :length] = keys, values
-        self.length, self.device, self.is_initialized = length, keys.device, True
-        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        new = key_states.shape[-2]
-        if self.length + new > self._keys.shape[2]:
-            self.set(self.keys, self.values)
-        self._keys[:, :, self.length:self.length + new] = key_states
-        self._values[:, :, self.length:self.length + new] = value_states
-        self.length += new
-        self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
-        return self.keys, self.values
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

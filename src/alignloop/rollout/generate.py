@@ -10,9 +10,9 @@ backend can replace them later without touching their callers:
   exist (teacher-forced scoring lives in :mod:`alignloop.rollout.scoring`).
 
 The decode loop is our own, not ``model.generate``: prompts are sorted by length into batches,
-left-padded, prefilled once into a ``DynamicCache``, then decoded one token per step. Positions
-count real tokens only (``attention_mask.cumsum - 1``, as HF does for left padding), so a prompt
-gets the same positions whatever it is batched with.
+left-padded, prefilled once into a KV cache (:class:`GrowingLayer`), then decoded one token per
+step. Positions count real tokens only (``attention_mask.cumsum - 1``, as HF does for left
+padding), so a prompt gets the same positions whatever it is batched with.
 
 Sampling is seeded per row, not per batch: see :func:`generate`.
 """
@@ -27,11 +27,13 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from alignloop.config import SamplingConfig
 from alignloop.data.tokenize import require_chat_template
 from alignloop.errors import DataError
-from alignloop.models.prefix import cache_argument, can_select_cache_rows, select_cache_rows
+from alignloop.models.prefix import cache_argument
 from alignloop.rollout.packed import packed_linears
 
 Message = dict[str, Any]
@@ -173,29 +175,29 @@ def _decode_batch(
     next_position = torch.tensor(lengths, device=device)[:, None]  # (B, 1) position of the first new token
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
 
-    cache = filled_static_cache(model.config, max_cache_len=width + steps)
+    cache = DynamicCache(config=model.config)
     cache_kw = {cache_argument(model): cache}
     # Samples of the same prompt (an RL group) share one prefill: the prompt is run once and its
     # keys/values are copied to each sample's row. At 128-token prompts × 4 samples the prefill
-    # is a quarter of what it would be.
+    # is a quarter of what it would be. Each row's copy lands in a GrowingLayer with room for
+    # every token still to come, so no decode step reallocates or concatenates.
     first_row: dict[tuple[int, ...], int] = {}  # prompt → the first row that holds it
     for r, p in enumerate(prompts):
         first_row.setdefault(tuple(p), r)
     unique_rows = list(first_row.values())
     source = torch.tensor([unique_rows.index(first_row[tuple(p)]) for p in prompts], device=device)
-    shared = len(unique_rows) < rows and can_select_cache_rows(cache)
-    prefill = torch.tensor(unique_rows, device=device) if shared else torch.arange(rows, device=device)
+    growable = all(type(layer) is DynamicLayer for layer in cache.layers)  # not sliding-window or linear-attention layers
+    prefill = torch.tensor(unique_rows, device=device) if growable else torch.arange(rows, device=device)
     logits = model(
         input_ids=input_ids[prefill],
         attention_mask=attention_mask[prefill, :width],
         position_ids=positions[prefill],
-        cache_position=torch.arange(width, device=device),
         use_cache=True,
         logits_to_keep=1,
         **cache_kw,
     ).logits[:, -1, :]
-    if shared:
-        select_cache_rows(cache, source)
+    if growable:
+        cache.layers = [GrowingLayer(layer.keys[source], layer.values[source], room=steps) for layer in cache.layers]
         logits = logits[source]
     sampler = TokenSampler([RowSampling.from_config(sampling, i) for i in sample_ids], logits.shape[-1], device)
 
@@ -237,45 +239,42 @@ def _decode_batch(
     ]
 
 
-def filled_static_cache(config: Any, max_cache_len: int) -> Any:
-    """transformers' ``StaticCache`` whose full-attention layers hand attention only the positions
-    written so far.
+class GrowingLayer(DynamicLayer):
+    """The engine's KV-cache layer: a ``DynamicLayer`` that appends into spare room instead of
+    concatenating. The stock layer copies its whole cache at every decode step (on CPU 59% of
+    decode time at 40M, 128+128 tokens; 12% of a serving step at 5M, 32 rows), and a
+    ``StaticCache`` hands attention all of its slots, written or not, which a decode step then
+    reads (memory-bound work on empty slots). ``keys``/``values`` here are views of the written
+    part, so attention and the mask see exactly the positions so far; :meth:`set` replaces the
+    rows (a row joins, leaves, or the cache is trimmed) with one copy into a fresh buffer that has
+    ``room`` positions to spare. :func:`generate` gives it room for the whole completion; the
+    serving batcher grows it ``SPARE`` positions at a time."""
 
-    A static cache holds every position from the start: a ``DynamicCache`` concatenates each new
-    key/value onto the old ones, copying the whole cache at every step (on CPU most of the decode
-    time went there: 59% at 40M, 128+128 tokens). But a plain ``StaticCache`` gives attention all
-    ``max_cache_len`` positions, written or not, and a decode step's attention reads every one of
-    them (8 MB a layer at 40M fp32, 8 rows × 256 positions): memory-bound work on empty slots.
-    Here attention gets views of the filled prefix (on average ¾ of the slots over a 128+128
-    rollout) and the mask is built to that length, as a ``DynamicCache`` does, with no copying.
-    Sliding-window layers keep their own rules.
-    """
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
+    SPARE = 64  # decode steps between reallocations when the final length is unknown
 
-    class FilledStaticLayer(StaticLayer):
-        def __init__(self, max_cache_len: int, **kwargs: Any) -> None:
-            super().__init__(max_cache_len, **kwargs)
-            self.filled = 0  # positions written: a Python count, so learning the length needs no device sync
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int = SPARE) -> None:
+        super().__init__()
+        self.room = room
+        self.set(keys, values)
 
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            start, self.filled = self.filled, self.filled + key_states.shape[-2]
-            # A slice copy: StaticLayer's index_copy_ builds a position tensor per layer and step.
-            self.keys[:, :, start : self.filled].copy_(key_states)
-            self.values[:, :, start : self.filled].copy_(value_states)
-            return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
+    def set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        rows, heads, length, _ = keys.shape
+        self._keys = keys.new_empty((rows, heads, length + self.room, keys.shape[-1]))
+        self._values = values.new_empty((rows, heads, length + self.room, values.shape[-1]))
+        self._keys[:, :, :length], self._values[:, :, :length] = keys, values
+        self.length, self.device, self.is_initialized = length, keys.device, True
+        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
 
-        def get_seq_length(self) -> int:
-            return self.filled
-
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return self.filled + query_length, 0
-
-    cache = StaticCache(config=config, max_cache_len=max_cache_len)
-    cache.layers = [FilledStaticLayer(max_cache_len) if type(layer) is StaticLayer else layer for layer in cache.layers]
-    return cache
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        new = key_states.shape[-2]
+        if self.length + new > self._keys.shape[2]:
+            self.room = max(self.room, new)
+            self.set(self.keys, self.values)
+        self._keys[:, :, self.length:self.length + new] = key_states
+        self._values[:, :, self.length:self.length + new] = value_states
+        self.length += new
+        self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+        return self.keys, self.values
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
