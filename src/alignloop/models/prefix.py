@@ -182,11 +182,6 @@ def cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def can_select_cache_rows(cache: Any) -> bool:
-    """Whether :func:`select_cache_rows` knows this cache's layout (transformers' layered caches)."""
-    return all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in getattr(cache, "layers", [None]))
-
-
 def select_cache_rows(cache: Any, source: torch.Tensor) -> None:
     """Make row r of every layer's keys/values a copy of row ``source[r]`` (one prefix → its rows)."""
     for layer in cache.layers:
