@@ -38,7 +38,12 @@ class Server:
 
     def client(self, key: str | None = None, timeout: float = 120.0) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key or self.admin_key}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        # No cap on pooled connections: the simulated users share this client from 32 threads,
+        # and httpcore's sync pool (1.0.9) may close a surplus keep-alive connection it has just
+        # handed to a waiting request (encode/httpcore#1110): that request then fails with
+        # "Bad file descriptor" or hangs to its timeout. With no surplus, nothing is closed.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout, limits=limits)
 
     def served_version(self, name: str) -> str:
         """The version the server answers ``name`` with right now."""
