@@ -34,10 +34,11 @@ import torch
 def packed_linears(model: torch.nn.Module, rows: int) -> Iterator[None]:
     """Inside the block, ``model``'s CPU ``nn.Linear`` layers multiply with packed weights. Use it
     under ``torch.inference_mode`` with weights that do not change inside the block; ``rows`` is
-    the number of rows a call will multiply (the kernels choose their layout for it)."""
+    the number of rows a call will multiply (the kernels choose their layout for it). Under
+    autocast nothing is packed: ``F.linear`` computes in the autocast dtype there, and so it stays."""
     swapped = []
     try:
-        for module in model.modules():
+        for module in model.modules() if not torch.is_autocast_enabled("cpu") else ():
             forward = _packed_forward(module, rows)
             if forward is not None:
                 module.forward = forward  # an instance attribute shadows Linear.forward until deleted
@@ -51,40 +52,36 @@ def packed_linears(model: torch.nn.Module, rows: int) -> Iterator[None]:
 def _packed_forward(module: torch.nn.Module, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     if type(module) is not torch.nn.Linear or "forward" in module.__dict__:
         return None
-    if type(module.weight.data) is not torch.Tensor or module.weight.device.type != "cpu" or module.weight.dim() != 2:
-        return None
-    if module.bias is not None and module.bias.dtype != module.weight.dtype:
-        return None
-    if torch.is_autocast_enabled("cpu"):  # F.linear would compute in the autocast dtype; keep that
-        return None
     weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
-    if weight.dtype == torch.bfloat16 and _kernels_work("bf16"):
+    if type(module.weight.data) is not torch.Tensor or weight.device.type != "cpu" or weight.dim() != 2:
+        return None
+    if bias is not None and bias.dtype != weight.dtype:
+        return None
+    return _pack(weight, bias, rows) if _kernels_work(weight.dtype) else None
+
+
+def _pack(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x ↦ F.linear(x, weight, bias)`` on ``weight`` packed once: oneDNN for bf16, MKL for fp32."""
+    if weight.dtype == torch.bfloat16:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    if weight.dtype == torch.float32 and _kernels_work("fp32"):
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
-        return lambda x: torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
-    return None
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+    return lambda x: torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
 
 
 @cache
-def _kernels_work(kind: str) -> bool:
-    """Whether this torch has the packed kernels for ``kind`` and they agree with ``F.linear``."""
+def _kernels_work(dtype: torch.dtype) -> bool:
+    """Whether this torch has the packed kernels for ``dtype`` and they agree with ``F.linear``."""
     try:
-        x, weight, bias = torch.randn(3, 2, 64), torch.randn(48, 64), torch.randn(48)
+        if dtype == torch.bfloat16:
+            available = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        else:
+            available = dtype == torch.float32 and torch.backends.mkl.is_available()
+        if not available:
+            return False
+        x, weight, bias = (t.to(dtype) for t in (torch.randn(3, 2, 64), torch.randn(48, 64), torch.randn(48)))
         with torch.inference_mode():
-            if kind == "bf16":
-                if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-                    return False
-                x, weight, bias = x.bfloat16(), weight.bfloat16(), bias.bfloat16()
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 6)
-                out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-            else:
-                if not torch.backends.mkl.is_available():
-                    return False
-                packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 6)
-                out = torch.ops.mkl._mkl_linear(x, packed, weight, bias, 6)
-            expected = torch.nn.functional.linear(x, weight, bias)
+            out, expected = _pack(weight, bias, 6)(x), torch.nn.functional.linear(x, weight, bias)
         return out.shape == expected.shape and torch.allclose(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
     except (RuntimeError, AttributeError, NotImplementedError):
         return False

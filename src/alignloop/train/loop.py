@@ -205,8 +205,7 @@ class Precision:
         self.model_params = [p for p in model.parameters() if p.requires_grad]
         if precision == "bf16":
             self.params = [p.detach().float().clone().requires_grad_(True) for p in self.model_params]
-            for p in model.parameters():  # frozen weights too (LoRA's base): one dtype in every matmul
-                p.data = p.data.to(torch.bfloat16)
+            self.cast_frozen(model)  # frozen weights too (LoRA's base): one dtype in every matmul
         else:
             self.params = self.model_params
 
@@ -217,7 +216,8 @@ class Precision:
         """A frozen model that runs beside the trained one (RL's reference), in the trained one's
         dtype: in ``bf16`` its weights become bf16 as the policy's did, so its forwards run at bf16
         speed (an fp32 copy took 0.6 s of a 4.4 s RLOO step at 40M) and, before the first update,
-        its log-probs equal the policy's exactly. Buffers stay fp32, as in the policy."""
+        its log-probs equal the policy's exactly. Buffers stay fp32, as in the policy. The
+        constructor casts the trained model's weights with it."""
         if self.precision == "bf16":
             for p in model.parameters():
                 p.data = p.data.to(torch.bfloat16)
