@@ -23,10 +23,13 @@ forward per backward) nor for encoders, whose prompt tokens attend to the respon
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+
+from alignloop.models.readout import classifier_logits, read_only_at
 
 MIN_SAVING = 0.1  # share only where it removes at least this share of the padded token positions
 MIN_PREFIX = 8  # tokens: a shorter shared prefix is not worth a second forward
@@ -154,16 +157,19 @@ def shared_prefix_forward(model: Any, plan: PrefixPlan, causal_lm: bool = True, 
     if causal_lm:  # logits only at the columns some prefix ends in
         columns, slot = torch.unique(group_last, return_inverse=True)
         extra = {"logits_to_keep": columns}
-    head = model(input_ids=plan.prefix_ids, attention_mask=plan.prefix_mask, use_cache=True,
-                 output_hidden_states=output_hidden_states, **cache_kw, **extra)
+    # A classifier reads each row in its suffix, so its last layer runs only there (models.readout)
+    read_nothing = contextlib.nullcontext() if causal_lm else read_only_at(model, None)
+    with read_nothing:
+        head = model(input_ids=plan.prefix_ids, attention_mask=plan.prefix_mask, use_cache=True,
+                     output_hidden_states=output_hidden_states, **cache_kw, **extra)
     select_cache_rows(cache, plan.group)  # a copy of its prefix's keys/values per row (autograd follows)
     width = plan.suffix_ids.size(1)
     positions = plan.starts[:, None] + torch.arange(width, device=plan.starts.device)[None, :]
     attention_mask = torch.cat([plan.prefix_mask[plan.group], plan.suffix_mask], dim=1)
-    tail = model(input_ids=plan.suffix_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                 output_hidden_states=output_hidden_states, **cache_kw)
+    suffix = dict(input_ids=plan.suffix_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **cache_kw)
     if not causal_lm:
-        return _Output(tail.logits, None)
+        return _Output(classifier_logits(model, **suffix), None)
+    tail = model(**suffix, output_hidden_states=output_hidden_states)
     first = head.logits[plan.group, slot[plan.group]][:, None]  # (N, 1, V)
     logits = torch.cat([first, tail.logits], dim=1)
     hidden = None

