@@ -1,11 +1,12 @@
-"""A decoder classifier's last layer run only where it reads: the same rewards and gradients as the
-plain forward, fewer positions through the last MLP, and encoders left alone."""
+"""A classifier's last layer run only where it reads: the same rewards and gradients as the plain
+forward, for decoders (last token) and BERT-family encoders (first token), fewer positions through
+the last feed-forward block, other heads left alone."""
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
 from alignloop.models.prefix import plan_prefixes, shared_prefix_forward
-from alignloop.models.readout import classifier_logits, last_decoder_layer, read_positions
+from alignloop.models.readout import classifier_logits, read_positions, readout_of
 from test_prefix import llama_config, padded, random_rows
 
 
@@ -36,6 +37,7 @@ def test_read_positions_follow_transformers_rule():
     ids = torch.tensor([[5, 6, 7, 0, 0], [5, 0, 6, 0, 0], [0, 0, 0, 0, 0], [4, 4, 4, 4, 4]])
     assert read_positions(ids, 0).tolist() == [2, 2, 0, 4]
     assert read_positions(ids, None).tolist() == [4, 4, 4, 4]
+    assert read_positions(ids, 0, "first").tolist() == [0, 0, 0, 0]
 
 
 def test_llama_classifier_rewards_and_gradients_match_the_plain_forward():
@@ -51,7 +53,8 @@ def test_the_last_mlp_sees_one_position_a_row_and_is_restored():
     model = _llama_classifier()
     rows, _ = random_rows()
     ids, mask = padded(rows)
-    layer = last_decoder_layer(model)
+    layer = model.model.layers[-1]
+    assert readout_of(model).reads == "last"
     mlp = layer.mlp
     seen = []
     hook = mlp.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
@@ -72,17 +75,44 @@ def test_shared_prefix_classifier_gradients_match_the_plain_forward():
                                   lambda: model(input_ids=ids, attention_mask=mask).logits)
 
 
-def test_gpt2_classifier_matches_and_encoders_are_left_alone():
+def test_gpt2_classifier_matches():
     torch.manual_seed(0)
     gpt2 = GPT2ForSequenceClassification(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                                      num_labels=1, pad_token_id=0)).double().eval()
-    assert last_decoder_layer(gpt2) is gpt2.transformer.h[-1]
+    assert readout_of(gpt2).blocks == [(gpt2.transformer.h[-1], "mlp")]
     rows, _ = random_rows()
     ids, mask = padded(rows)
     _assert_same_logits_and_grads(gpt2, lambda: classifier_logits(gpt2, input_ids=ids, attention_mask=mask),
                                   lambda: gpt2(input_ids=ids, attention_mask=mask).logits)
-    bert = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                    intermediate_size=64, num_labels=1)).eval()
-    assert last_decoder_layer(bert) is None  # its pooler reads the first token: nothing to skip this way
-    torch.testing.assert_close(classifier_logits(bert, input_ids=ids, attention_mask=mask),
-                               bert(input_ids=ids, attention_mask=mask).logits)
+
+
+def _bert(**kw):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
+    return config
+
+
+def test_bert_classifier_reads_its_first_token_with_the_same_rewards_and_gradients():
+    bert = BertForSequenceClassification(_bert(num_labels=1)).double().eval()
+    rows, _ = random_rows()
+    ids, mask = padded(rows)
+    types = (torch.arange(ids.size(1)) > 10).long().expand_as(ids) * mask  # text pairs: two segments
+    layer = bert.bert.encoder.layer[-1]
+    seen = []
+    hook = layer.intermediate.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    _assert_same_logits_and_grads(bert, lambda: classifier_logits(bert, input_ids=ids, attention_mask=mask, token_type_ids=types),
+                                  lambda: bert(input_ids=ids, attention_mask=mask, token_type_ids=types).logits)
+    hook.remove()
+    assert seen[0] == (len(rows), 32) and seen[1] == (len(rows), ids.size(1), 32)  # read-out only, then the plain forward
+
+
+def test_other_heads_are_left_alone():
+    from transformers import BertForTokenClassification
+
+    tagger = BertForTokenClassification(_bert(num_labels=3)).eval()  # reads every position
+    assert readout_of(tagger) is None
+    rows, _ = random_rows()
+    ids, mask = padded(rows)
+    torch.testing.assert_close(classifier_logits(tagger, input_ids=ids, attention_mask=mask),
+                               tagger(input_ids=ids, attention_mask=mask).logits)
