@@ -215,7 +215,10 @@ def can_share_prefixes(model: Any) -> bool:
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return False  # DDP prepares its gradient reduction in each forward: keep to one forward per backward
     config = getattr(model, "config", None)
-    if config is None or getattr(model, "is_gradient_checkpointing", False):
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers ≥ 5.24's name
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)  # older releases (deprecated from 5.24)
+    if config is None or checkpointing:
         return False
     return not getattr(config, "is_encoder_decoder", False)
 
