@@ -155,11 +155,12 @@ def test_reward_batch_rewards_are_the_same_with_and_without_sharing():
 def test_no_sharing_under_gradient_checkpointing_or_ddp_and_no_deprecation_warning():
     import warnings
 
+    from alignloop.models.load import enable_checkpointing
     from alignloop.models.prefix import can_share_prefixes
 
     model = LlamaForCausalLM(llama_config())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the check must not use transformers' deprecated property
         assert can_share_prefixes(model)
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
         assert not can_share_prefixes(model)  # checkpointing turns the KV cache off in training

