@@ -116,3 +116,21 @@ def test_other_heads_are_left_alone():
     ids, mask = padded(rows)
     torch.testing.assert_close(classifier_logits(tagger, input_ids=ids, attention_mask=mask),
                                tagger(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_threads_scoring_with_one_model_get_their_own_rewards():
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _llama_classifier().eval()
+    rows, _ = random_rows()
+    batches = [padded([rows[i], rows[j], rows[k]]) for i, j, k in ((0, 1, 2), (3, 4, 5), (5, 0, 3), (2, 4, 1))] * 3
+    with torch.no_grad():
+        expected = [model(input_ids=ids, attention_mask=mask).logits for ids, mask in batches]
+        # a pause inside every forward lets the threads interleave: each must still read its own rows' positions
+        model.model.layers[0].register_forward_pre_hook(lambda module, args: time.sleep(0.01))
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            got = list(pool.map(lambda b: classifier_logits(model, input_ids=b[0], attention_mask=b[1]), batches))
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+    assert type(model.model.layers[-1].mlp).__name__ == "LlamaMLP"  # every swap undone

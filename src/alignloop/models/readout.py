@@ -25,10 +25,13 @@ read are not the model's: callers take only the classifier's logits.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+
+_SWAPPING = threading.RLock()  # the swap changes the model's modules: one forward at a time may hold it
 
 
 @dataclass
@@ -110,19 +113,21 @@ class _AtPositions(torch.nn.Module):
 def read_only_at(model: Any, columns: torch.Tensor | None, readout: ReadOut | None = None) -> Iterator[None]:
     """Within the block, ``model``'s last layer computes its position-wise blocks only at
     ``columns`` (B,), one per row (``None``: at no position, for a forward whose classifier output
-    is not used). Does nothing for a model whose read-out is not known."""
+    is not used). Does nothing for a model whose read-out is not known. The swap is made under a
+    process-wide lock, so threads that score with one model take turns."""
     readout = readout or readout_of(model)
     if readout is None:
         yield
         return
-    originals = [getattr(owner, name) for owner, name in readout.blocks]
-    for (owner, name), block in zip(readout.blocks, originals):
-        setattr(owner, name, _AtPositions(block, columns))
-    try:
-        yield
-    finally:
+    with _SWAPPING:  # another thread scoring with the same model must not see these positions
+        originals = [getattr(owner, name) for owner, name in readout.blocks]
         for (owner, name), block in zip(readout.blocks, originals):
-            setattr(owner, name, block)
+            setattr(owner, name, _AtPositions(block, columns))
+        try:
+            yield
+        finally:
+            for (owner, name), block in zip(readout.blocks, originals):
+                setattr(owner, name, block)
 
 
 def classifier_logits(model: Any, **inputs: Any) -> torch.Tensor:
