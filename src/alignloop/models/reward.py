@@ -239,8 +239,8 @@ def collate_encoded(items: Sequence[Encoded], pad_token_id: int) -> dict[str, to
 
 
 def reward_forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Rewards (B,) of a collated batch (no KV cache: nothing is generated; a decoder's last layer
-    run only where the classifier reads, :mod:`alignloop.models.readout`)."""
+    """Rewards (B,) of a collated batch (no KV cache: nothing is generated; the last layer run
+    only where the classifier reads, :mod:`alignloop.models.readout`)."""
     return classifier_logits(model, **batch, use_cache=False)[:, 0].float()
 
 

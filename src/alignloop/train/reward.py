@@ -331,7 +331,8 @@ def collate_examples(examples: Sequence[RewardExample], pad_id: int, device: Any
 
 def last_real_token(ids: Sequence[int], pad_id: int) -> int:
     """Where the classifier reads a row: its last token that is not the pad id (transformers' rule
-    for decoder classifiers). A shared prefix must stop before it."""
+    for decoder classifiers; :func:`alignloop.models.readout.read_positions` is the same rule on a
+    padded batch). A shared prefix must stop before it."""
     for k in range(len(ids) - 1, -1, -1):
         if ids[k] != pad_id:
             return k
