@@ -78,6 +78,12 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -233,7 +239,8 @@ def alignloop_server(args: argparse.Namespace, model_dir: Path, db: str, env: di
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(alignloop("serve", "--model", f"m={model_dir}", "--db", db, "--port", str(port),
-                                      "--rate-limit-per-minute", "0", "--max-batch", str(args.max_batch)),
+                                      "--rate-limit-per-minute", "0", "--max-batch", str(args.max_batch),
+                                      "--stream-interval", str(args.stream_interval)),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_up(url, proc, "/health")
@@ -291,6 +298,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of closed-loop load per cell")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--stream-interval", type=int, default=2, help="alignloop serve --stream-interval (decode steps between stream updates)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--writers", type=int, default=32)
     ap.add_argument("--burst-seconds", type=float, default=10.0)
@@ -319,7 +327,7 @@ def main() -> None:
     save_model(builtin_model(args.size, tokenizer), tokenizer, model_dir)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-    results: dict = {"size": args.size, "max_tokens": args.max_tokens, "duration_s": args.duration, "threads": args.threads,
+    results: dict = {"size": args.size, "stream_interval": args.stream_interval, "max_tokens": args.max_tokens, "duration_s": args.duration, "threads": args.threads,
                      "repeats": args.repeats, "alignloop": [], "transformers": []}
     with ExitStack() as servers:
         ours, key, our_proc = servers.enter_context(alignloop_server(args, model_dir, f"sqlite:///{work}/feedback.db", env))
@@ -339,7 +347,11 @@ def main() -> None:
                     for other in others:
                         other.send_signal(signal.SIGSTOP)
                     try:
+                        cpu = cpu_seconds(proc.pid)
                         cell = asyncio.run(closed_loop(url, headers, model, clients, args.duration, args.max_tokens, tokenizer))
+                        # The server's own CPU per generated token: unlike tokens/s, it does not
+                        # depend on how much of the two cores the load generator took meanwhile.
+                        cell["server_cpu_ms_per_token"] = round(1000 * (cpu_seconds(proc.pid) - cpu) / max(1, cell["tokens_per_s"] * cell["wall_s"]), 3)
                     finally:
                         for other in others:
                             other.send_signal(signal.SIGCONT)
@@ -367,8 +379,8 @@ def main() -> None:
 def median_cell(runs: list[dict]) -> dict:
     """The repeats of one cell: medians of the rates and latencies, sums of requests and errors."""
     cell = dict(runs[0])
-    for key in ("requests_per_s", "tokens_per_s", "ttft_p50_s", "ttft_p95_s"):
-        values = [r[key] for r in runs if r[key] is not None]
+    for key in ("requests_per_s", "tokens_per_s", "ttft_p50_s", "ttft_p95_s", "server_cpu_ms_per_token"):
+        values = [r[key] for r in runs if r.get(key) is not None]
         cell[key] = statistics.median(values) if values else None
     for key in ("requests", "errors"):
         cell[key] = sum(r[key] for r in runs)
@@ -386,13 +398,13 @@ def run_pg_burst(args: argparse.Namespace, model_dir: Path, env: dict) -> dict:
 
 def print_table(results: dict) -> None:
     print(f"\n{results['size']}, max_tokens {results['max_tokens']}, {results['duration_s']:g} s per cell, {results['threads']} threads")
-    print("| server | clients | req/s | TTFT p50 (s) | TTFT p95 (s) | gen tok/s | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print("| server | clients | req/s | TTFT p50 (s) | TTFT p95 (s) | gen tok/s | server CPU ms/token | errors |")
+    print("|---|---|---|---|---|---|---|---|")
     for server in ("alignloop", "transformers"):
         for cell in results.get(server, []):
             fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
             print(f"| {server} | {cell['clients']} | {cell['requests_per_s']:.2f} | {fmt(cell['ttft_p50_s'])} | "
-                  f"{fmt(cell['ttft_p95_s'])} | {cell['tokens_per_s']:.0f} | {cell['errors']} |")
+                  f"{fmt(cell['ttft_p95_s'])} | {cell['tokens_per_s']:.0f} | {fmt(cell.get('server_cpu_ms_per_token'))} | {cell['errors']} |")
     for name, burst in results.items():
         if not name.startswith("feedback_"):
             continue

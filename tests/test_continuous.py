@@ -114,3 +114,87 @@ def test_max_batch_queues_the_rest(model: Any, builtin_tok: Any) -> None:
     assert max(widths) == 2
     expected = generate(model, builtin_tok, PROMPTS, sampling, stop_token_ids=())
     assert [c.tokens for c in collectors] == expected.completion_ids
+
+
+def test_rows_of_many_lengths_joining_and_leaving_match_generate_alone(model: Any, builtin_tok: Any) -> None:
+    """Rows leave at different steps (their own max_new_tokens), later ones take their places
+    (rows move from the end), and prompts longer than the running window widen it: each row
+    still gets the tokens and log-probs it gets alone."""
+    import random
+
+    rng = random.Random(0)
+    prompts = [" ".join(PROMPTS[i % len(PROMPTS)] for i in range(k, k + 1 + k % 3)) for k in range(12)]
+    lengths = [rng.randint(2, 12) for _ in prompts]
+    joins = sorted(rng.randint(0, 20) for _ in prompts)
+    ids = encode_prompts(builtin_tok, prompts)
+    batcher = ContinuousBatcher(model, [], builtin_tok.pad_token_id, max_batch=4)
+    collectors = [Collector() for _ in prompts]
+    step = 0
+    while any(c.reason is None for c in collectors):
+        for i, join in enumerate(joins):
+            if join == step:
+                batcher.submit([collectors[i].request(ids[i], RowSampling(1.0, 1.0, 0, 9, i), lengths[i])])
+        batcher.step()
+        step += 1
+        assert step < 500
+    for i, c in enumerate(collectors):
+        alone = generate(model, builtin_tok, [prompts[i]], Sampling(max_new_tokens=lengths[i], temperature=1.0, seed=9),
+                         sample_ids=[i], stop_token_ids=())
+        assert c.tokens == alone.completion_ids[0], i
+        assert c.logps == pytest.approx(alone.logprobs[0], abs=1e-4)
+
+
+def test_growing_layer_window_matches_a_plain_left_padded_cache() -> None:
+    """Rows join (written into spare rows, the window widened left or the buffer re-laid out),
+    decode steps append, rows leave (moved from the end) and padding columns are trimmed: the
+    live window always holds each row's keys right-aligned, and padding is finite."""
+    import random
+
+    import torch
+
+    from alignloop.rollout.continuous import _fill_from_end
+    from alignloop.rollout.generate import GrowingLayer
+
+    rng, gen = random.Random(1), torch.Generator().manual_seed(1)
+    reference: list[torch.Tensor] = []  # each row's keys, (H, L_r, D)
+
+    def fresh(n: int, length: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        rows = [torch.randn(2, rng.randint(1, length), 3, generator=gen) for _ in range(n)]
+        width = max(r.shape[1] for r in rows)  # a prefill is as wide as its longest prompt
+        return torch.stack([pad_left_rows(r, width) for r in rows]), rows
+
+    def pad_left_rows(row: torch.Tensor, width: int) -> torch.Tensor:
+        return torch.cat([torch.zeros(2, width - row.shape[1], 3), row], dim=1)
+
+    keys, reference = fresh(3, 5)
+    layer = GrowingLayer(keys, keys.clone(), room=4, spare_rows=2)
+    for _ in range(60):
+        op = rng.choice(["join", "step", "step", "leave"])
+        if op == "join":
+            new, rows = fresh(rng.randint(1, 3), rng.randint(1, 12))
+            layer.append_rows(new, new.clone())
+            reference += rows
+        elif op == "step":
+            column = torch.randn(len(reference), 2, 1, 3, generator=gen)
+            layer.update(column, column.clone())
+            reference = [torch.cat([r, column[i]], dim=1) for i, r in enumerate(reference)]
+        elif len(reference) > 1:
+            keep = sorted(rng.sample(range(len(reference)), rng.randint(1, len(reference) - 1)))
+            order = _fill_from_end(len(reference), keep)
+            assert sorted(order) == keep
+            layer.keep_rows(order)
+            reference = [reference[i] for i in order]
+            width = max(r.shape[1] for r in reference)
+            layer.trim_left(layer.keys.shape[2] - width)
+        width = max(r.shape[1] for r in reference)
+        assert layer.keys.shape == (len(reference), 2, width, 3) and layer.values.shape == layer.keys.shape
+        assert torch.isfinite(layer.keys).all()
+        for i, r in enumerate(reference):
+            assert torch.equal(layer.keys[i, :, width - r.shape[1]:], r)
+            assert torch.equal(layer.values[i, :, width - r.shape[1]:], r)
+    # Any order works, not only rows moving from the end: reversed, every row swaps.
+    order = list(reversed(range(len(reference))))
+    layer.keep_rows(order)
+    width = layer.keys.shape[2]
+    for i, r in enumerate(reference[::-1]):
+        assert torch.equal(layer.keys[i, :, width - r.shape[1]:], r)

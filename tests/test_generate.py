@@ -154,7 +154,7 @@ def test_sampling_is_seeded_per_row(tiny_model_dir, model, builtin_tok):
     assert twice.completion_ids[0] != twice.completion_ids[1]
 
 
-def test_gumbel_sampler_draws_from_the_filtered_distribution():
+def test_sampler_draws_from_the_filtered_distribution():
     rows = 4000
     probs = torch.tensor([0.5, 0.3, 0.2])
     logits = probs.log().expand(rows, 3).clone()

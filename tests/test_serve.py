@@ -115,6 +115,24 @@ def test_streamed_chat_equals_the_stored_completion(db_url: str, served: ServedM
         assert whole["choices"][0]["message"]["content"] == text
 
 
+
+def test_stream_interval_sends_tokens_in_chunks(db_url: str, tiny_model_dir: Path) -> None:
+    """With ``stream_interval`` 4 the loop is woken every 4th decode step (and at once for the
+    first token and the end): fewer SSE chunks than tokens, the same text."""
+    served = ServedModel("tiny", str(tiny_model_dir), stream_interval=4)
+    with api(db_url, served) as a:
+        body = {"model": "tiny", "messages": HI, "max_tokens": 24, "seed": 5, "stream": True, "temperature": 1.0}
+        with a.client.stream("POST", "/v1/chat/completions", json=body, headers=a.auth()) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        pieces = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+        text = "".join(p for p in pieces if p)
+        tokens = len(a.store.get_completion(chunks[0]["choices"][0]["completion_id"]).completion_token_ids)
+        assert tokens >= 8
+        assert len([p for p in pieces if p]) <= tokens // 4 + 2  # first token, every 4th step, the end
+        whole = a.chat(max_tokens=24, seed=5, temperature=1.0).json()
+        assert whole["choices"][0]["message"]["content"] == text
+
+
 def test_completions_endpoint_and_stop_strings(db_url: str, served: ServedModel) -> None:
     with api(db_url, served) as a:
         plain = {"model": "tiny", "prompt": "I went to the park and", "max_tokens": 16, "temperature": 0}
@@ -138,6 +156,32 @@ def test_text_stream_holds_back_a_possible_stop_string(builtin_tok: Any) -> None
     assert shown == "hello " and stream.stopped
     stream = TextStream(builtin_tok, [])
     assert "".join(stream.push(i) for i in ids) + stream.flush() == "hello there friend"
+
+
+def test_text_stream_shows_what_a_full_decode_gives(builtin_tok: Any) -> None:
+    """Token by token (the incremental decoder) or all at once, the text is the same: for random
+    ids, special tokens and bytes of split characters included, what is shown adds up to
+    ``tokenizer.decode``, cut at the first stop string, and nothing past it is shown."""
+    import random
+
+    rng = random.Random(0)
+    emoji = builtin_tok("café 🙂 naïve", add_special_tokens=False)["input_ids"]  # multi-byte characters split over tokens
+    for trial in range(200):
+        ids = [rng.randrange(len(builtin_tok)) for _ in range(rng.randint(1, 30))]
+        if trial % 3 == 0:
+            ids[rng.randrange(len(ids)):rng.randrange(len(ids)) + 1] = emoji[: rng.randint(1, len(emoji))]
+        full = builtin_tok.decode(ids, skip_special_tokens=True)
+        stop = [full[len(full) // 2 : len(full) // 2 + 2]] if trial % 2 and len(full) > 4 else []
+        stream = TextStream(builtin_tok, stop)
+        shown = ""
+        for i in ids:
+            shown += stream.push(i)
+            if stream.stopped:
+                break
+        shown += stream.flush()
+        expected = full[: full.find(stop[0])] if stop else full
+        assert shown == expected == stream.text, (ids, stop)
+        assert "\ufffd" not in shown[:-1] or "\ufffd" in full
 
 
 def test_model_names() -> None:

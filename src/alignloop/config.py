@@ -484,6 +484,7 @@ class ServeConfig:
     device: Optional[str] = option(None, "where the models run (default: the GPU when there is one)")
     dtype: Literal["float32", "bfloat16"] = option("float32", "weights' dtype")
     max_batch: int = option(32, "most rows (completions) decoded together per model; more wait their turn")
+    stream_interval: int = option(2, "decode steps between stream updates: tokens go out in chunks of up to N (a request's first token and its end at once); 1 = every token, at more event-loop work per token")
     default_max_tokens: int = option(256, "max_tokens when a request gives none")
     max_tokens_limit: int = option(1024, "largest max_tokens a request may ask for")
     max_prompt_tokens: Optional[int] = option(None, "longest prompt after the chat template (default: the model's context minus max_tokens)")
@@ -494,7 +495,7 @@ class ServeConfig:
     cors_origins: list[str] = option([], "origins allowed to call the API from a browser (CORS); empty = same origin only")
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "default_max_tokens", "max_tokens_limit", "max_n", "max_body_bytes", "rate_burst"):
+        for name in ("max_batch", "stream_interval", "default_max_tokens", "max_tokens_limit", "max_n", "max_body_bytes", "rate_burst"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
         if self.default_max_tokens > self.max_tokens_limit:

@@ -12,10 +12,12 @@ The running batch keeps one KV cache (transformers' ``DynamicCache`` with the en
 :class:`~alignloop.rollout.generate.GrowingLayer` layers) whose rows have different
 prompt lengths: shorter rows are left-padded in the cache and masked out of attention, and every
 row carries its own position (the count of its real tokens), as :func:`generate` does for left
-padding. When rows leave, columns that are padding in every remaining row are cut, so the cache
-is as wide as its longest live row. Sampling is per row (:class:`TokenSampler`): each request
+padding. The cache has room for ``max_batch`` rows: a joining row is written into a spare row,
+and a leaving row's place is taken by a row from the end, so the rows that stay are not copied.
+When rows leave, columns that are padding in every remaining row are cut, so attention reads a
+window as wide as the longest live row. Sampling is per row (:class:`TokenSampler`): each request
 has its own temperature, top-p, top-k and seed, and the same seed gives the same tokens however
-the request is batched with others (the Gumbel-max draws are per row, see :func:`generate`).
+the request is batched with others (each row draws from its own random stream, see :func:`generate`).
 
 One thread owns a batcher and calls :meth:`step`; :meth:`submit` and :meth:`cancel` may be called
 from any thread. Callbacks run on the stepping thread and must be quick (hand the token to
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 
 from alignloop.models.prefix import cache_argument
-from alignloop.rollout.generate import GrowingLayer, RowSampling, TokenSampler, left_padded
+from alignloop.rollout.generate import GrowingLayer, RowSampling, TokenSampler, pad_left, left_padded
 
 
 @dataclass(eq=False)
@@ -62,11 +64,16 @@ class ContinuousBatcher:
         self.device = next(model.parameters()).device
         self.stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=self.device)
         self.cache_kw = cache_argument(model)
+        # With SDPA a decode step's mask is the padding mask itself, (R, 1, 1, S) booleans (one
+        # query sees every real key before it): passed as a view of ours, transformers uses it
+        # as-is instead of building one per step (3% of a 32-row step at 5M). Other attention
+        # implementations want other mask formats and get the 2D mask.
+        self.sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
         self._pending: list[list[DecodeRequest]] = []  # submissions, FIFO; rows of one submission join together
         self._lock = threading.Condition()
         self.rows: list[DecodeRequest] = []
         self.cache: Any = None
-        self.mask = self.position = self.last = None  # (R, S), (R,), (R,)
+        self.mask = self.position = self.last = None  # (R, S) bool, (R,), (R,)
         self.sampler: TokenSampler | None = None
 
     # --- any thread --------------------------------------------------------------------------
@@ -130,20 +137,22 @@ class ContinuousBatcher:
         admitted = [r for r in admitted if r.max_new_tokens > 0]
         if not admitted:
             return
-        cache, mask, position, logits = self._prefill([r.prompt_ids for r in admitted])
+        cache, kv, mask, position, logits = self._prefill([r.prompt_ids for r in admitted])
         sampler = TokenSampler([r.sampling for r in admitted], logits.shape[-1], self.device)
         token, logp = sampler(logits.float(), range(len(admitted)))
         keep = self._deliver(admitted, token, logp)
         if not keep:
             return
-        index = torch.tensor(keep, device=self.device)
-        for layer in cache.layers:
-            layer.set(layer.keys[index], layer.values[index])
-        sampler.select(keep)
-        self._merge([admitted[i] for i in keep], cache, mask[index], position[index], token[index], sampler)
+        if len(keep) < len(admitted):
+            index = torch.tensor(keep, device=self.device)
+            kv = [(keys[index], values[index]) for keys, values in kv]
+            mask, position, token = mask[index], position[index], token[index]
+            sampler.select(keep)
+        self._merge([admitted[i] for i in keep], cache, kv, mask, position, token, sampler)
 
-    def _prefill(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Left-padded prefill of the distinct prompts, expanded to one row per request."""
+    def _prefill(self, prompts: list[list[int]]) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded prefill of the distinct prompts: the cache, each layer's (keys, values)
+        expanded to one row per request, the (N, L) bool mask, positions and last logits."""
         from transformers import DynamicCache
 
         unique: dict[tuple[int, ...], int] = {}
@@ -156,21 +165,22 @@ class ContinuousBatcher:
             logits_to_keep=1, **{self.cache_kw: cache},
         ).logits[:, -1, :]
         source = torch.tensor([unique[tuple(p)] for p in prompts], device=self.device)
-        cache.layers = [GrowingLayer(layer.keys[source], layer.values[source]) for layer in cache.layers]
+        kv = [(layer.keys[source], layer.values[source]) for layer in cache.layers]
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        return cache, mask[source], lengths, logits[source]
+        return cache, kv, mask[source].bool(), lengths, logits[source]
 
-    def _merge(self, rows: list[DecodeRequest], cache: Any, mask: torch.Tensor, position: torch.Tensor,
-               last: torch.Tensor, sampler: TokenSampler) -> None:
-        """Append prefilled rows to the running batch, left-padding whichever cache is shorter."""
+    def _merge(self, rows: list[DecodeRequest], cache: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
+               position: torch.Tensor, last: torch.Tensor, sampler: TokenSampler) -> None:
+        """Add prefilled rows to the running batch: written into the running cache's spare rows
+        (the first rows start it, with room for ``max_batch`` rows)."""
         if not self.rows:
+            spare = max(self.max_batch - len(rows), 0)
+            cache.layers = [GrowingLayer(keys, values, spare_rows=spare) for keys, values in kv]
             self.rows, self.cache, self.mask, self.position, self.last, self.sampler = rows, cache, mask, position, last, sampler
             return
-        width = max(self.mask.shape[1], mask.shape[1])
-        for old, new in zip(self.cache.layers, cache.layers):
-            old.set(torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)]),
-                    torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)]))
-        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        grown = [layer.append_rows(keys, values) for layer, (keys, values) in zip(self.cache.layers, kv)][0]
+        width = self.mask.shape[1] + grown
+        self.mask = torch.cat([pad_left(self.mask, width, 1), pad_left(mask, width, 1)])
         self.position = torch.cat([self.position, position])
         self.last = torch.cat([self.last, last])
         self.sampler.extend(sampler)
@@ -179,9 +189,10 @@ class ContinuousBatcher:
     def _decode(self) -> None:
         rows = len(self.rows)
         width = self.mask.shape[1]
-        self.mask = torch.cat([self.mask, torch.ones((rows, 1), dtype=torch.long, device=self.device)], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones((rows, 1), dtype=torch.bool, device=self.device)], dim=1)
         logits = self.model(
-            input_ids=self.last[:, None], attention_mask=self.mask, position_ids=self.position[:, None],
+            input_ids=self.last[:, None], attention_mask=self.mask[:, None, None, :] if self.sdpa else self.mask,
+            position_ids=self.position[:, None],
             cache_position=torch.tensor([width], device=self.device), use_cache=True, logits_to_keep=1,
             **{self.cache_kw: self.cache},
         ).logits[:, -1, :]
@@ -194,14 +205,18 @@ class ContinuousBatcher:
         if not keep:
             self._reset()
             return
-        index = torch.tensor(keep, device=self.device)
-        self.rows = [self.rows[i] for i in keep]
+        # Rows from the end move into the places of rows that left; the others stay where they
+        # are, so the cache copies only the rows that move.
+        order = _fill_from_end(rows, keep)
+        index = torch.tensor(order, device=self.device)
+        self.rows = [self.rows[i] for i in order]
         self.mask, self.position, self.last = self.mask[index], self.position[index], token[index]
-        self.sampler.select(keep)
+        self.sampler.select(order)
         # Columns that are padding in every remaining row carry nothing: cut them.
         first = int(self.mask.any(dim=0).int().argmax())
         for layer in self.cache.layers:
-            layer.set(layer.keys[index, :, first:], layer.values[index, :, first:])
+            layer.keep_rows(order)
+            layer.trim_left(first)
         self.mask = self.mask[:, first:]
 
     def _deliver(self, rows: list[DecodeRequest], token: torch.Tensor, logp: torch.Tensor) -> list[int]:
@@ -233,11 +248,14 @@ class ContinuousBatcher:
         self.rows, self.cache, self.mask, self.position, self.last, self.sampler = [], None, None, None, None, None
 
 
-def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """Zeros before ``tensor`` along ``dim`` up to ``width`` (masked-out cache slots or mask zeros)."""
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+def _fill_from_end(count: int, keep: Sequence[int]) -> list[int]:
+    """The new order of ``count`` rows of which ``keep`` (ascending) stay: each place below
+    ``len(keep)`` freed by a row that left takes a kept row from beyond it; the rest keep their
+    places. ``_fill_from_end(5, [0, 2, 3, 4]) == [0, 4, 2, 3]``."""
+    n, kept = len(keep), set(keep)
+    order = list(range(n))
+    holes = [i for i in range(n) if i not in kept]
+    movers = [i for i in keep if i >= n]
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    return order

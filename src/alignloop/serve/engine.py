@@ -4,7 +4,8 @@
 Requests from every client of a model share that model's running batch. The bridge to the
 event loop is a :class:`Submission` per request: the decode thread appends ``(choice, token,
 None)`` and ``(choice, None, reason)`` events to it and never waits for the event loop; a
-:class:`Waker` wakes the loop once per step for every submission with new events; the request's
+:class:`Waker` wakes the loop for every submission with new events, once per step or once every
+``stream_interval`` steps (a request's first token and its end go out at once); the request's
 handler detokenises (:class:`TextStream`), applies stop strings and streams.
 """
 
@@ -59,7 +60,8 @@ class ServedModel:
     """One model behind the API: ``name`` (what requests ask for), ``version`` (the content hash
     stored with every completion) and the decode thread."""
 
-    def __init__(self, name: str, path: str, device: str | None = None, dtype: str = "float32", max_batch: int = 32) -> None:
+    def __init__(self, name: str, path: str, device: str | None = None, dtype: str = "float32", max_batch: int = 32,
+                 stream_interval: int = 2) -> None:
         cfg = ModelConfig(name_or_path=path, dtype=dtype)
         self.name, self.path = name, path
         self.tokenizer = load_tokenizer(cfg)
@@ -71,6 +73,7 @@ class ServedModel:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.batcher = ContinuousBatcher(self.model, self.stop_ids, pad, max_batch=max_batch)
         self.waker = Waker()
+        self.stream_interval = stream_interval
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -95,15 +98,17 @@ class ServedModel:
         self.stop()
 
     def _run(self) -> None:
+        steps = 0
         while not self._stopping.is_set():
             if not self.batcher.wait_for_work(timeout=0.2):
                 continue
             try:
-                self.batcher.step(after_admit=self.waker.wake)  # first tokens out before the decode step
+                self.batcher.step(after_admit=self.waker.wake_urgent)  # first tokens out before the decode step
             except Exception:  # every affected request got on_finish("error: …"); keep serving
                 log.exception("decode step failed on model %s", self.name)
             finally:
-                self.waker.wake()
+                steps += 1
+                self.waker.wake(force=steps % self.stream_interval == 0 or not self.batcher.rows)
 
     def render_chat(self, messages: Sequence[dict]) -> str:
         """The prompt text the model sees: the chat template with the assistant header appended."""
@@ -118,20 +123,33 @@ class ServedModel:
 
 
 class Waker:
-    """Submissions with new events, woken together after each decode step: one
-    ``call_soon_threadsafe`` per event loop per step instead of one per row."""
+    """Submissions with new events, woken together: one ``call_soon_threadsafe`` per event loop
+    per wake instead of one per row. Every wake is an SSE chunk per stream and a task switch per
+    stream on the event loop, which shares the CPU with decoding; :meth:`wake` without ``force``
+    therefore only wakes when an urgent event (a request's first token, or an end) is waiting."""
 
     def __init__(self) -> None:
         self._due: list[Submission] = []
+        self._urgent = False
         self._lock = threading.Lock()
 
-    def add(self, submission: "Submission") -> None:
+    def add(self, submission: "Submission", urgent: bool) -> None:
         with self._lock:
-            self._due.append(submission)
+            if not submission._due:
+                submission._due = True
+                self._due.append(submission)
+            self._urgent = self._urgent or urgent
 
-    def wake(self) -> None:
+    def wake_urgent(self) -> None:
+        self.wake(force=False)
+
+    def wake(self, force: bool = True) -> None:
         with self._lock:
-            due, self._due = self._due, []
+            if not self._due or not (force or self._urgent):
+                return
+            due, self._due, self._urgent = self._due, [], False
+            for submission in due:
+                submission._due = False
         by_loop: dict[Any, list[asyncio.Event]] = {}
         for submission in due:
             by_loop.setdefault(submission.loop, []).append(submission._ready)
@@ -147,9 +165,9 @@ def _set_all(events: list[asyncio.Event]) -> None:
 class Submission:
     """The rows of one request in a model's running batch, seen from the event loop.
 
-    The decode thread appends events to a list and marks the submission for the next wake only
-    when the list was empty, so a loop that falls behind takes several tokens in one go (one SSE chunk, one wakeup)
-    instead of paying per token. ``batches()`` yields lists of ``(choice, token_id, None)`` per
+    The decode thread appends events to a list and marks the submission for the next wake, so a
+    loop that falls behind (or a ``stream_interval`` above 1) takes several tokens in one go (one
+    SSE chunk, one wakeup) instead of paying per token. ``batches()`` yields lists of ``(choice, token_id, None)`` per
     generated token and ``(choice, None, reason)`` when a choice ends; ``cancel(choice)`` stops one
     row (a stop string was seen), ``close()`` every row still running (the client went away).
     """
@@ -160,6 +178,8 @@ class Submission:
         self.batcher, self.waker = batcher, waker
         self._pending: list[tuple[int, int | None, str | None]] = []
         self._lock = threading.Lock()
+        self._due = False  # in the waker's list (the waker's lock guards it)
+        self._started = False  # a token was handed on: the next ones may wait for the interval
         self._ready = asyncio.Event()
         self.requests = [
             DecodeRequest(
@@ -172,13 +192,13 @@ class Submission:
         batcher.submit(self.requests)
 
     def _put(self, event: tuple[int, int | None, str | None]) -> None:
-        """On the decode thread: queue the event; the first one since the last drain marks the
-        submission for waking, which :meth:`ServedModel._run` does once per step for all."""
+        """On the decode thread: queue the event and mark the submission for the next wake, which
+        :meth:`ServedModel._run` makes for all at once. A first token or an end is urgent."""
         with self._lock:
             self._pending.append(event)
-            wake = len(self._pending) == 1
-        if wake:
-            self.waker.add(self)
+        urgent = event[1] is None or not self._started
+        self._started = True
+        self.waker.add(self, urgent)
 
     async def batches(self) -> AsyncIterator[list[tuple[int, int | None, str | None]]]:
         open_rows = len(self.requests)
@@ -203,9 +223,16 @@ class TextStream:
     """Incremental detokenisation of one choice with stop strings.
 
     ``push(token)`` returns the new text that is safe to show: characters that might still turn
-    into the start of a stop string, and an incomplete UTF-8 sequence (decoded as U+FFFD), are
-    held back until the next token settles them. ``stopped`` turns true when a stop string
-    appears; the text is cut before it.
+    into the start of a stop string, and an incomplete UTF-8 sequence, are held back until the
+    next token settles them. ``stopped`` turns true when a stop string appears; the text is cut
+    before it.
+
+    A fast tokenizer decodes each token once, through ``tokenizers``' ``DecodeStream`` (it holds
+    back an incomplete UTF-8 sequence itself); re-decoding the whole completion at every token
+    took a fifth of the event loop's time with 32 streams. :meth:`flush` settles the text against
+    one full decode, so what is stored is what ``tokenizer.decode`` gives. Other tokenizers, and
+    those that clean up spaces after decoding (a rule that looks at neighbouring tokens), decode
+    the whole completion at every token.
     """
 
     def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
@@ -214,10 +241,21 @@ class TextStream:
         self.text = ""
         self.sent = 0
         self.stopped = False
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._stream = None
+        if self._backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
+        if self.stopped:  # the row may decode a token or two more before its cancel lands
+            return ""
         self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if self._stream is not None:
+            text = self.text + (self._stream.step(self._backend, token_id) or "")
+        else:
+            text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
         for s in self.stop:
             at = text.find(s, max(0, self.sent - len(s)))
             if at >= 0:
@@ -233,6 +271,11 @@ class TextStream:
 
     def flush(self) -> str:
         """Everything not yet sent (the choice has ended)."""
+        if self._stream is not None and not self.stopped:
+            # A completion that ends inside a UTF-8 sequence: the stream still holds those bytes.
+            full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+            if full.startswith(self.text[:self.sent]):
+                self.text = full
         return self._send_to(len(self.text))
 
     def _send_to(self, end: int) -> str:
