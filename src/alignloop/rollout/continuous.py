@@ -178,6 +178,7 @@ class ContinuousBatcher:
             cache.layers = [GrowingLayer(keys, values, spare_rows=spare) for keys, values in kv]
             self.rows, self.cache, self.mask, self.position, self.last, self.sampler = rows, cache, mask, position, last, sampler
             return
+        # Every layer holds the same rows and widths, so each grows by the same columns.
         grown = [layer.append_rows(keys, values) for layer, (keys, values) in zip(self.cache.layers, kv)][0]
         width = self.mask.shape[1] + grown
         self.mask = torch.cat([pad_left(self.mask, width, 1), pad_left(mask, width, 1)])
