@@ -4,7 +4,10 @@ baselines a reward model has to beat on them.
 
 * UKPConvArg1Strict, cross-topic: of the 16 debates, 4 whole debates (both stances) are held out:
   sort the debate names, shuffle them with ``random.Random(0)``, take the first 4. Argument
-  quality must then transfer to unseen topics.
+  quality must then transfer to unseen topics. That split is fold 0 of a 4-fold cross-topic
+  split: fold k holds out debates 4k…4k+3 of the same shuffled list, so over the four folds every
+  debate (every pair) is held out once (``ukp-fold{k}-{train,test}.jsonl``; fold 0's files are
+  ``ukp-train.jsonl`` / ``ukp-test.jsonl``).
 * HH-RLHF harmless-base test file: a fixed 80/20 split of its pairs (row indices shuffled with
   ``random.Random(0)``, the first 20% are the test set); rows keep their file order.
 
@@ -40,11 +43,11 @@ HELD_OUT_DEBATES = 4
 HH_TEST_FRACTION = 0.2
 
 
-def split_ukp(rows: list[Row]) -> tuple[list[Row], list[Row], list[str]]:
-    """Train rows, test rows and the held-out debates (whole debates, both stances)."""
+def split_ukp(rows: list[Row], fold: int = 0) -> tuple[list[Row], list[Row], list[str]]:
+    """Train rows, test rows and the held-out debates (whole debates, both stances) of ``fold``."""
     debates = sorted({row.fields["group"] for row in rows})
     random.Random(SEED).shuffle(debates)
-    held_out = debates[:HELD_OUT_DEBATES]
+    held_out = debates[fold * HELD_OUT_DEBATES : (fold + 1) * HELD_OUT_DEBATES]
     train = [row for row in rows if row.fields["group"] not in held_out]
     test = [row for row in rows if row.fields["group"] in held_out]
     return train, test, held_out
@@ -80,7 +83,8 @@ def main() -> None:
     args = ap.parse_args()
     out = args.bench_work / "reward-data"
 
-    ukp_train, ukp_test, held_out = split_ukp(read_ukp_convarg(args.ukp))
+    ukp_rows = read_ukp_convarg(args.ukp)
+    ukp_train, ukp_test, held_out = split_ukp(ukp_rows)
     hh_rows, hh_counts = convert_hh_rlhf(read_rows(str(args.hh)))
     hh_train, hh_test = split_hh(hh_rows)
     for name, rows in [("ukp-train", ukp_train), ("ukp-test", ukp_test), ("hh-train", hh_train), ("hh-test", hh_test)]:
@@ -108,11 +112,23 @@ def main() -> None:
         },
         "seed": SEED,
     }
+    folds = []
+    for fold in range(1, len({row.fields["group"] for row in ukp_rows}) // HELD_OUT_DEBATES):
+        train, test, debates = split_ukp(ukp_rows, fold)
+        write_jsonl(train, out / f"ukp-fold{fold}-train.jsonl")
+        write_jsonl(test, out / f"ukp-fold{fold}-test.jsonl")
+        lengths = [(len(r.fields["chosen"]), len(r.fields["rejected"])) for r in test]
+        folds.append({"fold": fold, "held_out_debates": debates, "train_pairs": len(train), "test_pairs": len(test),
+                      "baseline_test_accuracy": round(length_rule_accuracy(lengths, longer_wins=True), 4)})
+    result["ukp"]["other_folds"] = folds
     (out / "baselines.json").write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"UKP cross-topic: held out {', '.join(held_out)}")
     print(f"  train {len(ukp_train)} pairs, test {len(ukp_test)} pairs")
     print(f"  longer argument wins: {result['ukp']['baseline_test_accuracy']:.3f} on test")
+    for f in folds:
+        print(f"  fold {f['fold']}: held out {', '.join(f['held_out_debates'])}; {f['train_pairs']} / {f['test_pairs']} pairs,"
+              f" longer wins {f['baseline_test_accuracy']:.3f}")
     print(f"hh-rlhf harmless-base: {hh_counts.kept} of {hh_counts.pairs} pairs ({hh_counts.diverged} diverged early)")
     print(f"  train {len(hh_train)} pairs, test {len(hh_test)} pairs")
     print(f"  shorter answer wins: {result['hh']['baseline_test_accuracy']:.3f} on test")

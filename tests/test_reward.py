@@ -76,6 +76,26 @@ def test_bradley_terry_matches_hand_computation() -> None:
     assert stats_t["accuracy"] == pytest.approx(0.75)  # the tied pair is not scored
 
 
+def test_centring_term_pins_the_level_of_the_rewards_that_bradley_terry_leaves_free() -> None:
+    chosen, rejected = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 1.0])
+    plain, _ = bradley_terry(chosen, rejected)
+    centred, _ = bradley_terry(chosen, rejected, center_coef=0.1)
+    assert centred.item() == pytest.approx(plain.item() + 0.1 * (9 + 1 + 4) / 3, rel=1e-6)
+    # Free rewards started 5 above 0: BT's gradient sums to 0 over a pair, so the level never moves
+    # without the term; with it the level goes to 0 and the order is learned either way.
+    start = torch.randn(2, 8, generator=torch.Generator().manual_seed(0)) + 5.0
+    for coef, level in ((0.0, start.mean().item()), (0.1, 0.0)):
+        rewards = start.clone().requires_grad_()
+        optimizer = torch.optim.SGD([rewards], lr=1.0)
+        for _ in range(500):
+            loss, stats = bradley_terry(rewards[0], rewards[1], center_coef=coef)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        assert rewards.mean().item() == pytest.approx(level, abs=1e-4 if coef == 0 else 0.05)
+        assert stats["accuracy"] == 1.0
+
+
 def test_rating_and_thumbs_losses() -> None:
     loss, stats = rating_regression(torch.tensor([0.5, -1.0]), torch.tensor([1.0, -1.0]))
     assert loss.item() == pytest.approx(0.125) and stats["mae"] == pytest.approx(0.25)

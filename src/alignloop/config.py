@@ -150,6 +150,7 @@ class RewardModelingConfig:
 
     margin_field: Optional[str] = option("margin", "preference field holding a required margin m in −log σ(r_c − r_r − m); rows without it use 0")
     tie_field: Optional[str] = option("tie", "preference field marking a tie (true): trained towards r_c = r_r instead of skipped")
+    center_coef: float = option(0.0, "preferences: add c·mean((r_c + r_r)²) so rewards stay centred on 0 (TRL's center_rewards_coefficient; 0.01 is usual)")
     rating_scale: list[float] = option([1.0, 5.0], "[lowest, highest] rating; a rating outside it is an error naming the row")
     rating_head: Literal["regression", "ordinal"] = option("regression", "ratings: regression (MSE to the rating scaled to [-1, 1]) or ordinal (cumulative-logit thresholds)")
     normalize_per_user: bool = option(False, "ratings: z-score each user's ratings (field `user`) before training, so harsh and generous raters count alike")
@@ -165,6 +166,8 @@ class RewardModelingConfig:
             raise ConfigError(f"reward.rating_scale must be [lowest, highest] with lowest < highest (got {self.rating_scale})")
         if self.eval_batch_size < 1 or self.length_groups < 1:
             raise ConfigError("reward.eval_batch_size and reward.length_groups must be ≥ 1")
+        if not self.center_coef >= 0:
+            raise ConfigError(f"reward.center_coef must be ≥ 0 (got {self.center_coef})")
 
 
 @dataclass

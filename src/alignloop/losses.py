@@ -52,17 +52,22 @@ def count_loss_tokens(labels: torch.Tensor) -> int:
 # Reward models
 # ---------------------------------------------------------------------------------------------
 def bradley_terry(
-    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, tie: torch.Tensor | None = None
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, tie: torch.Tensor | None = None,
+    center_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Bradley–Terry loss of a reward model on preference pairs (Ouyang et al. 2022, Eq. 1).
 
         P(y_c ≻ y_r) = σ(r_c − r_r − m)
         L = −(1/N) Σ_i [ (1 − t_i) · log σ(d_i − m_i) + t_i · ½ (log σ(d_i) + log σ(−d_i)) ],  d_i = r_c,i − r_r,i
+            + c · (1/N) Σ_i (r_c,i + r_r,i)²
 
     ``chosen``, ``rejected``: rewards (N,). ``margin`` m (N,), optional: how much better the chosen
     must be (Llama-2's margin loss, from a preference strength). ``tie`` t (N,) ∈ {0, 1},
     optional: a tie counts as half a win each way, whose minimum is at d = 0, so tied pairs pull
-    the two rewards together instead of being thrown away.
+    the two rewards together instead of being thrown away. ``center_coef`` c ≥ 0: the BT term sees
+    only differences, so the rewards' level drifts freely; the last term pins each pair's mean
+    near 0 (Eisenstein et al. 2023; TRL's ``center_rewards_coefficient``, 0.01 there), so the
+    rewards can feed RL without a running normaliser.
 
     Metrics: ``accuracy`` (share of untied pairs with d > 0, ties in the score counting ½),
     ``margin`` (mean d), ``chosen``/``rejected`` (mean rewards).
@@ -73,6 +78,8 @@ def bradley_terry(
     win = F.logsigmoid(d - m)
     draw = 0.5 * (F.logsigmoid(d) + F.logsigmoid(-d))
     loss = -((1 - t) * win + t * draw).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
     untied = t < 0.5
     correct = (d > 0).to(d.dtype) + 0.5 * (d == 0).to(d.dtype)
     accuracy = float(correct[untied].mean()) if bool(untied.any()) else float("nan")

@@ -354,7 +354,8 @@ def reward_loss(kind: str, cfg: RewardConfig, rewards: torch.Tensor, batch: dict
     """The loss of ``kind`` records on the batch's rewards (see the module table)."""
     if kind == "preference":
         n = len(batch["target"])
-        return bradley_terry(rewards[:n], rewards[n:], margin=batch["target"], tie=batch["tie"])
+        return bradley_terry(rewards[:n], rewards[n:], margin=batch["target"], tie=batch["tie"],
+                             center_coef=cfg.reward.center_coef)
     if kind == "binary":
         return thumbs_bce(rewards, batch["target"])
     if head is not None:
