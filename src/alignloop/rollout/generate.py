@@ -174,6 +174,10 @@ def _decode_batch(
     # columns. A finished row keeps attending to the pads it is fed, which changes only its own
     # later outputs, and those are cut.
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones((rows, steps))], dim=1)
+    # A decode step under SDPA gets the padding mask as (B, 1, 1, S) booleans, which transformers
+    # uses as-is instead of building a 4D mask every step (as the serving batcher does).
+    sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
+    decode_mask = attention_mask.bool()[:, None, None, :] if sdpa else attention_mask
     next_position = torch.tensor(lengths, device=device)[:, None]  # (B, 1) position of the first new token
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
 
@@ -226,7 +230,7 @@ def _decode_batch(
                 break
             logits = model(
                 input_ids=token[:, None],
-                attention_mask=attention_mask[:, : width + t + 1],
+                attention_mask=decode_mask[..., : width + t + 1],
                 position_ids=next_position + t,
                 cache_position=torch.tensor([width + t], device=device),
                 use_cache=True,
