@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from alignloop.models.prefix import cache_argument
-from alignloop.rollout.generate import GrowingLayer, RowSampling, TokenSampler, pad_left, left_padded
+from alignloop.rollout.generate import GrowingLayer, RowSampling, TokenSampler, decode_attention_mask, left_padded, pad_left
 
 
 @dataclass(eq=False)
@@ -64,11 +64,6 @@ class ContinuousBatcher:
         self.device = next(model.parameters()).device
         self.stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=self.device)
         self.cache_kw = cache_argument(model)
-        # With SDPA a decode step's mask is the padding mask itself, (R, 1, 1, S) booleans (one
-        # query sees every real key before it): passed as a view of ours, transformers uses it
-        # as-is instead of building one per step (3% of a 32-row step at 5M). Other attention
-        # implementations want other mask formats and get the 2D mask.
-        self.sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
         self._pending: list[list[DecodeRequest]] = []  # submissions, FIFO; rows of one submission join together
         self._lock = threading.Condition()
         self.rows: list[DecodeRequest] = []
@@ -192,7 +187,7 @@ class ContinuousBatcher:
         width = self.mask.shape[1]
         self.mask = torch.cat([self.mask, torch.ones((rows, 1), dtype=torch.bool, device=self.device)], dim=1)
         logits = self.model(
-            input_ids=self.last[:, None], attention_mask=self.mask[:, None, None, :] if self.sdpa else self.mask,
+            input_ids=self.last[:, None], attention_mask=decode_attention_mask(self.model, self.mask),
             position_ids=self.position[:, None],
             cache_position=torch.tensor([width], device=self.device), use_cache=True, logits_to_keep=1,
             **{self.cache_kw: self.cache},

@@ -174,10 +174,7 @@ def _decode_batch(
     # columns. A finished row keeps attending to the pads it is fed, which changes only its own
     # later outputs, and those are cut.
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones((rows, steps))], dim=1)
-    # A decode step under SDPA gets the padding mask as (B, 1, 1, S) booleans, which transformers
-    # uses as-is instead of building a 4D mask every step (as the serving batcher does).
-    sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
-    decode_mask = attention_mask.bool()[:, None, None, :] if sdpa else attention_mask
+    decode_mask = decode_attention_mask(model, attention_mask)  # sliced to each step's columns
     next_position = torch.tensor(lengths, device=device)[:, None]  # (B, 1) position of the first new token
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
 
@@ -357,6 +354,17 @@ def pad_left(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def decode_attention_mask(model: Any, mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask a decode step (one query a row) passes for the (B, S) padding ``mask``.
+    Under SDPA it is the padding mask itself as a (B, 1, 1, S) boolean view (the one query sees
+    every real key before it), which transformers uses as-is instead of building a 4D mask every
+    step (3% of a 32-row serving step at 5M). Other attention implementations want other formats
+    and get ``mask``. Either slices along its last dimension like ``mask``."""
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        return mask.bool()[:, None, None, :]
+    return mask
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -166,8 +166,7 @@ class Serving:
         whose thread stops once they are done). Marks the new version deployed in the registry.
         Returns the new model and the version it replaced."""
         config = self.config
-        new = ServedModel(name, path, device=config.device, dtype=config.dtype, max_batch=config.max_batch,
-                              stream_interval=config.stream_interval)
+        new = ServedModel.from_config(name, path, config)
         self.store.register_model(name, new.version, path)
         new.start()
         old = self.models.get(name)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from alignloop.config import ModelConfig
+from alignloop.config import ModelConfig, ServeConfig
 from alignloop.errors import ConfigError
 from alignloop.models.load import context_length, disable_dropout, inference_device, load_causal_lm, load_tokenizer
 from alignloop.rollout.continuous import ContinuousBatcher, DecodeRequest
@@ -109,6 +109,12 @@ class ServedModel:
             finally:
                 steps += 1
                 self.waker.wake(force=steps % self.stream_interval == 0 or not self.batcher.rows)
+
+    @classmethod
+    def from_config(cls, name: str, path: str, config: ServeConfig) -> ServedModel:
+        """``path`` served as ``name`` with the server's device, dtype, batch and stream settings."""
+        return cls(name, path, device=config.device, dtype=config.dtype, max_batch=config.max_batch,
+                   stream_interval=config.stream_interval)
 
     def render_chat(self, messages: Sequence[dict]) -> str:
         """The prompt text the model sees: the chat template with the assistant header appended."""

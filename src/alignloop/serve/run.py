@@ -29,8 +29,7 @@ def build_app(config: ServeConfig):  # -> FastAPI
     try:
         for name, path in specs:
             log.info("serve: loading %s from %s", name, path)
-            served = ServedModel(name, path, device=config.device, dtype=config.dtype, max_batch=config.max_batch,
-                              stream_interval=config.stream_interval)
+            served = ServedModel.from_config(name, path, config)
             log.info("serve: %s is version %s", name, served.version)
             models.append(served)
     except BaseException:
