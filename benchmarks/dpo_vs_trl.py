@@ -33,7 +33,7 @@ from pathlib import Path
 from bench_common import REPO, add_trl_arguments, resolve_trl_arguments, run_child
 
 
-def run_alignloop(args, size: str, steps: int, logs: Path, tag: str) -> dict:
+def run_alignloop(args, size: str, steps: int, logs: Path, tag: str, cpu_linear: str = "auto") -> dict:
     bench = args.bench_work
     out = Path(tempfile.mkdtemp(prefix=f"dpo-{size}-", dir=bench / "_out"))
     cmd = [str(REPO / ".venv/bin/alignloop"), "dpo", f"--model.name_or_path={bench / 'assets' / f'model-{size}'}",
@@ -41,10 +41,10 @@ def run_alignloop(args, size: str, steps: int, logs: Path, tag: str) -> dict:
            "--preference.loss=sigmoid", "--preference.beta=0.1", "--train.batch_size=8", f"--train.max_steps={steps}",
            "--train.lr=1e-5", "--train.lr_schedule=constant", "--train.warmup_steps=0", "--train.max_grad_norm=1.0",
            f"--train.threads={args.threads}", "--train.eval_every=0", "--train.save_every=0", "--train.resume=never",
-           f"--train.precision={args.precision}", f"--run.output_dir={out}", "--run.name=run"]
-    log = logs / f"alignloop-{tag}.log"
+           f"--train.precision={args.precision}", f"--model.cpu_linear={cpu_linear}", f"--run.output_dir={out}", "--run.name=run"]
+    log = logs / f"alignloop-{tag}-{cpu_linear}.log"
     code, wall, rss = run_child(cmd, log, dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"), REPO)
-    res = {"impl": "alignloop", "size": size, "steps": steps, "wall_s": wall, "peak_rss_mb": rss}
+    res = {"impl": "alignloop", "cpu_linear": cpu_linear, "size": size, "steps": steps, "wall_s": wall, "peak_rss_mb": rss}
     if code != 0:
         res["error"] = f"exit {code}, see {log}"
         return res
@@ -78,6 +78,7 @@ def main() -> int:
     ap.add_argument("--e2e-sizes", default="5m", help="sizes for the end-to-end comparison")
     ap.add_argument("--e2e-steps", type=int, default=64)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--cpu-linear", default="auto", help="comma list of alignloop's model.cpu_linear values to run (auto, onednn, torch)")
     add_trl_arguments(ap)
     args = resolve_trl_arguments(ap.parse_args())
     logs = args.bench_work / "results" / f"dpo_vs_trl-{args.precision}-logs"
@@ -85,24 +86,28 @@ def main() -> int:
     results = []
     plan = [(s, args.steps, "step") for s in args.sizes.split(",") if s] + \
            [(s, args.e2e_steps, "e2e") for s in args.e2e_sizes.split(",") if s]
+    variants = args.cpu_linear.split(",")
     for size, steps, kind in plan:
-        for runner in (run_alignloop, run_trl):
-            r = runner(args, size, steps, logs, f"{kind}-{size}")
+        runs = [lambda tag, c=c: run_alignloop(args, size, steps, logs, tag, c) for c in variants]
+        for runner in [*runs, lambda tag: run_trl(args, size, steps, logs, tag)]:
+            r = runner(f"{kind}-{size}")
             r["kind"] = kind
             results.append(r)
             print(json.dumps(r), flush=True)
     lines = ["| measure | size | steps | alignloop | TRL | TRL / alignloop |", "|---|---|---|---|---|---|"]
     for size, steps, kind in plan:
-        a, t = [r for r in results if r["size"] == size and r["kind"] == kind]
-        if "error" in a or "error" in t:
-            lines.append(f"| {kind} | {size} | {steps} | {a.get('error', '')} | {t.get('error', '')} | |")
-            continue
-        key = "step_s" if kind == "step" else "wall_s"
-        label = "s/step" if kind == "step" else "wall s (reference pass included)"
-        lines.append(f"| {label} | {size} | {steps} | {a[key]:.3f} | {t[key]:.3f} | {t[key] / a[key]:.2f}× |")
-        lines.append(f"| peak RSS MB | {size} | {steps} | {a['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} | |")
-        if a.get("reference_pass_s") is not None:
-            lines.append(f"| one-off reference pass s | {size} | {steps} | {a['reference_pass_s']:.1f} | (every step) | |")
+        (t,) = [r for r in results if r["size"] == size and r["kind"] == kind and r["impl"] == "trl"]
+        for a in [r for r in results if r["size"] == size and r["kind"] == kind and r["impl"] == "alignloop"]:
+            variant = f" (cpu_linear={a['cpu_linear']})" if len(variants) > 1 else ""
+            if "error" in a or "error" in t:
+                lines.append(f"| {kind}{variant} | {size} | {steps} | {a.get('error', '')} | {t.get('error', '')} | |")
+                continue
+            key = "step_s" if kind == "step" else "wall_s"
+            label = "s/step" if kind == "step" else "wall s (reference pass included)"
+            lines.append(f"| {label}{variant} | {size} | {steps} | {a[key]:.3f} | {t[key]:.3f} | {t[key] / a[key]:.2f}× |")
+            lines.append(f"| peak RSS MB{variant} | {size} | {steps} | {a['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} | |")
+            if a.get("reference_pass_s") is not None:
+                lines.append(f"| one-off reference pass s{variant} | {size} | {steps} | {a['reference_pass_s']:.1f} | (every step) | |")
     text = f"precision: {args.precision}\n\n" + "\n".join(lines)
     print(text)
     (args.bench_work / "results" / f"dpo_vs_trl-{args.precision}.md").write_text(text + "\n")

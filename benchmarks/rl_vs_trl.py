@@ -51,7 +51,7 @@ def reward_file(bench: Path) -> Path:
     return path
 
 
-def run_alignloop(args, algo: str, size: str, precision: str, logs: Path) -> dict:
+def run_alignloop(args, algo: str, size: str, precision: str, logs: Path, cpu_linear: str = "auto") -> dict:
     bench = args.bench_work
     out = Path(tempfile.mkdtemp(prefix=f"rl-{algo}-{size}-", dir=bench / "_out"))
     beta = TRL_BETA.get(algo, 0.05)
@@ -62,13 +62,14 @@ def run_alignloop(args, algo: str, size: str, precision: str, logs: Path) -> dic
            f"--sampling.max_new_tokens={NEW_TOKENS}", "--sampling.stop_at_eos=false", "--sampling.batch_size=8",
            f"--train.max_steps={args.steps}", f"--train.lr={LR}", "--train.lr_schedule=constant", "--train.warmup_steps=0",
            "--train.max_grad_norm=1.0", f"--train.threads={args.threads}", "--train.eval_every=0", "--train.save_every=0",
-           "--train.resume=never", f"--train.precision={precision}", f"--run.output_dir={out}", "--run.name=run"]
+           "--train.resume=never", f"--train.precision={precision}", f"--model.cpu_linear={cpu_linear}",
+           f"--run.output_dir={out}", "--run.name=run"]
     if algo == "ppo":  # one PPO epoch, one minibatch: the same number of updates as GRPO's step
         cmd += ["--rl.epochs=1", "--rl.minibatches=1"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    log = logs / f"alignloop-{algo}-{size}-{precision}.log"
+    log = logs / f"alignloop-{algo}-{size}-{precision}-{cpu_linear}.log"
     code, wall, rss = run_child(cmd, log, env, REPO)
-    res = {"impl": "alignloop", "algo": algo, "size": size, "precision": precision, "wall_s": wall, "peak_rss_mb": rss}
+    res = {"impl": "alignloop", "cpu_linear": cpu_linear, "algo": algo, "size": size, "precision": precision, "wall_s": wall, "peak_rss_mb": rss}
     if code != 0:
         res["error"] = f"exit {code}, see {log}"
         return res
@@ -101,18 +102,22 @@ def run_trl(args, algo: str, size: str, precision: str, logs: Path) -> dict:
     return res
 
 
+def impl(result: dict) -> str:
+    return result["impl"] + (f" (cpu_linear={result['cpu_linear']})" if result.get("cpu_linear", "auto") != "auto" else "")
+
+
 def table(results: list[dict]) -> str:
     out = ["| algo | size | precision | impl | s/step | rollout s | train s | decoded tok/s | peak RSS MB | TRL/alignloop s/step | decode ×TRL |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     trl = {(r["algo"], r["size"], r["precision"]): r for r in results if r["impl"] == "trl" and "error" not in r}
     for r in results:
         if "error" in r:
-            out.append(f"| {r['algo']} | {r['size']} | {r['precision']} | {r['impl']} | error: {r['error']} | | | | | | |")
+            out.append(f"| {r['algo']} | {r['size']} | {r['precision']} | {impl(r)} | error: {r['error']} | | | | | | |")
             continue
         anchor = trl.get((r["algo"], r["size"], r["precision"]))
         ratio = f"{anchor['step_s'] / r['step_s']:.2f}×" if anchor and r["impl"] == "alignloop" else ""
         decode = f"{r['decode_tok_s'] / anchor['decode_tok_s']:.2f}×" if anchor and r["impl"] == "alignloop" else ""
-        out.append(f"| {r['algo']} | {r['size']} | {r['precision']} | {r['impl']} | {r['step_s']:.3f} | {r['rollout_s']:.3f} | {r['train_s']:.3f} | "
+        out.append(f"| {r['algo']} | {r['size']} | {r['precision']} | {impl(r)} | {r['step_s']:.3f} | {r['rollout_s']:.3f} | {r['train_s']:.3f} | "
                    f"{r['decode_tok_s']:.0f} | {r['peak_rss_mb']:.0f} | {ratio} | {decode} |")
     return "\n".join(out)
 
@@ -122,6 +127,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="5m,40m")
     ap.add_argument("--algos", default="grpo,rloo,ppo")
     ap.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16")
+    ap.add_argument("--cpu-linear", default="auto", help="comma list of alignloop's model.cpu_linear values to run (auto, onednn, torch)")
     add_trl_arguments(ap)
     args = resolve_trl_arguments(ap.parse_args())
     logs = args.bench_work / "results" / "rl_vs_trl-logs"
@@ -130,8 +136,9 @@ def main() -> int:
     for size in args.sizes.split(","):
         for precision in args.precisions.split(","):
             for algo in args.algos.split(","):
-                results.append(run_alignloop(args, algo, size, precision, logs))
-                print(json.dumps(results[-1]), flush=True)
+                for cpu_linear in args.cpu_linear.split(","):
+                    results.append(run_alignloop(args, algo, size, precision, logs, cpu_linear))
+                    print(json.dumps(results[-1]), flush=True)
                 if algo in TRL_BETA:
                     results.append(run_trl(args, algo, size, precision, logs))
                     print(json.dumps(results[-1]), flush=True)

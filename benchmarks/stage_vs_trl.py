@@ -254,6 +254,7 @@ def run_alignloop(args, size: str, precision: str, tag: str, logs: Path) -> dict
         "--train.weight_decay=0.0",
         f"--train.max_grad_norm={args.max_grad_norm}",
         f"--train.precision={precision}",
+        f"--model.cpu_linear={args.cpu_linear}",
         f"--train.threads={args.threads}",
         "--train.log_every=1",
         "--train.eval_every=0",
@@ -587,6 +588,7 @@ def main() -> int:
     ap.add_argument("--retries", type=int, default=2, help="re-runs of a contended pair")
     ap.add_argument("--timeout", type=float, default=900.0, help="per-run limit, seconds")
     ap.add_argument("--plain-alignloop", action="store_true", help="run `python -m alignloop` without the step-clock wrapper")
+    ap.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"], help="alignloop's model.cpu_linear")
     ap.add_argument("--keep-runs", action="store_true", help="keep alignloop's run folders under <bench-work>/_out")
     args = ap.parse_args()
 
@@ -653,6 +655,7 @@ def main() -> int:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "max_grad_norm": args.max_grad_norm,
+        "cpu_linear": args.cpu_linear,
         **({"reward_length_groups": args.reward_length_groups} if args.stage == "reward" else {}),
         "alignloop_versions": venv_versions(args.alignloop_python, ["alignloop", "torch", "transformers", "accelerate"]),
         "alignloop_git": git_state(REPO),

@@ -13,6 +13,7 @@ import torch
 from alignloop.config import ModelConfig
 from alignloop.errors import ModelError
 from alignloop.models.builtin import BUILTIN_SIZES, builtin_model, builtin_tokenizer
+from alignloop.models.cpu_linear import use_onednn_linears
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -82,6 +83,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: Any, seed: int) -> Any:
         model.config.use_cache = False
     if cfg.lora.r > 0:
         model = add_lora(model, cfg)
+    use_onednn_linears(model, cfg.cpu_linear)
     return model
 
 

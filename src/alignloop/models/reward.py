@@ -28,6 +28,7 @@ import torch
 
 from alignloop.config import ModelConfig
 from alignloop.errors import ModelError
+from alignloop.models.cpu_linear import use_onednn_linears
 from alignloop.models.load import disable_dropout as turn_off_dropout
 from alignloop.models.load import enable_checkpointing, inference_device
 from alignloop.models.readout import classifier_logits
@@ -96,6 +97,7 @@ def load_reward_model(cfg: ModelConfig, tokenizer: Any, seed: int, disable_dropo
         from alignloop.models.load import add_lora
 
         model = add_lora(model, cfg, task_type="SEQ_CLS")
+    use_onednn_linears(model, cfg.cpu_linear)
     return model
 
 
@@ -278,6 +280,7 @@ class RewardScorer:
             raise ModelError(f"reward model {path!r}: cannot load ({str(e).strip().splitlines()[0]})") from None
         self.device = inference_device(device)
         self.model.to(self.device).eval()
+        use_onednn_linears(self.model)
         self.batch_size = batch_size
         saved = getattr(self.model.config, "alignloop_reward", None) or {}
         self.max_length = max_length or saved.get("max_length") or 512  # as trained, unless told otherwise

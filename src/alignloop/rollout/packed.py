@@ -10,7 +10,10 @@ change after every update and frozen graphs would have to be rebuilt.
 
 Measured on a 2-core Xeon with AMX (8 rows, 40M model's shapes): a bf16 product of 8×512 by
 512×1408 took 88 µs plain and 52 µs packed, with bit-identical results; fp32 through MKL's packed
-GEMM 99 against 70 µs, equal to within float rounding (~5e-5).
+GEMM 99 against 70 µs, equal to within float rounding (~5e-5). Where fp32 layers run on oneDNN
+(``models/cpu_linear.py``: CPUs on which MKL is the slower library, AMD's) their weights are packed
+for oneDNN instead: on a 2-core AMD EPYC (Zen 5), 8×512 by 512×1408 took 143 µs through MKL's
+packed GEMM and 46 µs through oneDNN's.
 
 Only plain ``torch.nn.Linear`` layers with an ordinary 2-D CPU weight in bf16 or fp32 are packed
 (a LoRA layer's pieces are plain ``Linear`` too); a layer whose forward something else already
@@ -29,6 +32,8 @@ from functools import cache
 
 import torch
 
+from alignloop.models.cpu_linear import has_onednn_forward
+
 
 @contextmanager
 def packed_linears(model: torch.nn.Module, rows: int) -> Iterator[None]:
@@ -41,28 +46,35 @@ def packed_linears(model: torch.nn.Module, rows: int) -> Iterator[None]:
         for module in model.modules() if not torch.is_autocast_enabled("cpu") else ():
             forward = _packed_forward(module, rows)
             if forward is not None:
-                module.forward = forward  # an instance attribute shadows Linear.forward until deleted
-                swapped.append(module)
+                swapped.append((module, module.__dict__.get("forward")))
+                module.forward = forward  # an instance attribute shadows Linear.forward until restored
         yield
     finally:
-        for module in swapped:
-            module.__dict__.pop("forward", None)  # not `del`: a block nested on the same model may have removed it
+        for module, before in swapped:
+            if before is None:
+                module.__dict__.pop("forward", None)  # not `del`: a block nested on the same model may have removed it
+            else:
+                module.forward = before
 
 
 def _packed_forward(module: torch.nn.Module, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    if type(module) is not torch.nn.Linear or "forward" in module.__dict__:
+    if type(module) is not torch.nn.Linear:
+        return None
+    onednn = has_onednn_forward(module)  # fp32 on oneDNN (models/cpu_linear.py): pack for it, not for MKL
+    if "forward" in module.__dict__ and not onednn:
         return None
     weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
     if type(module.weight.data) is not torch.Tensor or weight.device.type != "cpu" or weight.dim() != 2:
         return None
     if bias is not None and bias.dtype != weight.dtype:
         return None
-    return _pack(weight, bias, rows) if _kernels_work(weight.dtype) else None
+    library = "onednn" if onednn or weight.dtype == torch.bfloat16 else "mkl"
+    return _pack(weight, bias, rows, library) if _kernels_work(weight.dtype, library) else None
 
 
-def _pack(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x ↦ F.linear(x, weight, bias)`` on ``weight`` packed once: oneDNN for bf16, MKL for fp32."""
-    if weight.dtype == torch.bfloat16:
+def _pack(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, library: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x ↦ F.linear(x, weight, bias)`` on ``weight`` packed once for oneDNN or MKL."""
+    if library == "onednn":
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
@@ -70,18 +82,20 @@ def _pack(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> Callabl
 
 
 @cache
-def _kernels_work(dtype: torch.dtype) -> bool:
-    """Whether this torch has the packed kernels for ``dtype`` and they agree with ``F.linear``."""
+def _kernels_work(dtype: torch.dtype, library: str) -> bool:
+    """Whether this torch has the packed kernels for ``dtype`` in ``library`` and they agree with ``F.linear``."""
     try:
-        if dtype == torch.bfloat16:
-            available = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if library == "onednn":
+            available = torch.backends.mkldnn.is_available() and (
+                dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            )
         else:
             available = dtype == torch.float32 and torch.backends.mkl.is_available()
         if not available:
             return False
         x, weight, bias = (t.to(dtype) for t in (torch.randn(3, 2, 64), torch.randn(48, 64), torch.randn(48)))
         with torch.inference_mode():
-            out, expected = _pack(weight, bias, 6)(x), torch.nn.functional.linear(x, weight, bias)
+            out, expected = _pack(weight, bias, 6, library)(x), torch.nn.functional.linear(x, weight, bias)
         return out.shape == expected.shape and torch.allclose(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
