@@ -81,12 +81,15 @@ def test_each_dpo_loss_learns_the_rule(loss: str, extra: tuple, word_model_dir: 
     assert last["eval/rewards/margin"] > 0
     assert last["eval/logps/chosen"] > last["eval/logps/rejected"]
     assert (tmp_path / "dpo" / "ref_logps.pt").is_file() == (loss != "simpo")
-    if loss == "simpo":
-        # Measured: SimPO separates the held-out pairs but its own samples barely move on this task
-        # (good-word share 0.10 → 0.10-0.16 over several settings): its length-normalised margin is
-        # met by sharpening continuations, not the first words after the prompt. Not asserted.
-        return
     win = samples_win(tmp_path / "dpo" / "final", word_model_dir, prefs, tmp_path)
+    if loss == "simpo":
+        # Measured: SimPO separates the held-out pairs but its own samples move little on this task
+        # (good-word share +0.00 to +0.06 in earlier sessions, +0.063 with a 40% per-prompt win rate
+        # on 2026-11-28; β 10 / γ 3 or lr 3e-3 did no better): its length-normalised margin is met
+        # mostly by sharpening continuations, not the first words after the prompt. Only the
+        # average's direction is asserted, as for robust below.
+        assert win["reward_delta"] > 0, win
+        return
     if loss == "robust":
         # Measured: robust DPO's loss is unbounded below (its −ε·softplus(β·h) term rewards any
         # larger margin), and at this learning rate it grows the margin mostly by pushing the
