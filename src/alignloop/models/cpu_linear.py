@@ -17,7 +17,9 @@ Results agree to float rounding (relative 1e-6; the order of the sums differs). 
 :func:`use_onednn_linears` gives a model's CPU ``nn.Linear`` layers a forward (and, through
 :class:`_OneDNNLinear`, a backward) on oneDNN, **when it is faster on this machine**: the choice
 is made once per process by timing both on one product (:func:`onednn_is_faster`). Where MKL is
-as fast (Intel CPUs) nothing changes. bf16 is left alone: torch already sends it to oneDNN.
+as fast (Intel CPUs) nothing changes. bf16 is left alone: torch already sends it to oneDNN. A run
+resumed on the same machine makes the same choice; to make a run's float rounding independent of
+a timing on a CPU where the two are close, set ``model.cpu_linear`` to ``onednn`` or ``torch``.
 
 The op is ``torch.ops.mkldnn._linear_pointwise``, private API, so the first use also checks that
 it runs and gives ``F.linear``'s answer. A layer falls back to ``F.linear`` for any call the
@@ -37,9 +39,6 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger("alignloop")
-
-KERNELS = ("auto", "onednn", "torch")
-
 
 def use_onednn_linears(model: torch.nn.Module, kernel: str = "auto") -> int:
     """Give ``model``'s fp32 CPU ``nn.Linear`` layers oneDNN's forward and backward; returns how
@@ -157,6 +156,6 @@ def onednn_is_faster() -> bool:
         timings = [(seconds(F.linear), seconds(_linear)) for _ in range(5)]
     aten, onednn = (statistics.median(t) for t in zip(*timings))
     faster = onednn * 1.2 < aten
-    log.debug("fp32 linear on this CPU: F.linear %.2f ms, oneDNN %.2f ms: %s", aten * 1e3 / 3, onednn * 1e3 / 3,
+    log.info("fp32 linear layers on this CPU: F.linear %.2f ms, oneDNN %.2f ms: %s", aten * 1e3 / 3, onednn * 1e3 / 3,
               "oneDNN" if faster else "F.linear")
     return faster
