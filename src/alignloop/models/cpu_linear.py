@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger("alignloop")
 
+
 def use_onednn_linears(model: torch.nn.Module, kernel: str = "auto") -> int:
     """Give ``model``'s fp32 CPU ``nn.Linear`` layers oneDNN's forward and backward; returns how
     many. ``kernel``: ``auto`` (when :func:`onednn_is_faster`), ``onednn`` (whenever it works) or

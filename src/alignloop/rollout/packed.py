@@ -32,7 +32,7 @@ from functools import cache
 
 import torch
 
-from alignloop.models.cpu_linear import has_onednn_forward
+from alignloop.models.cpu_linear import has_onednn_forward, onednn_linear
 
 
 @contextmanager
@@ -76,7 +76,7 @@ def _pack(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, library: s
     """``x ↦ F.linear(x, weight, bias)`` on ``weight`` packed once for oneDNN or MKL."""
     if library == "onednn":
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return lambda x: onednn_linear(x, packed, bias)
     packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
     return lambda x: torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
 
