@@ -97,3 +97,21 @@ def test_rollout_packing_keeps_the_onednn_forward():
             packed = model(input_ids=ids).logits
     torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)
     assert has_onednn_forward(model.lm_head)  # and back afterwards
+
+
+def test_decode_packing_follows_the_pin_and_otherwise_the_timing(monkeypatch):
+    """fp32 decode products: a layer on oneDNN packs for oneDNN, one pinned to torch for MKL (so
+    ``model.cpu_linear`` fixes the rounding of rollouts too), and an unpinned layer for whichever
+    library the decode-sized timing picked."""
+    import alignloop.rollout.packed as packing
+
+    onednn, pinned, free = _tiny_lm(), _tiny_lm(), _tiny_lm()
+    use_onednn_linears(onednn, "onednn")
+    use_onednn_linears(pinned, "torch")
+    assert packing.decode_library(onednn.lm_head, 8) == "onednn"
+    assert packing.decode_library(pinned.lm_head, 8) == "mkl"
+    assert packing.decode_library(copy.deepcopy(pinned).lm_head, 8) == "mkl"  # an RL reference keeps the pin
+    for faster, library in ((True, "onednn"), (False, "mkl")):
+        monkeypatch.setattr(packing, "onednn_packs_faster", lambda rows, faster=faster: faster)
+        assert packing.decode_library(free.lm_head, 8) == library
+    assert packing.decode_library(free.to(torch.bfloat16).lm_head, 8) == "onednn"

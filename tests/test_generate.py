@@ -269,7 +269,7 @@ def test_bad_sampling_settings_are_refused():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_packed_linears_multiply_as_linear_and_leave_nothing_behind(dtype):
-    from alignloop.rollout.packed import _kernels_work, packed_linears
+    from alignloop.rollout.packed import _kernels_work, decode_library, packed_linears
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32, bias=False)).to(dtype)
@@ -277,7 +277,7 @@ def test_packed_linears_multiply_as_linear_and_leave_nothing_behind(dtype):
     with torch.inference_mode():
         plain = net(x)
         with packed_linears(net, rows=8):
-            packs = _kernels_work(dtype, "onednn" if dtype == torch.bfloat16 else "mkl")  # plain layers: MKL for fp32
+            packs = _kernels_work(dtype, decode_library(net[0], 8))
             assert all(("forward" in layer.__dict__) == packs for layer in (net[0], net[2]))
             packed = net(x)
         if dtype == torch.bfloat16:

@@ -47,17 +47,17 @@ def use_onednn_linears(model: torch.nn.Module, kernel: str = "auto") -> int:
     ``torch`` (never). Call it after the model is built (and after LoRA is added): layers added
     later keep ``F.linear``. The forward is an instance attribute bound to the layer, so a
     ``copy.deepcopy`` of the model (an RL reference) carries it to the copy's own weights."""
-    if kernel == "torch" or not onednn_works():
+    layers = [module for module in model.modules() if type(module) is torch.nn.Linear and "forward" not in module.__dict__
+              and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"]
+    if kernel == "torch":
+        for module in layers:
+            module.cpu_linear = "torch"  # rollout packing (rollout/packed.py) keeps to torch's kernel too
         return 0
-    if kernel == "auto" and not onednn_is_faster():
+    if not onednn_works() or (kernel == "auto" and not onednn_is_faster()):
         return 0
-    count = 0
-    for module in model.modules():
-        if type(module) is torch.nn.Linear and "forward" not in module.__dict__ and module.weight.dtype == torch.float32:
-            if module.weight.device.type == "cpu":
-                module.forward = types.MethodType(_onednn_forward, module)
-                count += 1
-    return count
+    for module in layers:
+        module.forward = types.MethodType(_onednn_forward, module)
+    return len(layers)
 
 
 def has_onednn_forward(module: torch.nn.Module) -> bool:
@@ -65,6 +65,11 @@ def has_onednn_forward(module: torch.nn.Module) -> bool:
     its weight for oneDNN, not MKL)."""
     forward = module.__dict__.get("forward")
     return getattr(forward, "__func__", None) is _onednn_forward
+
+
+def pinned_to_torch(module: torch.nn.Module) -> bool:
+    """Whether ``model.cpu_linear: torch`` was set for ``module`` (then nothing moves it to oneDNN)."""
+    return module.__dict__.get("cpu_linear") == "torch"
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

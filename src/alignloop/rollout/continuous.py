@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from alignloop.models.prefix import cache_argument
+from alignloop.rollout.attention import decode_attention
 from alignloop.rollout.generate import GrowingLayer, RowSampling, TokenSampler, decode_attention_mask, left_padded, pad_left
 
 
@@ -186,12 +187,13 @@ class ContinuousBatcher:
         rows = len(self.rows)
         width = self.mask.shape[1]
         self.mask = torch.cat([self.mask, torch.ones((rows, 1), dtype=torch.bool, device=self.device)], dim=1)
-        logits = self.model(
-            input_ids=self.last[:, None], attention_mask=decode_attention_mask(self.model, self.mask),
-            position_ids=self.position[:, None],
-            cache_position=torch.tensor([width], device=self.device), use_cache=True, logits_to_keep=1,
-            **{self.cache_kw: self.cache},
-        ).logits[:, -1, :]
+        mask = decode_attention_mask(self.model, self.mask)
+        with decode_attention(self.model):  # one query a row as plain products (rollout/attention.py)
+            logits = self.model(
+                input_ids=self.last[:, None], attention_mask=mask, position_ids=self.position[:, None],
+                cache_position=torch.tensor([width], device=self.device), use_cache=True, logits_to_keep=1,
+                **{self.cache_kw: self.cache},
+            ).logits[:, -1, :]
         self.position = self.position + 1
         token, logp = self.sampler(logits.float(), range(rows))
         keep = self._deliver(self.rows, token, logp)

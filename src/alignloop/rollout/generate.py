@@ -12,7 +12,10 @@ backend can replace them later without touching their callers:
 The decode loop is our own, not ``model.generate``: prompts are sorted by length into batches,
 left-padded, prefilled once into a KV cache (:class:`GrowingLayer`), then decoded one token per
 step. Positions count real tokens only (``attention_mask.cumsum - 1``, as HF does for left
-padding), so a prompt gets the same positions whatever it is batched with.
+padding), so a prompt gets the same positions whatever it is batched with. Samples of one prompt
+are prefilled once; in the decode loop the weights are packed for the CPU's kernels
+(:mod:`alignloop.rollout.packed`) and attention reads the prompt's keys and values once for all
+its samples (:mod:`alignloop.rollout.attention`).
 
 Sampling is seeded per row, not per batch: see :func:`generate`.
 """
@@ -35,6 +38,7 @@ from alignloop.config import SamplingConfig
 from alignloop.data.tokenize import require_chat_template
 from alignloop.errors import DataError
 from alignloop.models.prefix import cache_argument
+from alignloop.rollout.attention import SharedPrompt, decode_attention
 from alignloop.rollout.packed import packed_linears
 
 Message = dict[str, Any]
@@ -133,7 +137,12 @@ def generate(
     completion_ids: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]
     finished = [False] * n
-    order = sorted(range(n), key=lambda i: len(prompt_ids[i]), reverse=True)  # longest first: any OOM comes early
+    # Longest first: any OOM comes early. Equal prompts (an RL group's samples) stay next to each
+    # other, so a batch holds them as runs of rows that decode attention can share a prompt over.
+    first = {}
+    for i, ids in enumerate(prompt_ids):
+        first.setdefault(tuple(ids), i)
+    order = sorted(range(n), key=lambda i: (-len(prompt_ids[i]), first[tuple(prompt_ids[i])]))
 
     with eval_mode(model), torch.inference_mode(), tqdm(total=n, unit="prompt", disable=not progress) as bar:
         for start in range(0, n, step):
@@ -199,8 +208,10 @@ def _decode_batch(
         logits_to_keep=1,
         **cache_kw,
     ).logits[:, -1, :]
+    prompt_keys, prompt_values = [], []  # (U, H_kv, width, D) a layer: the distinct prompts' alone
     if growable:
-        cache.layers = [GrowingLayer(layer.keys[source], layer.values[source], room=steps) for layer in cache.layers]
+        prompt_keys, prompt_values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+        cache.layers = [GrowingLayer(keys[source], values[source], room=steps) for keys, values in zip(prompt_keys, prompt_values)]
         logits = logits[source]
     sampler = TokenSampler([RowSampling.from_config(sampling, i) for i in sample_ids], logits.shape[-1], device)
 
@@ -209,8 +220,14 @@ def _decode_batch(
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     n_tokens = torch.full((rows,), steps, dtype=torch.long, device=device)  # (B,) completion lengths
     live = list(range(rows))  # rows still generating, for the per-row random draws
+    # Rows of equal prompts in equal runs (an RL group's samples): decode attention reads their
+    # prompt's keys and values once per run (rollout/attention.py).
+    samples = rows // len(unique_rows)
+    shared = growable and samples > 1 and bool((source == torch.arange(rows, device=device) // samples).all())
     # Each decode step multiplies `rows` rows by every weight: pack the weights once for the loop.
-    with packed_linears(model, rows):
+    with packed_linears(model, rows), decode_attention(model) as switched:
+        if switched and shared:
+            cache_kw["shared_prompt"] = SharedPrompt(samples, width, prompt_keys, prompt_values)
         for t in range(steps):
             token, logp = sampler(logits.float(), live)
             token = token.masked_fill(done, pad_id)

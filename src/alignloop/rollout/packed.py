@@ -10,10 +10,14 @@ change after every update and frozen graphs would have to be rebuilt.
 
 Measured on a 2-core Xeon with AMX (8 rows, 40M model's shapes): a bf16 product of 8×512 by
 512×1408 took 88 µs plain and 52 µs packed, with bit-identical results; fp32 through MKL's packed
-GEMM 99 against 70 µs, equal to within float rounding (~5e-5). Where fp32 layers run on oneDNN
-(``models/cpu_linear.py``: CPUs on which MKL is the slower library, AMD's) their weights are packed
-for oneDNN instead: on a 2-core AMD EPYC (Zen 5), 8×512 by 512×1408 took 143 µs through MKL's
-packed GEMM and 46 µs through oneDNN's.
+GEMM 99 against 70 µs, equal to within float rounding (~5e-5). On AMD CPUs MKL is the slower
+library for fp32 and oneDNN packs better: 8×512 by 512×1408 took 143 µs through MKL's packed GEMM
+and 46 µs through oneDNN's on a 2-core Zen 5, 157 against 88 µs on a Zen 4. So an fp32 layer is
+packed for oneDNN when it already runs on oneDNN (``models/cpu_linear.py``), for MKL when
+``model.cpu_linear: torch`` pins it, and otherwise for whichever of the two a one-off timing of a
+decode-sized product finds faster (:func:`decode_library`). The timing is not training's: on that
+Zen 4 oneDNN was 12% faster at a training step's 256 rows, too little to switch training, and
+1.8× faster at a decode step's 8.
 
 Only plain ``torch.nn.Linear`` layers with an ordinary 2-D CPU weight in bf16 or fp32 are packed
 (a LoRA layer's pieces are plain ``Linear`` too); a layer whose forward something else already
@@ -26,13 +30,18 @@ they run and give ``F.linear``'s answer, and packing stays off where they do not
 
 from __future__ import annotations
 
+import logging
+import statistics
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 
 import torch
 
-from alignloop.models.cpu_linear import has_onednn_forward, onednn_linear
+from alignloop.models.cpu_linear import has_onednn_forward, onednn_linear, pinned_to_torch
+
+log = logging.getLogger("alignloop")
 
 
 @contextmanager
@@ -60,16 +69,52 @@ def packed_linears(model: torch.nn.Module, rows: int) -> Iterator[None]:
 def _packed_forward(module: torch.nn.Module, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     if type(module) is not torch.nn.Linear:
         return None
-    onednn = has_onednn_forward(module)  # fp32 on oneDNN (models/cpu_linear.py): pack for it, not for MKL
-    if "forward" in module.__dict__ and not onednn:
+    if "forward" in module.__dict__ and not has_onednn_forward(module):
         return None
     weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
     if type(module.weight.data) is not torch.Tensor or weight.device.type != "cpu" or weight.dim() != 2:
         return None
     if bias is not None and bias.dtype != weight.dtype:
         return None
-    library = "onednn" if onednn or weight.dtype == torch.bfloat16 else "mkl"
+    library = decode_library(module, rows)
     return _pack(weight, bias, rows, library) if _kernels_work(weight.dtype, library) else None
+
+
+def decode_library(module: torch.nn.Linear, rows: int) -> str:
+    """Which library multiplies ``module``'s packed weight: oneDNN for bf16 (torch's own choice) and
+    for a layer already on oneDNN; MKL for a layer pinned to torch's kernel (``model.cpu_linear:
+    torch``); otherwise the faster of the two at ``rows`` rows on this CPU (:func:`onednn_packs_faster`)."""
+    if module.weight.dtype == torch.bfloat16 or has_onednn_forward(module):
+        return "onednn"
+    if pinned_to_torch(module) or not _kernels_work(torch.float32, "onednn"):
+        return "mkl"
+    return "onednn" if onednn_packs_faster(rows) else "mkl"
+
+
+@cache
+def onednn_packs_faster(rows: int) -> bool:
+    """Time fp32 products of ``rows`` rows by a packed 512 → 1408 weight (the 40M benchmark model's
+    MLP) in MKL and in oneDNN once per process, alternating, median of 5; oneDNN wins when it is
+    at least 20% faster. A few milliseconds, once per row count."""
+    if not _kernels_work(torch.float32, "mkl"):
+        return True
+    x, weight = torch.randn(rows, 512), torch.randn(1408, 512)
+    mkl, onednn = _pack(weight, None, rows, "mkl"), _pack(weight, None, rows, "onednn")
+
+    def seconds(product: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        start = time.perf_counter()
+        for _ in range(5):
+            product(x)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        seconds(mkl), seconds(onednn)  # warm both up
+        timings = [(seconds(mkl), seconds(onednn)) for _ in range(5)]
+    mkl_s, onednn_s = (statistics.median(t) for t in zip(*timings))
+    faster = onednn_s * 1.2 < mkl_s
+    log.info("packed fp32 decode products of %d rows on this CPU: MKL %.0f µs, oneDNN %.0f µs: %s", rows,
+             mkl_s * 2e5, onednn_s * 2e5, "oneDNN" if faster else "MKL")
+    return faster
 
 
 def _pack(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, library: str) -> Callable[[torch.Tensor], torch.Tensor]:
