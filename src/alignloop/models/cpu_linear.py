@@ -33,6 +33,7 @@ import logging
 import statistics
 import time
 import types
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -145,23 +146,30 @@ def onednn_works() -> bool:
 @cache
 def onednn_is_faster() -> bool:
     """Time ``F.linear`` against oneDNN once per process on a training-sized fp32 product (256 rows,
-    512 → 1408, the 40M benchmark model's MLP), alternating, median of 5; oneDNN wins when it is at
-    least 20% faster. A few milliseconds, at the first model load."""
+    512 → 1408, the 40M benchmark model's MLP) with :func:`seconds_per_call`; oneDNN wins when it is
+    at least 20% faster. A few milliseconds, at the first model load."""
     if not onednn_works():
         return False
     x, weight = torch.randn(256, 512), torch.randn(1408, 512)
-
-    def seconds(fn) -> float:  # noqa: ANN001
-        start = time.perf_counter()
-        for _ in range(3):
-            fn(x, weight, None)
-        return time.perf_counter() - start
-
     with torch.inference_mode():
-        seconds(F.linear), seconds(_linear)  # warm both up
-        timings = [(seconds(F.linear), seconds(_linear)) for _ in range(5)]
-    aten, onednn = (statistics.median(t) for t in zip(*timings))
+        aten, onednn = seconds_per_call(lambda: F.linear(x, weight), lambda: _linear(x, weight, None), calls=3)
     faster = onednn * 1.2 < aten
-    log.info("fp32 linear layers on this CPU: F.linear %.2f ms, oneDNN %.2f ms: %s", aten * 1e3 / 3, onednn * 1e3 / 3,
-              "oneDNN" if faster else "F.linear")
+    log.info("fp32 linear layers on this CPU: F.linear %.2f ms, oneDNN %.2f ms: %s", aten * 1e3, onednn * 1e3,
+             "oneDNN" if faster else "F.linear")
     return faster
+
+
+def seconds_per_call(first: Callable[[], object], second: Callable[[], object], calls: int) -> tuple[float, float]:
+    """Seconds a call of each of two kernels takes: both warmed up, then timed alternately,
+    ``calls`` calls a timing, median of 5 timings each (alternating, so a machine whose speed
+    drifts slows both alike)."""
+
+    def seconds(fn: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
+
+    seconds(first), seconds(second)
+    timings = [(seconds(first), seconds(second)) for _ in range(5)]
+    return statistics.median(t[0] for t in timings), statistics.median(t[1] for t in timings)

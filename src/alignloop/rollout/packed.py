@@ -31,15 +31,13 @@ they run and give ``F.linear``'s answer, and packing stays off where they do not
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 
 import torch
 
-from alignloop.models.cpu_linear import has_onednn_forward, onednn_linear, pinned_to_torch
+from alignloop.models.cpu_linear import has_onednn_forward, onednn_linear, pinned_to_torch, seconds_per_call
 
 log = logging.getLogger("alignloop")
 
@@ -94,26 +92,17 @@ def decode_library(module: torch.nn.Linear, rows: int) -> str:
 @cache
 def onednn_packs_faster(rows: int) -> bool:
     """Time fp32 products of ``rows`` rows by a packed 512 → 1408 weight (the 40M benchmark model's
-    MLP) in MKL and in oneDNN once per process, alternating, median of 5; oneDNN wins when it is
-    at least 20% faster. A few milliseconds, once per row count."""
+    MLP) in MKL and in oneDNN once per process with :func:`~alignloop.models.cpu_linear.seconds_per_call`;
+    oneDNN wins when it is at least 20% faster. A few milliseconds, once per row count."""
     if not _kernels_work(torch.float32, "mkl"):
         return True
     x, weight = torch.randn(rows, 512), torch.randn(1408, 512)
     mkl, onednn = _pack(weight, None, rows, "mkl"), _pack(weight, None, rows, "onednn")
-
-    def seconds(product: Callable[[torch.Tensor], torch.Tensor]) -> float:
-        start = time.perf_counter()
-        for _ in range(5):
-            product(x)
-        return time.perf_counter() - start
-
     with torch.inference_mode():
-        seconds(mkl), seconds(onednn)  # warm both up
-        timings = [(seconds(mkl), seconds(onednn)) for _ in range(5)]
-    mkl_s, onednn_s = (statistics.median(t) for t in zip(*timings))
+        mkl_s, onednn_s = seconds_per_call(lambda: mkl(x), lambda: onednn(x), calls=5)
     faster = onednn_s * 1.2 < mkl_s
     log.info("packed fp32 decode products of %d rows on this CPU: MKL %.0f µs, oneDNN %.0f µs: %s", rows,
-             mkl_s * 2e5, onednn_s * 2e5, "oneDNN" if faster else "MKL")
+             mkl_s * 1e6, onednn_s * 1e6, "oneDNN" if faster else "MKL")
     return faster
 
 
