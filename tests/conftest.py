@@ -145,9 +145,10 @@ def straight_and_killed_runs() -> Callable[[list[str], Path, int], tuple[list[di
     from alignloop.train.loop import read_metrics
 
     def run(cli_args: list[str], out: Path, step: int) -> tuple[list[dict], list[dict]]:
-        # The three processes must multiply with the same kernels: under `auto` each times oneDNN
-        # against torch's GEMM itself, and on a CPU where the two are close they can choose
-        # differently and round differently (models/cpu_linear.py says to pin it for bit-stable resumes).
+        # The straight and the killed run must multiply with the same kernels: under `auto` each
+        # times oneDNN against torch's GEMM itself, and on a CPU where the two are close they can
+        # choose differently and round differently. (The resumed process adopts the killed one's
+        # choice from the checkpoint: test_train.py::test_a_resume_keeps_the_cpu_kernels_...)
         cli_args = [*cli_args, "--model.cpu_linear=torch"]
         subprocess.run(alignloop_command(*cli_args, "--run.name=straight"), check=True, capture_output=True)
         proc = subprocess.Popen(alignloop_command(*cli_args, "--run.name=killed"), stderr=subprocess.PIPE, text=True)

@@ -115,3 +115,32 @@ def test_decode_packing_follows_the_pin_and_otherwise_the_timing(monkeypatch):
         monkeypatch.setattr(packing, "onednn_packs_faster", lambda rows, faster=faster: faster)
         assert packing.decode_library(free.lm_head, 8) == library
     assert packing.decode_library(free.to(torch.bfloat16).lm_head, 8) == "onednn"
+
+
+def test_auto_layers_follow_the_process_choice_wherever_it_comes_from(monkeypatch):
+    """``cpu_linear: auto`` layers read this process's choice at each call, so a choice adopted from
+    a checkpoint after the models are loaded moves every one of them, and the rollout packing with them."""
+    from alignloop.models import cpu_linear
+    import alignloop.rollout.packed as packing
+
+    monkeypatch.setattr(cpu_linear, "_choices", {})
+    onednn_products = []
+    linear = cpu_linear._linear
+    monkeypatch.setattr(cpu_linear, "_linear", lambda *args: onednn_products.append(1) or linear(*args))
+    monkeypatch.setattr(cpu_linear, "_time_training_products", lambda: True)
+    model = _tiny_lm()
+    assert use_onednn_linears(model) == 15
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(onednn_products) == 15 and cpu_linear.chosen_kernels() == {"training": True}  # timed at the first product
+    assert packing.decode_library(model.lm_head, 8) == "onednn"
+
+    cpu_linear.adopt_kernels({"training": False, "decode_8_rows": False})
+    onednn_products.clear()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert not onednn_products
+    monkeypatch.setattr(packing, "_time_decode_products", lambda rows: pytest.fail("adopted choices are not timed again"))
+    assert packing.decode_library(model.lm_head, 8) == "mkl"
+    assert cpu_linear.chosen_kernels() == {"training": False, "decode_8_rows": False}

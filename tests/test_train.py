@@ -230,6 +230,31 @@ def test_bf16_resume_from_a_checkpoint_continues_exactly(tiny_model_dir, sft_dat
     assert [m["train/loss"] for m in continued] == [m["train/loss"] for m in straight[3:]]
 
 
+def test_a_resume_keeps_the_cpu_kernels_the_checkpointed_process_chose(tiny_model_dir, sft_data, tmp_path, monkeypatch):
+    """Under ``model.cpu_linear: auto`` each process times oneDNN against torch's GEMM. A checkpoint
+    records the choice, and a resumed process whose own timing went the other way adopts it: it
+    makes no oneDNN product and reproduces the straight run's losses exactly."""
+    from alignloop.models import cpu_linear
+
+    train, _ = sft_data
+    base = sft_args(tiny_model_dir, train, tmp_path, "--train.max_steps=6", "--train.save_every=3",
+                    "--train.eval_every=0", "--data.eval_fraction=0")
+    monkeypatch.setattr(cpu_linear, "_choices", {"training": False})  # this process timed F.linear faster
+    assert main([*base, "--run.name=straight"]) == 0
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-3"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["cpu_kernels"] == {"training": False}
+
+    monkeypatch.setattr(cpu_linear, "_choices", {"training": True})  # the resumed process timed oneDNN faster
+    onednn_products = []
+    linear = cpu_linear._linear
+    monkeypatch.setattr(cpu_linear, "_linear", lambda *args: onednn_products.append(1) or linear(*args))
+    assert main([*base, "--run.name=continued", f"--resume={checkpoint}"]) == 0
+    assert cpu_linear.chosen_kernels() == {"training": False} and not onednn_products
+    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    continued = read_metrics(tmp_path / "continued" / "metrics.jsonl")
+    assert [m["train/loss"] for m in continued] == [m["train/loss"] for m in straight[3:]]
+
+
 def test_a_completed_run_is_not_trained_again_unless_its_settings_change(tiny_model_dir, sft_data, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="alignloop")
     train, _ = sft_data

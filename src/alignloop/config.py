@@ -63,7 +63,7 @@ class ModelConfig:
     tokenizer: Optional[str] = option(None, "tokenizer id or folder; default: the model's own (built-ins: a BPE trained on the chitchat corpus)")
     dtype: Literal["float32", "bfloat16"] = option("float32", "dtype the weights are loaded and kept in")
     attn_implementation: str = option("sdpa", "transformers attention kernel: sdpa, eager, flash_attention_2")
-    cpu_linear: Literal["auto", "onednn", "torch"] = option("auto", "fp32 linear layers on the CPU: oneDNN where it is faster than torch's default GEMM on this CPU, timed once (auto), always (onednn) or never (torch)")
+    cpu_linear: Literal["auto", "onednn", "torch"] = option("auto", "fp32 linear layers on the CPU: oneDNN where it is faster than torch's default GEMM on this CPU, timed once per process and kept by checkpoints (auto), always (onednn) or never (torch)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     trust_remote_code: bool = option(False, "allow model code from the Hub (only for models you trust)")
     lora: LoraConfig = section(LoraConfig, "LoRA adapters through peft")

@@ -16,10 +16,18 @@ product (rows × in → out)              ``F.linear``   oneDNN
 Results agree to float rounding (relative 1e-6; the order of the sums differs). So
 :func:`use_onednn_linears` gives a model's CPU ``nn.Linear`` layers a forward (and, through
 :class:`_OneDNNLinear`, a backward) on oneDNN, **when it is faster on this machine**: the choice
-is made once per process by timing both on one product (:func:`onednn_is_faster`). Where MKL is
-as fast (Intel CPUs) nothing changes. bf16 is left alone: torch already sends it to oneDNN. A run
-resumed on the same machine makes the same choice; to make a run's float rounding independent of
-a timing on a CPU where the two are close, set ``model.cpu_linear`` to ``onednn`` or ``torch``.
+is made once per process, at the first product, by timing both on one product
+(:func:`onednn_is_faster`). Where MKL is as fast (Intel CPUs) nothing changes. bf16 is left alone:
+torch already sends it to oneDNN.
+
+The choice changes the float rounding of a run, so it is part of the run's state: every
+checkpoint records the choices this process made (:func:`chosen_kernels`, this one and the
+rollout packing's per row count in ``rollout/packed.py``), and a resumed process adopts them
+(:func:`adopt_kernels`) instead of timing again. A layer consults the process's choice at each
+call, so adopting it after the models are loaded still moves all of them (policy, reference,
+value and reward models) together. Without that, a CPU where the two libraries are within the
+margin could time them differently in the resumed process and continue with other roundings.
+To make the rounding independent of any timing, set ``model.cpu_linear`` to ``onednn`` or ``torch``.
 
 The op is ``torch.ops.mkldnn._linear_pointwise``, private API, so the first use also checks that
 it runs and gives ``F.linear``'s answer. A layer falls back to ``F.linear`` for any call the
@@ -44,26 +52,30 @@ log = logging.getLogger("alignloop")
 
 def use_onednn_linears(model: torch.nn.Module, kernel: str = "auto") -> int:
     """Give ``model``'s fp32 CPU ``nn.Linear`` layers oneDNN's forward and backward; returns how
-    many. ``kernel``: ``auto`` (when :func:`onednn_is_faster`), ``onednn`` (whenever it works) or
-    ``torch`` (never). Call it after the model is built (and after LoRA is added): layers added
-    later keep ``F.linear``. The forward is an instance attribute bound to the layer, so a
-    ``copy.deepcopy`` of the model (an RL reference) carries it to the copy's own weights."""
+    many. ``kernel``: ``auto`` (whenever this process's :func:`onednn_is_faster`), ``onednn``
+    (whenever it works) or ``torch`` (never). Call it after the model is built (and after LoRA is
+    added): layers added later keep ``F.linear``. The forward is an instance attribute bound to the
+    layer, so a ``copy.deepcopy`` of the model (an RL reference) carries it to the copy's own weights."""
     layers = [module for module in model.modules() if type(module) is torch.nn.Linear and "forward" not in module.__dict__
               and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"]
-    if kernel == "torch":
-        for module in layers:
-            module.cpu_linear = "torch"  # rollout packing (rollout/packed.py) keeps to torch's kernel too
-        return 0
-    if not onednn_works() or (kernel == "auto" and not onednn_is_faster()):
+    for module in layers:
+        module.cpu_linear = kernel  # read at each call, and by the rollout packing (rollout/packed.py)
+    if kernel == "torch" or not onednn_works():
         return 0
     for module in layers:
         module.forward = types.MethodType(_onednn_forward, module)
     return len(layers)
 
 
+def runs_on_onednn(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s fp32 products go to oneDNN: :func:`use_onednn_linears` gave it its
+    forward, and its ``cpu_linear`` is ``onednn`` or it is ``auto`` and this process chose oneDNN
+    (rollout packing then packs its weight for oneDNN, not MKL)."""
+    return has_onednn_forward(module) and (module.cpu_linear == "onednn" or onednn_is_faster())
+
+
 def has_onednn_forward(module: torch.nn.Module) -> bool:
-    """Whether :func:`use_onednn_linears` gave ``module`` its forward (rollout packing then packs
-    its weight for oneDNN, not MKL)."""
+    """Whether :func:`use_onednn_linears` gave ``module`` its forward."""
     forward = module.__dict__.get("forward")
     return getattr(forward, "__func__", None) is _onednn_forward
 
@@ -91,6 +103,7 @@ def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         or type(x) not in (torch.nn.Parameter, torch.Tensor)
         or x.numel() == 0
         or torch.is_autocast_enabled("cpu")
+        or (self.cpu_linear == "auto" and not onednn_is_faster())
     ):
         return F.linear(x, weight, bias)
     return onednn_linear(x, weight, bias)
@@ -143,11 +156,15 @@ def onednn_works() -> bool:
         return False
 
 
-@cache
 def onednn_is_faster() -> bool:
-    """Time ``F.linear`` against oneDNN once per process on a training-sized fp32 product (256 rows,
-    512 → 1408, the 40M benchmark model's MLP) with :func:`seconds_per_call`; oneDNN wins when it is
-    at least 20% faster. A few milliseconds, at the first model load."""
+    """This process's choice for ``cpu_linear: auto`` training products: made at the first call by
+    timing ``F.linear`` against oneDNN on a training-sized fp32 product (256 rows, 512 → 1408, the
+    40M benchmark model's MLP) with :func:`seconds_per_call` (oneDNN wins when it is at least 20%
+    faster; a few milliseconds), or adopted from a checkpoint (:func:`adopt_kernels`)."""
+    return kernel_choice("training", _time_training_products)
+
+
+def _time_training_products() -> bool:
     if not onednn_works():
         return False
     x, weight = torch.randn(256, 512), torch.randn(1408, 512)
@@ -157,6 +174,31 @@ def onednn_is_faster() -> bool:
     log.info("fp32 linear layers on this CPU: F.linear %.2f ms, oneDNN %.2f ms: %s", aten * 1e3, onednn * 1e3,
              "oneDNN" if faster else "F.linear")
     return faster
+
+
+_choices: dict[str, bool] = {}  # this process's kernel choices by name, timed or adopted
+
+
+def kernel_choice(name: str, time_it: Callable[[], bool]) -> bool:
+    """Whether oneDNN is the faster library for the products named ``name``: this process's choice,
+    made by ``time_it()`` at the first ask unless adopted from a checkpoint, then kept."""
+    if name not in _choices:
+        _choices[name] = time_it()
+    return _choices[name]
+
+
+def chosen_kernels() -> dict[str, bool]:
+    """The kernel choices this process has made so far, to record in a checkpoint."""
+    return dict(_choices)
+
+
+def adopt_kernels(choices: dict[str, bool]) -> None:
+    """Take a checkpoint's kernel choices as this process's own, so a resumed run keeps its rounding.
+    A choice the checkpoint does not hold is still timed at its first use."""
+    changed = {name: chosen for name, chosen in choices.items() if _choices.get(name, chosen) != chosen}
+    if changed:
+        log.info("kernel choices from the checkpoint replace this process's timing: %s", changed)
+    _choices.update({name: bool(chosen) for name, chosen in choices.items()})
 
 
 def seconds_per_call(first: Callable[[], object], second: Callable[[], object], calls: int) -> tuple[float, float]:

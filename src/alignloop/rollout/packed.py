@@ -37,7 +37,14 @@ from functools import cache
 
 import torch
 
-from alignloop.models.cpu_linear import has_onednn_forward, onednn_linear, pinned_to_torch, seconds_per_call
+from alignloop.models.cpu_linear import (
+    has_onednn_forward,
+    kernel_choice,
+    onednn_linear,
+    pinned_to_torch,
+    runs_on_onednn,
+    seconds_per_call,
+)
 
 log = logging.getLogger("alignloop")
 
@@ -82,18 +89,23 @@ def decode_library(module: torch.nn.Linear, rows: int) -> str:
     """Which library multiplies ``module``'s packed weight: oneDNN for bf16 (torch's own choice) and
     for a layer already on oneDNN; MKL for a layer pinned to torch's kernel (``model.cpu_linear:
     torch``); otherwise the faster of the two at ``rows`` rows on this CPU (:func:`onednn_packs_faster`)."""
-    if module.weight.dtype == torch.bfloat16 or has_onednn_forward(module):
+    if module.weight.dtype == torch.bfloat16 or runs_on_onednn(module):
         return "onednn"
     if pinned_to_torch(module) or not _kernels_work(torch.float32, "onednn"):
         return "mkl"
     return "onednn" if onednn_packs_faster(rows) else "mkl"
 
 
-@cache
 def onednn_packs_faster(rows: int) -> bool:
-    """Time fp32 products of ``rows`` rows by a packed 512 → 1408 weight (the 40M benchmark model's
-    MLP) in MKL and in oneDNN once per process with :func:`~alignloop.models.cpu_linear.seconds_per_call`;
-    oneDNN wins when it is at least 20% faster. A few milliseconds, once per row count."""
+    """This process's choice for fp32 decode products of ``rows`` rows (recorded in checkpoints like
+    training's, :func:`~alignloop.models.cpu_linear.kernel_choice`): made at the first ask by timing
+    products of ``rows`` rows by a packed 512 → 1408 weight (the 40M benchmark model's MLP) in MKL
+    and in oneDNN with :func:`~alignloop.models.cpu_linear.seconds_per_call`; oneDNN wins when it
+    is at least 20% faster. A few milliseconds, once per row count."""
+    return kernel_choice(f"decode_{rows}_rows", lambda: _time_decode_products(rows))
+
+
+def _time_decode_products(rows: int) -> bool:
     if not _kernels_work(torch.float32, "mkl"):
         return True
     x, weight = torch.randn(rows, 512), torch.randn(1408, 512)

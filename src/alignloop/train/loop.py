@@ -31,11 +31,13 @@ import yaml
 
 from alignloop.config import TrainConfig, save_config
 from alignloop.errors import ConfigError, TrainingInterrupted
+from alignloop.models.cpu_linear import adopt_kernels, chosen_kernels
 
 log = logging.getLogger("alignloop")
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
+KERNELS_KEY = "cpu_kernels"  # in STATE_FILE: the CPU kernel choices the run made (models/cpu_linear.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +304,8 @@ def save_checkpoint(accelerator: Any, run: Run, step: int, state: dict, keep: in
     """Save everything needed to continue exactly after ``step`` optimizer steps.
 
     accelerate writes the prepared model, optimiser, scheduler and every RNG state; ``state`` is the
-    stage's own (data position, controllers) as JSON. The folder is written under a temporary
+    stage's own (data position, controllers) as JSON, beside the CPU kernel choices this process
+    made (``models/cpu_linear.py``: they fix the run's float rounding). The folder is written under a temporary
     name and renamed, so a kill -9 mid-save leaves the previous checkpoint as the newest.
     """
     final = run.checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -312,7 +315,7 @@ def save_checkpoint(accelerator: Any, run: Run, step: int, state: dict, keep: in
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, KERNELS_KEY: chosen_kernels(), **state}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in run.checkpoints()[:-keep]:
@@ -354,6 +357,7 @@ def resume(accelerator: Any, run: Run, resume_from: str) -> dict | None:
             raise ConfigError(f"train.resume: {resume_from!r} is not a checkpoint folder (no {STATE_FILE})")
     accelerator.load_state(str(folder))
     state = json.loads((folder / STATE_FILE).read_text())
+    adopt_kernels(state.pop(KERNELS_KEY, {}))  # before any product: the resumed run keeps the killed one's rounding
     log.info("resumed from %s (step %d)", folder, state["step"])
     return state
 
