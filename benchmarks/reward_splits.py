@@ -9,7 +9,9 @@ baselines a reward model has to beat on them.
   debate (every pair) is held out once (``ukp-fold{k}-{train,test}.jsonl``; fold 0's files are
   ``ukp-train.jsonl`` / ``ukp-test.jsonl``).
 * HH-RLHF harmless-base test file: a fixed 80/20 split of its pairs (row indices shuffled with
-  ``random.Random(0)``, the first 20% are the test set); rows keep their file order.
+  ``random.Random(0)``, the first 20% are the test set); rows keep their file order. The same
+  rule applied to the training 80% gives a development split (``hh-dev-{train,test}.jsonl``):
+  settings are chosen on it, so the test set is read once per setting that is reported.
 
 Baselines on each test set (ties count half):
 
@@ -87,7 +89,9 @@ def main() -> None:
     ukp_train, ukp_test, held_out = split_ukp(ukp_rows)
     hh_rows, hh_counts = convert_hh_rlhf(read_rows(str(args.hh)))
     hh_train, hh_test = split_hh(hh_rows)
-    for name, rows in [("ukp-train", ukp_train), ("ukp-test", ukp_test), ("hh-train", hh_train), ("hh-test", hh_test)]:
+    hh_dev_train, hh_dev_test = split_hh(hh_train)
+    for name, rows in [("ukp-train", ukp_train), ("ukp-test", ukp_test), ("hh-train", hh_train), ("hh-test", hh_test),
+                       ("hh-dev-train", hh_dev_train), ("hh-dev-test", hh_dev_test)]:
         write_jsonl(rows, out / f"{name}.jsonl")
 
     # The final reply only: a diverged hh pair (5 of 2,312) has several messages per side.
@@ -107,6 +111,7 @@ def main() -> None:
             "conversion": asdict(hh_counts),
             "train_pairs": len(hh_train),
             "test_pairs": len(hh_test),
+            "dev_split": {"train_pairs": len(hh_dev_train), "test_pairs": len(hh_dev_test)},
             "baseline": "shorter final reply wins (characters; ties half)",
             "baseline_test_accuracy": round(length_rule_accuracy(hh_lengths, longer_wins=False), 4),
         },
@@ -132,6 +137,7 @@ def main() -> None:
     print(f"hh-rlhf harmless-base: {hh_counts.kept} of {hh_counts.pairs} pairs ({hh_counts.diverged} diverged early)")
     print(f"  train {len(hh_train)} pairs, test {len(hh_test)} pairs")
     print(f"  shorter answer wins: {result['hh']['baseline_test_accuracy']:.3f} on test")
+    print(f"  development split of the training pairs: {len(hh_dev_train)} / {len(hh_dev_test)} (hh-dev-{{train,test}})")
     print(f"wrote {out}/{{ukp,hh}}-{{train,test}}.jsonl and baselines.json")
 
 
