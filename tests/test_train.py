@@ -146,9 +146,11 @@ def test_two_processes_match_one(tiny_model_dir, sft_data, tmp_path):
     assert main([*base, "--run.name=one", "--train.batch_size=8"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "alignloop"]
-    done = subprocess.run([*torchrun, *base, "--run.name=two", "--train.batch_size=4"], env=env,
+    done = subprocess.run([*torchrun, *base, "--run.name=two", "--train.batch_size=4", "--train.save_every=1"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert (tmp_path / "two" / "final" / "model.safetensors").is_file(), done.stderr[-3000:]
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step-1" / "trainer_state.json").read_text())
+    assert len(state["cpu_kernels"]) == 2 and all("training" in choices for choices in state["cpu_kernels"])
     one = load_file(tmp_path / "one" / "final" / "model.safetensors")
     two = load_file(tmp_path / "two" / "final" / "model.safetensors")
     for k in one:
@@ -242,7 +244,7 @@ def test_a_resume_keeps_the_cpu_kernels_the_checkpointed_process_chose(tiny_mode
     monkeypatch.setattr(cpu_linear, "_choices", {"training": False})  # this process timed F.linear faster
     assert main([*base, "--run.name=straight"]) == 0
     checkpoint = tmp_path / "straight" / "checkpoints" / "step-3"
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["cpu_kernels"] == {"training": False}
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["cpu_kernels"] == [{"training": False}]
 
     monkeypatch.setattr(cpu_linear, "_choices", {"training": True})  # the resumed process timed oneDNN faster
     onednn_products = []
@@ -253,6 +255,23 @@ def test_a_resume_keeps_the_cpu_kernels_the_checkpointed_process_chose(tiny_mode
     straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     continued = read_metrics(tmp_path / "continued" / "metrics.jsonl")
     assert [m["train/loss"] for m in continued] == [m["train/loss"] for m in straight[3:]]
+
+
+def test_each_rank_resumes_with_the_kernel_choices_it_made_itself(tmp_path, monkeypatch):
+    """Under DDP each rank times the kernels for itself, so two ranks can choose differently; the
+    checkpoint keeps the choices by rank and each resumed rank adopts its own (rank 0's when the
+    run now has more ranks than were recorded)."""
+    from types import SimpleNamespace
+
+    from alignloop.models import cpu_linear
+    from alignloop.train.loop import STATE_FILE, resume
+
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 3, "cpu_kernels": [{"training": True}, {"training": False}]}))
+    for rank, expected in ((0, True), (1, False), (2, True)):
+        monkeypatch.setattr(cpu_linear, "_choices", {})
+        accelerator = SimpleNamespace(process_index=rank, load_state=lambda folder: None)
+        assert resume(accelerator, None, str(tmp_path)) == {"step": 3}
+        assert cpu_linear.chosen_kernels() == {"training": expected}
 
 
 def test_a_completed_run_is_not_trained_again_unless_its_settings_change(tiny_model_dir, sft_data, tmp_path, caplog):

@@ -37,7 +37,7 @@ log = logging.getLogger("alignloop")
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
-KERNELS_KEY = "cpu_kernels"  # in STATE_FILE: the CPU kernel choices the run made (models/cpu_linear.py)
+KERNELS_KEY = "cpu_kernels"  # in STATE_FILE: each rank's CPU kernel choices, by rank (models/cpu_linear.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,9 +304,10 @@ def save_checkpoint(accelerator: Any, run: Run, step: int, state: dict, keep: in
     """Save everything needed to continue exactly after ``step`` optimizer steps.
 
     accelerate writes the prepared model, optimiser, scheduler and every RNG state; ``state`` is the
-    stage's own (data position, controllers) as JSON, beside the CPU kernel choices this process
-    made (``models/cpu_linear.py``: they fix the run's float rounding). The folder is written under a temporary
-    name and renamed, so a kill -9 mid-save leaves the previous checkpoint as the newest.
+    stage's own (data position, controllers) as JSON, beside the CPU kernel choices each process
+    made, by rank (``models/cpu_linear.py``: they fix the run's float rounding, and under DDP each
+    rank times for itself). The folder is written under a temporary name and renamed, so a kill -9
+    mid-save leaves the previous checkpoint as the newest.
     """
     final = run.checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = run.checkpoints_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
@@ -314,8 +315,13 @@ def save_checkpoint(accelerator: Any, run: Run, step: int, state: dict, keep: in
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    kernels = [chosen_kernels()]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        kernels = gather_object(kernels)
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, KERNELS_KEY: chosen_kernels(), **state}))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, KERNELS_KEY: kernels, **state}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in run.checkpoints()[:-keep]:
@@ -357,7 +363,11 @@ def resume(accelerator: Any, run: Run, resume_from: str) -> dict | None:
             raise ConfigError(f"train.resume: {resume_from!r} is not a checkpoint folder (no {STATE_FILE})")
     accelerator.load_state(str(folder))
     state = json.loads((folder / STATE_FILE).read_text())
-    adopt_kernels(state.pop(KERNELS_KEY, {}))  # before any product: the resumed run keeps the killed one's rounding
+    # Before any product, so the resumed run keeps the killed one's rounding: each rank its own
+    # rank's choices (rank 0's where the run now has more processes than it had).
+    by_rank = state.pop(KERNELS_KEY, [])
+    if by_rank:
+        adopt_kernels(by_rank[accelerator.process_index if accelerator.process_index < len(by_rank) else 0])
     log.info("resumed from %s (step %d)", folder, state["step"])
     return state
 
