@@ -15,8 +15,11 @@ included); each cell is the median of ``--repeats`` calls after one untimed warm
 
     .venv/bin/python benchmarks/generate_speed.py
     .venv/bin/python benchmarks/generate_speed.py --sizes 5m --repeats 5
+    .venv/bin/python benchmarks/generate_speed.py --sizes 40m --profile   # where our decode time goes
 
-Writes ``<bench-work>/results/generate_speed.md`` (the table, also printed).
+Writes ``<bench-work>/results/generate_speed.md`` (the table, also printed). ``--profile`` adds,
+per size, one more call of ours under ``torch.profiler``: the ops by self CPU time, and the
+decode step's time split into products, attention and the rest.
 """
 
 from __future__ import annotations
@@ -61,7 +64,39 @@ def timed(call: Callable[[], object]) -> tuple[float, float | None]:
     return wall, max(0.0, (busy1 - busy0) / tick - own) / wall
 
 
-def bench_size(assets: Path, size: str, repeats: int) -> dict:
+# Op names (self time) by what they do in a call: the prefill's and the decode steps' products
+# (aten::mm is the unpacked prefill, the packed decode products are oneDNN's or MKL's own ops),
+# packing the weights once per call, and attention (decode attention is bmm + softmax).
+GROUPS = {
+    "products": ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear"),
+    "weight packing": ("mkldnn::_reorder_linear_weight", "mkl::_mkl_reorder_linear_weight"),
+    "attention": ("aten::_scaled_dot_product", "aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::masked_fill"),
+}
+
+
+def profile_call(call: Callable[[], object], steps: int) -> str:
+    """One call under ``torch.profiler``: a table of the ops by self CPU time and the call's time
+    per decode step (prefill included) split by :data:`GROUPS`; the rest is elementwise ops,
+    sampling, Python and the profiler's own cost per op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        call()
+        wall = time.perf_counter() - t0
+    averages = prof.key_averages()
+    groups = dict.fromkeys(GROUPS, 0.0)
+    for event in averages:
+        for group, prefixes in GROUPS.items():
+            if event.key.startswith(prefixes):
+                groups[group] += event.self_cpu_time_total / 1e6
+    rest = wall - sum(groups.values())
+    split = " · ".join(f"{name} {seconds / steps * 1e3:.1f} ms" for name, seconds in [*groups.items(), ("the rest", rest)])
+    return (f"profiled call: {wall:.2f} s for {steps} decode steps, {wall / steps * 1e3:.1f} ms a step: {split}\n\n"
+            + averages.table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def bench_size(assets: Path, size: str, repeats: int, with_profile: bool = False) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(assets / "tokenizer"))
@@ -115,6 +150,7 @@ def bench_size(assets: Path, size: str, repeats: int) -> dict:
         **result,
         "times": times,
         "foreign": statistics.median(foreign) if foreign else None,
+        "profile": profile_call(ours, NEW_TOKENS) if with_profile else None,
     }
 
 
@@ -124,12 +160,13 @@ def main() -> None:
     parser.add_argument("--sizes", default="5m,40m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="also profile one call of ours per size")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     bench_work = Path(args.bench_work)
-    rows = [bench_size(bench_work / "assets", size, args.repeats) for size in args.sizes.split(",")]
+    rows = [bench_size(bench_work / "assets", size, args.repeats, args.profile) for size in args.sizes.split(",")]
 
     import transformers
 
@@ -152,6 +189,9 @@ def main() -> None:
             f"| {row['size']} | {row['ours']:.0f} | {row['hf']:.0f} | {row['ours'] / row['hf']:.2f} | "
             f"{row['hf_top50']:.0f} | {foreign} |"
         )
+    for row in rows:
+        if row["profile"]:
+            lines += ["", f"## {row['size']}: where our decode time goes", "", "```text", row["profile"].rstrip(), "```"]
     table = "\n".join(lines) + "\n"
     print(table)
     out = bench_work / "results" / "generate_speed.md"
