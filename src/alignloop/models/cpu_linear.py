@@ -23,9 +23,9 @@ torch already sends it to oneDNN.
 The choice changes the float rounding of a run, so it is part of the run's state: every
 checkpoint records the choices each process made (:func:`chosen_kernels`, this one and the
 rollout packing's per row count in ``rollout/packed.py``; under DDP by rank, as each rank times
-for itself), and a resumed process adopts its rank's (:func:`adopt_kernels`) instead of timing again. A layer consults the process's choice at each
-call, so adopting it after the models are loaded still moves all of them (policy, reference,
-value and reward models) together. Without that, a CPU where the two libraries are within the
+for itself), and a resumed process adopts its rank's (:func:`adopt_kernels`) instead of timing
+again. A layer consults the process's choice at each call, so adopting it after the models are
+loaded still moves all of them (policy, reference, value and reward models) together. Without that, a CPU where the two libraries are within the
 margin could time them differently in the resumed process and continue with other roundings.
 To make the rounding independent of any timing, set ``model.cpu_linear`` to ``onednn`` or ``torch``.
 

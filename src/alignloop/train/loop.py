@@ -315,11 +315,9 @@ def save_checkpoint(accelerator: Any, run: Run, step: int, state: dict, keep: in
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    kernels = [chosen_kernels()]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
+    from accelerate.utils import gather_object
 
-        kernels = gather_object(kernels)
+    kernels = gather_object([chosen_kernels()])  # by rank; one process: the list as it is
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, KERNELS_KEY: kernels, **state}))
         shutil.rmtree(final, ignore_errors=True)
