@@ -619,13 +619,13 @@ def _build(cls: type, values: dict[str, Any], prefix: str, base: Any = None) -> 
         if dataclasses.is_dataclass(hint):
             kwargs[f.name] = _build(hint, values, key + ".", base=getattr(base, f.name))
         elif key in values:
-            kwargs[f.name] = _coerce(values[key], hint, key)
+            kwargs[f.name] = coerce(values[key], hint, key)
         else:
             kwargs[f.name] = getattr(base, f.name)
     return cls(**kwargs)
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
+def coerce(value: Any, hint: Any, key: str) -> Any:
     """Convert ``value`` to the type ``hint`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -634,7 +634,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        return coerce(value, inner[0], key)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
@@ -644,7 +644,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], key) for v in value]
+        return [coerce(v, args[0], key) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
