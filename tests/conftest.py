@@ -142,7 +142,7 @@ def straight_and_killed_runs() -> Callable[[list[str], Path, int], tuple[list[di
     ``out``) once uninterrupted as ``straight``; once as ``killed``, SIGKILLed (a crash, no cleanup)
     as soon as its checkpoint ``step`` is complete, then run again to resume. Checks the resume
     happened; returns both runs' ``metrics.jsonl`` rows."""
-    from alignloop.train.loop import read_metrics
+    from alignloop.runs import read_metrics
 
     def run(cli_args: list[str], out: Path, step: int) -> tuple[list[dict], list[dict]]:
         # The straight and the killed run must multiply with the same kernels: under `auto` each

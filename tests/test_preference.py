@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from alignloop.cli import main
-from alignloop.train.loop import read_metrics
+from alignloop.runs import read_metrics
 from conftest import GOOD, WORDS
 
 BAD = WORDS[100:]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from alignloop.cli import main
-from alignloop.train.loop import read_metrics
+from alignloop.runs import read_metrics
 from conftest import GOOD, WORDS
 
 
@@ -112,7 +112,8 @@ def test_the_supervised_term_keeps_the_sft_loss_lower(task: dict, tmp_path: Path
     from alignloop.data.load import load_records
     from alignloop.models.load import load_causal_lm, load_tokenizer
     from alignloop.config import ModelConfig
-    from alignloop.train.sft import evaluate_lm, sft_examples
+    from alignloop.rollout.scoring import heldout_loss
+    from alignloop.train.sft import sft_examples
 
     for name, alpha in (("rl-only", "0"), ("with-ptx", "1.0")):
         assert main(rl_args("grpo", task, tmp_path, *GROUPED, f"--rl.ptx_coef={alpha}", f"--rl.ptx_data={task['sft']}",
@@ -124,7 +125,7 @@ def test_the_supervised_term_keeps_the_sft_loss_lower(task: dict, tmp_path: Path
         model = load_causal_lm(cfg, tokenizer, 0)
         examples = sft_examples(str(task["sft"]), load_records(str(task["sft"]), ("prompt_completion",)), DataConfig(),
                                 tokenizer, 64)
-        losses[name] = evaluate_lm(model, examples, 8, tokenizer.pad_token_id, None)["eval/loss"]
+        losses[name] = heldout_loss(model, examples, 8, tokenizer.pad_token_id, None)["eval/loss"]
     metrics = read_metrics(tmp_path / "with-ptx" / "metrics.jsonl")
     assert "train/ptx_loss" in metrics[-1]
     assert losses["with-ptx"] < losses["rl-only"] - 0.3, losses

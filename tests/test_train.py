@@ -21,7 +21,7 @@ from alignloop.config import ModelConfig
 from alignloop.data.batching import collate
 from alignloop.data.tokenize import tokenize_prompt_completion
 from alignloop.losses import completion_nll, count_loss_tokens
-from alignloop.train.loop import read_metrics
+from alignloop.runs import read_metrics
 from conftest import alignloop_command, wait_for
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -264,7 +264,8 @@ def test_each_rank_resumes_with_the_kernel_choices_it_made_itself(tmp_path, monk
     from types import SimpleNamespace
 
     from alignloop.models import cpu_linear
-    from alignloop.train.loop import STATE_FILE, resume
+    from alignloop.runs import STATE_FILE
+    from alignloop.train.loop import resume
 
     (tmp_path / STATE_FILE).write_text(json.dumps({"step": 3, "cpu_kernels": [{"training": True}, {"training": False}]}))
     for rank, expected in ((0, True), (1, False), (2, True)):

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from alignloop.advantages import masked_var
-
-IGNORE_INDEX = -100
+from alignloop.data.batching import IGNORE_INDEX
 
 
 def completion_nll(logits: torch.Tensor, labels: torch.Tensor, num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:

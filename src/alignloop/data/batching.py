@@ -14,7 +14,7 @@ import torch
 from alignloop.data.tokenize import Example
 from alignloop.errors import DataError
 
-from alignloop.losses import IGNORE_INDEX
+IGNORE_INDEX = -100  # label of a token that carries no loss (PyTorch's cross_entropy default)
 
 
 class ShuffledBatches:
@@ -171,3 +171,7 @@ def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
     held = set(order[:n_held])
     return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from alignloop.train.loop import Run, read_metrics
+from alignloop.runs import Run, read_metrics
 
 CURVES = (("train/loss", "train loss"), ("eval/loss", "held-out loss"))
 

@@ -206,11 +206,11 @@ def kl_metrics(models: dict, tokenizers: dict, candidate_generation: Any, batch_
 def perplexity(model: Any, tokenizer: Any, path: str, block: int, batch_size: int) -> float:
     """exp(mean next-token NLL) of ``model`` on the text at ``path``, packed into ``block``-token blocks."""
     from alignloop.data.tokenize import pack_texts
-    from alignloop.train.sft import evaluate_lm
+    from alignloop.rollout.scoring import heldout_loss
 
     texts = [row.fields["text"] for row in load_records(path, ("text",))[0]]
     examples = pack_texts(texts, tokenizer, block)
-    return evaluate_lm(model, examples, batch_size, tokenizer.pad_token_id, limit=None)["eval/ppl"]
+    return heldout_loss(model, examples, batch_size, tokenizer.pad_token_id, limit=None)["eval/ppl"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def sample_rows(prompts: list, generations: dict, scores: dict, count: int) -> l
 
 def make_plots(out: Path, cfg: EvaluateConfig, scores: dict, lengths: dict, win: dict | None) -> dict[str, Path]:
     from alignloop.evaluate import compare
-    from alignloop.train.loop import read_metrics
+    from alignloop.runs import read_metrics
 
     plots: dict[str, Path] = {}
     if "candidate" in scores and "baseline" in scores:

@@ -11,14 +11,17 @@ With ``share_prefixes``, rows that share a prompt (several samples of one prompt
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from alignloop.data.batching import eval_batches, to_device
+from alignloop.data.tokenize import Example
 from alignloop.errors import DataError
-from alignloop.losses import entropy_from_logits
+from alignloop.losses import completion_nll, entropy_from_logits
 from alignloop.models.prefix import plan_for, shared_prefix_forward, shared_prompt_order
 from alignloop.rollout.generate import eval_mode
 
@@ -131,3 +134,20 @@ def token_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]], completion_i
             for r, i in enumerate(rows):
                 result[i] = logps[r][: len(completion_ids[i])]
     return result
+
+
+@torch.no_grad()
+def heldout_loss(model: Any, examples: list[Example], batch_size: int, pad_id: int, limit: int | None) -> dict[str, float]:
+    """Token-mean NLL and perplexity of ``model`` on held-out ``examples`` (loss tokens only)."""
+    model.eval()
+    device = next(model.parameters()).device
+    nll_sum, tokens = 0.0, 0
+    for batch in eval_batches(examples, batch_size, pad_id, limit):
+        batch = to_device(batch, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        _, stats = completion_nll(logits, batch["labels"], num_tokens=1.0)
+        nll_sum += stats["nll_sum"]
+        tokens += stats["tokens"]
+    model.train()
+    loss = nll_sum / max(tokens, 1)
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}

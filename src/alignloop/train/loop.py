@@ -1,7 +1,7 @@
 """The one training-loop mechanism every stage shares: plain functions a loop calls, not a base
 class with hooks.
 
-* :func:`open_stage_run`, :func:`open_run` — the run folder (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``final/``)
+* :func:`open_stage_run`, :func:`open_run` — the run folder (:class:`alignloop.runs.Run`: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``final/``)
 * :func:`make_accelerator`, :func:`make_optimizer`, :func:`make_scheduler` — one code path for
   1 process, DDP, FSDP or DeepSpeed through accelerate; AdamW; warmup then a transformers schedule
 * :func:`save_checkpoint`, :func:`resume` — exact resume: model, optimiser, scheduler, RNG states
@@ -30,51 +30,13 @@ import torch
 import yaml
 
 from alignloop.config import TrainConfig, save_config
+from alignloop.runs import CHECKPOINT_PREFIX, STATE_FILE, Run
 from alignloop.errors import ConfigError, TrainingInterrupted
 from alignloop.models.cpu_linear import adopt_kernels, chosen_kernels
 
 log = logging.getLogger("alignloop")
 
-CHECKPOINT_PREFIX = "step-"
-STATE_FILE = "trainer_state.json"
 KERNELS_KEY = "cpu_kernels"  # in STATE_FILE: each rank's CPU kernel choices, by rank (models/cpu_linear.py)
-
-
-# ---------------------------------------------------------------------------------------------
-# Run folder
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    """``runs/<name>/``: what a person opens after a run."""
-
-    dir: Path
-
-    @property
-    def config_path(self) -> Path:
-        return self.dir / "config.yaml"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.dir / "metrics.jsonl"
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.dir / "checkpoints"
-
-    @property
-    def final_dir(self) -> Path:
-        return self.dir / "final"
-
-    def is_complete(self) -> bool:
-        """Training ran to the end and ``final/`` was written."""
-        return (self.final_dir / STATE_FILE).is_file()
-
-    def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
-        if not self.checkpoints_dir.is_dir():
-            return []
-        found = [p for p in self.checkpoints_dir.glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file()]
-        return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
 def with_epochs_as_steps(cfg: Any, num_examples: int) -> Any:
@@ -394,12 +356,6 @@ class MetricsLog:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.accelerator.trackers:
             self.accelerator.log(metrics, step=step)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @dataclass

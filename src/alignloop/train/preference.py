@@ -38,17 +38,17 @@ import torch
 
 from alignloop import losses
 from alignloop.config import DPOConfig, KTOConfig, ModelConfig
-from alignloop.data.batching import ShuffledBatches, collate, split_holdout
+from alignloop.data.batching import IGNORE_INDEX, ShuffledBatches, collate, split_holdout, to_device
 from alignloop.data.load import load_records
 from alignloop.data.records import Row, identical_pair_problem
 from alignloop.data.tokenize import Example, tokenize_sft_rows
 from alignloop.errors import ConfigError, DataError
-from alignloop.losses import IGNORE_INDEX
 from alignloop.models.load import load_causal_lm, load_tokenizer
 from alignloop.models.prefix import plan_for, shared_prefix_forward, shared_prompt_order
 from alignloop.models.reward import fit_window
-from alignloop.train.loop import Precision, Run, TrainingSession, open_stage_run
-from alignloop.train.sft import resolve_max_length, to_device
+from alignloop.runs import Run
+from alignloop.train.loop import Precision, TrainingSession, open_stage_run
+from alignloop.train.sft import resolve_max_length
 
 log = logging.getLogger("alignloop")
 

@@ -11,7 +11,7 @@ from alignloop.data.batching import split_holdout
 from alignloop.data.load import load_records
 from alignloop.data.tokenize import pack_texts
 from alignloop.models.load import load_causal_lm, load_tokenizer
-from alignloop.train.loop import Run
+from alignloop.runs import Run
 from alignloop.train.sft import fit_causal_lm, resolve_max_length
 
 

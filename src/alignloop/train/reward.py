@@ -49,7 +49,8 @@ from alignloop.models.reward import (
     score_encoded,
 )
 from alignloop.rollout.rewards import completion_text
-from alignloop.train.loop import Run, TrainingSession, open_stage_run
+from alignloop.runs import Run
+from alignloop.train.loop import TrainingSession, open_stage_run
 from alignloop.train.sft import resolve_max_length
 
 log = logging.getLogger("alignloop")

@@ -58,7 +58,7 @@ import torch
 
 from alignloop import advantages as adv
 from alignloop.config import RLConfig, SamplingConfig
-from alignloop.data.batching import ShuffledBatches, collate
+from alignloop.data.batching import ShuffledBatches, collate, to_device
 from alignloop.data.load import load_records
 from alignloop.errors import ConfigError, DataError, TrainingDiverged
 from alignloop.losses import (
@@ -74,8 +74,8 @@ from alignloop.models.load import context_length, disable_dropout, inference_dev
 from alignloop.rollout.generate import SEED_STRIDE, Generation, encode_prompts, generate
 from alignloop.rollout.rewards import check_rewards
 from alignloop.rollout.scoring import Batch, score_tokens
-from alignloop.train.loop import Run, TrainingSession, open_stage_run, save_checkpoint
-from alignloop.train.sft import to_device
+from alignloop.runs import Run
+from alignloop.train.loop import TrainingSession, open_stage_run, save_checkpoint
 
 log = logging.getLogger("alignloop")
 

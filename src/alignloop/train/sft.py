@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from typing import Any
 
-import torch
 
 from alignloop.config import DataConfig, SFTConfig
-from alignloop.data.batching import ShuffledBatches, collate, eval_batches, split_holdout
+from alignloop.data.batching import ShuffledBatches, collate, split_holdout, to_device
 from alignloop.data.load import load_records
 from alignloop.data.records import Row
 from alignloop.data.tokenize import Example, tokenize_sft_rows
@@ -24,7 +22,9 @@ from alignloop.errors import ConfigError, DataError
 from alignloop.evaluate.report import write_training_report
 from alignloop.losses import completion_nll, count_loss_tokens
 from alignloop.models.load import context_length, load_causal_lm, load_tokenizer
-from alignloop.train.loop import Run, TrainingSession, open_stage_run
+from alignloop.rollout.scoring import heldout_loss
+from alignloop.runs import Run
+from alignloop.train.loop import TrainingSession, open_stage_run
 
 log = logging.getLogger("alignloop")
 
@@ -108,31 +108,10 @@ def fit_causal_lm(cfg: Any, model: Any, tokenizer: Any, train: list[Example], he
                 "train/tokens": step_tokens,
                 **session.optimizer_step(),
             }
-            evaluate = (lambda: evaluate_lm(model, held_out, t.batch_size, pad_id, t.eval_batches)) if held_out else None
+            evaluate = (lambda: heldout_loss(model, held_out, t.batch_size, pad_id, t.eval_batches)) if held_out else None
             session.end_step(record, started, evaluate)
         session.save_final(tokenizer)
     if accelerator.is_main_process:
         write_training_report(run, title)
     log.info("%s done: model in %s, report in %s", title, run.final_dir, run.dir / "report.md")
     return run
-
-
-@torch.no_grad()
-def evaluate_lm(model: Any, examples: list[Example], batch_size: int, pad_id: int, limit: int | None) -> dict[str, float]:
-    """Token-mean NLL and perplexity of ``model`` on held-out ``examples`` (loss tokens only)."""
-    model.eval()
-    device = next(model.parameters()).device
-    nll_sum, tokens = 0.0, 0
-    for batch in eval_batches(examples, batch_size, pad_id, limit):
-        batch = to_device(batch, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        _, stats = completion_nll(logits, batch["labels"], num_tokens=1.0)
-        nll_sum += stats["nll_sum"]
-        tokens += stats["tokens"]
-    model.train()
-    loss = nll_sum / max(tokens, 1)
-    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
