@@ -4,6 +4,7 @@ or refused naming the key; unknown keys answered with the closest valid name."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import re
 from pathlib import Path
@@ -13,13 +14,17 @@ import yaml
 
 from alignloop.cli import main
 from alignloop.config import (
+    STAGES,
     DataConfig,
+    LoopConfig,
     LoraConfig,
     PretrainConfig,
+    RLConfig,
     SFTConfig,
     TrainConfig,
     describe,
     load_config,
+    recipe_stages,
     save_config,
 )
 from alignloop.errors import ConfigError
@@ -314,3 +319,59 @@ def test_sft_help_lists_every_key_with_its_default(capsys):
         entry = "".join(entries[f"--{key}"].split())
         shown = "".join(f"(default: {json.dumps(default)})".split())
         assert shown in entry, f"--{key}: default {default!r} not shown in {entries[f'--{key}']!r}"
+
+
+# --- the table of stages ---------------------------------------------------------------------------
+def test_every_command_of_the_table_is_a_cli_command_with_its_help_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = "".join(capsys.readouterr().out.split())  # argparse wraps help lines, at hyphens too
+    for name, stage in STAGES.items():
+        assert name + "".join(stage.help.split()) in listing
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_every_runner_of_the_table_is_importable(name):
+    module, _, function = STAGES[name].runner.partition(":")
+    assert callable(getattr(importlib.import_module(module), function))
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("ppo", {"run.name": "ppo", "rl.algo": "ppo", "rl.group_size": 1, "rl.kl_coef": 0.05, "rl.epochs": 2, "rl.minibatches": 2}),
+    ("grpo", {"run.name": "grpo", "rl.algo": "grpo", "rl.group_size": 4, "rl.kl_coef": 0.0, "rl.epochs": 1}),
+    ("rloo", {"run.name": "rloo", "rl.algo": "rloo", "rl.group_size": 4, "rl.kl_coef": 0.05}),
+    ("reinforce", {"run.name": "reinforce", "rl.algo": "reinforce", "rl.group_size": 1, "rl.kl_coef": 0.05}),
+])
+def test_each_rl_command_is_one_config_with_its_own_defaults(name, expected):
+    stage = STAGES[name]
+    assert stage.config is RLConfig
+    cfg = stage.load()
+    for key, value in expected.items():
+        section, field = key.split(".")
+        assert getattr(getattr(cfg, section), field) == value, key
+    shown = {key: default for key, _, default, _ in stage.options()}
+    assert {key: shown[key] for key in expected} == expected  # `alignloop NAME --help` shows the command's defaults
+
+
+def test_yaml_and_cli_override_a_commands_defaults(tmp_path):
+    path = write_yaml(tmp_path / "ppo.yaml", {"rl": {"group_size": 3}})
+    cfg = STAGES["ppo"].load(path, {"rl.kl_coef": "0.2"})
+    assert (cfg.rl.algo, cfg.rl.group_size, cfg.rl.kl_coef, cfg.rl.epochs) == ("ppo", 3, 0.2, 2)
+
+
+def test_a_saved_rl_config_loads_back_equal_through_its_command(tmp_path):
+    cfg = STAGES["ppo"].load(overrides={"rl.epochs": "3"})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert STAGES["ppo"].load(tmp_path / "config.yaml") == cfg
+    assert load_config(RLConfig, tmp_path / "config.yaml") == cfg  # every value is written out
+
+
+def test_loop_recipes_are_the_stages_the_table_gives_a_dataset():
+    assert set(recipe_stages()) == {name for name, stage in STAGES.items() if stage.loop_data}
+    assert {STAGES[name].loop_data for name in recipe_stages()} <= {"sft", "pairs", "kto", "prompts"}
+    assert all(STAGES[name].makes in ("policy", "reward") for name in recipe_stages())
+    with pytest.raises(ConfigError, match="recipe: unknown stage 'pretrain'"):
+        load_config(LoopConfig, overrides={"recipe": "pretrain"})
+    with pytest.raises(ConfigError, match="recipe: rloo needs a reward stage before it"):
+        load_config(LoopConfig, overrides={"recipe": "[sft, rloo, reward]"})
+    assert load_config(LoopConfig, overrides={"recipe": "[reward, sft, rloo]"}).recipe == ["reward", "sft", "rloo"]

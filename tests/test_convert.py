@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from alignloop.data.convert import convert_hh_rlhf, read_hh_rlhf, read_ukp_convarg, write_jsonl
-from alignloop.data.load import load_records, read_rows
+from alignloop.data.convert import convert_hh_rlhf, read_ukp_convarg, write_jsonl
+from alignloop.data.load import load_records, read_hh_rlhf, read_rows
 from alignloop.errors import DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -18,24 +18,8 @@ from typing import Any
 
 from alignloop.config import STAGES, ServeConfig, describe, load_config
 from alignloop.errors import AlignloopError, ConfigError, TrainingInterrupted
-from alignloop.stages import stage_runner
 
 log = logging.getLogger("alignloop")
-
-
-STAGE_HELP = {
-    "pretrain": "continued pretraining on raw text (loss on every token)",
-    "sft": "supervised fine-tuning on prompt→completion or chat data (loss on completions only)",
-    "reward": "train a reward model from preference pairs, ratings or thumbs",
-    "evaluate": "candidate vs baseline on held-out prompts: reward, win rate with CI, KL, lengths, perplexity, gate",
-    "ppo": "online RL: PPO with a value head, GAE, clipped losses, KL to the reference",
-    "grpo": "online RL: GRPO, advantages normalised within each prompt's group of samples",
-    "rloo": "online RL: RLOO, each sample baselined by the other samples of its prompt",
-    "reinforce": "online RL: REINFORCE++, per-token KL in the reward, batch-normalised returns",
-    "dpo": "offline preference optimisation on pairs: DPO, IPO, robust DPO, SimPO (reference log-probs computed once)",
-    "kto": "KTO on unpaired thumbs up/down (reference log-probs computed once)",
-    "loop": "the closed loop: feedback → datasets → train → gate against the deployed model → promote → redeploy, N times",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,30 +120,30 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"{help_text} (default: {json.dumps(default)})", **kwargs)
     serve.set_defaults(handler=_run_serve)
 
-    for stage, cls in STAGES.items():
-        sub = commands.add_parser(stage, help=STAGE_HELP[stage], description=(cls.__doc__ or "").strip(), allow_abbrev=False)
+    for name, stage in STAGES.items():
+        sub = commands.add_parser(name, help=stage.help, description=(stage.about or stage.config.__doc__ or "").strip(), allow_abbrev=False)
         sub.add_argument("--config", metavar="FILE", help="YAML config; command-line keys override it")
-        if "train" in {f.name for f in dataclasses.fields(cls)}:
+        if "train" in {f.name for f in dataclasses.fields(stage.config)}:
             sub.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                              help="shortcut for --train.resume (auto: the newest checkpoint of the run folder)")
-        for key, type_name, default, help_text in describe(cls):
+        for key, type_name, default, help_text in stage.options():
             kwargs: dict[str, Any] = {"nargs": "?", "const": "true"} if type_name == "bool" else {}
             sub.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=type_name,
                              help=f"{help_text} (default: {json.dumps(default)})", **kwargs)
-        sub.set_defaults(handler=_run_stage, stage=stage)
+        sub.set_defaults(handler=_run_stage, stage=name)
     return parser
 
 
 def _run_stage(args: argparse.Namespace, extra: list[str]) -> int:
     """Load the stage's config and run it; a stage that returns an int (evaluate's gate) sets the exit code."""
-    cls = STAGES[args.stage]
-    keys = {key for key, *_ in describe(cls)}
+    stage = STAGES[args.stage]
+    keys = {key for key, *_ in stage.options()}
     overrides = {key: value for key, value in vars(args).items() if key in keys}
     overrides.update(_parse_unknown(extra))  # load_config rejects them with a suggestion
     if getattr(args, "resume", None) is not None:
         overrides["train.resume"] = args.resume
-    config = load_config(cls, args.config, overrides)
-    result = stage_runner(args.stage)(config)
+    config = stage.load(args.config, overrides)
+    result = stage.run(config)
     return result if isinstance(result, int) else 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -290,7 +291,8 @@ class PolicyOptimizationConfig:
 
 @dataclass
 class RLConfig:
-    """Online RL: sample completions, score them, and optimise the policy with a KL penalty to a reference."""
+    """Online RL: sample completions, score them, and optimise the policy with a KL penalty to a reference.
+    One config for every algorithm; each command (ppo, grpo, rloo, reinforce) sets its own defaults in :data:`STAGES`."""
 
     run: RunConfig = section(RunConfig, "run folder and trackers", name="rl")
     model: ModelConfig = section(ModelConfig, "the policy to optimise (HF id or folder, e.g. runs/sft/final, or a built-in)")
@@ -298,34 +300,6 @@ class RLConfig:
     rl: PolicyOptimizationConfig = section(PolicyOptimizationConfig, "the algorithm, reward, KL penalty and supervised term")
     sampling: SamplingConfig = section(SamplingConfig, "rollout sampling", max_new_tokens=64, batch_size=64)
     train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = prompts per step", lr=1e-5, batch_size=8, max_steps=200, warmup_steps=0, lr_schedule="constant", eval_every=25, save_every=50)
-
-
-@dataclass
-class PPOConfig(RLConfig):
-    __doc__ = "PPO: a value head on the policy trunk, GAE, clipped policy and value losses, KL to the reference in the reward."
-    run: RunConfig = section(RunConfig, "run folder and trackers", name="ppo")
-    rl: PolicyOptimizationConfig = section(PolicyOptimizationConfig, "the algorithm, reward, KL penalty and supervised term", algo="ppo", group_size=1, kl_coef=0.05, epochs=2, minibatches=2)
-
-
-@dataclass
-class GRPOConfig(RLConfig):
-    __doc__ = "GRPO: several completions per prompt, advantages normalised within each group, no critic."
-    run: RunConfig = section(RunConfig, "run folder and trackers", name="grpo")
-    rl: PolicyOptimizationConfig = section(PolicyOptimizationConfig, "the algorithm, reward, KL penalty and supervised term", algo="grpo")
-
-
-@dataclass
-class RLOOConfig(RLConfig):
-    __doc__ = "RLOO: several completions per prompt, each baselined by the mean reward of the others."
-    run: RunConfig = section(RunConfig, "run folder and trackers", name="rloo")
-    rl: PolicyOptimizationConfig = section(PolicyOptimizationConfig, "the algorithm, reward, KL penalty and supervised term", algo="rloo", kl_coef=0.05)
-
-
-@dataclass
-class ReinforceConfig(RLConfig):
-    __doc__ = "REINFORCE++: per-token KL in the reward, returns normalised over the batch, no critic."
-    run: RunConfig = section(RunConfig, "run folder and trackers", name="reinforce")
-    rl: PolicyOptimizationConfig = section(PolicyOptimizationConfig, "the algorithm, reward, KL penalty and supervised term", algo="reinforce", group_size=1, kl_coef=0.05)
 
 
 @dataclass
@@ -420,9 +394,6 @@ class SimulationConfig:
     seed: int = option(0, "seed of the population and its choices")
 
 
-RECIPE_STAGES = ("sft", "dpo", "kto", "reward", "ppo", "grpo", "rloo", "reinforce")
-
-
 @dataclass
 class LoopConfig:
     """The closed loop, N iterations: collect feedback → datasets → train the recipe → evaluate
@@ -444,13 +415,13 @@ class LoopConfig:
     simulation: SimulationConfig = section(SimulationConfig, "simulated users (none by default)")
 
     def __post_init__(self) -> None:
-        known = RECIPE_STAGES
+        known = recipe_stages()
         for stage in self.recipe:
             if stage not in known:
                 raise ConfigError(f"recipe: unknown stage {stage!r}; choose from {', '.join(known)}")
-        rl = [s for s in self.recipe if s in ("ppo", "grpo", "rloo", "reinforce")]
-        if rl and "reward" not in self.recipe[: self.recipe.index(rl[0])]:
-            raise ConfigError(f"recipe: {rl[0]} needs a reward stage before it (e.g. recipe: [reward, {rl[0]}])")
+        for i, stage in enumerate(self.recipe):
+            if STAGES[stage].loop_data == "prompts" and not any(STAGES[s].makes == "reward" for s in self.recipe[:i]):
+                raise ConfigError(f"recipe: {stage} needs a reward stage before it (e.g. recipe: [reward, {stage}])")
         if self.iterations < 1:
             raise ConfigError(f"iterations must be ≥ 1 (got {self.iterations})")
         for stage in known:
@@ -458,7 +429,7 @@ class LoopConfig:
 
     def options_for(self, stage: str) -> dict[str, str]:
         """``stage_options`` of ``stage`` as config overrides {KEY: VALUE}."""
-        known = RECIPE_STAGES
+        known = recipe_stages()
         options = {}
         for option_text in self.stage_options:
             name, dot, rest = option_text.partition(".")
@@ -470,9 +441,76 @@ class LoopConfig:
         return options
 
 
-STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "evaluate": EvaluateConfig,
-                           "ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "reinforce": ReinforceConfig,
-                           "dpo": DPOConfig, "kto": KTOConfig, "loop": LoopConfig}
+# ---------------------------------------------------------------------------------------------
+# The table of stages
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One config-driven command of ``alignloop``: a row of :data:`STAGES`, the one list of stages
+    that the CLI (commands, ``--help``), config loading, the closed loop and its recipes read."""
+
+    config: type  # the typed config class
+    runner: str  # "module:function", imported when the stage runs: `alignloop --help` must not import torch
+    help: str  # its line in `alignloop --help`
+    reads: tuple[str, ...]  # the record kinds (data/records.py) of its data.path
+    defaults: dict[str, Any] = field(default_factory=dict)  # this command's defaults over its config class's
+    about: str = ""  # the description of `alignloop NAME --help`; empty: the config class's docstring
+    loop_data: Optional[str] = None  # what a loop recipe trains it on: an exported dataset (sft, pairs, kto) or
+    #                                  "prompts" (the users' prompts, scored by the recipe's reward model); None: not in recipes
+    makes: Optional[str] = None  # what it hands the recipe's next stages: "policy" or "reward"
+
+    def load(self, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Any:
+        """Its config: the class defaults, this command's defaults, the YAML at ``path``, then ``overrides``."""
+        return load_config(self.config, path, overrides, defaults=self.defaults)
+
+    def options(self) -> list[tuple[str, str, Any, str]]:
+        """(dotted key, type name, default, help) of every setting, with this command's defaults."""
+        return describe(self.config, self.defaults)
+
+    def run(self, config: Any) -> Any:
+        module, _, function = self.runner.partition(":")
+        return getattr(importlib.import_module(module), function)(config)
+
+
+RL_RUNNER = "alignloop.train.rl:run_rl"
+
+STAGES: dict[str, Stage] = {
+    "pretrain": Stage(PretrainConfig, "alignloop.train.pretrain:run_pretrain", reads=("text",),
+                      help="continued pretraining on raw text (loss on every token)"),
+    "sft": Stage(SFTConfig, "alignloop.train.sft:run_sft", reads=("prompt_completion", "chat"), loop_data="sft", makes="policy",
+                 help="supervised fine-tuning on prompt→completion or chat data (loss on completions only)"),
+    "reward": Stage(RewardConfig, "alignloop.train.reward:run_reward", reads=("preference", "rating", "binary"),
+                    loop_data="pairs", makes="reward", help="train a reward model from preference pairs, ratings or thumbs"),
+    "dpo": Stage(DPOConfig, "alignloop.train.preference:run_dpo", reads=("preference",), loop_data="pairs", makes="policy",
+                 help="offline preference optimisation on pairs: DPO, IPO, robust DPO, SimPO (reference log-probs computed once)"),
+    "kto": Stage(KTOConfig, "alignloop.train.preference:run_kto", reads=("binary",), loop_data="kto", makes="policy",
+                 help="KTO on unpaired thumbs up/down (reference log-probs computed once)"),
+    "ppo": Stage(RLConfig, RL_RUNNER, reads=("prompt",), loop_data="prompts", makes="policy",
+                 defaults={"run.name": "ppo", "rl.algo": "ppo", "rl.group_size": 1, "rl.kl_coef": 0.05, "rl.epochs": 2, "rl.minibatches": 2},
+                 help="online RL: PPO with a value head, GAE, clipped losses, KL to the reference",
+                 about="PPO: a value head on the policy trunk, GAE, clipped policy and value losses, KL to the reference in the reward."),
+    "grpo": Stage(RLConfig, RL_RUNNER, reads=("prompt",), loop_data="prompts", makes="policy",
+                  defaults={"run.name": "grpo", "rl.algo": "grpo"},
+                  help="online RL: GRPO, advantages normalised within each prompt's group of samples",
+                  about="GRPO: several completions per prompt, advantages normalised within each group, no critic."),
+    "rloo": Stage(RLConfig, RL_RUNNER, reads=("prompt",), loop_data="prompts", makes="policy",
+                  defaults={"run.name": "rloo", "rl.algo": "rloo", "rl.kl_coef": 0.05},
+                  help="online RL: RLOO, each sample baselined by the other samples of its prompt",
+                  about="RLOO: several completions per prompt, each baselined by the mean reward of the others."),
+    "reinforce": Stage(RLConfig, RL_RUNNER, reads=("prompt",), loop_data="prompts", makes="policy",
+                       defaults={"run.name": "reinforce", "rl.algo": "reinforce", "rl.group_size": 1, "rl.kl_coef": 0.05},
+                       help="online RL: REINFORCE++, per-token KL in the reward, batch-normalised returns",
+                       about="REINFORCE++: per-token KL in the reward, returns normalised over the batch, no critic."),
+    "evaluate": Stage(EvaluateConfig, "alignloop.evaluate.run:run_evaluate", reads=("prompt",),
+                      help="candidate vs baseline on held-out prompts: reward, win rate with CI, KL, lengths, perplexity, gate"),
+    "loop": Stage(LoopConfig, "alignloop.loop.pipeline:run_loop", reads=("prompt",),
+                  help="the closed loop: feedback → datasets → train → gate against the deployed model → promote → redeploy, N times"),
+}
+
+
+def recipe_stages() -> tuple[str, ...]:
+    """The stages a closed-loop recipe may name: those the loop has a dataset for."""
+    return tuple(name for name, stage in STAGES.items() if stage.loop_data is not None)
 
 
 @dataclass
@@ -511,8 +549,10 @@ class ServeConfig:
 # ---------------------------------------------------------------------------------------------
 # Loading, overriding, saving
 # ---------------------------------------------------------------------------------------------
-def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Any:
-    """Build ``cls`` from defaults, then the YAML file at ``path``, then dotted CLI ``overrides``.
+def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                defaults: dict[str, Any] | None = None) -> Any:
+    """Build ``cls`` from its defaults, a command's dotted ``defaults`` (a :class:`Stage`'s), then the
+    YAML file at ``path``, then dotted CLI ``overrides``.
 
     CLI values are strings; text fields keep them as typed, others are parsed as YAML
     scalars/lists. Values already typed (from code, like the demo's) are taken as they are. All
@@ -531,7 +571,8 @@ def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, 
     for key in values:
         if key not in known:
             raise ConfigError(_unknown_key_message(key, known))
-    return _build(cls, values, prefix="")
+    base = _build(cls, defaults, prefix="") if defaults else None
+    return _build(cls, values, prefix="", base=base)
 
 
 def save_config(config: Any, path: Path) -> None:
@@ -539,9 +580,10 @@ def save_config(config: Any, path: Path) -> None:
     path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True))
 
 
-def describe(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type name, default, help) for every leaf field of a stage config class."""
-    return _describe_instance(cls(), prefix="")
+def describe(cls: type, defaults: dict[str, Any] | None = None) -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type name, default, help) for every leaf field of a stage config class, with a
+    command's dotted ``defaults`` applied."""
+    return _describe_instance(_build(cls, defaults, prefix="") if defaults else cls(), prefix="")
 
 
 def _describe_instance(instance: Any, prefix: str) -> list[tuple[str, str, Any, str]]:

@@ -44,22 +44,6 @@ class HHCounts:
     no_shared_prompt: int  # dropped: the transcripts differ from their first turn
 
 
-def read_hh_rlhf(path: str | Path) -> list[Row]:
-    """Conversational preference records from an hh-rlhf JSONL file (``.jsonl`` or ``.jsonl.gz``).
-
-    Logs how many pairs were kept, diverged and dropped; :func:`convert_hh_rlhf` returns the counts.
-    """
-    from alignloop.data.load import read_rows  # load.py dispatches `hh-rlhf:` here
-
-    rows, counts = convert_hh_rlhf(read_rows(str(path)))
-    log.info(
-        "%s: %d of %d hh-rlhf pairs kept (%d diverged before the last reply, %d with an empty reply); "
-        "dropped %d identical and %d with no shared prompt",
-        path, counts.kept, counts.pairs, counts.diverged, counts.empty_reply, counts.identical, counts.no_shared_prompt,
-    )
-    return rows
-
-
 def convert_hh_rlhf(raw_rows: Iterable[Row]) -> tuple[list[Row], HHCounts]:
     """Turn raw ``{"chosen": transcript, "rejected": transcript}`` rows into preference records.
 

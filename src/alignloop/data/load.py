@@ -14,11 +14,15 @@ import csv
 import glob
 import gzip
 import json
+import logging
 from pathlib import Path
 from typing import Iterable
 
+from alignloop.data.convert import convert_hh_rlhf, read_ukp_convarg
 from alignloop.data.records import Row, validate_rows
 from alignloop.errors import DataError
+
+log = logging.getLogger("alignloop")
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".tsv", ".parquet", ".txt", ".conll")
 
@@ -40,12 +44,8 @@ def read_rows(path: str) -> list[Row]:
 
         return builtin_rows(path.removeprefix("builtin:"))
     if path.startswith("hh-rlhf:"):
-        from alignloop.data.convert import read_hh_rlhf
-
         return read_hh_rlhf(path.removeprefix("hh-rlhf:"))
     if path.startswith("ukp:"):
-        from alignloop.data.convert import read_ukp_convarg
-
         return read_ukp_convarg(path.removeprefix("ukp:"))
     if path.startswith("tsv:"):  # UCI's sentences are tab-separated .txt files
         return _read_tsv(_existing(path.removeprefix("tsv:")))
@@ -75,6 +75,20 @@ def read_rows(path: str) -> list[Row]:
     if reader is None:
         raise DataError(f"{path}: unknown file type '{p.suffix}'; use one of {', '.join(SUFFIXES)} or a `datasets` folder")
     return reader(p)
+
+
+def read_hh_rlhf(path: str | Path) -> list[Row]:
+    """Conversational preference records from an hh-rlhf JSONL file (``.jsonl`` or ``.jsonl.gz``).
+
+    Logs how many pairs were kept, diverged and dropped; :func:`convert_hh_rlhf` returns the counts.
+    """
+    rows, counts = convert_hh_rlhf(read_rows(str(path)))
+    log.info(
+        "%s: %d of %d hh-rlhf pairs kept (%d diverged before the last reply, %d with an empty reply); "
+        "dropped %d identical and %d with no shared prompt",
+        path, counts.kept, counts.pairs, counts.diverged, counts.empty_reply, counts.identical, counts.no_shared_prompt,
+    )
+    return rows
 
 
 def _existing(path: str) -> Path:

@@ -38,22 +38,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from alignloop.config import STAGES, EvaluateConfig, LoopConfig, load_config, save_config
+from alignloop.config import STAGES, EvaluateConfig, LoopConfig, save_config
 from alignloop.errors import ConfigError
+from alignloop.loop.state import STEPS, read_json, read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger("alignloop")
 
-STEPS = ("collect", "export", "train", "evaluate", "register", "promote")
-POLICY_STAGES = ("sft", "dpo", "kto", "ppo", "grpo", "rloo", "reinforce")
-RL_STAGES = ("ppo", "grpo", "rloo", "reinforce")
-STAGE_DATA = {"sft": "sft", "dpo": "pairs", "kto": "kto", "reward": "pairs"}  # RL stages read prompts.jsonl
 
 
 def run_loop(cfg: LoopConfig) -> Path:
@@ -94,7 +90,7 @@ class Loop:
     def __init__(self, cfg: LoopConfig, folder: Path, server: Any, store: Any) -> None:
         self.cfg, self.folder, self.server, self.store = cfg, folder, server, store
         self.meta_path = folder / "loop.json"
-        self.meta: dict = _read_json(self.meta_path) or {}
+        self.meta: dict = read_json(self.meta_path) or {}
 
     # --- set-up -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -105,7 +101,7 @@ class Loop:
             version = self.server.served_version(cfg.model_name)
             self.store.deploy(version)
             self.meta["v0"] = {"version": version, "path": self._path_of(version)}
-            _write_json(self.meta_path, self.meta)
+            write_json(self.meta_path, self.meta)
         s = cfg.simulation
         if s.preference != "none" and "users" not in self.meta:
             self.meta.update(self._split_prompts())
@@ -116,7 +112,7 @@ class Loop:
                                     s.troll_kind, s.noise, s.seed, prefix=f"sim-{s.preference}")
             # The keys are kept so an interrupted simulation goes on with the same users.
             self.meta["users"] = [{"name": u.name, "key": u.key, "troll": u.troll, "taste": u.preference.name} for u in users]
-            _write_json(self.meta_path, self.meta)
+            write_json(self.meta_path, self.meta)
         log.info("loop: %s starts from version %s (%s)", cfg.model_name, self.meta["v0"]["version"], self.meta["v0"]["path"])
 
     def _split_prompts(self) -> dict:
@@ -139,8 +135,8 @@ class Loop:
         asked = [r for i, r in enumerate(rows) if i % s.heldout_every != 0]
         if not asked or not held:
             raise ConfigError(f"simulation.prompts: {s.prompts} has {len(rows)} prompts; need enough for users and held-out ones")
-        _write_jsonl(out / "users.jsonl", asked)
-        _write_jsonl(out / "heldout.jsonl", held)
+        write_jsonl(out / "users.jsonl", asked)
+        write_jsonl(out / "heldout.jsonl", held)
         return {"user_prompts": str(out / "users.jsonl"), "heldout_prompts": str(out / "heldout.jsonl")}
 
     def _path_of(self, version: str) -> str:
@@ -151,18 +147,18 @@ class Loop:
 
     # --- one iteration ------------------------------------------------------------------------
     def done(self, i: int) -> bool:
-        state = _read_json(self.folder / f"iter-{i}" / "state.json")
+        state = read_json(self.folder / f"iter-{i}" / "state.json")
         return bool(state) and all(step in state["steps"] for step in STEPS)
 
     def iteration(self, i: int) -> dict:
         folder = self.folder / f"iter-{i}"
         folder.mkdir(exist_ok=True)
         state_path = folder / "state.json"
-        state = _read_json(state_path) or {"steps": {}}
+        state = read_json(state_path) or {"steps": {}}
         if "start" not in state:  # what is deployed when the iteration starts: the parent and baseline
             version = self.server.served_version(self.cfg.model_name)
             state["start"] = {"version": version, "path": self._path_of(version)}
-            _write_json(state_path, state)
+            write_json(state_path, state)
         steps: dict[str, Callable[[int, Path, dict], dict]] = {
             "collect": self.collect, "export": self.export, "train": self.train,
             "evaluate": self.evaluate, "register": self.register, "promote": self.promote}
@@ -173,7 +169,7 @@ class Loop:
             started = time.perf_counter()
             result = steps[name](i, folder, state)
             state["steps"][name] = {**result, "seconds": round(time.perf_counter() - started, 2)}
-            _write_json(state_path, state)  # the marker: this step is done
+            write_json(state_path, state)  # the marker: this step is done
         return state
 
     def collect(self, i: int, folder: Path, state: dict) -> dict:
@@ -204,7 +200,7 @@ class Loop:
         since = self._window_start(i)
         if "export_until" not in state:  # fixed once: an interrupted export is redone over the same window
             state["export_until"] = datetime.now(timezone.utc).isoformat()
-            _write_json(folder / "state.json", state)
+            write_json(folder / "state.json", state)
         until = datetime.fromisoformat(state["export_until"])
         rules = DatasetRules(since=datetime.fromisoformat(since) if since else None, until=until,
                              model_versions=[state["start"]["version"]] if r.only_deployed else None,
@@ -217,16 +213,16 @@ class Loop:
         counts = {}
         for kind in ("pairs", "kto", "sft", "ratings"):
             records = getattr(sets, kind)
-            _write_jsonl(out / f"{kind}.jsonl", records)
+            write_jsonl(out / f"{kind}.jsonl", records)
             counts[kind] = len(records)
         prompts = _unique_prompts(sets)
-        _write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in prompts])
+        write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in prompts])
         used = sets.feedback_ids
-        _write_jsonl(out / "feedback.jsonl", [{"feedback_id": v.feedback_id, "user": v.user, "kind": v.kind}
+        write_jsonl(out / "feedback.jsonl", [{"feedback_id": v.feedback_id, "user": v.user, "kind": v.kind}
                                               for v in votes if v.feedback_id in used])
         summary = {"since": since, "until": until.isoformat(), "counts": counts, "prompts": len(prompts),
                    "feedback_rows": len(used), "skipped": dict(sets.skipped)}
-        _write_json(out / "summary.json", summary)
+        write_json(out / "summary.json", summary)
         log.info("loop: %d feedback rows → %s (skipped: %s)", len(used), counts, dict(sets.skipped) or "none")
         return summary
 
@@ -234,43 +230,42 @@ class Loop:
         """Where iteration ``i``'s export window opens (``rules.window``); None: at the first vote."""
         window = self.cfg.rules.window
         for j in range(i - 1, 0, -1) if window != "all" else ():
-            steps = (_read_json(self.folder / f"iter-{j}" / "state.json") or {}).get("steps", {})
+            steps = (read_json(self.folder / f"iter-{j}" / "state.json") or {}).get("steps", {})
             if window == "new" or steps.get("promote", {}).get("promoted"):
                 return steps["export"]["until"]
         return None
 
     def train(self, i: int, folder: Path, state: dict) -> dict:
-        """The recipe's stages in order; each resumes from its checkpoints when rerun."""
-        from alignloop.stages import stage_runner
-
+        """The recipe's stages in order; each resumes from its checkpoints when rerun. A stage that
+        trains on prompts scores them with the reward model an earlier stage of the recipe made."""
         data = folder / "datasets"
         counts = state["steps"]["export"]["counts"]
         policy, reward, ran, skipped = state["start"]["path"], None, [], {}
-        for stage in self.cfg.recipe:
-            dataset = STAGE_DATA.get(stage)
-            records = counts[dataset] if dataset else state["steps"]["export"]["prompts"]
+        for name in self.cfg.recipe:
+            stage = STAGES[name]
+            on_prompts = stage.loop_data == "prompts"
+            records = state["steps"]["export"]["prompts"] if on_prompts else counts[stage.loop_data]
             if records < self.cfg.rules.min_records:
-                skipped[stage] = f"{records} records < rules.min_records={self.cfg.rules.min_records}"
-                log.info("loop: %s skipped this iteration: %s", stage, skipped[stage])
+                skipped[name] = f"{records} records < rules.min_records={self.cfg.rules.min_records}"
+                log.info("loop: %s skipped this iteration: %s", name, skipped[name])
                 continue
-            if stage in RL_STAGES and reward is None:
-                skipped[stage] = "no reward model this iteration"
+            if on_prompts and reward is None:
+                skipped[name] = "no reward model this iteration"
                 continue
-            overrides = {"run.output_dir": str(folder), "run.name": f"train-{stage}",
-                         "data.path": str(data / (f"{dataset}.jsonl" if dataset else "prompts.jsonl"))}
-            if stage != "reward":
+            overrides = {"run.output_dir": str(folder), "run.name": f"train-{name}",
+                         "data.path": str(data / f"{stage.loop_data}.jsonl")}
+            if stage.makes == "policy":
                 overrides["model.name_or_path"] = policy
-            if stage in RL_STAGES:
+            if on_prompts:
                 overrides["rl.reward"] = reward
-            overrides.update(self.cfg.options_for(stage))
-            cfg = load_config(STAGES[stage], overrides=overrides)
-            run = stage_runner(stage)(cfg)
-            ran.append(stage)
-            if stage == "reward":
+            overrides.update(self.cfg.options_for(name))
+            run = stage.run(stage.load(overrides=overrides))
+            ran.append(name)
+            if stage.makes == "reward":
                 reward = str(run.final_dir)
             else:
                 policy = str(run.final_dir)
-        candidate = policy if any(s in POLICY_STAGES for s in ran) else None
+        candidate = policy if any(STAGES[name].makes == "policy" for name in ran) else None
         return {"candidate": candidate, "stages": ran, "skipped_stages": skipped}
 
     def evaluate(self, i: int, folder: Path, state: dict) -> dict:
@@ -307,10 +302,11 @@ class Loop:
             return {"version": None}
         version = weights_version(candidate)
         data = folder / "datasets"
-        # The rows behind the datasets the recipe's stages actually trained on (RL: the reward model's pairs).
-        files = {STAGE_DATA.get(stage, "pairs") for stage in state["steps"]["train"]["stages"]}
-        behind = {fid for name in files for record in _read_jsonl(data / f"{name}.jsonl") for fid in record["feedback_ids"]}
-        feedback = [(r["feedback_id"], r["user"], r["kind"]) for r in _read_jsonl(data / "feedback.jsonl")
+        # The rows behind the datasets the recipe's stages actually trained on; a stage on prompts
+        # learnt from feedback only through the reward stage before it, whose pairs are counted.
+        files = {STAGES[name].loop_data for name in state["steps"]["train"]["stages"]} - {"prompts"}
+        behind = {fid for name in files for record in read_jsonl(data / f"{name}.jsonl") for fid in record["feedback_ids"]}
+        feedback = [(r["feedback_id"], r["user"], r["kind"]) for r in read_jsonl(data / "feedback.jsonl")
                     if r["feedback_id"] in behind]
         export = state["steps"]["export"]
         datasets = {"folder": str(data), "counts": export["counts"], "window": [export["since"], export["until"]]}
@@ -340,7 +336,7 @@ class Loop:
         v0 = self.meta["v0"]
         version = self.server.served_version(self.cfg.model_name)
         marker = self.folder / "final-vs-v0.json"
-        done = _read_json(marker)
+        done = read_json(marker)
         if done and done.get("version") == version:
             return done
         if version == v0["version"]:
@@ -348,7 +344,7 @@ class Loop:
         else:
             log.info("loop: the deployed version %s against v0 %s", version, v0["version"])
             result = {"version": version, **self.compare(self._path_of(version), v0["path"], self.folder, "final-vs-v0", None)}
-        _write_json(marker, result)
+        write_json(marker, result)
         return result
 
 
@@ -382,27 +378,3 @@ def _unique_prompts(sets: Any) -> list[Any]:
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_json(path: Path, value: Any) -> None:
-    """Write, then rename: a kill mid-write leaves the previous file whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
-

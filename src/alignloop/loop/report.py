@@ -4,22 +4,11 @@ simulation) and win rate per version; the lineage table from the registry."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from alignloop.evaluate.compare import md_cell
-from alignloop.loop.pipeline import STEPS
-
-
-def _read(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def iterations(folder: Path) -> list[dict]:
-    """Each iteration's state, in order, as far as it got."""
-    found = sorted(folder.glob("iter-*/state.json"), key=lambda p: int(p.parent.name.removeprefix("iter-")))
-    return [{"iteration": int(p.parent.name.removeprefix("iter-")), **_read(p)} for p in found]
+from alignloop.loop.state import STEPS, iterations, read_json
 
 
 def write_loop_report(folder: Path, store: Any) -> Path:
@@ -32,10 +21,10 @@ def write_loop_report(folder: Path, store: Any) -> Path:
 def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[str]:
     """The loop's report as markdown lines; links into the loop's folder start with ``link_prefix``
     (for a report written elsewhere, like the demo's)."""
-    meta = _read(folder / "loop.json") or {}
+    meta = read_json(folder / "loop.json") or {}
     config = (folder / "config.yaml").read_text() if (folder / "config.yaml").is_file() else ""
     its = iterations(folder)
-    final = _read(folder / "final-vs-v0.json")
+    final = read_json(folder / "final-vs-v0.json")
     plot = plot_loop(its, final, folder / "loop.png")
     v0 = meta.get("v0", {}).get("version", "?")
     lines = [f"Started from version `{v0}`. Each iteration: collect feedback → datasets → train → "
