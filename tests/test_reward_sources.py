@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from alignloop.errors import ConfigError
-from alignloop.rollout import rewards
 from alignloop.rollout.rewards import (
     FormatRule,
     FunctionReward,
@@ -30,10 +29,13 @@ from alignloop.rollout.rewards import (
     WeightedSum,
     build_reward,
     check_rewards,
+    combine,
     completion_text,
     load_reward_file,
     minmax,
     prompt_text,
+    protocol,
+    rules,
     zscore,
 )
 
@@ -140,7 +142,7 @@ def fake_scorers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int, F
         loaded.append((path, batch_size, max_length, scorer))
         return scorer
 
-    monkeypatch.setattr(rewards, "load_scorer", load)
+    monkeypatch.setattr("alignloop.rollout.rewards.model.load_scorer", load)
     return loaded
 
 
@@ -162,8 +164,9 @@ def test_text_of_strings_and_messages():
         completion_text(3)  # type: ignore[arg-type]
 
 
-def test_docstring_examples_hold():
-    assert doctest.testmod(rewards).failed == 0
+@pytest.mark.parametrize("module", [protocol, rules, combine])
+def test_docstring_examples_hold(module):
+    assert doctest.testmod(module).failed == 0
 
 
 # --- Python functions -----------------------------------------------------------------------------
