@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from alignloop.errors import ConfigError
-from alignloop.rollout import rewards
 from alignloop.rollout.rewards import (
     FormatRule,
     FunctionReward,
@@ -29,11 +28,15 @@ from alignloop.rollout.rewards import (
     RewardSource,
     WeightedSum,
     build_reward,
+    build_reward_source,
     check_rewards,
+    combine,
     completion_text,
     load_reward_file,
     minmax,
     prompt_text,
+    protocol,
+    rules,
     zscore,
 )
 
@@ -140,7 +143,7 @@ def fake_scorers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int, F
         loaded.append((path, batch_size, max_length, scorer))
         return scorer
 
-    monkeypatch.setattr(rewards, "load_scorer", load)
+    monkeypatch.setattr("alignloop.rollout.rewards.model.load_scorer", load)
     return loaded
 
 
@@ -162,8 +165,9 @@ def test_text_of_strings_and_messages():
         completion_text(3)  # type: ignore[arg-type]
 
 
-def test_docstring_examples_hold():
-    assert doctest.testmod(rewards).failed == 0
+@pytest.mark.parametrize("module", [protocol, rules, combine])
+def test_docstring_examples_hold(module):
+    assert doctest.testmod(module).failed == 0
 
 
 # --- Python functions -----------------------------------------------------------------------------
@@ -543,6 +547,24 @@ def test_weight_outside_a_sum_is_an_unknown_key():
 def test_bad_specs_name_the_dotted_path(text, message):
     with pytest.raises(ConfigError, match=message):
         from_yaml(text)
+
+
+def test_numbers_in_specs_read_as_in_config_files():
+    # YAML reads "5e-1" (no dot) as a string; a config file takes it as a number, and so does a spec.
+    total = from_yaml("sum: {short: {rule: length, max: 2, weight: '5e-1'}}")
+    assert score(total, ["a b c"]) == [0.25]
+    with pytest.raises(ConfigError, match=r"^reward.sum.short.weight: expected a finite number, got nan$"):
+        from_yaml("sum: {short: {rule: length, max: 2, weight: .nan}}")
+
+
+def test_reward_source_string_names_a_folder_a_yaml_file_or_a_function(tmp_path, reward_file, fake_scorers):
+    assert isinstance(build_reward_source(str(tmp_path)), ModelReward)
+    spec = tmp_path / "reward.yaml"
+    spec.write_text("rule: length\nmax: 2\n")
+    assert isinstance(build_reward_source(str(spec)), LengthRule)
+    assert build_reward_source(f"{reward_file}:length").name == f"function:{reward_file}:length"
+    with pytest.raises(ConfigError, match=r"^reward: 'runs/rm' is not a reward-model folder, a YAML reward spec"):
+        build_reward_source("runs/rm")
 
 
 def test_load_reward_file_builds_and_names_the_file_in_errors(tmp_path):

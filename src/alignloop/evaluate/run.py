@@ -25,6 +25,7 @@ import torch
 from alignloop.config import EvaluateConfig, ModelConfig, save_config
 from alignloop.data.load import load_records
 from alignloop.errors import ConfigError, ModelError
+from alignloop.rollout.rewards import build_reward_source
 
 log = logging.getLogger("alignloop")
 
@@ -121,20 +122,6 @@ def load_policy(path: str, role: str) -> tuple[Any, Any]:
     except ModelError as e:
         raise ModelError(f"{role}: {e}") from None
     return model.to(inference_device()).eval(), tokenizer
-
-
-def build_reward_source(spec: str) -> Any:
-    """``reward``: a reward-model folder, ``file.py:fn`` / ``module:fn``, or a YAML reward spec."""
-    from alignloop.rollout.rewards import build_reward, load_reward_file
-
-    path = Path(spec)
-    if path.is_dir():
-        return build_reward({"model": spec})
-    if path.suffix in (".yaml", ".yml"):
-        return load_reward_file(path)
-    if ":" in spec:
-        return build_reward({"function": spec})
-    raise ConfigError(f"reward: {spec!r} is not a reward-model folder, a YAML reward spec or a `file.py:fn` function")
 
 
 def judge_pairs(cfg: EvaluateConfig, prompts: list, candidate: list[str], baseline: list[str],

@@ -72,7 +72,7 @@ from alignloop.losses import (
 )
 from alignloop.models.load import context_length, disable_dropout, inference_device, load_causal_lm, load_tokenizer
 from alignloop.rollout.generate import SEED_STRIDE, Generation, encode_prompts, generate
-from alignloop.rollout.rewards import check_rewards
+from alignloop.rollout.rewards import build_reward_source, check_rewards
 from alignloop.rollout.scoring import Batch, score_tokens
 from alignloop.runs import Run
 from alignloop.train.loop import TrainingSession, open_stage_run, save_checkpoint
@@ -86,8 +86,6 @@ EVAL_BASELINE_FILE = "eval_baseline.json"
 
 def run_rl(cfg: RLConfig) -> Run:
     """``alignloop ppo|grpo|rloo|reinforce``: load policy, prompts, reward (and reference), and train."""
-    from alignloop.evaluate.run import build_reward_source
-
     r = cfg.rl
     if not cfg.data.path:
         raise ConfigError("data.path: name the prompts file (records with a `prompt` field)")
