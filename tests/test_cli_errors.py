@@ -148,3 +148,11 @@ def test_nothing_is_written_when_the_input_is_bad(capsys, tmp_path):
     code, _ = run_cli(capsys, tmp_path, f"--data.path={tmp_path / 'nope.jsonl'}")
     assert code == 2
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_unknown_preference_loss_is_named_before_any_data_is_read(capsys, tmp_path):
+    missing = tmp_path / "nope.jsonl"  # were the data read first, the error would name this file
+    code = main(["dpo", "--model.name_or_path=tiny-1m", f"--run.output_dir={tmp_path / 'runs'}", f"--data.path={missing}",
+                 "--preference.loss=hinge"])
+    assert code == 2
+    assert error_line(capsys.readouterr().err) == "preference.loss: 'hinge' is not one of sigmoid, robust, ipo, simpo"

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from alignloop.losses import dpo_loss, kto_loss, kto_reference_point, rpo_nll, sequence_logps, simpo_loss
+from alignloop.losses import PAIR_LOSSES, dpo_loss, kto_loss, kto_reference_point, rpo_nll, sequence_logps, simpo_loss
 
 
 def log_sigmoid(x: float) -> float:
@@ -139,6 +139,22 @@ def test_cdpo_stops_pushing_past_its_soft_target_and_robust_does_not() -> None:
         loss, _ = dpo_loss(chosen, zeros, zeros, zeros, beta=1.0, loss_type=loss_type, label_smoothing=0.1)
         loss.backward()
         assert sign * chosen.grad.item() > 0, loss_type
+
+
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
+def test_every_pair_loss_of_the_table_pushes_the_chosen_side_up(name: str) -> None:
+    """Each row of PAIR_LOSSES (what `preference.loss` names), called the way the trainer calls it:
+    descending its gradient raises the chosen completions' log-probs and lowers the rejected ones'."""
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = pairs(requires_grad=True)
+    lengths = torch.tensor([4.0, 5.0, 3.0])
+    pair_loss = PAIR_LOSSES[name]
+    if pair_loss.uses_reference:
+        loss, metrics = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 0.1, name)
+    else:
+        loss, metrics = pair_loss.reference_free(policy_chosen, policy_rejected, lengths, lengths, 0.1, 0.1)
+    loss.backward()
+    assert pair_loss.title and math.isfinite(float(loss.detach())) and "rewards/margin" in metrics
+    assert (policy_chosen.grad < 0).all() and (policy_rejected.grad > 0).all()
 
 
 @pytest.mark.parametrize(

@@ -306,7 +306,7 @@ class RLConfig:
 class PreferenceOptimizationConfig:
     """How an offline preference stage turns pairs or thumbs into a better policy."""
 
-    loss: Literal["sigmoid", "ipo", "robust", "simpo"] = option("sigmoid", "dpo: sigmoid (DPO), ipo, robust (noise-robust DPO, needs label_smoothing), simpo (reference-free, length-normalised)")
+    loss: str = option("sigmoid", "dpo: a row of losses.PAIR_LOSSES: sigmoid (DPO), ipo, robust (noise-robust DPO, needs label_smoothing), simpo (reference-free, length-normalised)")
     beta: float = option(0.1, "β: how far the policy may move from the reference (for ipo: τ; for simpo: the reward scale, e.g. 2.0)")
     label_smoothing: float = option(0.0, "ε: share of labels assumed flipped (sigmoid: conservative DPO; robust: unbiased correction, ε < 0.5)")
     simpo_gamma: float = option(0.5, "simpo: target reward margin γ")

@@ -6,6 +6,10 @@ computed by hand on a few numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -387,7 +391,6 @@ def _dpo_ipo(h: torch.Tensor, beta: float, eps: float, tau: float) -> torch.Tens
     return (h - 1 / (2 * tau)) ** 2
 
 
-DPO_LOSSES = {"sigmoid": _dpo_sigmoid, "robust": _dpo_robust, "ipo": _dpo_ipo}
 
 
 def dpo_loss(
@@ -425,8 +428,9 @@ def dpo_loss(
     (means), ``rewards/margin`` (mean r_c − r_r = mean βh), ``rewards/accuracy`` (share of pairs
     with r_c > r_r strictly), ``logps/chosen``, ``logps/rejected`` (mean π).
     """
-    if loss_type not in DPO_LOSSES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(DPO_LOSSES)}")
+    margin_losses = [name for name, pair_loss in PAIR_LOSSES.items() if pair_loss.margin is not None]
+    if loss_type not in margin_losses:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(margin_losses)}")
     if label_smoothing < 0:
         raise ValueError(f"label_smoothing must be ≥ 0 (a flip probability), got {label_smoothing}")
     if loss_type == "robust" and label_smoothing >= 0.5:
@@ -443,7 +447,7 @@ def dpo_loss(
     chosen_log_ratio = policy_chosen - ref_chosen
     rejected_log_ratio = policy_rejected - ref_rejected
     h = chosen_log_ratio - rejected_log_ratio
-    loss = DPO_LOSSES[loss_type](h, beta, label_smoothing, tau).mean()
+    loss = PAIR_LOSSES[loss_type].margin(h, beta, label_smoothing, tau).mean()
     return loss, _preference_metrics(beta * chosen_log_ratio, beta * rejected_log_ratio, policy_chosen, policy_rejected)
 
 
@@ -471,6 +475,32 @@ def simpo_loss(
     rejected_rewards = beta * policy_rejected / rejected_lengths
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma).mean()
     return loss, _preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+
+
+@dataclass(frozen=True)
+class PairLoss:
+    """A preference loss on pairs: one row of :data:`PAIR_LOSSES`, the table ``preference.loss`` names.
+
+    A loss of the DPO family is a per-pair function of the log-ratio margin h (``margin``, called
+    by :func:`dpo_loss` with h, β, ε, τ); a reference-free one is a whole loss of the policy's
+    log-probs and lengths (``reference_free``: π_c, π_r, |y_c|, |y_r|, β, γ → (loss, metrics))."""
+
+    title: str  # its name in logs and reports
+    margin: Optional[Callable[[torch.Tensor, float, float, float], torch.Tensor]] = None
+    reference_free: Optional[Callable[..., tuple[torch.Tensor, dict[str, float]]]] = None
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether training needs the reference model's log-probs (computed once, before training)."""
+        return self.margin is not None
+
+
+PAIR_LOSSES: dict[str, PairLoss] = {
+    "sigmoid": PairLoss("DPO", margin=_dpo_sigmoid),
+    "robust": PairLoss("rDPO", margin=_dpo_robust),
+    "ipo": PairLoss("IPO", margin=_dpo_ipo),
+    "simpo": PairLoss("SimPO", reference_free=simpo_loss),
+}
 
 
 def rpo_nll(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:

@@ -263,8 +263,9 @@ def release_freed_memory() -> None:
 # ---------------------------------------------------------------------------------------------
 def run_dpo(cfg: DPOConfig) -> Run:
     """``alignloop dpo``: pairs → a policy that prefers the chosen side."""
-    return _run(cfg, kinds=("preference",), build=pair_set, title={"sigmoid": "DPO", "ipo": "IPO", "robust": "rDPO",
-                                                                    "simpo": "SimPO"}[cfg.preference.loss])
+    if cfg.preference.loss not in losses.PAIR_LOSSES:  # before any data or model is loaded
+        raise ConfigError(f"preference.loss: {cfg.preference.loss!r} is not one of {', '.join(losses.PAIR_LOSSES)}")
+    return _run(cfg, kinds=("preference",), build=pair_set, title=losses.PAIR_LOSSES[cfg.preference.loss].title)
 
 
 def run_kto(cfg: KTOConfig) -> Run:
@@ -308,10 +309,11 @@ def batch_loss(cfg: Any, model: Any, data: PreferenceSet, idx: list[int], pad_id
         desirable = torch.tensor([data.desirable[i] for i in idx], device=device)
         return losses.kto_loss(logps, ref, desirable, z0, p.beta, p.desirable_weight, p.undesirable_weight)
     chosen, rejected = logps[:n], logps[n:]
-    if p.loss == "simpo":
-        loss, metrics = losses.simpo_loss(chosen, rejected, counts[:n], counts[n:], p.beta, p.simpo_gamma)
-    else:
+    pair_loss = losses.PAIR_LOSSES[p.loss]
+    if pair_loss.uses_reference:
         loss, metrics = losses.dpo_loss(chosen, rejected, ref[:n], ref[n:], p.beta, p.loss, p.label_smoothing)
+    else:
+        loss, metrics = pair_loss.reference_free(chosen, rejected, counts[:n], counts[n:], p.beta, p.simpo_gamma)
     if p.rpo_alpha > 0:
         nll = losses.rpo_nll(chosen, counts[:n])
         loss = loss + p.rpo_alpha * nll
@@ -344,7 +346,7 @@ def fit_preference(cfg: Any, model: Any, tokenizer: Any, train: PreferenceSet, h
         return run
     t = cfg.train
     pad_id = tokenizer.pad_token_id
-    if cfg.preference.loss != "simpo" or train.desirable is not None:
+    if train.desirable is not None or losses.PAIR_LOSSES[cfg.preference.loss].uses_reference:
         reference_logps(cfg, model, tokenizer, run, [train] + ([held] if held else []))
     with TrainingSession(cfg, model, run, title) as session:
         model, accelerator, device = session.model, session.accelerator, session.device
