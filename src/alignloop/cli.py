@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_run_serve)
 
     for name, stage in STAGES.items():
-        sub = commands.add_parser(name, help=stage.help, description=(stage.about or stage.config.__doc__ or "").strip(), allow_abbrev=False)
+        about = (stage.about or stage.config.__doc__ or "").strip()
+        sub = commands.add_parser(name, help=stage.help, description=f"{about} Data: {' or '.join(stage.reads)} records.",
+                                  allow_abbrev=False)
         sub.add_argument("--config", metavar="FILE", help="YAML config; command-line keys override it")
         if "train" in {f.name for f in dataclasses.fields(stage.config)}:
             sub.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
