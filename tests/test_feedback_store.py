@@ -492,10 +492,9 @@ def test_acknowledged_writes_survive_sigkill(db_url: str) -> None:
 
 # export --------------------------------------------------------------------------------------
 
-def test_export_of_each_kind_is_valid_training_data(store: FeedbackStore, db_url: str, tmp_path: Path) -> None:
-    from alignloop.data.load import read_rows
-    from alignloop.data.records import validate_rows
-
+def put_votes_of_every_kind(store: FeedbackStore) -> None:
+    """alice's votes of every kind and verdict on chat and plain completions of two model versions,
+    one comparison across different prompts among them."""
     store.register_model("tiny", "v1", "/models/tiny")
     store.register_model("tiny", "v2", "/models/tiny-ppo")
     user = store.ensure_user("alice")
@@ -521,6 +520,12 @@ def test_export_of_each_kind_is_valid_training_data(store: FeedbackStore, db_url
     put("rating", "chatcmpl-s0-0", rating=5)
     put("rating", "cmpl-p0-0", rating=4)
 
+
+def test_export_of_each_kind_is_valid_training_data(store: FeedbackStore, db_url: str, tmp_path: Path) -> None:
+    from alignloop.data.load import read_rows
+    from alignloop.data.records import validate_rows
+
+    put_votes_of_every_kind(store)
     expected_kind = {"pairs": "preference", "kto": "binary", "sft": "prompt_completion", "ratings": "rating"}
     exported = {}
     for kind, record_kind in expected_kind.items():
@@ -528,24 +533,26 @@ def test_export_of_each_kind_is_valid_training_data(store: FeedbackStore, db_url
         path = tmp_path / f"{kind}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         assert validate_rows(read_rows(str(path)), [record_kind], str(path)) == record_kind
-        assert all({"feedback_id", "user", "model_version", "source"} <= r.keys() for r in records)
+        assert all({"feedback_ids", "model_version", "source"} <= r.keys() for r in records)
         exported[kind] = (records, skipped)
 
     pairs, skipped = exported["pairs"]
-    assert skipped == {"tie": 1, "both_bad": 1, "different_prompts": 1}
+    assert skipped == {"tie": 1, "different_prompts": 1, "duplicate_pairs": 2}  # both_bad: two thumbs-down
     as_text = [(r["chosen"] if isinstance(r["chosen"], str) else r["chosen"][0]["content"],
                 r["rejected"] if isinstance(r["rejected"], str) else r["rejected"][0]["content"], r["source"])
                for r in pairs]
-    assert as_text == [("Paris.", "Lyon.", "pairwise"), ("Metz.", "Nice.", "pairwise"), ("4", "5", "pairwise"),
-                       ("Paris.", "Lyon.", "correction"), ("4", "5", "correction")]
+    # A correction and a comparison saying the same thing are one pair with both feedback ids.
+    assert as_text == [("Paris.", "Lyon.", "correction"), ("4", "5", "correction"), ("Metz.", "Nice.", "pairwise")]
+    assert [r["feedback_ids"] for r in pairs] == [[1, 7], [3, 8], [2]]
     first = pairs[0]
     assert first["prompt"] == [{"role": "user", "content": "Capital of France?"}]
     assert first["chosen"] == [{"role": "assistant", "content": "Paris."}]
-    assert (first["user"], first["model_version"], first["other_model_version"]) == ("alice", "v1", "v2")
-    assert pairs[2]["prompt"] == "2+2=" and pairs[2]["chosen"] == "4"
+    assert (pairs[2]["model_version"], pairs[2]["rejected_model_version"]) == ("v2", "v1")
+    assert pairs[1]["prompt"] == "2+2=" and pairs[1]["chosen"] == "4"
 
     kto, _ = exported["kto"]
-    assert [(r["label"], r["completion_id"]) for r in kto] == [(True, "chatcmpl-s0-0"), (False, "cmpl-p1-0")]
+    assert [(r["label"], r["feedback_ids"], r["source"]) for r in kto] == [
+        (False, [5], "pairwise"), (False, [5], "pairwise"), (True, [9], "thumbs"), (False, [10], "thumbs")]
     sft, _ = exported["sft"]
     assert [r["completion"] for r in sft] == [[{"role": "assistant", "content": "Paris."}], "4"]
     ratings, _ = exported["ratings"]
@@ -554,6 +561,42 @@ def test_export_of_each_kind_is_valid_training_data(store: FeedbackStore, db_url
     with pytest.raises(Invalid) as e:
         store.export("dpo")
     assert e.value.field == "kind"
+
+
+def test_cli_export_writes_what_the_loop_trains_on(store: FeedbackStore, db_url: str, tmp_path: Path) -> None:
+    """For the same stored votes and rules (the defaults), `alignloop feedback export --kind K`
+    writes exactly the records the closed loop's export step writes for its stages to train on."""
+    from alignloop.cli import main
+    from alignloop.config import LoopConfig
+    from alignloop.feedback.datasets import RECORD_KINDS
+    from alignloop.loop.pipeline import STAGE_DATA, Loop
+
+    put_votes_of_every_kind(store)
+    bob = store.ensure_user("bob")
+    store.add_completions([completion("chatcmpl-t0-0", bob.id, "Paris."), completion("chatcmpl-t1-0", bob.id, "Lyon.")])
+    # bob agrees with alice's Paris ≻ Lyon on his own pair, and his thumbs-down on Lyon beside
+    # her thumbs-up on Paris (same prompt) is a sibling pair: the dedupe and sibling rules run too.
+    store.put_feedback(bob.id, FeedbackInput("pairwise", "chatcmpl-t1-0", other_completion_id="chatcmpl-t0-0", verdict="b"))
+    store.put_feedback(bob.id, FeedbackInput("thumbs", "chatcmpl-t1-0", up=False))
+
+    iteration = tmp_path / "loop" / "iter-1"
+    iteration.mkdir(parents=True)
+    Loop(LoopConfig(), tmp_path / "loop", None, store).export(1, iteration, {"start": {"version": "v1"}, "steps": {}})
+
+    def read(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    assert set(STAGE_DATA.values()) <= set(RECORD_KINDS)
+    for kind in RECORD_KINDS:
+        out = tmp_path / "cli" / f"{kind}.jsonl"
+        assert main(["feedback", "export", "--kind", kind, "--out", str(out), "--db", db_url]) == 0
+        trained_on = read(iteration / "datasets" / f"{kind}.jsonl")
+        assert trained_on and read(out) == trained_on
+    # Paris ≻ Lyon: alice's comparison (1) and correction (7), bob's comparison (13), and alice's
+    # thumbs-up (9) beside bob's thumbs-down (14), merged into one record.
+    pairs = read(iteration / "datasets" / "pairs.jsonl")
+    assert [(r["source"], r["feedback_ids"]) for r in pairs] == [("correction", [1, 7, 9, 13, 14]), ("correction", [3, 8]),
+                                                                 ("pairwise", [2])]
 
 
 # CLI -----------------------------------------------------------------------------------------

@@ -1,18 +1,21 @@
-"""The closed loop's dataset rules on hand-made feedback rows: each vote kind becomes the records
-the table in :mod:`alignloop.loop.datasets` says, with the feedback ids behind each record;
+"""The dataset rules on hand-made feedback rows: each vote kind becomes the records
+the table in :mod:`alignloop.feedback.datasets` says, with the feedback ids behind each record;
 windows, versions, per-user caps, agreement, sibling thumbs and dedupe do what they say; and the
 rows read back from a real store build the same sets."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
+from alignloop.config import LoopRulesConfig
 from alignloop.data.records import Row, validate_rows
 from alignloop.errors import ConfigError
-from alignloop.loop.datasets import Answer, DatasetRules, Vote, build_datasets, votes_from_rows
+from alignloop.feedback.datasets import DatasetRules, build_datasets
+from alignloop.feedback.entities import Answer, Vote
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 HI = [{"role": "user", "content": "Hi!"}]
@@ -120,7 +123,7 @@ def test_rows_from_a_real_store_build_the_same_sets(tmp_path: Path) -> None:
         store.put_feedback(user.id, FeedbackInput(kind="pairwise", completion_id="chatcmpl-x-0", other_completion_id="chatcmpl-x-1",
                                                   verdict="a", left="b"))
         store.put_feedback(user.id, FeedbackInput(kind="thumbs", completion_id="chatcmpl-x-1", up=False))
-        votes = votes_from_rows(store.votes())
+        votes = store.votes()
     assert [(v.kind, v.user, v.a.text, v.b.text if v.b else None) for v in votes] == [
         ("pairwise", "ann", "Hello there!", "Go away."), ("thumbs", "ann", "Go away.", None)]
     assert votes[0].updated_at.tzinfo is not None
@@ -128,3 +131,11 @@ def test_rows_from_a_real_store_build_the_same_sets(tmp_path: Path) -> None:
     assert texts(sets.pairs, "chosen", "rejected") == [("Hello there!", "Go away.")]
     assert texts(sets.kto, "completion", "label") == [("Go away.", False)]
     assert sets.feedback_ids == {v.feedback_id for v in votes}
+
+
+def test_the_default_rules_are_the_loops() -> None:
+    """`alignloop feedback export` (default rules) and a loop with default `rules:` build the same sets."""
+    loop = LoopRulesConfig()
+    shared = [f.name for f in dataclasses.fields(DatasetRules) if hasattr(loop, f.name)]
+    assert shared == ["max_votes_per_user", "min_agreement", "sibling_thumbs", "both_bad_as_kto", "dedupe"]
+    assert [getattr(DatasetRules(), name) for name in shared] == [getattr(loop, name) for name in shared]

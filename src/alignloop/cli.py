@@ -294,7 +294,7 @@ def _run_feedback_export(args: argparse.Namespace, extra: list[str]) -> int:
 
     with _store(args) as store:
         records, skipped = store.export(args.kind)
-    write_jsonl((Row(record, f"feedback {record['feedback_id']}") for record in records), args.out)
+    write_jsonl((Row(record, f"feedback {record['feedback_ids']}") for record in records), args.out)
     reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items())) or "none"
     log.info("feedback export: %d %s records written to %s; skipped: %s", len(records), args.kind, args.out, reasons)
     return 0

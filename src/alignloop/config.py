@@ -351,7 +351,7 @@ class KTOConfig:
 
 @dataclass
 class LoopRulesConfig:
-    """How stored feedback becomes an iteration's training sets (:mod:`alignloop.loop.datasets`)."""
+    """How stored feedback becomes an iteration's training sets (:mod:`alignloop.feedback.datasets`)."""
 
     window: Literal["new", "since_promotion", "all"] = option("new", "new: only feedback given or changed since the previous iteration's export; since_promotion: since the export of the last iteration that promoted (feedback on a model the gate kept is still about the deployed one); all: every live vote")
     only_deployed: bool = option(False, "use only feedback on answers of the version deployed when the iteration starts")

@@ -7,5 +7,6 @@
 - :mod:`~alignloop.feedback.database`: engines (SQLite WAL, PostgreSQL) and ``upgrade``;
 - :mod:`~alignloop.feedback.schema` and ``migrations/``: the tables and the Alembic revisions
   that create them;
-- :mod:`~alignloop.feedback.export`: training records (pairs, kto, sft, ratings) from the votes.
+- :mod:`~alignloop.feedback.datasets`: the votes → training sets (pairs, kto, sft, ratings) by
+  documented rules, for export and the closed loop alike.
 """

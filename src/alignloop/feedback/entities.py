@@ -136,6 +136,42 @@ class FeedbackRecord:
         return cls(**{**data, **times})
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One completion as a vote on it is judged: the prompt a person saw and the answer."""
+
+    completion_id: str
+    prompt: Any  # the chat messages, or the prompt string
+    rendered_prompt: str  # what the model saw: two answers are siblings when this is equal
+    text: str
+    model_version: str
+
+    @property
+    def chat(self) -> bool:
+        return isinstance(self.prompt, list)
+
+    def as_answer(self, text: str | None = None) -> Any:
+        """The record field for this answer's text: an assistant message for chat prompts."""
+        text = self.text if text is None else text
+        return [{"role": "assistant", "content": text}] if self.chat else text
+
+
+@dataclass(frozen=True)
+class Vote:
+    """One live feedback row with the answers it is about (:meth:`FeedbackStore.votes`)."""
+
+    feedback_id: int
+    user: str
+    kind: str  # thumbs | rating | pairwise | correction
+    updated_at: datetime
+    a: Answer
+    b: Answer | None = None  # pairwise: the other answer
+    up: bool | None = None
+    rating: int | None = None
+    verdict: str | None = None  # a | b | tie | both_bad
+    correction: str | None = None
+
+
 
 def check_user_name(name: str) -> str:
     name = name.strip() if isinstance(name, str) else ""

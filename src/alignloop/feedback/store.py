@@ -39,10 +39,12 @@ from alignloop.feedback.database import (
     shown_url,
     upgrade,
 )
+from alignloop.feedback.datasets import RECORD_KINDS, DatasetRules, build_datasets
 from alignloop.feedback.entities import (
     FEEDBACK_KINDS,
     MAX_ID_CHARS,
     MAX_IDEMPOTENCY_KEY_CHARS,
+    Answer,
     CompletionRecord,
     FeedbackInput,
     FeedbackRecord,
@@ -51,6 +53,7 @@ from alignloop.feedback.entities import (
     NotFound,
     StoreError,
     User,
+    Vote,
     check_completion,
     check_feedback,
     check_user_name,
@@ -475,21 +478,46 @@ class FeedbackStore:
 
         return self._write(write)
 
-    def votes(self) -> list[dict]:
-        """Every live vote with both answers' facts, oldest first; see
-        :func:`alignloop.feedback.export.vote_rows`."""
-        from alignloop.feedback.export import vote_rows
-
+    def votes(self) -> list[Vote]:
+        """Every live vote with its user, when it last changed and the answers it is about, oldest
+        first: what :func:`alignloop.feedback.datasets.build_datasets` turns into training sets."""
+        a, b = completions_t.alias("a"), completions_t.alias("b")
+        query = (
+            sa.select(feedback_t.c.id, feedback_t.c.kind, feedback_t.c.up, feedback_t.c.rating, feedback_t.c.verdict,
+                      feedback_t.c.correction, feedback_t.c.updated_at, users_t.c.name.label("user"),
+                      *_answer_columns(a, "a"), *_answer_columns(b, "b"))
+            .join(users_t, users_t.c.id == feedback_t.c.user_id)
+            .join(a, a.c.id == feedback_t.c.completion_id)
+            .outerjoin(b, b.c.id == feedback_t.c.other_completion_id)
+            .order_by(feedback_t.c.id)
+        )
         with self._engine.connect() as conn:
-            return vote_rows(conn)
+            rows = [row._asdict() for row in conn.execute(query)]
+        return [Vote(r["id"], r["user"], r["kind"], r["updated_at"], _answer(r, "a"), _answer(r, "b"), r["up"],
+                     r["rating"], r["verdict"], r["correction"]) for r in rows]
 
-    def export(self, kind: str) -> tuple[list[dict], dict]:
-        """Training records of ``kind`` (pairs, kto, sft, ratings) and the count of votes skipped
-        per reason; see :mod:`alignloop.feedback.export`."""
-        from alignloop.feedback.export import export_records
+    def export(self, kind: str) -> tuple[list[dict], dict[str, int]]:
+        """Training records of ``kind`` (pairs, kto, sft, ratings) by the default
+        :class:`~alignloop.feedback.datasets.DatasetRules` over every live vote, and the votes
+        those rules skipped, per reason (the rules run once over all kinds)."""
+        if kind not in RECORD_KINDS:
+            raise Invalid(f"field 'kind' must be one of {', '.join(RECORD_KINDS)}, got {kind!r}", field="kind")
+        sets = build_datasets(self.votes(), DatasetRules())
+        return getattr(sets, kind), dict(sets.skipped)
 
-        with self._engine.connect() as conn:
-            return export_records(conn, kind)
+
+def _answer_columns(table: sa.FromClause, prefix: str) -> list[sa.ColumnElement]:
+    names = ("id", "endpoint", "prompt_messages", "prompt_text", "rendered_prompt", "completion_text", "model_version")
+    return [table.c[name].label(f"{prefix}_{name}") for name in names]
+
+
+def _answer(row: dict[str, Any], side: str) -> Answer | None:
+    """Side ``a`` or ``b`` of a :meth:`FeedbackStore.votes` row; None where the vote has no such answer."""
+    if row[f"{side}_id"] is None:
+        return None
+    chat = row[f"{side}_endpoint"] == "chat"
+    return Answer(row[f"{side}_id"], row[f"{side}_prompt_messages"] if chat else row[f"{side}_prompt_text"],
+                  row[f"{side}_rendered_prompt"], row[f"{side}_completion_text"], row[f"{side}_model_version"])
 
 
 def _feedback_record(row: sa.Row) -> FeedbackRecord:

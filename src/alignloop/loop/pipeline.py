@@ -5,7 +5,7 @@ One iteration, in order, each step recorded in ``iter-N/state.json`` when it is 
 1. **collect** (only with simulated users): the population chats with the deployed model
    through the HTTP API and gives feedback, as people would.
 2. **export**: the live votes in the iteration's window → training sets by the rules of
-   :mod:`alignloop.loop.datasets`, written as JSONL (each record with its ``feedback_ids``).
+   :mod:`alignloop.feedback.datasets`, written as JSONL (each record with its ``feedback_ids``).
 3. **train**: the recipe's stages in order, each an ordinary stage run (``iter-N/train-STAGE/``)
    starting from the previous stage's policy, the first from the deployed model (also the
    reference: the KL the gate reads is to what users have now).
@@ -194,7 +194,7 @@ class Loop:
 
     def export(self, i: int, folder: Path, state: dict) -> dict:
         """The votes of this iteration's window → training sets (JSONL) and the feedback rows used."""
-        from alignloop.loop.datasets import DatasetRules, build_datasets, votes_from_rows
+        from alignloop.feedback.datasets import RECORD_KINDS, DatasetRules, build_datasets
 
         r = self.cfg.rules
         since = self._window_start(i)
@@ -206,12 +206,12 @@ class Loop:
                              model_versions=[state["start"]["version"]] if r.only_deployed else None,
                              max_votes_per_user=r.max_votes_per_user, min_agreement=r.min_agreement,
                              sibling_thumbs=r.sibling_thumbs, both_bad_as_kto=r.both_bad_as_kto, dedupe=r.dedupe)
-        votes = votes_from_rows(self.store.votes())
+        votes = self.store.votes()
         sets = build_datasets(votes, rules)
         out = folder / "datasets"
         out.mkdir(exist_ok=True)
         counts = {}
-        for kind in ("pairs", "kto", "sft", "ratings"):
+        for kind in RECORD_KINDS:
             records = getattr(sets, kind)
             write_jsonl(out / f"{kind}.jsonl", records)
             counts[kind] = len(records)

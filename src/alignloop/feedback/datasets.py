@@ -1,10 +1,11 @@
-"""Feedback → training sets, by documented rules: the first stage of a loop iteration.
+"""Votes → training sets, by documented rules: what ``alignloop feedback export``,
+``GET /admin/export`` and each closed-loop iteration write, from one function
+(:func:`build_datasets`) of the votes (:meth:`FeedbackStore.votes`) and the rules.
 
-The raw export (:mod:`alignloop.feedback.export`) turns each vote into a record on its own; a
-loop needs more judgement: votes from a time window or on given model versions only, a cap per
-user so one prolific (or hostile) user cannot dominate, agreement between users who judged the
-same pair, thumbs on sibling answers of one prompt turned into pairs, and duplicates removed.
-The rules, applied in this order:
+A set of training records is more than each vote on its own: votes from a time window or on given
+model versions only, a cap per user so one prolific (or hostile) user cannot dominate, agreement
+between users who judged the same pair, thumbs on sibling answers of one prompt turned into
+pairs, and duplicates removed. The rules, applied in this order:
 
 1. **window and versions**: votes last changed in ``[since, until)``; when ``model_versions`` is
    given, votes whose answers all come from those versions.
@@ -13,9 +14,9 @@ The rules, applied in this order:
 
    | vote | becomes |
    | --- | --- |
-   | pairwise a / b | a pair, the voted answer chosen |
+   | pairwise a / b | a pair, the voted answer chosen; skipped as ``different_prompts`` when the two answers had different rendered prompts |
    | pairwise tie | nothing (counted as ``tie``) |
-   | pairwise both_bad | two thumbs-down records when ``both_bad_as_kto``, else nothing |
+   | pairwise both_bad | two thumbs-down records when ``both_bad_as_kto``, else nothing (``both_bad``) |
    | thumbs | a thumbs record (KTO); with ``sibling_thumbs``, an up and a down on two answers to the same prompt also make a pair (up ≻ down) |
    | correction | an SFT example and a pair (correction ≻ original) |
    | rating | a rating record |
@@ -25,9 +26,22 @@ The rules, applied in this order:
    it is dropped (``disagreement``).
 5. **dedupe**: the same (prompt, chosen, rejected), (prompt, completion, label) or
    (prompt, completion) once; its ``feedback_ids`` are merged.
+6. a pair whose chosen equals its rejected teaches nothing (``identical_answers``).
 
-Every record lists the ``feedback_ids`` that made it, so a model trained on it can name the exact
-feedback rows behind it (lineage).
+The records are the record kinds of ARCHITECTURE.md in TRL's field names:
+
+| set     | record                             | trains      |
+| ------- | ---------------------------------- | ----------- |
+| pairs   | prompt, chosen, rejected           | reward, DPO |
+| kto     | prompt, completion, label          | KTO         |
+| sft     | prompt, completion                 | SFT         |
+| ratings | prompt, completion, rating, user   | reward      |
+
+The prompt is the chat messages (then completion, chosen and rejected are one assistant message,
+TRL's conversational format) or the prompt string. Every record also carries ``source`` (the
+vote kind, or ``sibling_thumbs``), the ``model_version`` of its answer (pairs: of the chosen one,
+and ``rejected_model_version``) and the ``feedback_ids`` that made it (several when votes agree
+or a duplicate was merged), so a model trained on it can name the exact feedback rows behind it.
 """
 
 from __future__ import annotations
@@ -39,63 +53,19 @@ from datetime import datetime
 from typing import Any, Optional
 
 from alignloop.errors import ConfigError
+from alignloop.feedback.entities import Answer, Vote
+
+RECORD_KINDS = ("pairs", "kto", "sft", "ratings")
 
 
 @dataclass(frozen=True)
-class Answer:
-    """One completion as the rules need it."""
-
-    completion_id: str
-    prompt: Any  # the chat messages, or the prompt string
-    rendered_prompt: str  # what the model saw: two answers are siblings when this is equal
-    text: str
-    model_version: str
-
-    @property
-    def chat(self) -> bool:
-        return isinstance(self.prompt, list)
-
-    def as_answer(self, text: str | None = None) -> Any:
-        """The record field for this answer's text: an assistant message for chat prompts."""
-        text = self.text if text is None else text
-        return [{"role": "assistant", "content": text}] if self.chat else text
-
-
-@dataclass(frozen=True)
-class Vote:
-    """One live feedback row with the answers it is about."""
-
-    feedback_id: int
-    user: str
-    kind: str  # thumbs | rating | pairwise | correction
-    updated_at: datetime
-    a: Answer
-    b: Optional[Answer] = None  # pairwise: the other answer
-    up: Optional[bool] = None
-    rating: Optional[int] = None
-    verdict: Optional[str] = None  # a | b | tie | both_bad
-    correction: Optional[str] = None
-
-
-def votes_from_rows(rows: Iterable[dict]) -> list[Vote]:
-    """:class:`Vote` objects from :meth:`FeedbackStore.votes` rows."""
-
-    def answer(row: dict, side: str) -> Optional[Answer]:
-        if row[f"{side}_id"] is None:
-            return None
-        chat = row[f"{side}_endpoint"] == "chat"
-        return Answer(row[f"{side}_id"], row[f"{side}_prompt_messages"] if chat else row[f"{side}_prompt_text"],
-                      row[f"{side}_rendered_prompt"], row[f"{side}_completion_text"], row[f"{side}_model_version"])
-
-    return [Vote(r["id"], r["user"], r["kind"], r["updated_at"], answer(r, "a"), answer(r, "b"), r["up"], r["rating"],
-                 r["verdict"], r["correction"]) for r in rows]
-
-
-@dataclass
 class DatasetRules:
+    """The module's rules; the defaults are ``alignloop feedback export``'s and the loop's
+    (``LoopRulesConfig``, which says what each one does)."""
+
     since: Optional[datetime] = None
     until: Optional[datetime] = None
-    model_versions: Optional[list[str]] = None
+    model_versions: Optional[Sequence[str]] = None
     max_votes_per_user: Optional[int] = None
     min_agreement: float = 0.5
     sibling_thumbs: bool = True
@@ -111,7 +81,7 @@ class DatasetRules:
 
 @dataclass
 class Datasets:
-    """The training sets of one iteration, what was skipped and why, and which rows were used."""
+    """The training sets of :data:`RECORD_KINDS`, what was skipped and why, and which rows were used."""
 
     pairs: list[dict] = field(default_factory=list)
     kto: list[dict] = field(default_factory=list)
