@@ -76,7 +76,8 @@ def max_new_tokens(config: ServeConfig, served: ServedModel, body: SamplingField
 
 
 class Completion:
-    """The ``n`` choices of one request on ``served``'s running batch, queued on construction.
+    """The ``n`` choices of one request on ``served``'s running batch, queued on construction once
+    the request is within the server's limits (else an ApiError, and nothing is queued).
 
     :meth:`pieces` yields the new text as it arrives and, at its end, stores every choice; then
     ``texts``, ``reasons`` and :meth:`usage` say what was generated. Whoever answers the request
@@ -110,10 +111,10 @@ class Completion:
         choices with some). When it ends every choice is stored, so feedback on its id works; a
         failed forward raises ApiError (503) and stores nothing."""
         async for events in self.submission.batches():
-            pieces: dict[int, str] = {}
+            arrived: dict[int, str] = {}
             for choice, token, reason in events:
-                pieces[choice] = pieces.get(choice, "") + self._apply(choice, token, reason)
-            shown = {choice: piece for choice, piece in pieces.items() if piece}
+                arrived[choice] = arrived.get(choice, "") + self._apply(choice, token, reason)
+            shown = {choice: text for choice, text in arrived.items() if text}
             if shown:
                 yield shown
         await self._record()
