@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from alignloop.config import ServeConfig
 from alignloop.feedback.store import FeedbackStore, upgrade
 from alignloop.serve.app import create_app
+from alignloop.serve.dependencies import get_store
 from alignloop.serve.engine import ServedModel, TextStream, model_version, parse_model_spec
 
 HI = [{"role": "user", "content": "Hi there, how are you?"}]
@@ -299,6 +300,27 @@ def test_no_auth_mode_is_the_anonymous_user(db_url: str, served: ServedModel) ->
         me = a.client.get("/v1/me").json()
         assert me["name"] == "anonymous" and me["auth"] is False
         assert a.client.post("/v1/chat/completions", json={"model": "tiny", "messages": HI, "max_tokens": 2}).status_code == 200
+
+
+def test_the_store_is_a_dependency_a_test_can_swap(db_url: str, served: ServedModel, tmp_path: Path) -> None:
+    """With ``get_store`` overridden by a second database, keys are looked up, completions stored
+    and feedback written there, and the app's own store sees none of it."""
+    other_url = f"sqlite:///{tmp_path}/other.db"
+    upgrade(other_url)
+    with FeedbackStore(other_url) as other, api(db_url, served) as a:
+        other.register_model(served.name, served.version, served.path)
+        key = other.add_user("cat")
+        a.client.app.dependency_overrides[get_store] = lambda: other
+        assert a.chat().status_code == 401  # ann's key is in the app's store, not in this one
+        headers = {"Authorization": f"Bearer {key}"}
+        r = a.client.post("/v1/chat/completions", json={"model": "tiny", "messages": HI, "max_tokens": 4}, headers=headers)
+        assert r.status_code == 200, r.text
+        c = r.json()["choices"][0]["completion_id"]
+        assert a.client.post("/v1/feedback", json={"kind": "thumbs", "completion_id": c, "up": True}, headers=headers).status_code == 201
+        assert other.get_completion(c) is not None and a.store.get_completion(c) is None
+        cat = other.user_by_key(key)
+        assert [(f.completion_id, f.up) for f in other.list_feedback(cat.id)] == [(c, True)]
+        assert a.store.votes() == []
 
 
 # --- limits and bad input ----------------------------------------------------------------------

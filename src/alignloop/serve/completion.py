@@ -1,0 +1,164 @@
+"""One completion request apart from HTTP: the prompt, the server's limits, the sampling set-up,
+the choices queued on the model's running batch, their text as it arrives, and the stored row.
+
+Routes turn it into OpenAI's JSON body or SSE chunks (:mod:`alignloop.serve.openai_api`); a
+client's mistake is an :class:`~alignloop.serve.errors.ApiError` raised before anything is queued.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi.concurrency import run_in_threadpool
+
+from alignloop.config import ServeConfig
+from alignloop.feedback.store import CompletionRecord, FeedbackStore, User
+from alignloop.rollout.generate import RowSampling
+from alignloop.serve.engine import ServedModel, TextStream
+from alignloop.serve.errors import ApiError
+from alignloop.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+
+@dataclass
+class Prompt:
+    """What the model is asked, as the store records it."""
+
+    endpoint: str  # "chat" or "completion"
+    ids: list[int]  # the tokens the model sees
+    rendered: str  # the text the model sees (after the chat template)
+    messages: list[dict] | None  # chat: the messages, "developer" stored as "system"
+    text: str | None  # completion: the prompt as sent
+    conversation_id: str | None
+
+
+def chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> Prompt:
+    """The messages through the model's chat template, with the assistant header appended."""
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    if getattr(served.tokenizer, "chat_template", None) is None:
+        raise ApiError(400, f"model {served.name!r} has no chat template; use /v1/completions with a plain prompt", param="messages")
+    try:
+        rendered = served.render_chat(messages)
+    except Exception as e:  # a template may refuse some role orders (e.g. two user turns in a row)
+        raise ApiError(422, f"the chat template rejects these messages: {e}", param="messages") from None
+    return Prompt("chat", served.encode(rendered, add_special_tokens=False), rendered, messages, None, body.conversation_id)
+
+
+def text_prompt(served: ServedModel, body: CompletionRequest) -> Prompt:
+    """A plain prompt, with the tokenizer's special tokens (BOS) as a bare ``encode`` adds them."""
+    return Prompt("completion", served.encode(body.prompt, add_special_tokens=True), body.prompt, None, body.prompt, None)
+
+
+def max_new_tokens(config: ServeConfig, served: ServedModel, body: SamplingFields, prompt: Prompt) -> int:
+    """The request's max_tokens (or the server's default), after checking it, ``n`` and the prompt's
+    length against the server's caps and the model's context; an ApiError (422) names the field."""
+    prompt_field = "messages" if prompt.endpoint == "chat" else "prompt"
+    max_tokens = body.max_completion_tokens or body.max_tokens or config.default_max_tokens
+    if max_tokens > config.max_tokens_limit:
+        raise ApiError(422, f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens_limit}", param="max_tokens")
+    if body.n > config.max_n:
+        raise ApiError(422, f"n is {body.n}; this server allows at most {config.max_n}", param="n")
+    if not prompt.ids:
+        raise ApiError(422, "the prompt encodes to no tokens", param=prompt_field)
+    limit = config.max_prompt_tokens
+    if served.context is not None:
+        room = served.context - max_tokens
+        if room < 1:
+            raise ApiError(422, f"max_tokens {max_tokens} leaves no room for a prompt in the model's context of {served.context}", param="max_tokens")
+        limit = room if limit is None else min(limit, room)
+    if limit is not None and len(prompt.ids) > limit:
+        raise ApiError(422, f"the prompt is {len(prompt.ids)} tokens (after the chat template); this server takes at most {limit} "
+                       f"with max_tokens={max_tokens}", param=prompt_field)
+    return max_tokens
+
+
+class Completion:
+    """The ``n`` choices of one request on ``served``'s running batch, queued on construction once
+    the request is within the server's limits (else an ApiError, and nothing is queued).
+
+    :meth:`pieces` yields the new text as it arrives and, at its end, stores every choice; then
+    ``texts``, ``reasons`` and :meth:`usage` say what was generated. Whoever answers the request
+    calls :meth:`close` when done, or when the client goes away.
+    """
+
+    def __init__(self, config: ServeConfig, store: FeedbackStore, served: ServedModel, user: User, body: SamplingFields,
+                 prompt: Prompt) -> None:
+        self.started = time.perf_counter()
+        max_tokens = max_new_tokens(config, served, body, prompt)
+        self.store, self.served, self.user, self.prompt = store, served, user, prompt
+        seed = body.seed if body.seed is not None else secrets.randbits(31)  # recorded, so every sample can be redrawn
+        rows = [RowSampling(body.temperature, body.top_p, 0, seed, i) for i in range(body.n)]
+        self.request_id = f"{'chatcmpl' if prompt.endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.ids = [f"{self.request_id}-{i}" for i in range(body.n)]  # one completion id per choice
+        self.created = int(time.time())
+        stop = body.stop_strings()
+        self.sampling = {"temperature": body.temperature, "top_p": body.top_p, "max_tokens": max_tokens, "stop": stop,
+                         "seed": seed, "n": body.n}
+        self.streams = [TextStream(served.tokenizer, stop) for _ in rows]
+        self.reasons: list[str | None] = [None] * body.n
+        self.first_token: float | None = None
+        self.submission = served.submit(prompt.ids, rows, max_tokens)
+
+    @property
+    def texts(self) -> list[str]:
+        return [s.text for s in self.streams]
+
+    async def pieces(self) -> AsyncIterator[dict[int, str]]:
+        """Per batch of tokens that arrived together, choice → the text it made safe to show (only
+        choices with some). When it ends every choice is stored, so feedback on its id works; a
+        failed forward raises ApiError (503) and stores nothing."""
+        async for events in self.submission.batches():
+            arrived: dict[int, str] = {}
+            for choice, token, reason in events:
+                arrived[choice] = arrived.get(choice, "") + self._apply(choice, token, reason)
+            shown = {choice: text for choice, text in arrived.items() if text}
+            if shown:
+                yield shown
+        await self._record()
+
+    def close(self) -> None:
+        """Free the rows still running (the client went away); once every choice ended, nothing to do."""
+        self.submission.close()
+
+    def usage(self) -> dict:
+        """OpenAI's token counts: the prompt's, and the completions' summed over the choices."""
+        completion_tokens = sum(len(s.token_ids) for s in self.streams)
+        prompt_tokens = len(self.prompt.ids)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+    def _apply(self, choice: int, token: int | None, reason: str | None) -> str:
+        """Apply one event of the decode thread; the text it makes safe to show."""
+        stream = self.streams[choice]
+        if token is None:
+            reason = reason or "length"
+            if reason.startswith("error"):
+                raise ApiError(503, f"generation failed: {reason[7:]}", "server_error")
+            self.reasons[choice] = "stop" if reason == "stop" or stream.stopped else "length"
+            return stream.flush()
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+        if stream.stopped:
+            return ""
+        piece = stream.push(token)
+        if stream.stopped:
+            self.submission.cancel(choice)
+        return piece
+
+    async def _record(self) -> None:
+        latency = (time.perf_counter() - self.started) * 1000
+        ttft = None if self.first_token is None else (self.first_token - self.started) * 1000
+        prompt, served = self.prompt, self.served
+        records = [
+            CompletionRecord(
+                id=self.ids[i], request_id=self.request_id, choice_index=i, user_id=self.user.id, model_name=served.name,
+                model_version=served.version, endpoint=prompt.endpoint, prompt_messages=prompt.messages, prompt_text=prompt.text,
+                rendered_prompt=prompt.rendered, prompt_tokens=len(prompt.ids), completion_text=stream.text,
+                completion_token_ids=stream.token_ids, finish_reason=self.reasons[i] or "length", sampling=self.sampling,
+                latency_ms=latency, ttft_ms=ttft, conversation_id=prompt.conversation_id,
+            )
+            for i, stream in enumerate(self.streams)
+        ]
+        await run_in_threadpool(self.store.add_completions, records)

@@ -1,0 +1,99 @@
+"""What the routes depend on: the serving state, the feedback store and the user behind a request.
+
+Routes take them as ``Depends(get_serving)``, ``Depends(get_store)`` and ``Depends(current_user)``,
+so a test swaps any of them with ``app.dependency_overrides``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Sequence
+from typing import Optional
+
+from fastapi import Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
+
+from alignloop.config import ServeConfig
+from alignloop.feedback.store import FeedbackStore, User
+from alignloop.serve.engine import ServedModel
+from alignloop.serve.errors import ApiError
+from alignloop.serve.limits import RateLimiter
+
+
+class Serving:
+    """What the routes share: the config, the store, the models, the key cache and the limiter."""
+
+    def __init__(self, config: ServeConfig, store: FeedbackStore, models: Sequence[ServedModel]) -> None:
+        self.config, self.store = config, store
+        self.models = {m.name: m for m in models}
+        for m in models:  # every completion row points at its model version
+            store.register_model(m.name, m.version, m.path)
+        self.started = int(time.time())
+        self.limiter = RateLimiter(config.rate_limit_per_minute, config.rate_burst)
+        self.anonymous: User | None = None if config.auth else store.ensure_user("anonymous", admin=True)
+        self._keys: dict[str, tuple[User, float]] = {}  # key → (user, when looked up): one DB read per key a minute
+
+    def deploy(self, name: str, path: str) -> tuple[ServedModel, str | None]:
+        """Load ``path`` and serve it as ``name`` from the next request on, without dropping any:
+        requests already running finish on the old weights (their rows stay in the old batcher,
+        whose thread stops once they are done). Marks the new version deployed in the registry.
+        Returns the new model and the version it replaced."""
+        config = self.config
+        new = ServedModel.from_config(name, path, config)
+        self.store.register_model(name, new.version, path)
+        new.start()
+        old = self.models.get(name)
+        self.models = {**self.models, name: new}  # one assignment: a request sees the old dict or the new
+        self.store.deploy(new.version)
+        if old is not None and old is not new:
+            threading.Thread(target=old.drain_and_stop, name=f"drain-{name}", daemon=True).start()
+        return new, None if old is None else old.version
+
+    def cached_user(self, key: str) -> User | None:
+        cached = self._keys.get(key)
+        return cached[0] if cached and time.monotonic() - cached[1] < 60 else None
+
+    def user_for(self, store: FeedbackStore, key: str) -> User | None:
+        user = store.user_by_key(key)
+        if user is not None:
+            self._keys[key] = (user, time.monotonic())
+        return user
+
+    def model(self, name: str) -> ServedModel:
+        if name not in self.models:
+            raise ApiError(404, f"model {name!r} is not served here; GET /v1/models lists {sorted(self.models)}",
+                           "not_found_error", "model")
+        return self.models[name]
+
+
+def get_serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
+def get_store(serving: Serving = Depends(get_serving)) -> FeedbackStore:
+    return serving.store
+
+
+async def current_user(serving: Serving = Depends(get_serving), store: FeedbackStore = Depends(get_store),
+                       authorization: Optional[str] = Header(None, include_in_schema=False)) -> User:
+    """The user behind the request's ``Authorization: Bearer KEY``, after the rate limit. Async:
+    a cached key costs no thread hop; an unseen one is looked up in a worker thread."""
+    if serving.anonymous is not None:
+        user = serving.anonymous
+    else:
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(401, "no API key: send `Authorization: Bearer KEY` (an admin creates one with `alignloop users add NAME`)",
+                           "authentication_error")
+        user = serving.cached_user(key.strip())
+        if user is None:
+            user = await run_in_threadpool(serving.user_for, store, key.strip())
+        if user is None:
+            raise ApiError(401, "the API key is not valid", "authentication_error")
+    wait = serving.limiter.retry_after(user.id)
+    if wait is not None:
+        raise ApiError(429, f"rate limit: at most {serving.config.rate_limit_per_minute:g} requests a minute per user; retry in {wait:.1f} s",
+                       "rate_limit_error", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    return user

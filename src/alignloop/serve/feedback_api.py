@@ -1,0 +1,76 @@
+"""The feedback routes: a user's thumbs, ratings, comparisons and corrections on completions they
+were served, one at a time or in a batch. Each write is answered only after its commit."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Optional
+
+from fastapi import APIRouter, Depends, Header, Query
+from fastapi.responses import JSONResponse, Response
+
+from alignloop.feedback.store import FeedbackInput, FeedbackRecord, FeedbackStore, StoreError, User
+from alignloop.serve.dependencies import current_user, get_store
+from alignloop.serve.errors import ERRORS, ApiError, store_error_status
+from alignloop.serve.schemas import (
+    FeedbackBatchError,
+    FeedbackBatchIn,
+    FeedbackBatchOut,
+    FeedbackBatchResult,
+    FeedbackIn,
+    FeedbackKind,
+    FeedbackList,
+    FeedbackOut,
+)
+
+router = APIRouter()
+
+
+@router.post("/v1/feedback", response_model=FeedbackOut, status_code=201, responses=ERRORS)
+def post_feedback(body: FeedbackIn, user: User = Depends(current_user), store: FeedbackStore = Depends(get_store),
+                  idempotency_key: Optional[str] = Header(None, max_length=200)) -> JSONResponse:
+    record, outcome = store.put_feedback(user.id, FeedbackInput(**body.model_dump()), idempotency_key)
+    out = _feedback_out(record, outcome)
+    return JSONResponse(json.loads(out.model_dump_json()), status_code=201 if outcome == "created" else 200)
+
+
+@router.post("/v1/feedback/batch", response_model=FeedbackBatchOut, responses=ERRORS)
+def post_feedback_batch(body: FeedbackBatchIn, user: User = Depends(current_user),
+                        store: FeedbackStore = Depends(get_store)) -> FeedbackBatchOut:
+    items = [(FeedbackInput(**item.model_dump(exclude={"idempotency_key"})), item.idempotency_key) for item in body.items]
+    results = []
+    for answer in store.put_feedback_many(user.id, items):
+        if isinstance(answer, StoreError):
+            status, kind, param = store_error_status(answer)
+            results.append(FeedbackBatchResult(status=status, error=FeedbackBatchError(message=str(answer), type=kind, param=param)))
+        else:
+            record, outcome = answer
+            results.append(FeedbackBatchResult(status=201 if outcome == "created" else 200, feedback=_feedback_out(record, outcome)))
+    return FeedbackBatchOut(data=results)
+
+
+@router.get("/v1/feedback", response_model=FeedbackList, responses=ERRORS)
+def list_feedback(user: User = Depends(current_user), store: FeedbackStore = Depends(get_store),
+                  kind: Optional[FeedbackKind] = None, limit: int = Query(100, ge=1, le=1000)) -> FeedbackList:
+    return FeedbackList(data=[_feedback_out(r) for r in store.list_feedback(user.id, kind=kind, limit=limit)])
+
+
+@router.get("/v1/feedback/{feedback_id}", response_model=FeedbackOut, responses=ERRORS)
+def get_feedback(feedback_id: int, user: User = Depends(current_user), store: FeedbackStore = Depends(get_store)) -> FeedbackOut:
+    record = store.get_feedback(user.id, feedback_id)
+    if record is None:
+        raise ApiError(404, f"no feedback {feedback_id} of yours", "not_found_error", "feedback_id")
+    return _feedback_out(record)
+
+
+@router.delete("/v1/feedback/{feedback_id}", status_code=204, responses=ERRORS)
+def delete_feedback(feedback_id: int, user: User = Depends(current_user), store: FeedbackStore = Depends(get_store)) -> Response:
+    if not store.delete_feedback(user.id, feedback_id):
+        raise ApiError(404, f"no feedback {feedback_id} of yours", "not_found_error", "feedback_id")
+    return Response(status_code=204)
+
+
+def _feedback_out(record: FeedbackRecord, outcome: str | None = None) -> FeedbackOut:
+    fields = asdict(record)  # user_id is not among FeedbackOut's fields: a user's id is not echoed
+    return FeedbackOut(**{k: v for k, v in fields.items() if k in FeedbackOut.model_fields}, outcome=outcome)

@@ -1,0 +1,120 @@
+"""The OpenAI-compatible routes: models, chat and text completions (whole or streamed as SSE),
+who am I, and the health check.
+
+Every completion is written to the feedback store (model name and version, sampling settings,
+the rendered prompt, the tokens, latency) before the response that carries its id is finished,
+so feedback can always attach to it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from alignloop.feedback.store import FeedbackStore, User
+from alignloop.serve.completion import Completion, chat_prompt, text_prompt
+from alignloop.serve.dependencies import Serving, current_user, get_serving, get_store
+from alignloop.serve.errors import ERRORS, ApiError, error_body
+from alignloop.serve.schemas import ChatCompletionRequest, CompletionRequest, Me, ModelCard, ModelList, SamplingFields
+
+router = APIRouter()
+
+
+@router.get("/health")
+def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/v1/me", response_model=Me, responses=ERRORS)
+def me(user: User = Depends(current_user), serving: Serving = Depends(get_serving)) -> Me:
+    return Me(id=user.id, name=user.name, admin=user.admin, auth=serving.anonymous is None)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERRORS)
+def list_models(user: User = Depends(current_user), serving: Serving = Depends(get_serving)) -> ModelList:
+    return ModelList(data=[ModelCard(id=m.name, created=serving.started, version=m.version) for m in serving.models.values()])
+
+
+@router.post("/v1/chat/completions", responses=ERRORS)
+async def chat_completions(body: ChatCompletionRequest, user: User = Depends(current_user), serving: Serving = Depends(get_serving),
+                           store: FeedbackStore = Depends(get_store)) -> Response:
+    served = serving.model(body.model)
+    return await _respond(Completion(serving.config, store, served, user, body, chat_prompt(served, body)), body)
+
+
+@router.post("/v1/completions", responses=ERRORS)
+async def completions(body: CompletionRequest, user: User = Depends(current_user), serving: Serving = Depends(get_serving),
+                      store: FeedbackStore = Depends(get_store)) -> Response:
+    served = serving.model(body.model)
+    return await _respond(Completion(serving.config, store, served, user, body, text_prompt(served, body)), body)
+
+
+async def _respond(completion: Completion, body: SamplingFields) -> Response:
+    """OpenAI's answer: one JSON body once every choice is stored, or SSE chunks as text arrives."""
+    if not body.stream:
+        try:
+            async for _ in completion.pieces():  # the text accumulates in the completion's streams
+                pass
+        finally:
+            completion.close()
+        return JSONResponse(_whole_body(completion))
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return StreamingResponse(_sse(completion, include_usage), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _head(completion: Completion) -> dict:
+    served = completion.served
+    return {"id": completion.request_id, "created": completion.created, "model": served.name, "model_version": served.version}
+
+
+def _whole_body(completion: Completion) -> dict:
+    """``chat.completion`` (each choice's ``message``) or ``text_completion`` (each choice's ``text``)."""
+    reasons, ids = completion.reasons, completion.ids
+    if completion.prompt.endpoint == "chat":
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reasons[i],
+                    "logprobs": None, "completion_id": ids[i]} for i, text in enumerate(completion.texts)]
+        return {**_head(completion), "object": "chat.completion", "choices": choices, "usage": completion.usage()}
+    choices = [{"index": i, "text": text, "finish_reason": reasons[i], "logprobs": None,
+                "completion_id": ids[i]} for i, text in enumerate(completion.texts)]
+    return {**_head(completion), "object": "text_completion", "choices": choices, "usage": completion.usage()}
+
+
+async def _sse(completion: Completion, include_usage: bool) -> AsyncIterator[str]:
+    """Chat: a role chunk per choice first. Then a chunk per choice with new text, a final chunk
+    per choice with its finish_reason, the usage if asked, and ``[DONE]``. A failed generation
+    ends the stream with an error event and ``[DONE]``."""
+    chat = completion.prompt.endpoint == "chat"
+    head, kind = _head(completion), "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choice: int, piece: str | None, reason: str | None = None, role: bool = False) -> str:
+        if chat:
+            delta: dict = {"role": "assistant", "content": ""} if role else ({} if piece is None else {"content": piece})
+            body_choice = {"index": choice, "delta": delta, "finish_reason": reason, "logprobs": None, "completion_id": completion.ids[choice]}
+        else:
+            body_choice = {"index": choice, "text": piece or "", "finish_reason": reason, "logprobs": None, "completion_id": completion.ids[choice]}
+        return "data: " + json.dumps({**head, "object": kind, "choices": [body_choice]}, ensure_ascii=False) + "\n\n"
+
+    try:
+        if chat:
+            for i in range(len(completion.ids)):
+                yield chunk(i, None, role=True)
+        try:
+            async for pieces in completion.pieces():  # text that arrived together goes out as one chunk per choice
+                for choice, piece in pieces.items():
+                    yield chunk(choice, piece)
+        except ApiError as e:
+            yield "data: " + json.dumps(error_body(e.message, e.type)) + "\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        # pieces() ended with the choices stored: once a client sees finish_reason, feedback on the id works.
+        for i, reason in enumerate(completion.reasons):
+            yield chunk(i, None, reason)
+        if include_usage:
+            yield "data: " + json.dumps({**head, "object": kind, "choices": [], "usage": completion.usage()}) + "\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        completion.close()  # the client went away, or we are done: free the rows
