@@ -189,3 +189,15 @@ def test_a_reference_with_another_tokenizer_is_refused(task: dict, tiny_model_di
     assert main(rl_args("rloo", task, tmp_path, *GROUPED, "--rl.kl_coef=0.05", f"--rl.ref_model={tiny_model_dir}",
                         "--train.max_steps=1")) == 2
     assert "has another tokenizer than the policy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--rl.group_size=1",), "rl.group_size must be ≥ 2 for grpo"),
+    (("--rl.algo=ppo2",), "rl.algo: 'ppo2' is not one of ppo, grpo, rloo, reinforce"),
+])
+def test_an_algorithm_its_settings_cannot_run_is_refused_before_loading(options: tuple, message: str, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "missing"  # never opened: the check comes first
+    assert main(["grpo", f"--model.name_or_path={missing}", f"--data.path={missing}.jsonl", f"--rl.reward={missing}.py:f",
+                 f"--run.output_dir={tmp_path}", *options]) == 2
+    assert message in capsys.readouterr().err
