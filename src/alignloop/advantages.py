@@ -263,7 +263,12 @@ def _kl_in_tokens(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | N
 
 def ppo_advantages(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, kl_coef: float,
                    values: torch.Tensor | None, settings: PolicyOptimizationConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO: per-token rewards → :func:`gae` (γ, λ) with the critic's V_t → advantages whitened over the batch; returns R_t."""
+    """PPO (Schulman et al. 2017; Ouyang et al. 2022): GAE on the per-token rewards, whitened over the batch.
+
+        r_t from :func:`_kl_in_tokens`;   (A_t, R_t) = gae(r, V, γ, λ);   A_t ← masked_whiten(A_t)
+
+    R_t, the value head's target, is returned with the advantages.
+    """
     advantages, returns = gae(_kl_in_tokens(scores, mask, kl, kl_coef, settings.group_size), values, mask,
                               settings.gamma, settings.lam)
     return masked_whiten(advantages, mask), returns
@@ -271,20 +276,25 @@ def ppo_advantages(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | 
 
 def grpo_advantages(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, kl_coef: float,
                     values: torch.Tensor | None, settings: PolicyOptimizationConfig) -> tuple[torch.Tensor, None]:
-    """GRPO: :func:`group_advantages` of the scores (less β · mean KL when in the reward), std-scaled per ``scale_rewards``."""
+    """GRPO (Shao et al. 2024): A_i = (s_i − mean_g) / (std_g + ε), one per completion (:func:`group_advantages`);
+    s_i less β · its mean KL when the KL is in the reward (:func:`_kl_in_score`); ``scale_rewards=False``: Dr. GRPO."""
     return group_advantages(_kl_in_score(scores, mask, kl, kl_coef), settings.group_size,
                             scale_by_std=settings.scale_rewards), None
 
 
 def rloo_advantages(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, kl_coef: float,
                     values: torch.Tensor | None, settings: PolicyOptimizationConfig) -> tuple[torch.Tensor, None]:
-    """RLOO: :func:`leave_one_out_advantages` of the scores (less β · mean KL when in the reward)."""
+    """RLOO (Ahmadian et al. 2024): A_i = s_i − mean of the others of its group (:func:`leave_one_out_advantages`);
+    s_i less β · its mean KL when the KL is in the reward (:func:`_kl_in_score`)."""
     return leave_one_out_advantages(_kl_in_score(scores, mask, kl, kl_coef), settings.group_size), None
 
 
 def reinforce_advantages(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, kl_coef: float,
                          values: torch.Tensor | None, settings: PolicyOptimizationConfig) -> tuple[torch.Tensor, None]:
-    """REINFORCE++: per-token rewards → :func:`discounted_returns` (γ) → whitened over the batch."""
+    """REINFORCE++ (Hu 2025): the reward-to-go of the per-token rewards, whitened over the batch.
+
+        r_t from :func:`_kl_in_tokens`;   A_t = masked_whiten(G_t),  G_t = Σ_{s ≥ t} γ^{s−t} r_s
+    """
     returns = discounted_returns(_kl_in_tokens(scores, mask, kl, kl_coef, settings.group_size), mask, settings.gamma)
     return masked_whiten(returns, mask), None
 

@@ -253,7 +253,7 @@ class PolicyOptimizationConfig:
     minibatches: int = option(1, "optimizer updates per pass over a rollout")
     kl_coef: float = option(0.0, "β: weight of KL(π ‖ π_ref); 0 loads no reference model")
     kl_estimator: Literal["k1", "k2", "k3"] = option("k3", "per-token KL estimator for a KL loss term (k3: unbiased, ≥ 0, low variance); a KL in the reward always uses k1")
-    kl_in_reward: Optional[bool] = option(None, "put −β·KL into the reward (per token) instead of the loss; null: true for ppo, rloo, reinforce, false for grpo")
+    kl_in_reward: Optional[bool] = option(None, "put −β·KL into the reward (per token) instead of the loss; null: the algorithm's default in advantages.ESTIMATORS (true for ppo, rloo, reinforce, false for grpo)")
     kl_target: Optional[float] = option(None, "adaptive KL (Ziegler et al.): steer β so the per-token KL approaches this; null: fixed β")
     kl_horizon: int = option(10000, "adaptive KL: steps over which β moves towards the target")
     kl_stop: Optional[float] = option(None, "stop (with a checkpoint) when the per-token KL to the reference exceeds this")

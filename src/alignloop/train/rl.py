@@ -344,7 +344,7 @@ def update_policy(cfg: RLConfig, session: TrainingSession, value_head: torch.nn.
     model.train()
     for u in range(updates):
         if u % r.minibatches == 0:
-            order = torch.randperm(len(experience.advantages), generator=torch.Generator().manual_seed(t.seed + step * 7919 + u))
+            order = torch.randperm(len(experience.mask), generator=torch.Generator().manual_seed(t.seed + step * 7919 + u))
         mb = experience.rows(order.chunk(r.minibatches)[u % r.minibatches].to(device))
         with session.autocast():
             logprobs, values, entropy = score_tokens(model, mb.batch, s.temperature, value_head, with_entropy=u == 0,
