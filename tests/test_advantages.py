@@ -13,18 +13,23 @@ import pytest
 import torch
 
 from alignloop.advantages import (
+    ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
+    compute_advantages,
     discounted_returns,
     fraction_zero_std_groups,
     gae,
     group_advantages,
+    kl_in_reward,
     leave_one_out_advantages,
     masked_mean,
     masked_var,
     masked_whiten,
+    subtract_group_mean,
     token_rewards,
 )
+from alignloop.config import PolicyOptimizationConfig
 from alignloop.losses import (
     aggregate_token_loss,
     clipped_policy_loss,
@@ -181,12 +186,18 @@ def test_leave_one_out_advantages():
           [2 / 3, -2 / 3, -2 / 3, 2 / 3, -1, -1, -1, 3])
 
 
+def test_subtract_group_mean():
+    # group 1: mean 0.5; group 2: mean 2.75
+    close(subtract_group_mean(GROUPED, group_size=4), [0.5, -0.5, -0.5, 0.5, -0.75, -0.75, -0.75, 2.25])
+
+
 def test_fraction_zero_std_groups():
     rewards = t([1, 1, 1, 0, 1, 0, 2, 2, 2, 3, 3, 4])
     assert fraction_zero_std_groups(rewards, group_size=3) == 0.5
 
 
-@pytest.mark.parametrize("estimator", [group_advantages, leave_one_out_advantages, fraction_zero_std_groups])
+@pytest.mark.parametrize("estimator", [group_advantages, leave_one_out_advantages, fraction_zero_std_groups,
+                                       subtract_group_mean])
 @pytest.mark.parametrize(
     ("rewards", "group_size", "message"),
     [
@@ -198,6 +209,67 @@ def test_fraction_zero_std_groups():
 def test_group_estimators_refuse_bad_groups(estimator, rewards, group_size, message):
     with pytest.raises(ValueError, match=message):
         estimator(rewards, group_size)
+
+
+# ---- one estimator per algorithm: the ESTIMATORS table -------------------------------------------------------
+
+SCORES = t([1.0, 0.0])  # two completions of one prompt, rows of MASK
+ROLLOUT_KL = t([[0.3, 0.1, 0.2], [0.4, 0.2, 99.0]])  # k1 per token; 99 is padding
+# β = 0.5 and the KL in the reward: each score less β · its mean per-token KL
+# row 0: 1 − 0.5 · 0.6 / 3 = 0.9;  row 1: 0 − 0.5 · 0.6 / 2 = −0.15
+# Per token (reinforce, ppo) with the group's mean 0.5 subtracted first: r_t = −0.5 · k1_t / L (+ s − 0.5 last)
+# row 0: [−0.05, −1/60, −1/30 + 0.5]  → reward-to-go (γ = 1) [0.4, 0.45, 0.4 + 1/15]
+# row 1: [−0.1, −0.05 − 0.5]          → [−0.65, −0.55]
+SHAPED_RETURNS = t([[0.4, 0.45, 0.4 + 1 / 15], [-0.65, -0.55, 0.0]])
+
+
+def rl_settings(algo: str, **overrides) -> PolicyOptimizationConfig:
+    return PolicyOptimizationConfig(algo=algo, group_size=2, **overrides)
+
+
+@pytest.mark.parametrize(("algo", "overrides", "expected"), [
+    ("rloo", {}, [1.05, -1.05]),  # 0.9 − (−0.15) and back
+    ("grpo", {}, [0.5 / (0.5 ** 0.5 + 1e-4), -0.5 / (0.5 ** 0.5 + 1e-4)]),  # KL in the loss: plain scores, std √0.5
+    ("grpo", {"kl_in_reward": True}, [0.525 / (1.05 / 2 ** 0.5 + 1e-4), -0.525 / (1.05 / 2 ** 0.5 + 1e-4)]),
+    ("grpo", {"scale_rewards": False}, [0.5, -0.5]),
+])
+def test_sequence_level_estimators(algo, overrides, expected):
+    advantages, returns = compute_advantages(rl_settings(algo, **overrides), SCORES, MASK, ROLLOUT_KL, 0.5, None)
+    close(advantages, expected)
+    assert returns is None
+
+
+def test_reinforce_whitens_the_returns_of_the_kl_shaped_token_rewards():
+    advantages, returns = compute_advantages(rl_settings("reinforce"), SCORES, MASK, ROLLOUT_KL, 0.5, None)
+    close(advantages, masked_whiten(SHAPED_RETURNS, MASK))
+    assert returns is None
+
+
+def test_ppo_whitens_gae_and_returns_the_critics_targets():
+    # λ = γ = 1: A_t = G_t − V_t, and the critic's target is G_t
+    advantages, returns = compute_advantages(rl_settings("ppo"), SCORES, MASK, ROLLOUT_KL, 0.5, VALUES)
+    close(returns, SHAPED_RETURNS)
+    close(advantages, masked_whiten((SHAPED_RETURNS - VALUES) * MASK, MASK))
+
+
+@pytest.mark.parametrize("beta, rollout_kl", [(0.0, ROLLOUT_KL), (0.5, None)])
+def test_no_kl_in_the_reward_without_a_reference_or_a_weight(beta, rollout_kl):
+    advantages, _ = compute_advantages(rl_settings("rloo"), SCORES, MASK, rollout_kl, beta, None)
+    close(advantages, [1.0, -1.0])
+
+
+def test_kl_in_reward_is_the_algorithms_default_unless_set():
+    assert [kl_in_reward(rl_settings(algo)) for algo in ("ppo", "grpo", "rloo", "reinforce")] == [True, False, True, True]
+    assert kl_in_reward(rl_settings("grpo", kl_in_reward=True))
+    assert not kl_in_reward(rl_settings("ppo", kl_in_reward=False))
+
+
+@pytest.mark.parametrize("algo", list(ESTIMATORS))
+def test_every_estimator_returns_the_critics_targets_exactly_when_it_uses_a_critic(algo):
+    estimator = ESTIMATORS[algo]
+    advantages, returns = estimator.estimate(SCORES, MASK, None, 0.0, VALUES, rl_settings(algo))
+    assert advantages.shape in ((2,), (2, 3))
+    assert (returns is not None) == estimator.uses_critic
 
 
 # ---- KL estimators and controllers ------------------------------------------------------------------------

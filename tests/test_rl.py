@@ -189,3 +189,28 @@ def test_a_reference_with_another_tokenizer_is_refused(task: dict, tiny_model_di
     assert main(rl_args("rloo", task, tmp_path, *GROUPED, "--rl.kl_coef=0.05", f"--rl.ref_model={tiny_model_dir}",
                         "--train.max_steps=1")) == 2
     assert "has another tokenizer than the policy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--rl.group_size=1",), "rl.group_size must be ≥ 2 for grpo"),
+    (("--rl.algo=ppo2",), "rl.algo: 'ppo2' is not one of ppo, grpo, rloo, reinforce"),
+])
+def test_an_algorithm_its_settings_cannot_run_is_refused_before_loading(options: tuple, message: str, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "missing"  # never opened: the check comes first
+    assert main(["grpo", f"--model.name_or_path={missing}", f"--data.path={missing}.jsonl", f"--rl.reward={missing}.py:f",
+                 f"--run.output_dir={tmp_path}", *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_minibatch_of_an_experience_is_an_experience_of_those_rows() -> None:
+    from alignloop.rollout.scoring import Batch
+    from alignloop.train.rl import Experience
+
+    batch = Batch.build([[5], [6, 7], [8]], [[1, 2], [3], [4, 4]], 0, torch.device("cpu"))
+    experience = Experience(batch, torch.arange(6.0).view(3, 2), None, 0.05, torch.tensor([1.0, 2.0, 3.0]), None, None)
+    minibatch = experience.rows(torch.tensor([2, 0]))
+    assert isinstance(minibatch, Experience) and minibatch.kl_coef == 0.05
+    assert minibatch.ref_logprobs is None and minibatch.old_values is None and minibatch.returns is None
+    assert minibatch.advantages.tolist() == [3.0, 1.0] and minibatch.old_logprobs.tolist() == [[4.0, 5.0], [0.0, 1.0]]
+    assert minibatch.batch.targets.tolist() == [[4, 4], [1, 2]] and minibatch.mask.tolist() == [[1.0, 1.0], [1.0, 1.0]]

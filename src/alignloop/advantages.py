@@ -9,18 +9,26 @@ The estimators (:func:`gae`, :func:`discounted_returns`, :func:`token_rewards`,
 ``torch.no_grad`` because an advantage or a return is a target of the update, not something to
 differentiate. The ``masked_*`` statistics keep the graph, so a loss may use them.
 
-Which algorithm uses which:
+Which algorithm uses which (one row each in :data:`ESTIMATORS`, which the trainer reads):
 
     PPO          token_rewards (score + KL penalty) → gae → masked_whiten(advantages)
     GRPO         group_advantages (one advantage per sequence, broadcast over its tokens)
     Dr. GRPO     group_advantages(scale_by_std=False)
     RLOO         leave_one_out_advantages
     REINFORCE++  token_rewards → discounted_returns(gamma=1) → masked_whiten over the batch
+
+A new algorithm is an estimator function with :data:`Estimate`'s signature and one row of
+:data:`ESTIMATORS`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
+
+from alignloop.config import PolicyOptimizationConfig
 
 
 # ---- masked statistics over valid tokens ----------------------------------------------------------------------
@@ -162,6 +170,20 @@ def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def subtract_group_mean(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each reward minus the mean reward of its prompt's group (B,): a baseline that needs no critic.
+
+        r̃_i = r_i − mean_g = r_i − (1 / k) · Σ_{j ∈ g} r_j
+
+    ``rewards`` (B,) as consecutive groups of ``group_size`` k samples of one prompt. GRPO's
+    advantage before its division by the group's std; PPO and REINFORCE++ subtract it from the
+    scores when a prompt is sampled several times.
+    """
+    groups = _groups(rewards, group_size)
+    return (groups - groups.mean(dim=1, keepdim=True)).reshape(-1)
+
+
+@torch.no_grad()
 def group_advantages(
     rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4
 ) -> torch.Tensor:
@@ -173,11 +195,11 @@ def group_advantages(
     ``rewards`` (B,) as consecutive groups of ``group_size`` k samples of one prompt. A group whose
     rewards are all equal gets A = 0 (see :func:`fraction_zero_std_groups`).
     """
+    centred = subtract_group_mean(rewards, group_size)
+    if not scale_by_std:
+        return centred
     groups = _groups(rewards, group_size)
-    centred = groups - groups.mean(dim=1, keepdim=True)
-    if scale_by_std:
-        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
-    return centred.reshape(-1)
+    return (centred.view_as(groups) / (groups.std(dim=1, keepdim=True) + eps)).reshape(-1)
 
 
 @torch.no_grad()
@@ -201,6 +223,118 @@ def fraction_zero_std_groups(rewards: torch.Tensor, group_size: int) -> float:
     """
     groups = _groups(rewards, group_size)
     return float((groups.amax(dim=1) == groups.amin(dim=1)).float().mean())
+
+
+# ---- one estimator per algorithm --------------------------------------------------------------------------------
+
+Estimate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float, torch.Tensor | None, PolicyOptimizationConfig],
+                    tuple[torch.Tensor, torch.Tensor | None]]
+"""``estimate(scores, mask, kl, kl_coef, values, settings) -> (advantages, returns)``: ``scores`` s (B,)
+one reward per completion; ``mask`` (B, T); ``kl`` (B, T) k1 = log π_old − log π_ref per token to
+fold into the reward with weight ``kl_coef`` β, or None when the KL is not in the reward;
+``values`` (B, T) the critic's V_t (None without one); ``settings`` the ``rl`` config section.
+Advantages are (B,) per completion or (B, T) per token; returns (B, T) are the critic's targets, or
+None without a critic."""
+
+
+def _kl_in_score(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, kl_coef: float) -> torch.Tensor:
+    """s_i − β · (1 / L_i) · Σ_t k1_it: each score less β times its completion's *mean* per-token KL
+    (L_i its length), so the penalty does not grow with length; ``scores`` unchanged when ``kl`` is None."""
+    if kl is None:
+        return scores
+    return scores - kl_coef * (kl * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def _kl_in_tokens(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, kl_coef: float,
+                  group_size: int) -> torch.Tensor:
+    """Per-token rewards (B, T) for the token-level estimators (:func:`token_rewards`):
+
+        r_t = −β · k1_t / L  (+ s̃ on the last token)       s̃ = s − mean_g (k > 1, :func:`subtract_group_mean`), else s
+
+    The KL term is divided by the completion's length L so a whole completion's penalty is β times
+    its mean per-token KL, as for the sequence-level estimators; no KL term when ``kl`` is None.
+    """
+    if group_size > 1:  # several samples per prompt: the prompt's mean reward is a free baseline
+        scores = subtract_group_mean(scores, group_size)
+    if kl is None:
+        return token_rewards(scores, torch.zeros_like(mask), mask, 0.0)
+    return token_rewards(scores, kl / mask.sum(1).clamp_min(1)[:, None], mask, kl_coef)
+
+
+def ppo_advantages(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, kl_coef: float,
+                   values: torch.Tensor | None, settings: PolicyOptimizationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO (Schulman et al. 2017; Ouyang et al. 2022): GAE on the per-token rewards, whitened over the batch.
+
+        r_t from :func:`_kl_in_tokens`;   (A_t, R_t) = gae(r, V, γ, λ);   A_t ← masked_whiten(A_t)
+
+    R_t, the value head's target, is returned with the advantages.
+    """
+    advantages, returns = gae(_kl_in_tokens(scores, mask, kl, kl_coef, settings.group_size), values, mask,
+                              settings.gamma, settings.lam)
+    return masked_whiten(advantages, mask), returns
+
+
+def grpo_advantages(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, kl_coef: float,
+                    values: torch.Tensor | None, settings: PolicyOptimizationConfig) -> tuple[torch.Tensor, None]:
+    """GRPO (Shao et al. 2024): A_i = (s_i − mean_g) / (std_g + ε), one per completion (:func:`group_advantages`);
+    s_i less β · its mean KL when the KL is in the reward (:func:`_kl_in_score`); ``scale_rewards=False``: Dr. GRPO."""
+    return group_advantages(_kl_in_score(scores, mask, kl, kl_coef), settings.group_size,
+                            scale_by_std=settings.scale_rewards), None
+
+
+def rloo_advantages(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, kl_coef: float,
+                    values: torch.Tensor | None, settings: PolicyOptimizationConfig) -> tuple[torch.Tensor, None]:
+    """RLOO (Ahmadian et al. 2024): A_i = s_i − mean of the others of its group (:func:`leave_one_out_advantages`);
+    s_i less β · its mean KL when the KL is in the reward (:func:`_kl_in_score`)."""
+    return leave_one_out_advantages(_kl_in_score(scores, mask, kl, kl_coef), settings.group_size), None
+
+
+def reinforce_advantages(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, kl_coef: float,
+                         values: torch.Tensor | None, settings: PolicyOptimizationConfig) -> tuple[torch.Tensor, None]:
+    """REINFORCE++ (Hu 2025): the reward-to-go of the per-token rewards, whitened over the batch.
+
+        r_t from :func:`_kl_in_tokens`;   A_t = masked_whiten(G_t),  G_t = Σ_{s ≥ t} γ^{s−t} r_s
+    """
+    returns = discounted_returns(_kl_in_tokens(scores, mask, kl, kl_coef, settings.group_size), mask, settings.gamma)
+    return masked_whiten(returns, mask), None
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An algorithm's advantage estimator and the facts its trainer needs."""
+
+    estimate: Estimate
+    title: str  # the algorithm's name in logs and reports
+    uses_critic: bool  # reads V_t from a value head and returns its targets R_t (PPO)
+    compares_group: bool  # baselines a completion on the others of its prompt: needs rl.group_size ≥ 2
+    kl_in_reward: bool  # the default of rl.kl_in_reward: −β·KL in the reward (true) or a KL loss term (false)
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "ppo": Estimator(ppo_advantages, "PPO", uses_critic=True, compares_group=False, kl_in_reward=True),
+    # GRPO adds the KL to the loss rather than the reward, "avoiding complicating the calculation of
+    # the advantage" (Shao et al. 2024, §4.1).
+    "grpo": Estimator(grpo_advantages, "GRPO", uses_critic=False, compares_group=True, kl_in_reward=False),
+    "rloo": Estimator(rloo_advantages, "RLOO", uses_critic=False, compares_group=True, kl_in_reward=True),
+    "reinforce": Estimator(reinforce_advantages, "REINFORCE++", uses_critic=False, compares_group=False, kl_in_reward=True),
+}
+
+
+def kl_in_reward(settings: PolicyOptimizationConfig) -> bool:
+    """Whether −β·KL goes into the reward (else into the loss): ``rl.kl_in_reward``, or the algorithm's default."""
+    return ESTIMATORS[settings.algo].kl_in_reward if settings.kl_in_reward is None else settings.kl_in_reward
+
+
+def compute_advantages(settings: PolicyOptimizationConfig, scores: torch.Tensor, mask: torch.Tensor,
+                       rollout_kl: torch.Tensor | None, kl_coef: float,
+                       values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Advantages (B,) or (B, T) for ``settings.algo`` and, with a critic, its returns (B, T).
+
+    ``rollout_kl`` (B, T) k1 per token at rollout time (None without a reference) goes into the
+    reward when :func:`kl_in_reward` and β = ``kl_coef`` > 0.
+    """
+    in_reward = rollout_kl is not None and kl_in_reward(settings) and kl_coef > 0
+    return ESTIMATORS[settings.algo].estimate(scores, mask, rollout_kl if in_reward else None, kl_coef, values, settings)
 
 
 # ---- KL coefficient controllers ---------------------------------------------------------------------------------

@@ -243,7 +243,7 @@ class EvaluateConfig:
 class PolicyOptimizationConfig:
     """The algorithm of an online RL stage; each command (ppo, grpo, rloo, reinforce) sets ``algo``."""
 
-    algo: Literal["ppo", "grpo", "rloo", "reinforce"] = option("grpo", "ppo (critic + GAE), grpo (group-normalised), rloo (leave-one-out), reinforce (REINFORCE++: batch-normalised returns)")
+    algo: str = option("grpo", "set by the command; one of advantages.ESTIMATORS: ppo (critic + GAE), grpo (group-normalised), rloo (leave-one-out), reinforce (REINFORCE++: batch-normalised returns)")
     reward: str = option("", "reward source: a reward-model folder, `file.py:fn` / `module:fn`, or a YAML reward spec (model/function/rule/sum)")
     group_size: int = option(4, "completions sampled per prompt (grpo and rloo compare a prompt's completions with each other)")
     loss_aggregation: Literal["token", "sequence", "dr_grpo"] = option("token", "token: mean over every completion token of the batch (DAPO); sequence: mean of per-completion means (original GRPO); dr_grpo: sum / (completions × max_new_tokens)")
@@ -254,7 +254,7 @@ class PolicyOptimizationConfig:
     minibatches: int = option(1, "optimizer updates per pass over a rollout")
     kl_coef: float = option(0.0, "β: weight of KL(π ‖ π_ref); 0 loads no reference model")
     kl_estimator: Literal["k1", "k2", "k3"] = option("k3", "per-token KL estimator for a KL loss term (k3: unbiased, ≥ 0, low variance); a KL in the reward always uses k1")
-    kl_in_reward: Optional[bool] = option(None, "put −β·KL into the reward (per token) instead of the loss; null: true for ppo, rloo, reinforce, false for grpo")
+    kl_in_reward: Optional[bool] = option(None, "put −β·KL into the reward (per token) instead of the loss; null: the algorithm's default in advantages.ESTIMATORS (true for ppo, rloo, reinforce, false for grpo)")
     kl_target: Optional[float] = option(None, "adaptive KL (Ziegler et al.): steer β so the per-token KL approaches this; null: fixed β")
     kl_horizon: int = option(10000, "adaptive KL: steps over which β moves towards the target")
     kl_stop: Optional[float] = option(None, "stop (with a checkpoint) when the per-token KL to the reference exceeds this")
@@ -273,8 +273,6 @@ class PolicyOptimizationConfig:
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.epochs < 1 or self.minibatches < 1 or self.ptx_batch_size < 1 or self.kl_horizon < 1:
             raise ConfigError("rl.group_size, rl.epochs, rl.minibatches, rl.ptx_batch_size and rl.kl_horizon must be ≥ 1")
-        if self.algo in ("grpo", "rloo") and self.group_size < 2:
-            raise ConfigError(f"rl.group_size must be ≥ 2 for {self.algo}: it compares a prompt's completions with each other")
         if self.kl_coef < 0 or self.ptx_coef < 0 or self.clip_eps <= 0:
             raise ConfigError("rl.kl_coef and rl.ptx_coef must be ≥ 0 and rl.clip_eps > 0")
         if self.value_lr is not None and self.value_lr <= 0:
@@ -283,10 +281,6 @@ class PolicyOptimizationConfig:
             raise ConfigError(f"rl.kl_target must be > 0 (got {self.kl_target}); null keeps β fixed")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError("rl.ptx_coef > 0 needs rl.ptx_data (the supervised set)")
-
-    @property
-    def uses_kl_in_reward(self) -> bool:
-        return self.algo != "grpo" if self.kl_in_reward is None else self.kl_in_reward
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Online RL: PPO, GRPO, RLOO and REINFORCE++ in one explicit loop.
 
-One step, read top to bottom in :func:`fit_policy`:
+One step, read top to bottom in :func:`fit_policy`: :func:`make_experience` (1–3) returns an
+:class:`Experience`, :func:`update_policy` (4) trains on it, then the step is logged.
 
 1. **Rollout.** ``train.batch_size`` prompts, each sampled ``rl.group_size`` times by the shared
    engine (:func:`alignloop.rollout.generate.generate`, KV cache, seeded per sample), scored by
@@ -10,7 +11,7 @@ One step, read top to bottom in :func:`fit_policy`:
    the engine's own sampling log-probs *are* π_old's, so no forward is run for it (PPO still runs
    one, for the critic's values). π_ref is a frozen copy of the starting policy, or with LoRA the
    same weights with the adapter switched off; with β = 0 there is no reference at all.
-3. **Advantages** (:mod:`alignloop.advantages`), per ``rl.algo``:
+3. **Advantages**, per ``rl.algo``'s row of :data:`alignloop.advantages.ESTIMATORS`:
 
        grpo       A_i = (s_i − mean_group) / std_group           (one per completion)
        rloo       A_i = s_i − mean of the other completions of its prompt
@@ -18,13 +19,13 @@ One step, read top to bottom in :func:`fit_policy`:
        ppo        r_t as for reinforce → GAE(γ, λ) with the critic's V_t → whitened
 
    where s is the reward, minus β·(mean per-token k1) for the sequence-level algorithms when the
-   KL is in the reward. **How the KL penalty is scaled**: a completion's penalty is β times its
+   KL is in the reward, and for reinforce and ppo minus its prompt's mean when ``rl.group_size`` > 1. **How the KL penalty is scaled**: a completion's penalty is β times its
    *mean* per-token KL (k1 = log π_old − log π_ref), not the sum over its L tokens. Summed, the
    penalty grows with length and its noise across a prompt's samples (a sum of L noisy log-ratios)
    soon dwarfs the reward differences the advantage is made of, and the policy stops learning
    (TRL's RLOO with its default β does not learn the benchmark task at all). As a mean, β is "how
    many reward units one nat of per-token KL costs", the same for any length.
-4. **Update.** ``rl.epochs`` passes over the rollout in ``rl.minibatches`` minibatches, each one
+4. **Update.** ``rl.epochs`` passes over the experience in ``rl.minibatches`` minibatches, each one
    optimizer update of
 
        L = L_clip(ρ, A)  [+ vf_coef·L_V (ppo)]  [+ β·KL_loss (kl as a loss, k3)]  [+ α·L_CE (ptx)]
@@ -60,6 +61,7 @@ from alignloop import advantages as adv
 from alignloop.config import RLConfig, SamplingConfig
 from alignloop.data.batching import ShuffledBatches, collate, to_device
 from alignloop.data.load import load_records
+from alignloop.data.tokenize import Example
 from alignloop.errors import ConfigError, DataError, TrainingDiverged
 from alignloop.losses import (
     aggregate_token_loss,
@@ -87,6 +89,13 @@ EVAL_BASELINE_FILE = "eval_baseline.json"
 def run_rl(cfg: RLConfig) -> Run:
     """``alignloop ppo|grpo|rloo|reinforce``: load policy, prompts, reward (and reference), and train."""
     r = cfg.rl
+    # Checked here, not in the config: the config (layer 0) cannot read the estimators' table.
+    estimator = adv.ESTIMATORS.get(r.algo)
+    if estimator is None:
+        raise ConfigError(f"rl.algo: {r.algo!r} is not one of {', '.join(adv.ESTIMATORS)}; the command sets it "
+                          f"(alignloop {'|'.join(adv.ESTIMATORS)})")
+    if estimator.compares_group and r.group_size < 2:
+        raise ConfigError(f"rl.group_size must be ≥ 2 for {r.algo}: it compares a prompt's completions with each other")
     if not cfg.data.path:
         raise ConfigError("data.path: name the prompts file (records with a `prompt` field)")
     if not r.reward:
@@ -206,55 +215,194 @@ def padded(rows: Sequence[Sequence[float]], steps: int, device: torch.device) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Advantages
+# Make experience: one rollout, scored, with its advantages
 # ---------------------------------------------------------------------------------------------
-def compute_advantages(cfg: RLConfig, scores: torch.Tensor, rollout_kl: torch.Tensor | None, mask: torch.Tensor,
-                       kl_coef: float, values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Advantages (N,) or (N, T) for ``cfg.rl.algo``, and PPO's returns (N, T); see the module docstring.
+@dataclass(frozen=True)
+class Experience:
+    """Everything the update reads about one step's rollout (after OpenRLHF's ``Experience``).
 
-    ``scores`` (N,) rewards; ``rollout_kl`` (N, T) k1 per token at rollout time (None without a
-    reference); ``kl_coef`` β now.
+    B completions (``train.batch_size`` prompts × ``rl.group_size``, a prompt's samples in a row),
+    T completion tokens, left-aligned; 0 in ``mask`` on the padding after EOS. ``rows(index)`` is
+    a minibatch of the same type.
     """
+
+    # trajectory
+    batch: Batch  # (B, L) prompt + completion ids; (B, T) completion tokens a_t, their positions and mask
+    # policy
+    old_logprobs: torch.Tensor  # (B, T) log π_old(a_t|s_t), the policy that sampled; 0 on padding
+    ref_logprobs: torch.Tensor | None  # (B, T) log π_ref(a_t|s_t); None without a reference (β = 0)
+    kl_coef: float  # β when the rollout was made: the KL's weight in the reward or the loss
+    # outcome
+    advantages: torch.Tensor  # (B,) A per completion (grpo, rloo) or (B, T) A_t per token, 0 on padding
+    # value: algorithms with a critic only (advantages.ESTIMATORS' uses_critic)
+    old_values: torch.Tensor | None  # (B, T) V_old(s_t), the value head at rollout time
+    returns: torch.Tensor | None  # (B, T) R_t = A_t + V_old(s_t), the value head's target
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, T) 1 on completion tokens, 0 on padding."""
+        return self.batch.mask
+
+    def rows(self, index: torch.Tensor) -> "Experience":
+        """The completions at ``index`` (a minibatch), with the same β."""
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[index]
+        return Experience(self.batch.rows(index), self.old_logprobs[index], pick(self.ref_logprobs), self.kl_coef,
+                          self.advantages[index], pick(self.old_values), pick(self.returns))
+
+
+def make_experience(cfg: RLConfig, session: TrainingSession, policy: Any, value_head: torch.nn.Module | None,
+                    tokenizer: Any, reward: Any, reference: Reference | None, prompts: list[Any], fields: dict[str, list[Any]],
+                    step: int, kl_coef: float) -> tuple[Experience, dict[str, float]]:
+    """Sample ``prompts`` with ``policy``, score the completions with ``reward``, take π_old (and the
+    critic's values) and π_ref on the sampled tokens, and compute the advantages; see the module
+    docstring. Returns the experience and what the rollout says (:func:`rollout_metrics`, the
+    critic's explained variance, tokens, time)."""
+    r, t, s = cfg.rl, cfg.train, cfg.sampling
+    started = time.perf_counter()
+    accelerator, device = session.accelerator, session.device
+    # Sample ids are a function of (step, row), so a resumed run draws the same samples.
+    first_id = (step * accelerator.num_processes + accelerator.process_index) * t.batch_size * r.group_size
+    sample_ids = [(first_id + i) % SEED_STRIDE for i in range(len(prompts))]
+    generation = generate(policy, tokenizer, prompts, s, sample_ids=sample_ids)
+    rollout_s = time.perf_counter() - started
+    scores = torch.tensor(check_rewards(reward(prompts, generation.completions, **fields), len(prompts),
+                                        f"rl.reward {r.reward}"), device=device)
+    batch = Batch.build(generation.prompt_ids, generation.completion_ids, pad_token_id(tokenizer), device)
+    mask = batch.mask
+
+    old_values = None
+    with torch.no_grad(), session.autocast():
+        if value_head is not None or not uses_rollout_logprobs(s):
+            old_logprobs, old_values, _ = score_tokens(policy, batch, s.temperature, value_head,
+                                                       share_prefixes=t.share_prefixes)
+        else:
+            old_logprobs = padded(generation.logprobs, mask.size(1), device)
+        ref_logprobs = reference.logprobs(policy, batch, s.temperature) if reference is not None else None
+    rollout_kl = (old_logprobs - ref_logprobs) * mask if ref_logprobs is not None else None
+    advantages, returns = adv.compute_advantages(r, scores, mask, rollout_kl, kl_coef, old_values)
+
+    record = rollout_metrics(cfg, scores, mask, generation, rollout_kl, kl_coef)
+    if returns is not None:
+        record["train/explained_variance"] = explained_variance(old_values, returns, mask)
+    record.update({"train/tokens": float(mask.sum()), "perf/rollout_s": rollout_s})
+    return Experience(batch, old_logprobs, ref_logprobs, kl_coef, advantages, old_values, returns), record
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def rollout_metrics(cfg: RLConfig, scores: torch.Tensor, mask: torch.Tensor, generation: Generation,
+                    rollout_kl: torch.Tensor | None, kl_coef: float) -> dict[str, float]:
+    """What the rollout says: reward, KL to the reference, lengths, share of groups with nothing to learn."""
+    lengths = mask.sum(1)
+    record = {
+        "train/reward": float(scores.mean()),
+        "train/reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+        "train/length": float(lengths.mean()),
+        "train/finished": sum(generation.finished) / len(generation.finished),
+        "train/kl_coef": kl_coef,
+    }
+    if rollout_kl is not None:
+        record["train/kl"] = float(rollout_kl.sum() / mask.sum().clamp_min(1))  # nats per token, k1
+        record["train/kl_seq"] = float(rollout_kl.sum(1).mean())
+    if cfg.rl.group_size > 1:
+        record["train/zero_std_groups"] = adv.fraction_zero_std_groups(scores, cfg.rl.group_size)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Update: epochs × minibatches over the experience
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SupervisedTerm:
+    """The term α·L_CE of the update's loss: supervised examples (``rl.ptx_data``), a batch of them per update."""
+
+    examples: list[Example]
+    batches: ShuffledBatches  # the order they are drawn in: a function of the draw, so a resumed run draws the same
+    pad_id: int
+
+    def loss(self, model: Any, draw: int, device: torch.device) -> torch.Tensor:
+        """Cross-entropy on the completion tokens of the ``draw``-th batch."""
+        batch = to_device(collate([self.examples[i] for i in self.batches.indices(draw)], self.pad_id), device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return completion_nll(logits, batch["labels"], max(1, count_loss_tokens(batch["labels"])))[0]
+
+
+def update_policy(cfg: RLConfig, session: TrainingSession, value_head: torch.nn.Module | None, experience: Experience,
+                  step: int, ptx: SupervisedTerm | None) -> dict[str, float]:
+    """``rl.epochs`` passes over ``experience`` in ``rl.minibatches`` minibatches, one optimizer
+    update each; the last one advances the schedule and the step count. Returns the updates'
+    numbers averaged over them (lr and grad norm: the last update's)."""
+    r, t, s = cfg.rl, cfg.train, cfg.sampling
+    model, device = session.model, session.device
+    updates = r.epochs * r.minibatches
+    stats: dict[str, list[float]] = {}
+    model.train()
+    for u in range(updates):
+        if u % r.minibatches == 0:
+            order = torch.randperm(len(experience.mask), generator=torch.Generator().manual_seed(t.seed + step * 7919 + u))
+        mb = experience.rows(order.chunk(r.minibatches)[u % r.minibatches].to(device))
+        with session.autocast():
+            logprobs, values, entropy = score_tokens(model, mb.batch, s.temperature, value_head, with_entropy=u == 0,
+                                                    share_prefixes=t.share_prefixes)
+            loss, mb_stats = policy_objective(cfg, mb, logprobs, values)
+            if ptx is not None:
+                ptx_loss = ptx.loss(model, step * updates + u, device)
+                loss = loss + r.ptx_coef * ptx_loss
+                mb_stats["ptx_loss"] = float(ptx_loss.detach())
+        if entropy is not None:
+            mb_stats["entropy"] = float(entropy[mb.mask.bool()].mean())
+        session.backward(loss)
+        update = session.optimizer_step(advance=u == updates - 1)
+        for k, v in {**mb_stats, **update}.items():
+            stats.setdefault(k, []).append(v)
+    return {(k if k.startswith("train/") else f"train/{k}"): (v[-1] if k.startswith("train/") else sum(v) / len(v))
+            for k, v in stats.items()}
+
+
+def policy_objective(cfg: RLConfig, mb: Experience, logprobs: torch.Tensor,
+                     values: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The RL part of one update's loss on minibatch ``mb``, given this forward's log-probs (and
+    values) of its tokens: clipped policy loss, PPO's value loss, and a KL loss term when the KL is
+    not in the reward."""
     r = cfg.rl
-    lengths = mask.sum(1).clamp_min(1)
-    in_reward = rollout_kl is not None and r.uses_kl_in_reward and kl_coef > 0
-    if r.algo in ("grpo", "rloo"):
-        if in_reward:
-            scores = scores - kl_coef * (rollout_kl * mask).sum(1) / lengths
-        if r.algo == "grpo":
-            return adv.group_advantages(scores, r.group_size, scale_by_std=r.scale_rewards), None
-        return adv.leave_one_out_advantages(scores, r.group_size), None
-    if r.group_size > 1:  # several samples per prompt: the prompt's mean reward is a free baseline
-        scores = scores - scores.view(-1, r.group_size).mean(1).repeat_interleave(r.group_size)
-    per_token_kl = rollout_kl / lengths[:, None] if in_reward else torch.zeros_like(mask)
-    rewards = adv.token_rewards(scores, per_token_kl, mask, kl_coef if in_reward else 0.0)
-    if r.algo == "reinforce":
-        return adv.masked_whiten(adv.discounted_returns(rewards, mask, r.gamma), mask), None
-    advantages, returns = adv.gae(rewards, values, mask, r.gamma, r.lam)
-    return adv.masked_whiten(advantages, mask), returns
+    loss, stats = clipped_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, r.clip_eps, r.clip_eps_high,
+                                      r.loss_aggregation, cfg.sampling.max_new_tokens)
+    out = {"policy_loss": float(loss.detach()), **stats}
+    if values is not None:
+        value_loss, value_stats = clipped_value_loss(values, mb.old_values, mb.returns, mb.mask, r.value_clip)
+        loss = loss + r.vf_coef * value_loss
+        out.update({"value_loss": float(value_loss.detach()), **value_stats})
+    if mb.ref_logprobs is not None and not adv.kl_in_reward(r) and mb.kl_coef > 0:
+        kl_loss = aggregate_token_loss(kl_estimate(logprobs, mb.ref_logprobs, r.kl_estimator), mb.mask, r.loss_aggregation,
+                                       cfg.sampling.max_new_tokens)
+        loss = loss + mb.kl_coef * kl_loss
+        out["kl_loss"] = float(kl_loss.detach())
+    return loss, out
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
 def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, reward: Any, reference: Reference | None,
-               eval_prompts: PromptSet | None = None, ptx: list | None = None) -> Run:
+               eval_prompts: PromptSet | None = None, ptx: list[Example] | None = None) -> Run:
     """Optimise ``model`` against ``reward`` on ``prompts``; see the module docstring for one step."""
-    title = cfg.rl.algo.upper() if cfg.rl.algo != "reinforce" else "REINFORCE++"
+    estimator = adv.ESTIMATORS[cfg.rl.algo]
+    title = estimator.title
     cfg, run = open_stage_run(cfg, len(prompts), title)  # an epoch: every prompt once
     if run.is_complete():
         return run
     r, t, s = cfg.rl, cfg.train, cfg.sampling
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     value_head = None
-    if r.algo == "ppo":
+    if estimator.uses_critic:
         hidden = model.config.get_text_config().hidden_size
         value_head = torch.nn.Linear(hidden, 1)
         torch.nn.init.zeros_(value_head.weight)  # V = 0 at the start: GAE begins as plain returns
         torch.nn.init.zeros_(value_head.bias)
     controller = adv.AdaptiveKLController(r.kl_coef or 0.01, r.kl_target, r.kl_horizon) if r.kl_target \
         else adv.FixedKLController(r.kl_coef)
-    per_step = t.batch_size * r.group_size
     # The starting policy's held-out completions: before the session, which may load a checkpoint into the model.
     baseline = eval_baseline(run, model.to(inference_device()), tokenizer, eval_prompts, reward, s) if eval_prompts else None
     # Adam moves each weight by about lr a step whatever the loss scale, so a zero-initialised head
@@ -262,86 +410,34 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
     value_lr = r.value_lr if r.value_lr is not None else VALUE_LR_RATIO * t.lr
     with TrainingSession(cfg, model, run, title, extra_modules=[value_head] if value_head is not None else None,
                          extra_lr=value_lr) as session:
-        model, accelerator, device = session.model, session.accelerator, session.device
-        policy = accelerator.unwrap_model(model)
+        accelerator = session.accelerator
+        policy = accelerator.unwrap_model(session.model)
         if reference is not None and reference.model is not None:
-            session.precision.cast_frozen(reference.model.to(device))
+            session.precision.cast_frozen(reference.model.to(session.device))
         if "kl_controller" in session.state:
             controller.load_state_dict(session.state["kl_controller"])
         prompt_batches = ShuffledBatches(len(prompts), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
-        ptx_batches = ShuffledBatches(len(ptx), r.ptx_batch_size, t.seed + 1) if ptx else None
+        supervised = SupervisedTerm(ptx, ShuffledBatches(len(ptx), r.ptx_batch_size, t.seed + 1), pad_token_id(tokenizer)) \
+            if ptx else None
         log.info("%s: %d prompts × %d samples per step, %d steps, reward %s, β=%g%s, run folder %s", title, t.batch_size,
                  r.group_size, t.max_steps, r.reward, controller.value, " (adaptive)" if r.kl_target else "", run.dir)
-        updates = r.epochs * r.minibatches
         while session.running:
             started = time.perf_counter()
             step = session.step
-            # 1. Rollout: sample ids are a function of (step, row), so a resumed run draws the same samples.
+            # 1. Make experience: roll out the step's prompts, score, KL and advantages.
             batch_prompts, fields = prompts.take(prompt_batches.indices(step), r.group_size)
-            first_id = (step * accelerator.num_processes + accelerator.process_index) * per_step
-            sample_ids = [(first_id + i) % SEED_STRIDE for i in range(len(batch_prompts))]
-            generation = generate(policy, tokenizer, batch_prompts, s, sample_ids=sample_ids)
-            rollout_s = time.perf_counter() - started
-            scores = torch.tensor(check_rewards(reward(batch_prompts, generation.completions, **fields), len(batch_prompts),
-                                                f"rl.reward {r.reward}"), device=device)
-            batch = Batch.build(generation.prompt_ids, generation.completion_ids, pad_id, device)
-            mask = batch.mask
+            experience, rollout = make_experience(cfg, session, policy, value_head, tokenizer, reward, reference,
+                                                  batch_prompts, fields, step, controller.value)
 
-            # 2. π_old (and the critic's values) and π_ref on the sampled tokens, no gradient.
-            old_logprobs = old_values = None
-            with torch.no_grad(), session.autocast():
-                if value_head is not None or not uses_rollout_logprobs(s):
-                    old_logprobs, old_values, _ = score_tokens(policy, batch, s.temperature, value_head,
-                                                               share_prefixes=t.share_prefixes)
-                else:
-                    old_logprobs = padded(generation.logprobs, mask.size(1), device)
-                ref_logprobs = reference.logprobs(policy, batch, s.temperature) if reference is not None else None
-            rollout_kl = (old_logprobs - ref_logprobs) * mask if ref_logprobs is not None else None
-
-            # 3. Advantages.
-            advantages, returns = compute_advantages(cfg, scores, rollout_kl, mask, controller.value, old_values)
-
-            # 4. Updates: epochs × minibatches over this rollout; the last one ends the step.
-            stats: dict[str, list[float]] = {}
+            # 2. Update: epochs × minibatches over the experience; the last update ends the step.
             train_started = time.perf_counter()
-            model.train()
-            for u in range(updates):
-                if u % r.minibatches == 0:
-                    order = torch.randperm(len(batch_prompts), generator=torch.Generator().manual_seed(t.seed + step * 7919 + u))
-                part = order.chunk(r.minibatches)[u % r.minibatches].to(device)
-                mb = batch.rows(part)
-                with session.autocast():
-                    logprobs, values, entropy = score_tokens(model, mb, s.temperature, value_head, with_entropy=u == 0,
-                                                            share_prefixes=t.share_prefixes)
-                    loss, mb_stats = policy_objective(cfg, logprobs, values, mb.mask, old_logprobs[part], advantages[part],
-                                                      None if returns is None else returns[part],
-                                                      None if old_values is None else old_values[part],
-                                                      None if ref_logprobs is None else ref_logprobs[part], controller.value)
-                    if ptx_batches is not None:
-                        ptx_batch = to_device(collate([ptx[i] for i in ptx_batches.indices(step * updates + u)], pad_id), device)
-                        ptx_logits = model(input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"],
-                                           use_cache=False).logits
-                        ptx_loss, _ = completion_nll(ptx_logits, ptx_batch["labels"], max(1, count_loss_tokens(ptx_batch["labels"])))
-                        loss = loss + r.ptx_coef * ptx_loss
-                        mb_stats["ptx_loss"] = float(ptx_loss.detach())
-                if entropy is not None:
-                    mb_stats["entropy"] = float(entropy[mb.mask.bool()].mean())
-                session.backward(loss)
-                update = session.optimizer_step(advance=u == updates - 1)
-                for k, v in {**mb_stats, **update}.items():
-                    stats.setdefault(k, []).append(v)
+            record = {**update_policy(cfg, session, value_head, experience, step, supervised), **rollout}
             train_s = time.perf_counter() - train_started
 
-            # 5. Diagnostics, KL control, evaluation, checkpoint.
-            tokens = float(mask.sum())
-            # Per-update numbers are averaged over the step's updates; lr and grad norm are the last update's.
-            record = {(k if k.startswith("train/") else f"train/{k}"): (v[-1] if k.startswith("train/") else sum(v) / len(v))
-                      for k, v in stats.items()}
-            record.update(rollout_metrics(cfg, scores, mask, generation, rollout_kl, controller.value))
-            if returns is not None:
-                record["train/explained_variance"] = explained_variance(old_values, returns, mask)
-            record.update({"train/tokens": tokens, "perf/rollout_s": rollout_s, "perf/train_s": train_s,
-                           "perf/rollout_tokens_per_s": tokens / max(rollout_s, 1e-9),
+            # 3. Diagnostics, KL control, evaluation, checkpoint.
+            tokens = rollout["train/tokens"]
+            record.update({"perf/train_s": train_s,
+                           "perf/rollout_tokens_per_s": tokens / max(rollout["perf/rollout_s"], 1e-9),
                            "perf/train_tokens_per_s": tokens * r.epochs / max(train_s, 1e-9)})
             kl_now = record.get("train/kl")
             if kl_now is not None:
@@ -367,49 +463,6 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
 
 
 RL_CURVES = (("train/reward", "reward"), ("eval/reward", "held-out reward"), ("train/kl", "KL per token"))
-
-
-def policy_objective(cfg: RLConfig, logprobs: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor,
-                     old_logprobs: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor | None,
-                     old_values: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-                     kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """The RL part of one update's loss: clipped policy loss, PPO's value loss, and a KL loss term
-    when the KL is not in the reward. With one update per rollout, π_old is this forward detached
-    (ρ = 1), which is exact and saves nothing but is the definition; rollout log-probs are used
-    when given (several updates)."""
-    r = cfg.rl
-    loss, stats = clipped_policy_loss(logprobs, old_logprobs, advantages, mask, r.clip_eps, r.clip_eps_high,
-                                      r.loss_aggregation, cfg.sampling.max_new_tokens)
-    out = {"policy_loss": float(loss.detach()), **stats}
-    if values is not None:
-        value_loss, value_stats = clipped_value_loss(values, old_values, returns, mask, r.value_clip)
-        loss = loss + r.vf_coef * value_loss
-        out.update({"value_loss": float(value_loss.detach()), **value_stats})
-    if ref_logprobs is not None and not r.uses_kl_in_reward and kl_coef > 0:
-        kl_loss = aggregate_token_loss(kl_estimate(logprobs, ref_logprobs, r.kl_estimator), mask, r.loss_aggregation,
-                                       cfg.sampling.max_new_tokens)
-        loss = loss + kl_coef * kl_loss
-        out["kl_loss"] = float(kl_loss.detach())
-    return loss, out
-
-
-def rollout_metrics(cfg: RLConfig, scores: torch.Tensor, mask: torch.Tensor, generation: Generation,
-                    rollout_kl: torch.Tensor | None, kl_coef: float) -> dict[str, float]:
-    """What the rollout says: reward, KL to the reference, lengths, share of groups with nothing to learn."""
-    lengths = mask.sum(1)
-    record = {
-        "train/reward": float(scores.mean()),
-        "train/reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
-        "train/length": float(lengths.mean()),
-        "train/finished": sum(generation.finished) / len(generation.finished),
-        "train/kl_coef": kl_coef,
-    }
-    if rollout_kl is not None:
-        record["train/kl"] = float(rollout_kl.sum() / mask.sum().clamp_min(1))  # nats per token, k1
-        record["train/kl_seq"] = float(rollout_kl.sum(1).mean())
-    if cfg.rl.group_size > 1:
-        record["train/zero_std_groups"] = adv.fraction_zero_std_groups(scores, cfg.rl.group_size)
-    return record
 
 
 # ---------------------------------------------------------------------------------------------
