@@ -30,7 +30,7 @@ from alignloop.data.load import load_records
 from alignloop.data.records import Row
 from alignloop.errors import ConfigError, DataError, ModelError
 from alignloop.evaluate import classification as reports
-from alignloop.evaluate.compare import check_gate, parse_gate
+from alignloop.evaluate.gates import check_gate, parse_gate
 
 log = logging.getLogger("alignloop")
 

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from alignloop.evaluate.compare import md_cell
 from alignloop.loop.pipeline import STEPS
+from alignloop.report.markdown import md_cell
+from alignloop.report.plots import figure
 
 
 def _read(path: Path) -> Any:
@@ -104,43 +105,40 @@ def plot_loop(its: list[dict], final: dict | None, out: Path) -> Path | None:
             if it["steps"].get("evaluate", {}).get("metrics")]
     if not rows:
         return None
-    from alignloop.evaluate.compare import pyplot, save_figure
-
-    plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    xs = [i for i, _ in rows]
-    left.plot(xs, [m.get("baseline_reward_mean") for _, m in rows], "o-", label="deployed at start")
-    left.plot(xs, [m.get("candidate_reward_mean") for _, m in rows], "s--", label="candidate")
-    passed = [it["iteration"] for it in its if it["steps"].get("evaluate", {}).get("passed")]
-    for i, m in rows:
-        if i in passed:
-            left.annotate("promoted", (i, m.get("candidate_reward_mean")), textcoords="offset points", xytext=(0, 8),
-                          ha="center", fontsize=8)
-    left.set_xticks(xs)
-    left.set_xlabel("iteration")
-    hidden = all(str(it["steps"]["evaluate"].get("reward", "")).startswith("alignloop.envs.") for it in its if it["steps"].get("evaluate"))
-    left.set_ylabel("simulated users' hidden utility (mean)" if hidden else "reward (mean)")
-    left.set_title("held-out prompts: deployed vs candidate")
-    left.legend()
-    wins = [m.get("win_rate") for _, m in rows]
-    errors = [[w - m.get("win_rate_lower", w) for w, (_, m) in zip(wins, rows)],
-              [m.get("win_rate_upper", w) - w for w, (_, m) in zip(wins, rows)]]
-    right.errorbar(xs, wins, yerr=errors, fmt="o", capsize=4, label="candidate vs deployed")
-    ticks, labels = list(xs), [str(x) for x in xs]
-    if final and final.get("metrics"):
-        m = final["metrics"]
-        right.errorbar([xs[-1] + 1], [m["win_rate"]], yerr=[[m["win_rate"] - m["win_rate_lower"]], [m["win_rate_upper"] - m["win_rate"]]],
-                       fmt="D", color="tab:green", capsize=4, label="final deployed vs v0")
-        ticks.append(xs[-1] + 1)
-        labels.append("final\nvs v0")
-    right.set_xticks(ticks, labels)
-    right.axhline(0.5, color="grey", linestyle=":")
-    right.set_ylim(0, 1)
-    right.set_xlabel("iteration")
-    right.set_ylabel("win rate (95% CI)")
-    right.set_title("win rate")
-    right.legend(fontsize=8)
-    return save_figure(fig, out)
+    with figure(out, 1, 2, figsize=(10, 4)) as (fig, (left, right)):
+        xs = [i for i, _ in rows]
+        left.plot(xs, [m.get("baseline_reward_mean") for _, m in rows], "o-", label="deployed at start")
+        left.plot(xs, [m.get("candidate_reward_mean") for _, m in rows], "s--", label="candidate")
+        passed = [it["iteration"] for it in its if it["steps"].get("evaluate", {}).get("passed")]
+        for i, m in rows:
+            if i in passed:
+                left.annotate("promoted", (i, m.get("candidate_reward_mean")), textcoords="offset points", xytext=(0, 8),
+                              ha="center", fontsize=8)
+        left.set_xticks(xs)
+        left.set_xlabel("iteration")
+        hidden = all(str(it["steps"]["evaluate"].get("reward", "")).startswith("alignloop.envs.") for it in its if it["steps"].get("evaluate"))
+        left.set_ylabel("simulated users' hidden utility (mean)" if hidden else "reward (mean)")
+        left.set_title("held-out prompts: deployed vs candidate")
+        left.legend()
+        wins = [m.get("win_rate") for _, m in rows]
+        errors = [[w - m.get("win_rate_lower", w) for w, (_, m) in zip(wins, rows)],
+                  [m.get("win_rate_upper", w) - w for w, (_, m) in zip(wins, rows)]]
+        right.errorbar(xs, wins, yerr=errors, fmt="o", capsize=4, label="candidate vs deployed")
+        ticks, labels = list(xs), [str(x) for x in xs]
+        if final and final.get("metrics"):
+            m = final["metrics"]
+            right.errorbar([xs[-1] + 1], [m["win_rate"]], yerr=[[m["win_rate"] - m["win_rate_lower"]], [m["win_rate_upper"] - m["win_rate"]]],
+                           fmt="D", color="tab:green", capsize=4, label="final deployed vs v0")
+            ticks.append(xs[-1] + 1)
+            labels.append("final\nvs v0")
+        right.set_xticks(ticks, labels)
+        right.axhline(0.5, color="grey", linestyle=":")
+        right.set_ylim(0, 1)
+        right.set_xlabel("iteration")
+        right.set_ylabel("win rate (95% CI)")
+        right.set_title("win rate")
+        right.legend(fontsize=8)
+    return out
 
 
 def _num(value: Any) -> str:
