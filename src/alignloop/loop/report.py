@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from alignloop.loop.pipeline import STEPS
-from alignloop.report.markdown import md_cell
+from alignloop.report.markdown import md_cell, md_table
 from alignloop.report.plots import figure
 
 
@@ -51,10 +51,7 @@ def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[s
         lines += [f"**After {len(its)} iterations** v0 is still deployed: no candidate passed the gate.", ""]
     if plot:
         lines += [f"![reward and win rate per version]({link_prefix}{plot.name})", ""]
-    lines += ["## Iterations", "",
-              "| iter | feedback given | rows in datasets / behind the candidate | pairs / kto / sft / ratings | trained | candidate | reward: deployed → candidate "
-              "| win rate (CI) | KL/token | gate | deployed after |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = []
     for it in its:
         s = it["steps"]
         collect, export, train = s.get("collect", {}), s.get("export", {}), s.get("train", {})
@@ -63,7 +60,7 @@ def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[s
         counts = export.get("counts", {})
         given = collect.get("feedback")
         gate = "passed" if verdict.get("passed") else ("refused: " + "; ".join(verdict.get("reasons", [])) if verdict else "…")
-        lines.append("| " + " | ".join([
+        rows.append([
             str(it["iteration"]),
             ", ".join(f"{k} {v}" for k, v in given.items()) if given else "—",
             f"{export.get('feedback_rows', '…')} / {s.get('register', {}).get('feedback_rows', '—')}",
@@ -75,23 +72,29 @@ def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[s
             _num(m.get("kl_per_token")),
             md_cell(gate, 200),
             f"`{promote.get('deployed')}`" if promote else "…",
-        ]) + " |")
+        ])
+    lines += ["## Iterations", "",
+              *md_table(("iter", "feedback given", "rows in datasets / behind the candidate", "pairs / kto / sft / ratings",
+                         "trained", "candidate", "reward: deployed → candidate", "win rate (CI)", "KL/token", "gate",
+                         "deployed after"), rows)]
     lines += ["", "Evaluation reports: " + ", ".join(f"[iter {it['iteration']}]({link_prefix}iter-{it['iteration']}/evaluate/report.md)"
                                                     for it in its if (folder / f"iter-{it['iteration']}/evaluate/report.md").is_file()), ""]
-    lines += ["## Time per step (seconds)", "", "| iter | " + " | ".join(STEPS) + " | total |",
-              "| --- |" + " --- |" * (len(STEPS) + 1)]
+    rows = []
     for it in its:
         seconds = [it["steps"].get(k, {}).get("seconds") for k in STEPS]
         total = sum(x for x in seconds if x is not None)
-        lines.append(f"| {it['iteration']} | " + " | ".join("…" if x is None else f"{x:.1f}" for x in seconds) + f" | {total:.1f} |")
+        rows.append([str(it["iteration"]), *("…" if x is None else f"{x:.1f}" for x in seconds), f"{total:.1f}"])
+    lines += ["## Time per step (seconds)", "", *md_table(("iter", *STEPS, "total"), rows)]
     lines += ["", "## Lineage (the model registry)", "",
-              "`alignloop lineage VERSION` lists the exact feedback rows behind a version; `alignloop deploy VERSION` rolls back.", "",
-              "| version | parent | feedback rows | deployed | evaluation | path |", "| --- | --- | --- | --- | --- | --- |"]
+              "`alignloop lineage VERSION` lists the exact feedback rows behind a version; `alignloop deploy VERSION` rolls back.", ""]
+    rows = []
     for row in store.models():
         evaluation = row.get("evaluation") or {}
         verdict = "passed" if evaluation.get("passed") else ("refused" if evaluation else "—")
-        lines.append(f"| `{row['version']}` | {('`' + row['parent_version'] + '`') if row.get('parent_version') else '—'} | "
-                     f"{row.get('feedback_rows', 0)} | {'yes' if row.get('deployed') else ''} | {verdict} | {md_cell(str(row['path']), 120)} |")
+        rows.append([f"`{row['version']}`", f"`{row['parent_version']}`" if row.get("parent_version") else "—",
+                     str(row.get("feedback_rows", 0)), "yes" if row.get("deployed") else "", verdict,
+                     md_cell(str(row["path"]), 120)])
+    lines += md_table(("version", "parent", "feedback rows", "deployed", "evaluation", "path"), rows)
     if config:
         lines += ["", "## Config", "", "```yaml", config.rstrip(), "```"]
     return lines

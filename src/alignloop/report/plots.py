@@ -63,11 +63,6 @@ def _overlaid_histograms(ax: Any, series: dict[str, np.ndarray]) -> None:
     ax.legend(fontsize=8)
 
 
-def _scatter_alpha(points: int) -> float:
-    """Many points: fainter, so density shows."""
-    return float(np.clip(300 / max(points, 1), 0.08, 0.8))
-
-
 # ---- training and run curves ------------------------------------------------------------------------------
 
 CURVES = (("train/loss", "train loss"), ("eval/loss", "held-out loss"))
@@ -160,7 +155,8 @@ def plot_length_vs_reward(series: dict[str, tuple[Sequence[float], Sequence[floa
     with figure(out, figsize=(6.4, 4.4)) as (fig, ax):
         for name, (lengths, rewards) in series.items():
             corr = reward_length_correlation(rewards, lengths)["pearson"]
-            ax.scatter(lengths, rewards, s=8, alpha=_scatter_alpha(len(rewards)), color=COLOURS[name],
+            alpha = float(np.clip(300 / max(len(rewards), 1), 0.08, 0.8))  # many points: fainter, so density shows
+            ax.scatter(lengths, rewards, s=8, alpha=alpha, color=COLOURS[name],
                        label=f"{name} (Pearson {'n/a' if corr is None else f'{corr:+.2f}'})")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("reward")

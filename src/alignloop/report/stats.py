@@ -147,25 +147,22 @@ def win_rate(
 
 # ---- correlations -------------------------------------------------------------------------------------------
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Pearson r = Σ(x−x̄)(y−ȳ) / √(Σ(x−x̄)² · Σ(y−ȳ)²) (scipy); None when either input is constant.
-
-    None rather than NaN: the value goes to JSON, and scipy would also warn (warnings are errors in
-    our tests).
-    """
+def _unless_constant(statistic, x: Sequence[float], y: Sequence[float]) -> float | None:
+    """``statistic(x, y).statistic`` as a float; None when either input is constant, where scipy warns
+    (warnings are errors in our tests) and returns NaN, which JSON cannot hold."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return None
-    return float(pearsonr(x, y).statistic)
+    return None if np.ptp(x) == 0 or np.ptp(y) == 0 else float(statistic(x, y).statistic)
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson r = Σ(x−x̄)(y−ȳ) / √(Σ(x−x̄)² · Σ(y−ȳ)²) (scipy); None when either input is constant."""
+    return _unless_constant(pearsonr, x, y)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     """Spearman ρ (scipy): Pearson r of the ranks, tied values sharing their mean rank; None when either
     input is constant."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return None
-    return float(spearmanr(x, y).statistic)
+    return _unless_constant(spearmanr, x, y)
 
 
 def reward_length_correlation(scores: Sequence[float], lengths: Sequence[float]) -> dict:
@@ -211,12 +208,9 @@ def brier_of_margins(margins: np.ndarray) -> float:
 
 
 def log_loss_of_margins(margins: np.ndarray) -> float:
-    """(1/N) Σ_i −log σ(m_i) = (1/N) Σ_i softplus(−m_i), the Bradley–Terry training loss.
-
-    Not ``sklearn.metrics.log_loss``: it takes σ(m), which is 0 in float64 below m ≈ −37, and clips
-    it at machine epsilon, so a confidently wrong pair would count ~36 nats whatever its margin.
-    softplus of the margin is exact.
-    """
+    """(1/N) Σ_i −log σ(m_i) = (1/N) Σ_i softplus(−m_i), the Bradley–Terry training loss. Not sklearn's
+    ``log_loss``: it takes σ(m), 0 in float64 below m ≈ −37, and clips it at machine epsilon, so a
+    confidently wrong pair would count ~36 nats whatever its margin; softplus is exact."""
     return float(np.mean(np.logaddexp(0.0, -margins)))
 
 
