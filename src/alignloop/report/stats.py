@@ -11,8 +11,6 @@ import statistics
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import brier_score_loss
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile, Φ⁻¹(0.975)
 LENGTH_CORR_WARN = 0.3  # |Pearson(length, reward)| above this: length explains a visible share of the score
@@ -156,12 +154,16 @@ def _unless_constant(statistic, x: Sequence[float], y: Sequence[float]) -> float
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
     """Pearson r = Σ(x−x̄)(y−ȳ) / √(Σ(x−x̄)² · Σ(y−ȳ)²) (scipy); None when either input is constant."""
+    from scipy.stats import pearsonr  # here, not above: a stage that only writes its curves need not load scipy
+
     return _unless_constant(pearsonr, x, y)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     """Spearman ρ (scipy): Pearson r of the ranks, tied values sharing their mean rank; None when either
     input is constant."""
+    from scipy.stats import spearmanr
+
     return _unless_constant(spearmanr, x, y)
 
 
@@ -204,6 +206,8 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 def brier_of_margins(margins: np.ndarray) -> float:
     """(1/N) Σ_i (1 − σ(m_i))²: the Brier score of σ(m) when the chosen response always won (sklearn)."""
+    from sklearn.metrics import brier_score_loss
+
     return float(brier_score_loss(np.ones(len(margins), dtype=int), sigmoid(margins)))
 
 
