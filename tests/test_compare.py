@@ -13,26 +13,17 @@ import pytest
 from alignloop.errors import ConfigError
 from alignloop.evaluate.compare import (
     METRIC_KEYS,
-    Condition,
-    check_gate,
     completion_metrics,
     distinct_n,
     flatten_metrics,
-    judge_outcomes,
     kl_summary,
-    length_stats,
-    parse_gate,
-    perplexity,
-    plot_length_vs_reward,
-    plot_reward_distributions,
-    plot_run_curves,
     plot_win_rate,
     repetition_rate,
-    reward_length_correlation,
-    reward_summary,
-    win_rate,
     write_comparison_report,
 )
+from alignloop.evaluate.gates import Condition, check_gate, parse_gate
+from alignloop.report.plots import plot_length_vs_reward, plot_reward_distributions, plot_run_curves
+from alignloop.report.stats import judge_outcomes, length_stats, reward_length_correlation, reward_summary, win_rate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SIX_TWO_TWO = [1] * 6 + [0] * 2 + [-1] * 2  # 6 wins, 2 ties, 2 losses
@@ -143,11 +134,6 @@ def test_kl_rejects_mismatch_and_logits() -> None:
 def test_kl_empty_sequences_have_no_per_token_value() -> None:
     kl = kl_summary([[]], [[]])
     assert kl["kl_mean"] == 0.0 and kl["kl_per_token"] is None and kl["kl_k3_per_token"] is None
-
-
-def test_perplexity() -> None:
-    assert perplexity([[-1.0, -2.0], [-3.0]]) == pytest.approx(math.exp(2.0), abs=1e-12)
-    assert perplexity([[]]) is None
 
 
 # ---- lengths, diversity, rewards ----------------------------------------------------------------------------
@@ -275,7 +261,8 @@ def test_plots_are_written(tmp_path: Path) -> None:
     c_reward, b_reward = rng.normal(0.5, 1.0, 50), rng.normal(0.0, 1.0, 50)
     c_len, b_len = rng.integers(20, 80, 50), rng.integers(20, 60, 50)
     assert_png(plot_reward_distributions(c_reward, b_reward, tmp_path / "rewards.png"))
-    assert_png(plot_length_vs_reward(c_len, c_reward, b_len, b_reward, tmp_path / "length.png"))
+    assert_png(plot_length_vs_reward({"candidate": (c_len, c_reward), "baseline": (b_len, b_reward)},
+                                     tmp_path / "length.png", "candidate vs baseline"))
     assert_png(plot_win_rate(win_rate(SIX_TWO_TWO), tmp_path / "win.png"))
     assert_png(plot_win_rate(win_rate([0] * 5), tmp_path / "ties.png"))  # one segment only
     rows = [{"step": s, "train/loss": 2.0 / s, "train/reward_mean": 0.1 * s, "policy/approx_kl": 0.01 * s,

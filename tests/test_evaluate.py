@@ -122,8 +122,8 @@ def test_kl_is_not_computed_across_different_tokenizers(tiny_model_dir: Path, ev
 
 
 def test_llm_judge_randomises_positions_so_a_letter_bias_cannot_pass_for_a_win(tiny_model_dir: Path) -> None:
-    from alignloop.evaluate.compare import win_rate
     from alignloop.evaluate.run import llm_judge
+    from alignloop.report.stats import win_rate
 
     prompts = [f"question number {i}" for i in range(40)]
     same = [f"the same answer {i}" for i in range(40)]

@@ -10,14 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignloop.evaluate.reward_quality import (
-    average_ranks,
-    pair_quality,
-    reward_verdict,
-    spearman,
-    wilson_interval,
-    write_reward_report,
-)
+from scipy.stats import rankdata
+
+from alignloop.report.reward_quality import pair_quality, reward_verdict, write_reward_report
+from alignloop.report.stats import spearman, wilson_interval
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -106,7 +102,7 @@ def test_length_correlations_hand_computed() -> None:
     assert q["length_reward_spearman"] == pytest.approx(1.0, abs=1e-12)
     # ties share the mean rank; x ranks [1, 2.5, 2.5, 4], y ranks [1, 3, 2, 4]
     # ρ = Σ centred products / √(Σx² Σy²) = 4.5 / √(4.5 · 5) = 0.948683
-    assert average_ranks(np.array([1, 2, 2, 3])).tolist() == [1.0, 2.5, 2.5, 4.0]
+    assert rankdata(np.array([1, 2, 2, 3])).tolist() == [1.0, 2.5, 2.5, 4.0]  # the ranks spearman uses
     assert spearman(np.array([1, 2, 2, 3]), np.array([1, 3, 2, 4])) == pytest.approx(4.5 / math.sqrt(22.5), abs=1e-12)
 
 

@@ -164,7 +164,7 @@ def _run_reward_report(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"reward-report: unknown option {extra[0]!r}; see `alignloop reward-report --help`")
     from pathlib import Path
 
-    from alignloop.evaluate.reward_quality import report_reward_model
+    from alignloop.evaluate.reward_model import report_reward_model
 
     path = report_reward_model(args.model, args.data, Path(args.out), args.batch_size, args.max_length, args.max_samples)
     log.info("reward report: %s", path)

@@ -1,1 +1,1 @@
-"""Evaluation and the reports a person reads: plots (PNG) and report.md."""
+"""The evaluate stage: candidate vs baseline, promotion gates, classifier and reward-model reports."""

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alignloop.evaluate.compare import markdown_images
+from alignloop.report.markdown import markdown_images
+from alignloop.report.plots import figure
 
 
 def _jsonable(value):
@@ -123,10 +124,6 @@ def plot_confusion_matrix(y_true: Sequence, y_pred: Sequence, labels: Sequence, 
     Colour is normalised per true label (the cell's share of that label's examples, i.e. recall on
     the diagonal), so a rare label's errors are as visible as a common one's.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import confusion_matrix
 
     _same_length(y_true, y_pred, "labels")
@@ -135,23 +132,20 @@ def plot_confusion_matrix(y_true: Sequence, y_pred: Sequence, labels: Sequence, 
     shares = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
     k = len(labels)
     size = 2.4 + 0.55 * k  # inches: axes labels and colour bar, then one cell per label
-    fig, ax = plt.subplots(figsize=(size + 1.0, size))
-    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true label's examples")
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, f"{counts[i, j]:,}", ha="center", va="center", fontsize=9,
-                    color="white" if shares[i, j] > 0.5 else "black")  # dark cells get white text
-    names = [str(label) for label in labels]
-    slanted = max(len(n) for n in names) > 4  # long names overlap unless slanted
-    ax.set_xticks(range(k), names, rotation=45 if slanted else 0, ha="right" if slanted else "center")
-    ax.set_yticks(range(k), names)
-    ax.set_xlabel("predicted label")
-    ax.set_ylabel("true label")
-    ax.set_title(f"{title} (n={len(y_true):,})")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    with figure(out, figsize=(size + 1.0, size)) as (fig, ax):
+        image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true label's examples")
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{counts[i, j]:,}", ha="center", va="center", fontsize=9,
+                        color="white" if shares[i, j] > 0.5 else "black")  # dark cells get white text
+        names = [str(label) for label in labels]
+        slanted = max(len(n) for n in names) > 4  # long names overlap unless slanted
+        ax.set_xticks(range(k), names, rotation=45 if slanted else 0, ha="right" if slanted else "center")
+        ax.set_yticks(range(k), names)
+        ax.set_xlabel("predicted label")
+        ax.set_ylabel("true label")
+        ax.set_title(f"{title} (n={len(y_true):,})")
     return Path(out)
 
 

@@ -30,7 +30,8 @@ from alignloop.data.load import load_records
 from alignloop.data.records import Row
 from alignloop.errors import ConfigError, DataError, ModelError
 from alignloop.evaluate import classification as reports
-from alignloop.evaluate.compare import check_gate, parse_gate
+from alignloop.evaluate.gates import check_gate, parse_gate
+from alignloop.report.markdown import md_table
 
 log = logging.getLogger("alignloop")
 
@@ -214,11 +215,11 @@ def flatten(results: dict[str, dict], headline: Sequence[str]) -> dict:
 def write_summary(out: Path, roles: dict[str, str], results: dict[str, dict], headline: Sequence[str],
                   gate_result: tuple[bool, list[str]] | None, data: str) -> Path:
     """The run's ``report.md``: headline numbers side by side, the gate, links to each model's report."""
-    lines = [f"# Classifier evaluation on {data}", "", "| model | path | " + " | ".join(headline) + " |",
-             "|---|---|" + "---|" * len(headline)]
-    for role, path in roles.items():
-        lines.append(f"| [{role}]({role}/report.md) | `{path}` | " + " | ".join(f"{results[role][k]:.3f}" for k in headline) + " |")
-    lines.append("")
+    lines = [f"# Classifier evaluation on {data}", "",
+             *md_table(("model", "path", *headline),
+                       ([f"[{role}]({role}/report.md)", f"`{path}`", *(f"{results[role][k]:.3f}" for k in headline)]
+                        for role, path in roles.items())),
+             ""]
     for role in roles:
         lines.append(f"**{role}**: {reports.classification_verdict(results[role])}  ")
     if gate_result is not None:

@@ -39,6 +39,8 @@ JUDGE_TEMPLATE = (
 def run_evaluate(cfg: EvaluateConfig) -> int:
     """Run the comparison described by ``cfg``; return 0 when the gate passes (or there is none), 1 when it fails."""
     from alignloop.evaluate import compare
+    from alignloop.evaluate.gates import check_gate, parse_gate
+    from alignloop.report.stats import win_rate
     from alignloop.rollout.generate import generate
     from alignloop.rollout.scoring import token_logprobs
 
@@ -51,7 +53,7 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
     if not cfg.prompts:
         raise ConfigError("prompts: name the held-out prompts file (--prompts FILE)")
     # A typo in the gate (syntax or metric name) fails before any generation.
-    gate = compare.parse_gate(cfg.gate, known=compare.METRIC_KEYS) if cfg.gate else None
+    gate = parse_gate(cfg.gate, known=compare.METRIC_KEYS) if cfg.gate else None
     rows, _ = load_records(cfg.prompts, ("prompt",), cfg.max_prompts)
     prompts = [row.fields["prompt"] for row in rows]
     fields = {key: [row.fields.get(key) for row in rows] for key in rows[0].fields if key != "prompt"}
@@ -87,14 +89,14 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
         outcomes, judge_log = judge_pairs(cfg, prompts, generations["candidate"].completions,
                                           generations["baseline"].completions, scores, fields)
         if outcomes is not None:
-            win = compare.win_rate(outcomes, ci=cfg.judge.ci, seed=s.seed)
+            win = win_rate(outcomes, ci=cfg.judge.ci, seed=s.seed)
         kl = kl_metrics(models, tokenizers, generations["candidate"], s.batch_size, token_logprobs)
     metrics = compare.flatten_metrics(sides["candidate"], sides.get("baseline", {}), win, kl)
     metrics.setdefault("prompts", len(prompts))
 
     write_samples(out / "samples.jsonl", prompts, generations, scores, judge_log)
     plots = make_plots(out, cfg, scores, lengths, win)
-    gate_result = compare.check_gate(gate, metrics) if gate else None
+    gate_result = check_gate(gate, metrics) if gate else None
     samples = sample_rows(prompts, generations, scores, SAMPLES_IN_REPORT)
     title = f"{cfg.candidate} vs {cfg.baseline}" if cfg.baseline else str(cfg.candidate)
     report = compare.write_comparison_report(out, metrics, plots, gate_result, samples, title)
@@ -127,14 +129,14 @@ def load_policy(path: str, role: str) -> tuple[Any, Any]:
 def judge_pairs(cfg: EvaluateConfig, prompts: list, candidate: list[str], baseline: list[str],
                 scores: dict[str, list[float]], fields: dict[str, list]) -> tuple[list[int] | None, list[dict]]:
     """+1 / 0 / −1 per prompt (candidate wins / tie / loses), and what the judge saw."""
-    from alignloop.evaluate import compare
+    from alignloop.report.stats import judge_outcomes
 
     judge = cfg.judge
     if judge.kind == "reward":
         if not scores:
             log.warning("evaluate: no reward source, so the reward judge has nothing to compare; set reward or judge.kind")
             return None, []
-        outcomes = compare.judge_outcomes(scores["candidate"], scores["baseline"], judge.epsilon)
+        outcomes = judge_outcomes(scores["candidate"], scores["baseline"], judge.epsilon)
         return outcomes, [{"judge": "reward"} for _ in outcomes]
     if judge.kind == "function":
         from alignloop.rollout.rewards import check_rewards, load_function
@@ -235,13 +237,15 @@ def sample_rows(prompts: list, generations: dict, scores: dict, count: int) -> l
 
 def make_plots(out: Path, cfg: EvaluateConfig, scores: dict, lengths: dict, win: dict | None) -> dict[str, Path]:
     from alignloop.evaluate import compare
+    from alignloop.report.plots import plot_length_vs_reward, plot_reward_distributions, plot_run_curves
     from alignloop.runs import read_metrics
 
     plots: dict[str, Path] = {}
     if "candidate" in scores and "baseline" in scores:
-        plots["reward distributions"] = compare.plot_reward_distributions(scores["candidate"], scores["baseline"], out / "rewards.png")
-        plots["length vs reward"] = compare.plot_length_vs_reward(
-            lengths["candidate"], scores["candidate"], lengths["baseline"], scores["baseline"], out / "length_vs_reward.png")
+        plots["reward distributions"] = plot_reward_distributions(scores["candidate"], scores["baseline"], out / "rewards.png")
+        plots["length vs reward"] = plot_length_vs_reward(
+            {side: (lengths[side], scores[side]) for side in ("baseline", "candidate")}, out / "length_vs_reward.png",
+            "candidate vs baseline")
     if win is not None:
         plots["win / tie / loss"] = compare.plot_win_rate(win, out / "win_rate.png")
     for run_dir in cfg.runs:
@@ -250,6 +254,6 @@ def make_plots(out: Path, cfg: EvaluateConfig, scores: dict, lengths: dict, win:
             log.warning("evaluate: %s has no metrics.jsonl; its curves are left out", run_dir)
             continue
         name = Path(run_dir).name
-        plots[f"training curves: {name}"] = compare.plot_run_curves(rows, out / f"curves-{name}.png", title=name)
+        plots[f"training curves: {name}"] = plot_run_curves(rows, out / f"curves-{name}.png", title=name)
     return plots
 

@@ -276,7 +276,7 @@ class Loop:
         return self.compare(candidate, state["start"]["path"], folder, "evaluate", self.cfg.evaluate.gate)
 
     def compare(self, candidate: str, baseline: str, folder: Path, name: str, gate: str | None) -> dict:
-        from alignloop.evaluate import compare
+        from alignloop.evaluate.gates import check_gate, parse_gate
         from alignloop.evaluate.run import run_evaluate
 
         e, s = self.cfg.evaluate, self.cfg.simulation
@@ -289,7 +289,7 @@ class Loop:
         cfg.run.output_dir, cfg.run.name = str(folder), name
         run_evaluate(cfg)
         metrics = json.loads((folder / name / "metrics.json").read_text())
-        passed, reasons = compare.check_gate(compare.parse_gate(gate), metrics) if gate else (True, [])
+        passed, reasons = check_gate(parse_gate(gate), metrics) if gate else (True, [])
         keep = ("prompts", "win_rate", "win_rate_lower", "win_rate_upper", "wins", "ties", "losses", "kl_per_token",
                 "kl_mean", "candidate_reward_mean", "baseline_reward_mean", "candidate_length_mean", "baseline_length_mean")
         return {"passed": passed, "reasons": reasons, "gate": gate, "reward": reward,

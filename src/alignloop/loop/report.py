@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alignloop.evaluate.compare import md_cell
 from alignloop.loop.state import STEPS, iterations, read_json
+from alignloop.report.markdown import md_cell, md_table
+from alignloop.report.plots import figure
 
 
 def write_loop_report(folder: Path, store: Any) -> Path:
@@ -39,10 +40,7 @@ def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[s
         lines += [f"**After {len(its)} iterations** v0 is still deployed: no candidate passed the gate.", ""]
     if plot:
         lines += [f"![reward and win rate per version]({link_prefix}{plot.name})", ""]
-    lines += ["## Iterations", "",
-              "| iter | feedback given | rows in datasets / behind the candidate | pairs / kto / sft / ratings | trained | candidate | reward: deployed → candidate "
-              "| win rate (CI) | KL/token | gate | deployed after |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = []
     for it in its:
         s = it["steps"]
         collect, export, train = s.get("collect", {}), s.get("export", {}), s.get("train", {})
@@ -51,7 +49,7 @@ def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[s
         counts = export.get("counts", {})
         given = collect.get("feedback")
         gate = "passed" if verdict.get("passed") else ("refused: " + "; ".join(verdict.get("reasons", [])) if verdict else "…")
-        lines.append("| " + " | ".join([
+        rows.append([
             str(it["iteration"]),
             ", ".join(f"{k} {v}" for k, v in given.items()) if given else "—",
             f"{export.get('feedback_rows', '…')} / {s.get('register', {}).get('feedback_rows', '—')}",
@@ -63,23 +61,29 @@ def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[s
             _num(m.get("kl_per_token")),
             md_cell(gate, 200),
             f"`{promote.get('deployed')}`" if promote else "…",
-        ]) + " |")
+        ])
+    lines += ["## Iterations", "",
+              *md_table(("iter", "feedback given", "rows in datasets / behind the candidate", "pairs / kto / sft / ratings",
+                         "trained", "candidate", "reward: deployed → candidate", "win rate (CI)", "KL/token", "gate",
+                         "deployed after"), rows)]
     lines += ["", "Evaluation reports: " + ", ".join(f"[iter {it['iteration']}]({link_prefix}iter-{it['iteration']}/evaluate/report.md)"
                                                     for it in its if (folder / f"iter-{it['iteration']}/evaluate/report.md").is_file()), ""]
-    lines += ["## Time per step (seconds)", "", "| iter | " + " | ".join(STEPS) + " | total |",
-              "| --- |" + " --- |" * (len(STEPS) + 1)]
+    rows = []
     for it in its:
         seconds = [it["steps"].get(k, {}).get("seconds") for k in STEPS]
         total = sum(x for x in seconds if x is not None)
-        lines.append(f"| {it['iteration']} | " + " | ".join("…" if x is None else f"{x:.1f}" for x in seconds) + f" | {total:.1f} |")
+        rows.append([str(it["iteration"]), *("…" if x is None else f"{x:.1f}" for x in seconds), f"{total:.1f}"])
+    lines += ["## Time per step (seconds)", "", *md_table(("iter", *STEPS, "total"), rows)]
     lines += ["", "## Lineage (the model registry)", "",
-              "`alignloop lineage VERSION` lists the exact feedback rows behind a version; `alignloop deploy VERSION` rolls back.", "",
-              "| version | parent | feedback rows | deployed | evaluation | path |", "| --- | --- | --- | --- | --- | --- |"]
+              "`alignloop lineage VERSION` lists the exact feedback rows behind a version; `alignloop deploy VERSION` rolls back.", ""]
+    rows = []
     for row in store.models():
         evaluation = row.get("evaluation") or {}
         verdict = "passed" if evaluation.get("passed") else ("refused" if evaluation else "—")
-        lines.append(f"| `{row['version']}` | {('`' + row['parent_version'] + '`') if row.get('parent_version') else '—'} | "
-                     f"{row.get('feedback_rows', 0)} | {'yes' if row.get('deployed') else ''} | {verdict} | {md_cell(str(row['path']), 120)} |")
+        rows.append([f"`{row['version']}`", f"`{row['parent_version']}`" if row.get("parent_version") else "—",
+                     str(row.get("feedback_rows", 0)), "yes" if row.get("deployed") else "", verdict,
+                     md_cell(str(row["path"]), 120)])
+    lines += md_table(("version", "parent", "feedback rows", "deployed", "evaluation", "path"), rows)
     if config:
         lines += ["", "## Config", "", "```yaml", config.rstrip(), "```"]
     return lines
@@ -93,43 +97,40 @@ def plot_loop(its: list[dict], final: dict | None, out: Path) -> Path | None:
             if it["steps"].get("evaluate", {}).get("metrics")]
     if not rows:
         return None
-    from alignloop.evaluate.compare import pyplot, save_figure
-
-    plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    xs = [i for i, _ in rows]
-    left.plot(xs, [m.get("baseline_reward_mean") for _, m in rows], "o-", label="deployed at start")
-    left.plot(xs, [m.get("candidate_reward_mean") for _, m in rows], "s--", label="candidate")
-    passed = [it["iteration"] for it in its if it["steps"].get("evaluate", {}).get("passed")]
-    for i, m in rows:
-        if i in passed:
-            left.annotate("promoted", (i, m.get("candidate_reward_mean")), textcoords="offset points", xytext=(0, 8),
-                          ha="center", fontsize=8)
-    left.set_xticks(xs)
-    left.set_xlabel("iteration")
-    hidden = all(str(it["steps"]["evaluate"].get("reward", "")).startswith("alignloop.envs.") for it in its if it["steps"].get("evaluate"))
-    left.set_ylabel("simulated users' hidden utility (mean)" if hidden else "reward (mean)")
-    left.set_title("held-out prompts: deployed vs candidate")
-    left.legend()
-    wins = [m.get("win_rate") for _, m in rows]
-    errors = [[w - m.get("win_rate_lower", w) for w, (_, m) in zip(wins, rows)],
-              [m.get("win_rate_upper", w) - w for w, (_, m) in zip(wins, rows)]]
-    right.errorbar(xs, wins, yerr=errors, fmt="o", capsize=4, label="candidate vs deployed")
-    ticks, labels = list(xs), [str(x) for x in xs]
-    if final and final.get("metrics"):
-        m = final["metrics"]
-        right.errorbar([xs[-1] + 1], [m["win_rate"]], yerr=[[m["win_rate"] - m["win_rate_lower"]], [m["win_rate_upper"] - m["win_rate"]]],
-                       fmt="D", color="tab:green", capsize=4, label="final deployed vs v0")
-        ticks.append(xs[-1] + 1)
-        labels.append("final\nvs v0")
-    right.set_xticks(ticks, labels)
-    right.axhline(0.5, color="grey", linestyle=":")
-    right.set_ylim(0, 1)
-    right.set_xlabel("iteration")
-    right.set_ylabel("win rate (95% CI)")
-    right.set_title("win rate")
-    right.legend(fontsize=8)
-    return save_figure(fig, out)
+    with figure(out, 1, 2, figsize=(10, 4)) as (fig, (left, right)):
+        xs = [i for i, _ in rows]
+        left.plot(xs, [m.get("baseline_reward_mean") for _, m in rows], "o-", label="deployed at start")
+        left.plot(xs, [m.get("candidate_reward_mean") for _, m in rows], "s--", label="candidate")
+        passed = [it["iteration"] for it in its if it["steps"].get("evaluate", {}).get("passed")]
+        for i, m in rows:
+            if i in passed:
+                left.annotate("promoted", (i, m.get("candidate_reward_mean")), textcoords="offset points", xytext=(0, 8),
+                              ha="center", fontsize=8)
+        left.set_xticks(xs)
+        left.set_xlabel("iteration")
+        hidden = all(str(it["steps"]["evaluate"].get("reward", "")).startswith("alignloop.envs.") for it in its if it["steps"].get("evaluate"))
+        left.set_ylabel("simulated users' hidden utility (mean)" if hidden else "reward (mean)")
+        left.set_title("held-out prompts: deployed vs candidate")
+        left.legend()
+        wins = [m.get("win_rate") for _, m in rows]
+        errors = [[w - m.get("win_rate_lower", w) for w, (_, m) in zip(wins, rows)],
+                  [m.get("win_rate_upper", w) - w for w, (_, m) in zip(wins, rows)]]
+        right.errorbar(xs, wins, yerr=errors, fmt="o", capsize=4, label="candidate vs deployed")
+        ticks, labels = list(xs), [str(x) for x in xs]
+        if final and final.get("metrics"):
+            m = final["metrics"]
+            right.errorbar([xs[-1] + 1], [m["win_rate"]], yerr=[[m["win_rate"] - m["win_rate_lower"]], [m["win_rate_upper"] - m["win_rate"]]],
+                           fmt="D", color="tab:green", capsize=4, label="final deployed vs v0")
+            ticks.append(xs[-1] + 1)
+            labels.append("final\nvs v0")
+        right.set_xticks(ticks, labels)
+        right.axhline(0.5, color="grey", linestyle=":")
+        right.set_ylim(0, 1)
+        right.set_xlabel("iteration")
+        right.set_ylabel("win rate (95% CI)")
+        right.set_title("win rate")
+        right.legend(fontsize=8)
+    return out
 
 
 def _num(value: Any) -> str:

@@ -373,7 +373,7 @@ def fit_preference(cfg: Any, model: Any, tokenizer: Any, train: PreferenceSet, h
             session.end_step(record, started, evaluate)
         session.save_final(tokenizer)
     if accelerator.is_main_process:
-        from alignloop.evaluate.report import write_training_report
+        from alignloop.report.training import write_training_report
 
         write_training_report(run, title, curves=PREFERENCE_CURVES, ylabel="loss / accuracy")
     log.info("%s done: model in %s, report in %s", title, run.final_dir, run.dir / "report.md")

@@ -34,7 +34,6 @@ from alignloop.data.batching import ShuffledBatches, split_holdout
 from alignloop.data.load import load_records
 from alignloop.data.records import Row, identical_pair_problem
 from alignloop.errors import DataError
-from alignloop.evaluate.report import write_training_report
 from alignloop.losses import bradley_terry, ordinal_rating, ordinal_thresholds, rating_regression, thumbs_bce
 from alignloop.models.load import load_tokenizer
 from alignloop.models.prefix import can_share_prefixes, plan_prefixes, shared_prefix_forward
@@ -48,6 +47,7 @@ from alignloop.models.reward import (
     reward_forward,
     score_encoded,
 )
+from alignloop.report.training import write_training_report
 from alignloop.rollout.rewards import completion_text
 from alignloop.runs import Run
 from alignloop.train.loop import TrainingSession, open_stage_run
@@ -388,7 +388,7 @@ def write_heldout_quality(run: Run, model: Any, held_out: list[RewardExample], p
     """The quality report of the held-out pairs in ``run/quality/``; a markdown line linking it.
     ``scores`` are the final evaluation's (the model has not changed since); scored anew if absent
     (a resumed run that was already past its last evaluation)."""
-    from alignloop.evaluate.reward_quality import pair_quality, write_reward_report
+    from alignloop.report.reward_quality import pair_quality, write_reward_report
 
     if "second" in scores:
         chosen, rejected = scores["first"], scores["second"]

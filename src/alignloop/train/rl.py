@@ -455,7 +455,7 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
         if value_head is not None and accelerator.is_main_process:
             torch.save(value_head.state_dict(), run.final_dir / VALUE_HEAD_FILE)
     if accelerator.is_main_process:
-        from alignloop.evaluate.report import write_training_report
+        from alignloop.report.training import write_training_report
 
         write_training_report(run, title, curves=RL_CURVES, ylabel="reward / KL")
     log.info("%s done: model in %s, report in %s", title, run.final_dir, run.dir / "report.md")
@@ -495,7 +495,7 @@ def eval_baseline(run: Run, policy: Any, tokenizer: Any, prompts: PromptSet, rew
 
 def evaluate_policy(policy: Any, tokenizer: Any, prompts: PromptSet, reward: Any, s: SamplingConfig, baseline: dict) -> dict:
     """Held-out reward and win rate (Wilson 95%, ties apart) of the current policy vs the starting one."""
-    from alignloop.evaluate.compare import judge_outcomes, win_rate
+    from alignloop.report.stats import judge_outcomes, win_rate
 
     generation, rewards = heldout_rewards(policy, tokenizer, prompts, reward, s)
     win = win_rate(judge_outcomes(rewards, baseline["rewards"], 0.0))

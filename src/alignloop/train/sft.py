@@ -12,16 +12,15 @@ import logging
 import time
 from typing import Any
 
-
 from alignloop.config import DataConfig, SFTConfig
 from alignloop.data.batching import ShuffledBatches, collate, split_holdout, to_device
 from alignloop.data.load import load_records
 from alignloop.data.records import Row
 from alignloop.data.tokenize import Example, tokenize_sft_rows
 from alignloop.errors import ConfigError, DataError
-from alignloop.evaluate.report import write_training_report
 from alignloop.losses import completion_nll, count_loss_tokens
 from alignloop.models.load import context_length, load_causal_lm, load_tokenizer
+from alignloop.report.training import write_training_report
 from alignloop.rollout.scoring import heldout_loss
 from alignloop.runs import Run
 from alignloop.train.loop import TrainingSession, open_stage_run

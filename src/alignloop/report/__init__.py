@@ -1,0 +1,1 @@
+"""What train/ and evaluate/ both report: statistics, figures, markdown, training and reward-model reports."""
