@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import torch
 
 from alignloop import losses
-from alignloop.config import DPOConfig, KTOConfig, ModelConfig
+from alignloop.config import STAGES, DPOConfig, KTOConfig, ModelConfig
 from alignloop.data.batching import IGNORE_INDEX, ShuffledBatches, collate, split_holdout, to_device
 from alignloop.data.load import load_records
 from alignloop.data.records import Row, identical_pair_problem
@@ -265,12 +265,12 @@ def run_dpo(cfg: DPOConfig) -> Run:
     """``alignloop dpo``: pairs → a policy that prefers the chosen side."""
     if cfg.preference.loss not in losses.PAIR_LOSSES:  # before any data or model is loaded
         raise ConfigError(f"preference.loss: {cfg.preference.loss!r} is not one of {', '.join(losses.PAIR_LOSSES)}")
-    return _run(cfg, kinds=("preference",), build=pair_set, title=losses.PAIR_LOSSES[cfg.preference.loss].title)
+    return _run(cfg, kinds=STAGES["dpo"].reads, build=pair_set, title=losses.PAIR_LOSSES[cfg.preference.loss].title)
 
 
 def run_kto(cfg: KTOConfig) -> Run:
     """``alignloop kto``: unpaired thumbs → a policy that favours thumbs-up completions."""
-    return _run(cfg, kinds=("binary",), build=thumbs_set, title="KTO")
+    return _run(cfg, kinds=STAGES["kto"].reads, build=thumbs_set, title="KTO")
 
 
 def _run(cfg: Any, kinds: tuple[str, ...], build: Any, title: str) -> Run:

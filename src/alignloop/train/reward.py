@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
-from alignloop.config import RewardConfig
+from alignloop.config import STAGES, RewardConfig
 from alignloop.data.batching import ShuffledBatches, split_holdout
 from alignloop.data.load import load_records
 from alignloop.data.records import Row, identical_pair_problem
@@ -55,7 +55,6 @@ from alignloop.train.sft import resolve_max_length
 
 log = logging.getLogger("alignloop")
 
-REWARD_KINDS = ("preference", "rating", "binary")
 REPORT_TABLE = (("train/accuracy", "train accuracy"), ("eval/accuracy", "held-out accuracy"), ("eval/mae", "held-out MAE"))
 
 
@@ -100,10 +99,10 @@ def run_reward(cfg: RewardConfig) -> Run:
     """``alignloop reward``: read and check the records, encode them, train, report."""
     backbone = resolve_backbone(cfg.model)
     tokenizer = load_tokenizer(backbone)
-    rows, kind = load_records(cfg.data.path, REWARD_KINDS, cfg.data.max_samples)
+    rows, kind = load_records(cfg.data.path, STAGES["reward"].reads, cfg.data.max_samples)
     held_rows = None
     if cfg.data.eval_path:
-        held_rows, held_kind = load_records(cfg.data.eval_path, REWARD_KINDS, cfg.data.max_samples)
+        held_rows, held_kind = load_records(cfg.data.eval_path, STAGES["reward"].reads, cfg.data.max_samples)
         if held_kind != kind:
             raise DataError(f"{cfg.data.eval_path}: {held_kind} records, but the training data holds {kind} records")
     model = load_reward_model(backbone, tokenizer, cfg.train.seed, cfg.reward.disable_dropout)

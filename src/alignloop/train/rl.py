@@ -58,7 +58,7 @@ from typing import Any, Sequence
 import torch
 
 from alignloop import advantages as adv
-from alignloop.config import RLConfig, SamplingConfig
+from alignloop.config import STAGES, RLConfig, SamplingConfig
 from alignloop.data.batching import ShuffledBatches, collate, to_device
 from alignloop.data.load import load_records
 from alignloop.data.tokenize import Example
@@ -101,14 +101,15 @@ def run_rl(cfg: RLConfig) -> Run:
     if not r.reward:
         raise ConfigError("rl.reward: name the reward source (a reward-model folder, `file.py:fn`, or a YAML reward spec)")
     tokenizer = load_tokenizer(cfg.model)
-    rows, _ = load_records(cfg.data.path, ("prompt",), cfg.data.max_samples)
-    eval_rows = load_records(r.eval_prompts, ("prompt",), r.eval_max_prompts)[0] if r.eval_prompts else []
+    kinds = STAGES[r.algo].reads  # each algorithm is a command of the same name
+    rows, _ = load_records(cfg.data.path, kinds, cfg.data.max_samples)
+    eval_rows = load_records(r.eval_prompts, kinds, r.eval_max_prompts)[0] if r.eval_prompts else []
     reward = build_reward_source(r.reward)
     ptx = None
     if r.ptx_coef > 0:
-        from alignloop.train.sft import SFT_KINDS, sft_examples
+        from alignloop.train.sft import sft_examples
 
-        ptx_records = load_records(r.ptx_data, SFT_KINDS, cfg.data.max_samples)
+        ptx_records = load_records(r.ptx_data, STAGES["sft"].reads, cfg.data.max_samples)
     model = load_causal_lm(cfg.model, tokenizer, cfg.train.seed)
     disable_dropout(model)  # π_old and the update must score tokens with the same function
     limit = prompt_limit(cfg, model)

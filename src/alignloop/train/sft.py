@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any
 
-from alignloop.config import DataConfig, SFTConfig
+from alignloop.config import STAGES, DataConfig, SFTConfig
 from alignloop.data.batching import ShuffledBatches, collate, split_holdout, to_device
 from alignloop.data.load import load_records
 from alignloop.data.records import Row
@@ -27,15 +27,13 @@ from alignloop.train.loop import TrainingSession, open_stage_run
 
 log = logging.getLogger("alignloop")
 
-SFT_KINDS = ("prompt_completion", "chat")
-
-
 def run_sft(cfg: SFTConfig) -> Run:
     """``alignloop sft``: load the model and data named by ``cfg`` and train."""
     # Data is read and validated before the model loads: a typo should not wait for a 7B load.
     tokenizer = load_tokenizer(cfg.model)
-    records = load_records(cfg.data.path, SFT_KINDS, cfg.data.max_samples)
-    held_records = load_records(cfg.data.eval_path, SFT_KINDS, cfg.data.max_samples) if cfg.data.eval_path else None
+    kinds = STAGES["sft"].reads
+    records = load_records(cfg.data.path, kinds, cfg.data.max_samples)
+    held_records = load_records(cfg.data.eval_path, kinds, cfg.data.max_samples) if cfg.data.eval_path else None
     model = load_causal_lm(cfg.model, tokenizer, cfg.train.seed)
     max_length = resolve_max_length(cfg.data, model)
     train = sft_examples(cfg.data.path, records, cfg.data, tokenizer, max_length)
