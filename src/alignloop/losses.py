@@ -391,8 +391,6 @@ def _dpo_ipo(h: torch.Tensor, beta: float, eps: float, tau: float) -> torch.Tens
     return (h - 1 / (2 * tau)) ** 2
 
 
-
-
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
