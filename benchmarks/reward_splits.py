@@ -92,7 +92,7 @@ def main() -> None:
     hh_dev_train, hh_dev_test = split_hh(hh_train)
     for name, rows in [("ukp-train", ukp_train), ("ukp-test", ukp_test), ("hh-train", hh_train), ("hh-test", hh_test),
                        ("hh-dev-train", hh_dev_train), ("hh-dev-test", hh_dev_test)]:
-        write_jsonl(rows, out / f"{name}.jsonl")
+        write_jsonl((r.fields for r in rows), out / f"{name}.jsonl")
 
     # The final reply only: a diverged hh pair (5 of 2,312) has several messages per side.
     ukp_lengths = [(len(r.fields["chosen"]), len(r.fields["rejected"])) for r in ukp_test]
@@ -120,8 +120,8 @@ def main() -> None:
     folds = []
     for fold in range(1, len({row.fields["group"] for row in ukp_rows}) // HELD_OUT_DEBATES):
         train, test, debates = split_ukp(ukp_rows, fold)
-        write_jsonl(train, out / f"ukp-fold{fold}-train.jsonl")
-        write_jsonl(test, out / f"ukp-fold{fold}-test.jsonl")
+        write_jsonl((r.fields for r in train), out / f"ukp-fold{fold}-train.jsonl")
+        write_jsonl((r.fields for r in test), out / f"ukp-fold{fold}-test.jsonl")
         lengths = [(len(r.fields["chosen"]), len(r.fields["rejected"])) for r in test]
         folds.append({"fold": fold, "held_out_debates": debates, "train_pairs": len(train), "test_pairs": len(test),
                       "baseline_test_accuracy": round(length_rule_accuracy(lengths, longer_wins=True), 4)})

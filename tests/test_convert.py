@@ -198,7 +198,7 @@ def test_write_jsonl_round_trips_through_the_jsonl_reader(tmp_path: Path) -> Non
     rows = read_hh_rlhf(write_hh(tmp_path / "hh.jsonl", [THREE_TURNS, DIVERGING]))
     rows[0].fields["chosen"][0]["content"] = "Désolé, non."
     out = tmp_path / "out" / "prefs.jsonl"
-    write_jsonl(rows, out)
+    write_jsonl((row.fields for row in rows), out)
     assert "Désolé" in out.read_text(encoding="utf-8")
     assert [row.fields for row in read_rows(str(out))] == [row.fields for row in rows]
 

@@ -178,7 +178,7 @@ def _run_convert(args: argparse.Namespace, extra: list[str]) -> int:
     from alignloop.data.load import read_rows
 
     rows = read_rows(f"{args.format}:{args.source}")
-    write_jsonl(rows, args.output)
+    write_jsonl((row.fields for row in rows), args.output)
     log.info("convert: %d %s records from %s written to %s", len(rows), args.format, args.source, args.output)
     return 0
 
@@ -290,11 +290,10 @@ def _run_users_list(args: argparse.Namespace, extra: list[str]) -> int:
 def _run_feedback_export(args: argparse.Namespace, extra: list[str]) -> int:
     _no_extra("feedback export", extra)
     from alignloop.data.convert import write_jsonl
-    from alignloop.data.records import Row
 
     with _store(args) as store:
         records, skipped = store.export(args.kind)
-    write_jsonl((Row(record, f"feedback {record['feedback_ids']}") for record in records), args.out)
+    write_jsonl(records, args.out)
     reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items())) or "none"
     log.info("feedback export: %d %s records written to %s; skipped: %s", len(records), args.kind, args.out, reasons)
     return 0

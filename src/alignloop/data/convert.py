@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from alignloop.data.records import Row
 from alignloop.errors import DataError
@@ -165,11 +166,14 @@ def _argument(cell: str) -> str:
     return cell.replace("<br/>", "\n").strip()
 
 
-def write_jsonl(rows: Iterable[Row], path: str | Path) -> None:
-    """Write each row's fields as one JSON line (UTF-8, non-ASCII kept as is)."""
+def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> None:
+    """Write each record as one JSON line (UTF-8, non-ASCII kept as is; other values as text),
+    to a temporary file renamed into place: a kill mid-write leaves the previous file whole."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row.fields, ensure_ascii=False) + "\n")
+    tmp = p.with_name(f".{p.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, p)
 

@@ -45,8 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from alignloop.config import STAGES, EvaluateConfig, LoopConfig, save_config
+from alignloop.data.convert import write_jsonl
 from alignloop.errors import ConfigError
-from alignloop.loop.state import STEPS, read_json, read_jsonl, write_json, write_jsonl
+from alignloop.loop.state import STEPS, read_json, read_jsonl, write_json
 
 log = logging.getLogger("alignloop")
 
@@ -135,8 +136,8 @@ class Loop:
         asked = [r for i, r in enumerate(rows) if i % s.heldout_every != 0]
         if not asked or not held:
             raise ConfigError(f"simulation.prompts: {s.prompts} has {len(rows)} prompts; need enough for users and held-out ones")
-        write_jsonl(out / "users.jsonl", asked)
-        write_jsonl(out / "heldout.jsonl", held)
+        write_jsonl(asked, out / "users.jsonl")
+        write_jsonl(held, out / "heldout.jsonl")
         return {"user_prompts": str(out / "users.jsonl"), "heldout_prompts": str(out / "heldout.jsonl")}
 
     def _path_of(self, version: str) -> str:
@@ -213,13 +214,13 @@ class Loop:
         counts = {}
         for kind in RECORD_KINDS:
             records = getattr(sets, kind)
-            write_jsonl(out / f"{kind}.jsonl", records)
+            write_jsonl(records, out / f"{kind}.jsonl")
             counts[kind] = len(records)
         prompts = _unique_prompts(sets)
-        write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in prompts])
+        write_jsonl([{"prompt": p} for p in prompts], out / "prompts.jsonl")
         used = sets.feedback_ids
-        write_jsonl(out / "feedback.jsonl", [{"feedback_id": v.feedback_id, "user": v.user, "kind": v.kind}
-                                              for v in votes if v.feedback_id in used])
+        write_jsonl([{"feedback_id": v.feedback_id, "user": v.user, "kind": v.kind} for v in votes if v.feedback_id in used],
+                    out / "feedback.jsonl")
         summary = {"since": since, "until": until.isoformat(), "counts": counts, "prompts": len(prompts),
                    "feedback_rows": len(used), "skipped": dict(sets.skipped)}
         write_json(out / "summary.json", summary)

@@ -1,6 +1,7 @@
 """A loop folder's files: each iteration's ``state.json`` (the steps done, in :data:`STEPS`
-order, with their results) and the JSON and JSONL files the steps write. Writes go to a
-temporary file and are renamed, so a kill mid-write leaves the previous file whole."""
+order, with their results) and the JSON files the steps write (JSONL datasets go through
+:func:`alignloop.data.convert.write_jsonl`). Writes go to a temporary file and are renamed, so a
+kill mid-write leaves the previous file whole."""
 
 from __future__ import annotations
 
@@ -25,14 +26,6 @@ def write_json(path: Path, value: Any) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def iterations(folder: Path) -> list[dict]:
