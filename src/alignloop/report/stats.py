@@ -243,3 +243,93 @@ def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int) -> 
             "accuracy": float(np.mean(correct[in_bin])) if count else None,
         })
     return out
+
+
+# ---- F1 differences between two classifiers on the same examples ------------------------------------------
+
+def label_f1_counts(gold: Sequence, predicted: Sequence, labels: Sequence) -> np.ndarray:
+    """Per example and label, its contribution (TP, FP, FN) to that label's F1: shape (N, K, 3).
+
+    Example i with gold g and prediction p adds a TP to label g when p = g, else an FN to g and an
+    FP to p. Summing over any multiset of examples gives the counts that multiset's F1 is computed
+    from, which is what lets :func:`paired_bootstrap_f1_delta` resample examples cheaply.
+    """
+    index = {label: k for k, label in enumerate(labels)}
+    counts = np.zeros((len(gold), len(labels), 3), dtype=np.int64)
+    for i, (g, p) in enumerate(zip(gold, predicted, strict=True)):
+        if g == p:
+            counts[i, index[g], 0] = 1
+        else:
+            counts[i, index[g], 2] = 1
+            counts[i, index[p], 1] = 1
+    return counts
+
+
+def entity_f1_counts(gold_tags: Sequence[Sequence[str]], predicted_tags: Sequence[Sequence[str]],
+                     types: Sequence[str]) -> np.ndarray:
+    """Per sentence and entity type, (TP, FP, FN) of exact-match entity spans: shape (N, T, 3).
+
+    Spans are decoded by seqeval's ``get_entities`` (the conlleval rule, as ``ner_report`` scores),
+    so summed over all sentences these are seqeval's per-type counts.
+    """
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    index = {t: k for k, t in enumerate(types)}
+    counts = np.zeros((len(gold_tags), len(types), 3), dtype=np.int64)
+    for i, (g, p) in enumerate(zip(gold_tags, predicted_tags, strict=True)):
+        true, pred = set(get_entities(list(g))), set(get_entities(list(p)))
+        for kind, spans in ((0, true & pred), (1, pred - true), (2, true - pred)):
+            for entity_type, _, _ in spans:
+                counts[i, index[entity_type], kind] += 1
+    return counts
+
+
+def f1_from_counts(counts: np.ndarray, average: str) -> np.ndarray:
+    """F1 from (…, K, 3) counts of (TP, FP, FN); a 0/0 is 0, as scikit-learn's ``zero_division=0``.
+
+        macro: (1/K) Σ_k 2TP_k / (2TP_k + FP_k + FN_k)
+        micro: 2ΣTP / (2ΣTP + ΣFP + ΣFN)
+    """
+    counts = np.asarray(counts, dtype=float)
+    if average == "micro":
+        counts = counts.sum(axis=-2)
+    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+    denominator = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return f1 if average == "micro" else f1.mean(axis=-1)
+
+
+def paired_bootstrap_f1_delta(candidate: np.ndarray, baseline: np.ndarray, average: str, samples: int = 2000,
+                              seed: int = 0, alpha: float = 0.05) -> dict:
+    """F1(candidate) − F1(baseline) on the same examples, with a paired percentile bootstrap interval.
+
+    ``candidate`` and ``baseline`` are (N, K, 3) counts (:func:`label_f1_counts`,
+    :func:`entity_f1_counts`) of one example set. Each of B = ``samples`` resamples draws N
+    examples with replacement, the *same* draw for both models (paired: the examples that are hard
+    for one are hard for the other, so the interval of the difference is much narrower than that of
+    two independent F1s), and computes Δ_b = F1_c(b) − F1_b(b); the interval is the (α/2, 1 − α/2)
+    quantiles of Δ_b (Efron & Tibshirani 1993, ch. 13; Koehn 2004 for the paired form). F1 is not a
+    mean over examples, so each resample recomputes it from summed counts: a draw is a vector of
+    multinomial counts w (how often each example was drawn) and the resample's counts are wᵀC.
+
+    Returns ``{delta, lower, upper, samples}``; ``lower > 0`` says the candidate is better at
+    level α (one-sided α/2).
+    """
+    if candidate.shape != baseline.shape or candidate.ndim != 3 or candidate.shape[-1] != 3:
+        raise ValueError(f"counts must both be (N, K, 3); got {candidate.shape} and {baseline.shape}")
+    n = candidate.shape[0]
+    if n == 0:
+        raise ValueError("no examples to compare")
+    rng = np.random.default_rng(seed)
+    flat_c = candidate.reshape(n, -1).astype(float)
+    flat_b = baseline.reshape(n, -1).astype(float)
+    deltas = []
+    for start in range(0, samples, 256):  # chunks: a (B, N) weight matrix for 10k examples is large
+        w = rng.multinomial(n, np.full(n, 1.0 / n), size=min(256, samples - start)).astype(float)
+        c = (w @ flat_c).reshape(len(w), *candidate.shape[1:])
+        b = (w @ flat_b).reshape(len(w), *baseline.shape[1:])
+        deltas.append(f1_from_counts(c, average) - f1_from_counts(b, average))
+    delta_b = np.concatenate(deltas)
+    delta = float(f1_from_counts(candidate.sum(axis=0), average) - f1_from_counts(baseline.sum(axis=0), average))
+    lower, upper = np.quantile(delta_b, [alpha / 2, 1 - alpha / 2])
+    return {"delta": delta, "lower": float(lower), "upper": float(upper), "samples": samples}
