@@ -84,6 +84,11 @@ def test_batched_predictions_equal_one_at_a_time_and_the_gate_compares_models(tm
     assert metrics["candidate_accuracy"] == pytest.approx(expected)
     assert metrics["baseline_accuracy"] == pytest.approx(0.5)
     assert metrics["accuracy_delta"] == pytest.approx(expected - 0.5)
+    # the paired bootstrap interval of the macro-F1 difference holds the difference itself
+    assert metrics["macro_f1_delta_lower"] <= metrics["macro_f1_delta"] <= metrics["macro_f1_delta_upper"]
+    code, _ = evaluate(tmp_path, "--task=classification", f"--candidate={always_negative}", f"--baseline={always_negative}",
+                       f"--data={data}", "--gate=macro_f1_delta_lower>0", "--run.name=same")
+    assert code == 1  # a model is never significantly better than itself
 
 
 def test_ner_all_outside_model_and_word_alignment(tmp_path: Path) -> None:
@@ -108,6 +113,11 @@ def test_ner_all_outside_model_and_word_alignment(tmp_path: Path) -> None:
         return [p.argmax(-1).tolist() for p in probs], cut
 
     person = tiny_classifier(tmp_path / "p", TAGS, True, bias=[0, 5.0, 0, 0, 0])
+    code, out = evaluate(tmp_path, "--task=ner", f"--candidate={person}", f"--baseline={all_o}", f"--data=conll:{conll}",
+                         "--run.name=pair")
+    metrics = json.loads((out.parent / "pair" / "metrics.json").read_text())
+    for key in ("micro_f1", "macro_f1"):  # entity F1 differences carry paired bootstrap intervals too
+        assert metrics[f"{key}_delta_lower"] <= metrics[f"{key}_delta"] <= metrics[f"{key}_delta_upper"]
     model, tokenizer = AutoModelForTokenClassification.from_pretrained(person), AutoTokenizer.from_pretrained(person)
     assert len(tokenizer.tokenize("unbelievably")) > 1
     ids, cut = predict_tags(model, tokenizer, [["unbelievably", "long"], ["x"] * 10], batch_size=2, max_length=32)

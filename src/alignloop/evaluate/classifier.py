@@ -36,12 +36,18 @@ log = logging.getLogger("alignloop")
 
 RECORD_KIND = {"classification": "labelled", "ner": "tagged"}
 HEADLINE = {"classification": ("accuracy", "macro_f1", "weighted_f1"), "ner": ("micro_f1", "macro_f1", "accuracy")}
+# The F1 numbers whose candidate − baseline difference gets a paired bootstrap interval (``macro_f1_delta_lower``):
+# a gate on ``macro_f1_delta>0`` would promote on noise; ``macro_f1_delta_lower>0`` only on a difference that holds.
+F1_AVERAGES = {"classification": {"macro_f1": "macro"}, "ner": {"micro_f1": "micro", "macro_f1": "macro"}}
+BOOTSTRAP_SAMPLES = 2000
 
 
 def metric_keys(task: str) -> frozenset[str]:
     """The flat metric names a classifier gate may name."""
     head = HEADLINE[task]
-    return frozenset([f"{side}_{k}" for side in ("candidate", "baseline") for k in head] + [f"{k}_delta" for k in head])
+    intervals = [f"{k}_delta_{end}" for k in F1_AVERAGES[task] for end in ("lower", "upper")]
+    return frozenset([f"{side}_{k}" for side in ("candidate", "baseline") for k in head] + [f"{k}_delta" for k in head]
+                     + intervals)
 
 
 def run_classifier_evaluate(cfg: EvaluateConfig) -> int:
@@ -59,16 +65,18 @@ def run_classifier_evaluate(cfg: EvaluateConfig) -> int:
     save_config(cfg, out / "config.yaml")
 
     roles = {"candidate": cfg.candidate, **({"baseline": cfg.baseline} if cfg.baseline else {})}
-    results = {}
+    results, answers = {}, {}
     for role, path in roles.items():
         model, tokenizer = load_classifier(path, task, role)
         log.info("evaluate: %s %s predicts %d examples", role, path, len(rows))
         evaluate = evaluate_labels if task == "classification" else evaluate_tags
-        report, text, plots = evaluate(model, tokenizer, rows, cfg.sampling.batch_size, cfg.max_length, out / role)
+        report, text, plots, answers[role] = evaluate(model, tokenizer, rows, cfg.sampling.batch_size, cfg.max_length, out / role)
         reports.write_classification_report(out / role, report, text, plots, f"{role}: {path} on {cfg.data}")
         results[role] = report
 
     metrics = flatten(results, HEADLINE[task])
+    if "baseline" in answers:
+        metrics.update(f1_delta_intervals(task, answers["candidate"], answers["baseline"], cfg.sampling.seed))
     gate_result = check_gate(gate, metrics) if gate else None
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_summary(out, roles, results, HEADLINE[task], gate_result, cfg.data)
@@ -79,6 +87,26 @@ def run_classifier_evaluate(cfg: EvaluateConfig) -> int:
     passed, reasons = gate_result
     print(f"gate {'passed' if passed else 'FAILED'}: " + "; ".join(reasons))
     return 0 if passed else 1
+
+
+def f1_delta_intervals(task: str, candidate: tuple[list, list], baseline: tuple[list, list], seed: int) -> dict:
+    """``<f1>_delta_lower`` / ``_upper``: the paired bootstrap 95% interval of candidate − baseline
+    F1 over the same examples (:func:`alignloop.report.stats.paired_bootstrap_f1_delta`)."""
+    from alignloop.report.stats import entity_f1_counts, label_f1_counts, paired_bootstrap_f1_delta
+
+    gold, predicted_c = candidate
+    predicted_b = baseline[1]
+    if task == "classification":
+        labels = sorted({*gold, *predicted_c, *predicted_b})
+        counts = [label_f1_counts(gold, p, labels) for p in (predicted_c, predicted_b)]
+    else:
+        types = sorted({tag[2:] for sentences in (gold, predicted_c, predicted_b) for s in sentences for tag in s if tag[:2] in ("B-", "I-")})
+        counts = [entity_f1_counts(gold, p, types) for p in (predicted_c, predicted_b)]
+    flat = {}
+    for key, average in F1_AVERAGES[task].items():
+        interval = paired_bootstrap_f1_delta(*counts, average, samples=BOOTSTRAP_SAMPLES, seed=seed)
+        flat[f"{key}_delta_lower"], flat[f"{key}_delta_upper"] = interval["lower"], interval["upper"]
+    return flat
 
 
 def gold_labels(rows: Sequence[Row], field: str, names: list[str]) -> list[list[str]] | list[str]:
@@ -101,16 +129,16 @@ def gold_labels(rows: Sequence[Row], field: str, names: list[str]) -> list[list[
 
 
 def evaluate_labels(model: Any, tokenizer: Any, rows: Sequence[Row], batch_size: int, max_length: int,
-                    folder: Path) -> tuple[dict, str, dict[str, Path]]:
+                    folder: Path) -> tuple[dict, str, dict[str, Path], tuple[list, list]]:
     names = label_names(model)
     gold = gold_labels(rows, "label", names)
     probs = label_probabilities(model, tokenizer, [r.fields["text"] for r in rows], batch_size, max_length)
     predicted = [names[i] for i in probs.argmax(-1).tolist()]
-    return reports.report_labels(gold, predicted, names, folder)
+    return (*reports.report_labels(gold, predicted, names, folder), (gold, predicted))
 
 
 def evaluate_tags(model: Any, tokenizer: Any, rows: Sequence[Row], batch_size: int, max_length: int,
-                  folder: Path) -> tuple[dict, str, dict[str, Path]]:
+                  folder: Path) -> tuple[dict, str, dict[str, Path], tuple[list, list]]:
     names = label_names(model)
     gold = gold_labels(rows, "tags", names)
     probs, cut = word_tag_probabilities(model, tokenizer, [r.fields["tokens"] for r in rows], batch_size, max_length)
@@ -119,7 +147,7 @@ def evaluate_tags(model: Any, tokenizer: Any, rows: Sequence[Row], batch_size: i
     predicted = [[names[i] for i in sentence.argmax(-1).tolist()] for sentence in probs]
     report, text, plots = reports.report_tags(gold, predicted, names, folder)
     report["words_past_max_length"] = cut
-    return report, text, plots
+    return report, text, plots, (gold, predicted)
 
 
 def flatten(results: dict[str, dict], headline: Sequence[str]) -> dict:
