@@ -389,6 +389,32 @@ class SimulationConfig:
 
 
 @dataclass
+class LabellerConfig:
+    """Simulated labellers (:mod:`alignloop.envs.labellers`): people who know the true label of
+    each text in a pool of unlabelled traffic, send it through the served classifier's
+    ``/v1/classify`` with their own keys, and mark each prediction correct or wrong."""
+
+    pool: str = option("chitchat-sentiment", "the traffic and its hidden truth: chitchat-sentiment (chitchat utterances, 3-class VADER sentiment), or a file of labelled (text, label) or tagged (tokens, tags) records")
+    pool_size: Optional[int] = option(None, "use only the first N items of the pool (null: all)")
+    users: int = option(8, "simulated labellers; the pool is dealt out among them")
+    noise: float = option(0.05, "probability that a verdict (correct/wrong) is flipped: a slip, not a lie")
+    name_label: float = option(0.0, "probability that a 'wrong' verdict also names the right label (NER: the entity's right type, or O for not an entity)")
+    liar_share: float = option(0.0, "share of labellers who lie")
+    liar_kind: Literal["random", "inverted"] = option("random", "random: verdicts are coin flips; inverted: the opposite of the truth")
+    batch_size: int = option(16, "inputs per /v1/classify request")
+    seed: int = option(0, "seed of the population and its choices")
+
+    def __post_init__(self) -> None:
+        for name in ("noise", "name_label", "liar_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} is a probability: it must be in [0, 1] (got {getattr(self, name)})")
+        if self.users < 1 or self.batch_size < 1:
+            raise ConfigError(f"users and batch_size must be ≥ 1 (got {self.users}, {self.batch_size})")
+        if self.pool_size is not None and self.pool_size < 1:
+            raise ConfigError(f"pool_size must be ≥ 1 or null for the whole pool (got {self.pool_size})")
+
+
+@dataclass
 class LoopConfig:
     """The closed loop, N iterations: collect feedback → datasets → train the recipe → evaluate
     against the deployed model → promote if the gate passes → redeploy. Every step is recorded in

@@ -13,6 +13,7 @@ const state = {
   models: [], // GET /v1/models data
   conversationId: null,
   turns: [], // {role, content}; an assistant turn's content follows a saved correction
+  classifiers: [], // the served classifiers: /v1/models entries whose task is classification or ner
   chatBusy: false, // one answer streams at a time in the chat
   chatAbort: null, // aborts the answer streaming now when "New chat" is pressed
   compareBusy: false,
@@ -187,7 +188,12 @@ async function enterApp(me) {
   $("user-name").textContent = me.auth ? me.name : `${me.name} (auth off)`;
   $("logout").hidden = !me.auth;
   await loadModels();
-  $("chat-input").focus();
+  if (!state.models.length && state.classifiers.length) {
+    selectTab("classify");
+    $("classify-input").focus();
+  } else {
+    $("chat-input").focus();
+  }
 }
 
 async function start() {
@@ -228,9 +234,15 @@ function logout() {
 
 // ---- models ----
 
+const CLASSIFIER_TASKS = new Set(["classification", "ner"]);
+
 async function loadModels() {
-  const { data } = await api("/v1/models");
+  const { data: all } = await api("/v1/models");
+  // A classifier cannot chat and a chat model cannot classify: each view lists its own.
+  const data = all.filter((model) => !CLASSIFIER_TASKS.has(model.task));
   state.models = data;
+  state.classifiers = all.filter((model) => CLASSIFIER_TASKS.has(model.task));
+  loadClassifiers();
   for (const select of [$("model"), $("compare-model-a"), $("compare-model-b")]) {
     const previous = select.value;
     select.replaceChildren(...data.map((model) => {
@@ -246,12 +258,14 @@ async function loadModels() {
   $("compare-mode").textContent = twoModels
     ? "Two models answer the same prompt; their places are shuffled. Pick the better one."
     : "The model answers twice (two samples); their places are shuffled. Pick the better one.";
-  if (data.length === 0) setStatus($("chat-error"), "The server serves no model.", false);
+  if (data.length === 0) {
+    setStatus($("chat-error"), state.classifiers.length ? "The server serves classifiers only: see Classify." : "The server serves no model.", false);
+  }
 }
 
 // ---- tabs ----
 
-const TABS = ["chat", "compare", "history"];
+const TABS = ["chat", "compare", "classify", "history"];
 
 function selectTab(name) {
   for (const tab of TABS) {
@@ -260,7 +274,7 @@ function selectTab(name) {
     $(`tab-${tab}`).tabIndex = selected ? 0 : -1;
     $(`view-${tab}`).hidden = !selected;
   }
-  $("settings").hidden = name === "history";
+  $("settings").hidden = name === "history" || name === "classify"; // classify picks its own model
   $("new-chat").hidden = name !== "chat";
   if (name === "history") loadHistory();
 }
@@ -581,6 +595,259 @@ async function vote(event) {
   }
 }
 
+// ---- classify ----
+
+/** The classify view's state: the queue of texts (one per pasted line), which one is shown,
+ * and the prediction the verdict buttons judge. */
+const classifying = {
+  queue: [],
+  position: -1,
+  busy: false,
+  model: null, // the /v1/models entry the queue is classified with
+  prediction: null, // {id, task, text, shown, labels, entities}
+};
+
+const NOT_AN_ENTITY = "O";
+
+function loadClassifiers() {
+  const select = $("classify-model");
+  const previous = select.value;
+  select.replaceChildren(...state.classifiers.map((model) => {
+    const option = new Option(`${model.id} (${model.task === "ner" ? "entities" : "labels"})`, model.id);
+    option.title = `version ${model.version || "unknown"}`;
+    return option;
+  }));
+  if (state.classifiers.some((model) => model.id === previous)) select.value = previous;
+  const none = state.classifiers.length === 0;
+  $("classify-send").disabled = none;
+  setStatus($("classify-error"), none ? "The server serves no classifier (alignloop serve --classifier NAME=PATH)." : "", false);
+}
+
+/** "Classify": the box's non-empty lines become the queue, and the first is classified. */
+function startClassify(event) {
+  event.preventDefault();
+  if (classifying.busy) return;
+  const lines = $("classify-input").value.split(/\r\n|\n|\r/).map((line) => line.trim()).filter(Boolean);
+  const model = state.classifiers.find((entry) => entry.id === $("classify-model").value);
+  if (!lines.length || !model) return;
+  classifying.queue = lines;
+  classifying.model = model;
+  classifyAt(0);
+}
+
+/** Classifies queue[position] and shows it. One text at a time, only when asked: every
+ * prediction is logged as shown, so classifying texts nobody looks at would log views that were
+ * never seen. */
+async function classifyAt(position) {
+  const text = classifying.queue[position];
+  if (text === undefined || classifying.busy) return;
+  classifying.busy = true;
+  $("classify-send").disabled = true;
+  $("queue-next").disabled = true;
+  setStatus($("classify-error"), "", false);
+  try {
+    const model = classifying.model;
+    const answer = await api("/v1/classify", { method: "POST", body: { model: model.id, input: text } });
+    const [result] = answer.results || [];
+    if (!result || !result.prediction_id) throw new Error("The answer carried no prediction_id, so it cannot be judged.");
+    classifying.position = position;
+    showPrediction(answer, result, text);
+  } catch (error) {
+    setStatus($("classify-error"), error.message, false);
+  } finally {
+    classifying.busy = false;
+    $("classify-send").disabled = state.classifiers.length === 0;
+    $("queue-next").disabled = false;
+  }
+}
+
+/** `text` cut at character offsets counted as the server counts them (Unicode code points, as
+ * Python indexes a str); JavaScript strings index UTF-16 units, which differ after an emoji. */
+function codePoints(text) {
+  const chars = Array.from(text);
+  return (start, end) => chars.slice(start, end).join("");
+}
+
+function percent(p) {
+  if (!Number.isFinite(p)) return "";
+  return p < 0.005 ? "<1%" : `${Math.round(p * 100)}%`;
+}
+
+/** The text with each entity as a <mark> carrying its type; built from text nodes only, never
+ * HTML, since the text is the user's own. */
+function highlightEntities(container, text, entities) {
+  const cut = codePoints(text);
+  const length = Array.from(text).length;
+  let at = 0;
+  const sorted = entities.map((entity, index) => ({ ...entity, index })).sort((a, b) => a.start - b.start);
+  for (const entity of sorted) {
+    if (entity.start < at || entity.end > length) continue; // overlapping or out of range: show as plain text
+    container.append(cut(at, entity.start));
+    const mark = document.createElement("mark");
+    mark.className = "entity";
+    mark.dataset.type = entity.type;
+    mark.dataset.index = String(entity.index);
+    const type = document.createElement("span");
+    type.className = "entity-type";
+    type.textContent = entity.type;
+    mark.append(cut(entity.start, entity.end), type);
+    container.append(mark);
+    at = entity.end;
+  }
+  container.append(cut(at, length));
+}
+
+/** The model's labels as the answer shows them: the keys of the probabilities (classification),
+ * or the entity types of the per-word tag probabilities (NER: B-PER, I-PER → PER). */
+function labelsOf(task, result) {
+  if (task !== "ner") return Object.keys(result.probabilities || {});
+  const types = new Set();
+  for (const word of result.probabilities || []) {
+    for (const tag of Object.keys(word)) if (tag.includes("-")) types.add(tag.slice(tag.indexOf("-") + 1));
+  }
+  return [...types].sort();
+}
+
+function showPrediction(answer, result, text) {
+  const task = answer.task === "ner" ? "ner" : "classification";
+  const prediction = {
+    id: result.prediction_id,
+    task,
+    text,
+    shown: task === "ner" ? null : result.label,
+    labels: labelsOf(task, result),
+    entities: task === "ner" ? result.entities || [] : [],
+  };
+  classifying.prediction = prediction;
+  const article = $("prediction");
+  article.hidden = false;
+  article.dataset.predictionId = prediction.id;
+  article.dataset.task = task;
+  $("prediction-meta").textContent = `${answer.model} · version ${String(answer.model_version || "").slice(0, 12)}`;
+
+  const shownText = $("prediction-text");
+  shownText.replaceChildren();
+  const label = $("prediction-label");
+  label.replaceChildren();
+  const list = $("probability-list");
+  list.replaceChildren();
+  if (task === "ner") {
+    highlightEntities(shownText, text, prediction.entities);
+    const n = prediction.entities.length;
+    label.textContent = n ? `${n} entit${n === 1 ? "y" : "ies"} found` : "No entities found";
+    $("prediction-probabilities").hidden = true;
+  } else {
+    shownText.textContent = text;
+    const badge = document.createElement("span");
+    badge.className = "label-badge";
+    badge.textContent = result.label;
+    const probability = document.createElement("span");
+    probability.className = "probability";
+    probability.textContent = percent((result.probabilities || {})[result.label]);
+    label.append("Prediction: ", badge, " ", probability);
+    const ranked = Object.entries(result.probabilities || {}).sort((a, b) => b[1] - a[1]);
+    list.replaceChildren(...ranked.map(([name, p]) => {
+      const item = document.createElement("li");
+      const bar = document.createElement("span");
+      bar.className = "bar";
+      bar.style.width = `${Math.max(1, Math.round(p * 100))}%`;
+      const caption = document.createElement("span");
+      caption.textContent = `${name} ${percent(p)}`;
+      item.append(caption, bar);
+      return item;
+    }));
+    $("prediction-probabilities").hidden = false;
+  }
+
+  pressOnly([$("judge-correct"), $("judge-wrong")], null);
+  $("fix-label").hidden = true;
+  $("fix-entities").hidden = true;
+  setStatus($("prediction-status"), "");
+  const { queue, position } = classifying;
+  $("queue").hidden = queue.length < 2;
+  $("queue-position").textContent = `Text ${position + 1} of ${queue.length}`;
+  $("queue-next").hidden = position + 1 >= queue.length;
+}
+
+/** POST the verdict on the shown prediction; a later one replaces it (one live vote per user
+ * and prediction). */
+async function sendVerdict(body, what) {
+  const prediction = classifying.prediction;
+  const status = $("prediction-status");
+  setStatus(status, "Saving…");
+  try {
+    const saved = await postFeedback({ kind: "prediction", prediction_id: prediction.id, ...body });
+    if (classifying.prediction === prediction) setStatus(status, savedText(saved.outcome, what));
+    return true;
+  } catch (error) {
+    if (classifying.prediction === prediction) setStatus(status, error.message, false);
+    return false;
+  }
+}
+
+/** ✓ or ✗. A ✗ is saved at once and then offers the optional fix: the right label, or a verdict
+ * per entity; each fix is saved as a new revision of the same vote. */
+async function judge(correct) {
+  const prediction = classifying.prediction;
+  if (!prediction) return;
+  const ok = await sendVerdict({ correct }, correct ? "correct" : "wrong");
+  if (!ok || classifying.prediction !== prediction) return;
+  pressOnly([$("judge-correct"), $("judge-wrong")], correct ? $("judge-correct") : $("judge-wrong"));
+  $("fix-label").hidden = correct || prediction.task === "ner";
+  $("fix-entities").hidden = correct || prediction.task !== "ner";
+  if (correct) return;
+  if (prediction.task === "ner") {
+    showEntityVerdicts(prediction);
+  } else {
+    const select = $("right-label");
+    const others = prediction.labels.filter((label) => label !== prediction.shown);
+    select.replaceChildren(new Option("Not sure", ""), ...others.map((label) => new Option(label, label)));
+  }
+}
+
+async function saveRightLabel() {
+  const label = $("right-label").value;
+  await sendVerdict(label ? { correct: false, label } : { correct: false }, label ? `wrong, right label: ${label}` : "wrong");
+}
+
+/** One picker per shown entity: right, wrong (type unknown), the right type, or not an entity. */
+function showEntityVerdicts(prediction) {
+  const cut = codePoints(prediction.text);
+  $("fix-entities-hint").textContent = prediction.entities.length
+    ? "Mark each entity; saving replaces your ✗ with these verdicts."
+    : "No entity was shown: your ✗ says the model missed one.";
+  $("save-entities").hidden = prediction.entities.length === 0;
+  $("entity-verdicts").replaceChildren(...prediction.entities.map((entity, index) => {
+    const item = document.createElement("li");
+    const label = document.createElement("label");
+    const select = document.createElement("select");
+    select.id = `entity-verdict-${index}`;
+    select.dataset.index = String(index);
+    label.htmlFor = select.id;
+    label.textContent = `“${cut(entity.start, entity.end)}” as ${entity.type}`;
+    select.append(new Option(`✓ right`, "right"), new Option("✗ wrong, type unknown", "wrong"));
+    for (const type of prediction.labels) {
+      if (type !== entity.type) select.append(new Option(`✗ should be ${type}`, `type:${type}`));
+    }
+    select.append(new Option("✗ not an entity", `type:${NOT_AN_ENTITY}`));
+    item.append(label, select);
+    return item;
+  }));
+}
+
+async function saveEntityVerdicts(event) {
+  event.preventDefault();
+  const entities = [...$("entity-verdicts").querySelectorAll("select")].map((select) => {
+    const verdict = { index: Number(select.dataset.index), correct: select.value === "right" };
+    if (select.value.startsWith("type:")) verdict.label = select.value.slice(5);
+    return verdict;
+  });
+  const wrong = entities.filter((entity) => !entity.correct).length;
+  $("save-entities").disabled = true;
+  await sendVerdict({ correct: false, entities }, `${wrong} of ${entities.length} entities wrong`);
+  $("save-entities").disabled = false;
+}
+
 // ---- history ----
 
 function describe(feedback) {
@@ -598,6 +865,9 @@ function describe(feedback) {
       }[feedback.verdict] || `verdict ${feedback.verdict}`;
     case "correction":
       return "corrected the answer";
+    case "prediction":
+      if (feedback.correct) return "prediction correct";
+      return feedback.label ? `prediction wrong → ${feedback.label}` : "prediction wrong";
     default:
       return feedback.kind;
   }
@@ -680,6 +950,19 @@ document.addEventListener("DOMContentLoaded", () => {
   $("new-chat").addEventListener("click", newConversation);
   $("compare-form").addEventListener("submit", runCompare);
   document.querySelector(".verdicts").addEventListener("click", vote);
+  $("classify-form").addEventListener("submit", startClassify);
+  $("classify-input").addEventListener("keydown", (event) => {
+    // Enter classifies; Shift+Enter starts a new line (several lines make a queue).
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      $("classify-form").requestSubmit();
+    }
+  });
+  $("judge-correct").addEventListener("click", () => judge(true));
+  $("judge-wrong").addEventListener("click", () => judge(false));
+  $("right-label").addEventListener("change", saveRightLabel);
+  $("fix-entities").addEventListener("submit", saveEntityVerdicts);
+  $("queue-next").addEventListener("click", () => classifyAt(classifying.position + 1));
   $("history-refresh").addEventListener("click", loadHistory);
   newConversation();
   selectTab("chat");

@@ -1,0 +1,153 @@
+"""Simulated labellers: honest verdicts follow the truth up to their noise rate, a "wrong" names
+the right label as often as configured, liars' verdicts carry no information (random) or the
+opposite of it (inverted), NER verdicts are per entity with the right type or "O", the demo's
+VADER truth has the stated thresholds; and a population drives a real server's /v1/classify and
+feedback API, leaving rows under each labeller's own user."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from alignloop.config import LabellerConfig
+from alignloop.envs.labellers import (
+    Labeller,
+    PoolItem,
+    chitchat_sentiment_pool,
+    make_labellers,
+    pool_from_records,
+    true_entities,
+    vader_sentiment,
+)
+from alignloop.errors import ConfigError, DataError
+
+LABELS = ["anger", "joy", "optimism", "sadness"]
+N = 4000
+
+
+def within(rate: float, p: float, n: int, sigmas: float = 4.5) -> bool:
+    """Whether an observed share ``rate`` of ``n`` Bernoulli(p) trials is within ``sigmas``
+    standard errors of ``p`` (at 4.5 σ a correct simulation fails about once in 150,000 runs)."""
+    return abs(rate - p) <= sigmas * math.sqrt(max(p * (1 - p), 1e-12) / n) + 1e-12
+
+
+def share(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def test_vader_truth_has_the_stated_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import alignloop.envs.labellers as labellers
+
+    class Fixed:
+        def __init__(self, compound: float) -> None:
+            self.compound = compound
+
+        def polarity_scores(self, text: str) -> dict:
+            return {"compound": self.compound}
+
+    expected = {0.05: "positive", 0.049: "neutral", 0.0: "neutral", -0.049: "neutral", -0.05: "negative", 0.9: "positive"}
+    for compound, label in expected.items():
+        monkeypatch.setattr(labellers, "_vader", lambda c=compound: Fixed(c))
+        assert vader_sentiment("anything") == label, compound
+    monkeypatch.undo()
+    assert [vader_sentiment(t) for t in ("I love this, great!", "The bus leaves at nine.", "This is awful, I hate it.")] == [
+        "positive", "neutral", "negative"]
+
+
+def test_chitchat_sentiment_pool_is_real_seeded_and_has_every_class() -> None:
+    pool = chitchat_sentiment_pool(300)
+    assert len(pool) == 300 and len({item.input for item in pool}) == 300
+    assert pool == chitchat_sentiment_pool(300)  # the same on every call and machine
+    assert chitchat_sentiment_pool(100) == pool[:100]  # slices of one order: seed, traffic, held-out
+    assert {item.truth for item in pool} == {"negative", "neutral", "positive"}
+    assert all(isinstance(item.input, str) and len(item.input.split()) >= 3 and len(item.input) <= 200 for item in pool)
+    assert all(item.truth == vader_sentiment(item.input) for item in pool[:50])
+
+
+def test_pool_from_records_reads_labelled_and_tagged_files(tmp_path, write_jsonl) -> None:
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": "so happy", "label": "joy"}, {"text": "grr", "label": "anger"}])
+    assert pool_from_records(str(texts)) == [PoolItem("so happy", "joy"), PoolItem("grr", "anger")]
+    tagged = write_jsonl(tmp_path / "tags.jsonl", [{"tokens": ["Barack", "Obama", "spoke"], "tags": ["B-PER", "I-PER", "O"]}])
+    [item] = pool_from_records(str(tagged))
+    assert item.tagged and item.truth == ("B-PER", "I-PER", "O")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"tokens": ["a", "b"], "tags": ["O"]}])
+    with pytest.raises(DataError, match=r"bad\.jsonl:1.*2 tokens but 1 tags"):
+        pool_from_records(str(bad))
+
+
+def test_honest_verdicts_flip_at_the_noise_rate_and_name_the_right_label() -> None:
+    rng = random.Random(0)
+    honest = Labeller("h", "k", noise=0.1, name_label=0.3)
+    on_right = [honest.judge_label("joy", "joy", LABELS, rng) for _ in range(N)]
+    on_wrong = [honest.judge_label("joy", "sadness", LABELS, rng) for _ in range(N)]
+    assert within(share(not v["correct"] for v in on_right), 0.1, N)  # slips on right predictions
+    assert within(share(v["correct"] for v in on_wrong), 0.1, N)  # and on wrong ones
+    said_wrong = [v for v in on_wrong if not v["correct"]]
+    assert within(share("label" in v for v in said_wrong), 0.3, len(said_wrong))
+    assert {v["label"] for v in said_wrong if "label" in v} == {"sadness"}  # the truth, every time
+    assert not any("label" in v for v in on_wrong if v["correct"])  # a "correct" names nothing
+    # A slip's named label is a wrong one: never the shown label, spread over the others.
+    slipped = [v["label"] for v in on_right if "label" in v]
+    assert slipped and "joy" not in slipped and set(slipped) == {"anger", "optimism", "sadness"}
+    silent = Labeller("s", "k", noise=0.05, name_label=0.0)
+    assert not any("label" in silent.judge_label("joy", "anger", LABELS, rng) for _ in range(500))
+
+
+def test_liars_are_uncorrelated_or_inverted() -> None:
+    rng = random.Random(1)
+    coin = Labeller("r", "k", noise=0.05, name_label=1.0, liar="random")
+    on_right = [coin.judge_label("joy", "joy", LABELS, rng)["correct"] for _ in range(N)]
+    on_wrong = [coin.judge_label("joy", "anger", LABELS, rng)["correct"] for _ in range(N)]
+    assert within(share(on_right), 0.5, N) and within(share(on_wrong), 0.5, N)
+    # Uncorrelated: P(said correct | right) − P(said correct | wrong) is 0 within its noise.
+    assert abs(share(on_right) - share(on_wrong)) < 4.5 * math.sqrt(0.5 / N)
+    named = [coin.judge_label("joy", "anger", LABELS, rng).get("label") for _ in range(N)]
+    named = [label for label in named if label]
+    # A random liar's label is random among the others: the truth no more than any other.
+    assert within(share(label == "anger" for label in named), 1 / 3, len(named))
+
+    inverted = Labeller("i", "k", noise=0.05, liar="inverted")
+    assert within(share(inverted.judge_label("joy", "joy", LABELS, rng)["correct"] for _ in range(N)), 0.05, N)
+    assert within(share(inverted.judge_label("joy", "anger", LABELS, rng)["correct"] for _ in range(N)), 0.95, N)
+
+
+def test_ner_verdicts_are_per_entity_with_the_right_type_or_not_an_entity() -> None:
+    tags = ("B-PER", "I-PER", "O", "B-ORG", "O", "B-LOC")
+    assert true_entities(tags) == {(0, 2): "PER", (3, 4): "ORG", (5, 6): "LOC"}
+    shown = [
+        {"type": "PER", "word_start": 0, "word_end": 2},  # right
+        {"type": "LOC", "word_start": 3, "word_end": 4},  # wrong type: the right one is ORG
+        {"type": "PER", "word_start": 4, "word_end": 5},  # not an entity at all
+        {"type": "LOC", "word_start": 4, "word_end": 6},  # overlaps LOC but wrong boundaries: O
+    ]
+    perfect = Labeller("p", "k", noise=0.0, name_label=1.0)
+    judged = perfect.judge_entities(shown, tags, ["LOC", "ORG", "PER"], random.Random(0))
+    assert judged == {"correct": False, "entities": [
+        {"index": 0, "correct": True}, {"index": 1, "correct": False, "label": "ORG"},
+        {"index": 2, "correct": False, "label": "O"}, {"index": 3, "correct": False, "label": "O"}]}
+    assert perfect.judge_entities(shown[:1], ("B-PER", "I-PER"), ["PER"], random.Random(0)) == {
+        "correct": True, "entities": [{"index": 0, "correct": True}]}
+    # Nothing shown: right only when the text has no entity.
+    assert perfect.judge_entities([], ("O", "O"), ["PER"], random.Random(0)) == {"correct": True}
+    assert perfect.judge_entities([], tags, ["PER"], random.Random(0)) == {"correct": False}
+
+    rng = random.Random(2)
+    noisy = Labeller("n", "k", noise=0.2)
+    verdicts = [v for _ in range(N // 4) for v in noisy.judge_entities(shown, tags, ["LOC", "ORG", "PER"], rng)["entities"]]
+    right = [v["correct"] for v in verdicts if v["index"] == 0]
+    wrong = [v["correct"] for v in verdicts if v["index"] != 0]
+    assert within(share(right), 0.8, len(right)) and within(share(wrong), 0.2, len(wrong))
+
+
+def test_population_deals_keys_and_liars() -> None:
+    cfg = LabellerConfig(users=10, liar_share=0.3, liar_kind="inverted", noise=0.1, name_label=0.3, seed=3)
+    labellers = make_labellers(cfg, add_user=lambda name: f"key-{name}")
+    assert sum(labeller.liar == "inverted" for labeller in labellers) == 3
+    assert len({labeller.name for labeller in labellers}) == 10 and all(lab.key == f"key-{lab.name}" for lab in labellers)
+    assert {(lab.noise, lab.name_label) for lab in labellers} == {(0.1, 0.3)}
+    for bad in ({"noise": 1.5}, {"name_label": -0.1}, {"users": 0}, {"pool_size": 0}):
+        with pytest.raises(ConfigError):
+            LabellerConfig(**bad)
