@@ -364,7 +364,8 @@ class LoopEvaluateConfig:
     prompts: str = option("", "held-out prompts (records with `prompt`), never shown to users; default with a simulation: a held-out share of its prompts")
     max_prompts: Optional[int] = option(None, "use only the first N held-out prompts")
     reward: Optional[str] = option(None, "reward source the judge reads (model folder, `module:fn`, YAML spec); default with a simulation: the population's hidden utility")
-    gate: str = option("win_rate_lower>0.5,kl_per_token<0.5", "promote only when every clause holds (metrics of `alignloop evaluate`)")
+    gate: Optional[str] = option(None, "promote only when every clause holds (metrics of `alignloop evaluate`); default: win_rate_lower>0.5,kl_per_token<0.5 for language models, macro_f1_delta_lower>0 for classifiers (NER: micro_f1_delta_lower>0)")
+    data: str = option("", "classifier loops: held-out labelled records (text, label; tokens, tags; conll:FILE) the gate compares on; default with simulated labellers: a held-out share of their pool")
     sampling: SamplingConfig = section(SamplingConfig, "how both models complete the held-out prompts", max_new_tokens=32, batch_size=32)
     judge: JudgeConfig = section(JudgeConfig, "who decides each candidate-vs-deployed pair", epsilon=1e-6)
 
@@ -394,7 +395,7 @@ class LabellerConfig:
     each text in a pool of unlabelled traffic, send it through the served classifier's
     ``/v1/classify`` with their own keys, and mark each prediction correct or wrong."""
 
-    pool: str = option("chitchat-sentiment", "the traffic and its hidden truth: chitchat-sentiment (chitchat utterances, 3-class VADER sentiment), or a file of labelled (text, label) or tagged (tokens, tags) records")
+    pool: str = option("chitchat-sentiment", "none (no simulated labellers: people give the feedback), or the traffic and its hidden truth: chitchat-sentiment (chitchat utterances, 3-class VADER sentiment), or a file of labelled (text, label) or tagged (tokens, tags) records")
     pool_size: Optional[int] = option(None, "use only the first N items of the pool (null: all)")
     users: int = option(8, "simulated labellers; the pool is dealt out among them")
     noise: float = option(0.05, "probability that a verdict (correct/wrong) is flipped: a slip, not a lie")
@@ -402,6 +403,7 @@ class LabellerConfig:
     liar_share: float = option(0.0, "share of labellers who lie")
     liar_kind: Literal["random", "inverted"] = option("random", "random: verdicts are coin flips; inverted: the opposite of the truth")
     batch_size: int = option(16, "inputs per /v1/classify request")
+    per_iteration: Optional[int] = option(None, "in a loop: pool items labelled per iteration (null: the pool shared evenly among the iterations)")
     seed: int = option(0, "seed of the population and its choices")
 
     def __post_init__(self) -> None:
@@ -433,12 +435,16 @@ class LoopConfig:
     rules: LoopRulesConfig = section(LoopRulesConfig, "feedback → datasets")
     evaluate: LoopEvaluateConfig = section(LoopEvaluateConfig, "the gate against the deployed model")
     simulation: SimulationConfig = section(SimulationConfig, "simulated users (none by default)")
+    labellers: LabellerConfig = section(LabellerConfig, "simulated labellers for a classifier loop (recipe [classify]); none by default", pool="none")
 
     def __post_init__(self) -> None:
         known = recipe_stages()
         for stage in self.recipe:
             if stage not in known:
                 raise ConfigError(f"recipe: unknown stage {stage!r}; choose from {', '.join(known)}")
+        bandit = [stage for stage in self.recipe if STAGES[stage].loop_data == "bandit"]
+        if bandit and len(bandit) != len(self.recipe):
+            raise ConfigError(f"recipe: {', '.join(bandit)} trains a classifier; it cannot share a recipe with language-model stages")
         for i, stage in enumerate(self.recipe):
             if STAGES[stage].loop_data == "prompts" and not any(STAGES[s].makes == "reward" for s in self.recipe[:i]):
                 raise ConfigError(f"recipe: {stage} needs a reward stage before it (e.g. recipe: [reward, {stage}])")
@@ -446,6 +452,11 @@ class LoopConfig:
             raise ConfigError(f"iterations must be ≥ 1 (got {self.iterations})")
         for stage in known:
             self.options_for(stage)  # a malformed entry fails here, before any iteration
+
+    @property
+    def trains_classifier(self) -> bool:
+        """A classifier loop: its recipe learns from verdicts on predictions (``bandit`` records)."""
+        return any(STAGES[name].loop_data == "bandit" for name in self.recipe)
 
     def options_for(self, stage: str) -> dict[str, str]:
         """``stage_options`` of ``stage`` as config overrides {KEY: VALUE}."""

@@ -51,6 +51,14 @@ from alignloop.loop.state import STEPS, read_json, read_jsonl, write_json
 
 log = logging.getLogger("alignloop")
 
+# What the gate asks when the config names no gate: language models must win on held-out prompts
+# without drifting far; a classifier's F1 must rise by more than the paired bootstrap's noise.
+LANGUAGE_MODEL_GATE = "win_rate_lower>0.5,kl_per_token<0.5"
+CLASSIFIER_GATE = {"classification": "macro_f1_delta_lower>0", "ner": "micro_f1_delta_lower>0"}
+# What a classifier iteration keeps of `evaluate --task` metrics (the F1s and their paired intervals).
+CLASSIFIER_KEEP = ("examples", "candidate_accuracy", "baseline_accuracy", "candidate_macro_f1", "baseline_macro_f1",
+                   "macro_f1_delta", "macro_f1_delta_lower", "macro_f1_delta_upper", "candidate_micro_f1",
+                   "baseline_micro_f1", "micro_f1_delta", "micro_f1_delta_lower", "micro_f1_delta_upper")
 
 
 def run_loop(cfg: LoopConfig) -> Path:
@@ -103,8 +111,21 @@ class Loop:
             self.store.deploy(version)
             self.meta["v0"] = {"version": version, "path": self._path_of(version)}
             write_json(self.meta_path, self.meta)
+        if cfg.trains_classifier and "task" not in self.meta:
+            from alignloop.models.classifier import classifier_task
+
+            self.meta["task"] = classifier_task(self.meta["v0"]["path"])
+            write_json(self.meta_path, self.meta)
+        if cfg.trains_classifier and cfg.labellers.pool != "none" and "users" not in self.meta:
+            from alignloop.envs.labellers import make_labellers
+
+            self.meta.update(self._split_pool())
+            labellers = make_labellers(cfg.labellers, self.store.add_user, prefix="sim-labeller")
+            # The keys are kept so an interrupted simulation goes on with the same labellers.
+            self.meta["users"] = [{"name": u.name, "key": u.key, "liar": u.liar} for u in labellers]
+            write_json(self.meta_path, self.meta)
         s = cfg.simulation
-        if s.preference != "none" and "users" not in self.meta:
+        if not cfg.trains_classifier and s.preference != "none" and "users" not in self.meta:
             self.meta.update(self._split_prompts())
             from alignloop.envs.preferences import preference_named
             from alignloop.envs.users import make_population
@@ -139,6 +160,26 @@ class Loop:
         write_jsonl(asked, out / "users.jsonl")
         write_jsonl(held, out / "heldout.jsonl")
         return {"user_prompts": str(out / "users.jsonl"), "heldout_prompts": str(out / "heldout.jsonl")}
+
+    def _split_pool(self) -> dict:
+        """The labellers' pool, every ``simulation.heldout_every``-th item kept (with its truth) as
+        the gate's held-out labelled set and never shown to labellers."""
+        from alignloop.envs.labellers import load_pool
+
+        pool = load_pool(self.cfg.labellers)
+        every = self.cfg.simulation.heldout_every
+        records = [{"tokens": list(p.input), "tags": list(p.truth)} if p.tagged else {"text": p.input, "label": p.truth}
+                   for p in pool]
+        held = [r for i, r in enumerate(records) if i % every == 0]
+        traffic = [r for i, r in enumerate(records) if i % every != 0]
+        if not traffic or not held:
+            raise ConfigError(f"labellers.pool: {self.cfg.labellers.pool} has {len(records)} items; "
+                              f"need enough for traffic and a held-out share (every {every}-th)")
+        out = self.folder / "prompts"
+        out.mkdir(exist_ok=True)
+        write_jsonl(traffic, out / "pool.jsonl")
+        write_jsonl(held, out / "heldout.jsonl")
+        return {"pool": str(out / "pool.jsonl"), "heldout_data": str(out / "heldout.jsonl")}
 
     def _path_of(self, version: str) -> str:
         for row in self.store.models():
@@ -175,6 +216,8 @@ class Loop:
 
     def collect(self, i: int, folder: Path, state: dict) -> dict:
         """Simulated users chat with the deployed model and give feedback (HTTP, their own keys)."""
+        if self.cfg.trains_classifier:
+            return self.collect_verdicts(i)
         s = self.cfg.simulation
         if s.preference == "none":
             return {"skipped": "no simulation: the feedback comes from real users"}
@@ -192,6 +235,26 @@ class Loop:
         log.info("loop: %d simulated users asked for %d completions and gave %s", len(users), stats.completions,
                  dict(stats.feedback))
         return stats.as_dict()
+
+    def collect_verdicts(self, i: int) -> dict:
+        """Simulated labellers send this iteration's share of the pool through ``/v1/classify`` and
+        mark each prediction correct or wrong (HTTP, their own keys)."""
+        lab = self.cfg.labellers
+        if lab.pool == "none":
+            return {"skipped": "no simulation: the verdicts come from real users"}
+        from alignloop.envs.labellers import Labeller, pool_from_records, run_labelling
+
+        pool = pool_from_records(self.meta["pool"])
+        share = lab.per_iteration or max(1, len(pool) // self.cfg.iterations)
+        start = (i - 1) * share % len(pool)  # past the end the traffic comes round again, as a stream would
+        items = (pool + pool)[start:start + min(share, len(pool))]
+        labellers = [Labeller(u["name"], u["key"], lab.noise, lab.name_label, u["liar"]) for u in self.meta["users"]]
+        with self.server.client() as client:
+            stats = run_labelling(client, labellers, items, self.cfg.model_name, lab.batch_size, seed=lab.seed * 1000 + i)
+        summary = stats.as_dict()
+        log.info("loop: %d simulated labellers judged %d predictions (they said correct to %.0f%%; %.0f%% were right)",
+                 len(labellers), summary["predictions"], 100 * (summary["said_correct"] or 0), 100 * (summary["shown_accuracy"] or 0))
+        return summary
 
     def export(self, i: int, folder: Path, state: dict) -> dict:
         """The votes of this iteration's window → training sets (JSONL) and the feedback rows used."""
@@ -274,12 +337,19 @@ class Loop:
         candidate = state["steps"]["train"]["candidate"]
         if candidate is None:
             return {"passed": False, "reasons": ["nothing was trained this iteration"]}
-        return self.compare(candidate, state["start"]["path"], folder, "evaluate", self.cfg.evaluate.gate)
+        return self.compare(candidate, state["start"]["path"], folder, "evaluate", self.gate())
+
+    def gate(self) -> str:
+        if self.cfg.evaluate.gate:
+            return self.cfg.evaluate.gate
+        return CLASSIFIER_GATE[self.meta["task"]] if self.cfg.trains_classifier else LANGUAGE_MODEL_GATE
 
     def compare(self, candidate: str, baseline: str, folder: Path, name: str, gate: str | None) -> dict:
         from alignloop.evaluate.gates import check_gate, parse_gate
         from alignloop.evaluate.run import run_evaluate
 
+        if self.cfg.trains_classifier:
+            return self.compare_classifiers(candidate, baseline, folder, name, gate)
         e, s = self.cfg.evaluate, self.cfg.simulation
         prompts = e.prompts or self.meta.get("heldout_prompts", "")
         reward = e.reward or (f"alignloop.envs.preferences:{s.preference}_utility" if s.preference != "none" else None)
@@ -296,12 +366,31 @@ class Loop:
         return {"passed": passed, "reasons": reasons, "gate": gate, "reward": reward,
                 "metrics": {k: metrics[k] for k in keep if k in metrics}}
 
+    def compare_classifiers(self, candidate: str, baseline: str, folder: Path, name: str, gate: str | None) -> dict:
+        """``alignloop evaluate --task classification|ner``: both classifiers on held-out labelled
+        data, the F1 differences with paired bootstrap intervals, the gate's verdict."""
+        from alignloop.evaluate.classifier import run_classifier_evaluate
+        from alignloop.evaluate.gates import check_gate, parse_gate
+
+        e = self.cfg.evaluate
+        data = e.data or self.meta.get("heldout_data", "")
+        if not data:
+            raise ConfigError("evaluate.data: name the held-out labelled records the gate compares classifiers on")
+        cfg = EvaluateConfig(task=self.meta["task"], candidate=candidate, baseline=baseline, data=data,
+                             max_prompts=e.max_prompts, gate=gate, sampling=e.sampling)
+        cfg.run.output_dir, cfg.run.name = str(folder), name
+        run_classifier_evaluate(cfg)
+        metrics = json.loads((folder / name / "metrics.json").read_text())
+        passed, reasons = check_gate(parse_gate(gate), metrics) if gate else (True, [])
+        return {"passed": passed, "reasons": reasons, "gate": gate, "data": data,
+                "metrics": {k: metrics[k] for k in CLASSIFIER_KEEP if k in metrics}}
+
     def register(self, i: int, folder: Path, state: dict) -> dict:
         """The candidate in the registry with its lineage and evaluation (promoted or refused)."""
         candidate = state["steps"]["train"]["candidate"]
         if candidate is None:
             return {"version": None}
-        version = weights_version(candidate)
+        version = weights_version(candidate, self.meta.get("task"))
         data = folder / "datasets"
         # The rows behind the datasets the recipe's stages actually trained on; a stage on prompts
         # learnt from feedback only through the reward stage before it, whose pairs are counted.
@@ -349,12 +438,19 @@ class Loop:
         return result
 
 
-def weights_version(path: str) -> str:
-    """The version the server would give the folder at ``path`` (float32 weights)."""
-    from alignloop.evaluate.run import load_policy
+def weights_version(path: str, task: str | None = None) -> str:
+    """The version the server would give the folder at ``path`` (float32 weights): a language
+    model, or a classifier of ``task`` (classification | ner)."""
     from alignloop.serve.engine import model_version
 
-    model, _ = load_policy(path, "candidate")
+    if task is None:
+        from alignloop.evaluate.run import load_policy
+
+        model, _ = load_policy(path, "candidate")
+    else:
+        from alignloop.models.classifier import load_classifier
+
+        model, _ = load_classifier(path, task, "candidate")
     return model_version(model)
 
 

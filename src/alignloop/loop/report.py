@@ -26,6 +26,8 @@ def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[s
     config = (folder / "config.yaml").read_text() if (folder / "config.yaml").is_file() else ""
     its = iterations(folder)
     final = read_json(folder / "final-vs-v0.json")
+    if meta.get("task"):
+        return [*classifier_loop_lines(folder, meta, its, final, link_prefix), *time_lines(its), *registry_lines(store, config)]
     plot = plot_loop(its, final, folder / "loop.png")
     v0 = meta.get("v0", {}).get("version", "?")
     lines = [f"Started from version `{v0}`. Each iteration: collect feedback → datasets → train → "
@@ -68,13 +70,21 @@ def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[s
                          "deployed after"), rows)]
     lines += ["", "Evaluation reports: " + ", ".join(f"[iter {it['iteration']}]({link_prefix}iter-{it['iteration']}/evaluate/report.md)"
                                                     for it in its if (folder / f"iter-{it['iteration']}/evaluate/report.md").is_file()), ""]
+    return [*lines, *time_lines(its), *registry_lines(store, config)]
+
+
+def time_lines(its: list[dict]) -> list[str]:
     rows = []
     for it in its:
         seconds = [it["steps"].get(k, {}).get("seconds") for k in STEPS]
         total = sum(x for x in seconds if x is not None)
         rows.append([str(it["iteration"]), *("…" if x is None else f"{x:.1f}" for x in seconds), f"{total:.1f}"])
-    lines += ["## Time per step (seconds)", "", *md_table(("iter", *STEPS, "total"), rows)]
-    lines += ["", "## Lineage (the model registry)", "",
+    return ["## Time per step (seconds)", "", *md_table(("iter", *STEPS, "total"), rows)]
+
+
+def registry_lines(store: Any, config: str) -> list[str]:
+    """The lineage table from the registry, then the loop's config."""
+    lines = ["", "## Lineage (the model registry)", "",
               "`alignloop lineage VERSION` lists the exact feedback rows behind a version; `alignloop deploy VERSION` rolls back.", ""]
     rows = []
     for row in store.models():
@@ -87,6 +97,86 @@ def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[s
     if config:
         lines += ["", "## Config", "", "```yaml", config.rstrip(), "```"]
     return lines
+
+
+def classifier_loop_lines(folder: Path, meta: dict, its: list[dict], final: dict | None, link_prefix: str) -> list[str]:
+    """A classifier loop's summary and iteration table: verdicts in, records out, F1 of the
+    deployed model and of its candidate on held-out labelled data, the gate's verdict."""
+    f1 = "macro_f1" if meta["task"] == "classification" else "micro_f1"
+    f1_name = "macro-F1" if f1 == "macro_f1" else "entity micro-F1"
+    plot = plot_classifier_loop(its, final, f1, f1_name, folder / "loop.png")
+    v0 = meta.get("v0", {}).get("version", "?")
+    lines = [f"Started from version `{v0}` ({meta['task']}). Each iteration: people (or simulated labellers) mark the "
+             "served classifier's predictions correct or wrong → bandit records → train → evaluate against the "
+             "deployed version on held-out labelled data → promote only if the gate passes.", ""]
+    if final and not final.get("same_as_v0"):
+        m = final["metrics"]
+        lines += [f"**After {len(its)} iterations** the deployed version `{final['version']}` against v0: {f1_name} "
+                  f"{_num(m.get(f'baseline_{f1}'))} → {_num(m.get(f'candidate_{f1}'))} (Δ {_num(m.get(f'{f1}_delta'))}, "
+                  f"95% CI {_num(m.get(f'{f1}_delta_lower'))} to {_num(m.get(f'{f1}_delta_upper'))}). "
+                  f"Details: [final-vs-v0/report.md]({link_prefix}final-vs-v0/report.md).", ""]
+    elif final:
+        lines += [f"**After {len(its)} iterations** v0 is still deployed: no candidate passed the gate.", ""]
+    if plot:
+        lines += [f"![{f1_name} per version]({link_prefix}{plot.name})", ""]
+    rows = []
+    for it in its:
+        s = it["steps"]
+        collect, export, train = s.get("collect", {}), s.get("export", {}), s.get("train", {})
+        verdict, promote = s.get("evaluate", {}), s.get("promote", {})
+        m = verdict.get("metrics", {})
+        gate = "passed" if verdict.get("passed") else ("refused: " + "; ".join(verdict.get("reasons", [])) if verdict else "…")
+        said, right = collect.get("said_correct"), collect.get("shown_accuracy")
+        rows.append([
+            str(it["iteration"]),
+            f"{collect['verdicts']} ({_pct(said)} said correct; {_pct(right)} were)" if "verdicts" in collect else "—",
+            f"{export.get('counts', {}).get('bandit', '…')} / {s.get('register', {}).get('feedback_rows', '—')}",
+            ", ".join(train.get("stages", [])) or "—",
+            f"`{s.get('register', {}).get('version')}`" if s.get("register", {}).get("version") else "—",
+            f"{_num(m.get(f'baseline_{f1}'))} → {_num(m.get(f'candidate_{f1}'))}" if m else "—",
+            f"{_num(m.get(f'{f1}_delta'))} ({_num(m.get(f'{f1}_delta_lower'))} to {_num(m.get(f'{f1}_delta_upper'))})" if m else "—",
+            md_cell(gate, 200),
+            f"`{promote.get('deployed')}`" if promote else "…",
+        ])
+    lines += ["## Iterations", "",
+              *md_table(("iter", "verdicts", "records / rows behind the candidate", "trained", "candidate",
+                         f"{f1_name}: deployed → candidate", "Δ (95% CI)", "gate", "deployed after"), rows)]
+    lines += ["", "Evaluation reports (classification reports, confusion matrices): " + ", ".join(
+        f"[iter {it['iteration']}]({link_prefix}iter-{it['iteration']}/evaluate/report.md)"
+        for it in its if (folder / f"iter-{it['iteration']}/evaluate/report.md").is_file()), ""]
+    return lines
+
+
+def plot_classifier_loop(its: list[dict], final: dict | None, f1: str, f1_name: str, out: Path) -> Path | None:
+    """Held-out F1 of the deployed version at each iteration's start and of its candidate (with the
+    paired 95% interval of the difference drawn around the candidate), promotions marked."""
+    rows = [(it["iteration"], it["steps"]["evaluate"]["metrics"], it["steps"]["evaluate"].get("passed"))
+            for it in its if it["steps"].get("evaluate", {}).get("metrics")]
+    if not rows:
+        return None
+    with figure(out, figsize=(6.5, 4)) as (fig, ax):
+        xs = [i for i, _, _ in rows]
+        base = [m[f"baseline_{f1}"] for _, m, _ in rows]
+        cand = [m[f"candidate_{f1}"] for _, m, _ in rows]
+        ax.plot(xs, base, "o-", label="deployed at the iteration's start")
+        low = [b + m.get(f"{f1}_delta_lower", c - b) for b, c, (_, m, _) in zip(base, cand, rows)]
+        high = [b + m.get(f"{f1}_delta_upper", c - b) for b, c, (_, m, _) in zip(base, cand, rows)]
+        ax.errorbar(xs, cand, yerr=[[c - lo for c, lo in zip(cand, low)], [hi - c for c, hi in zip(cand, high)]],
+                    fmt="s", capsize=4, linestyle="--", label="candidate (95% CI of the difference)")
+        for x, c, (_, _, passed) in zip(xs, cand, rows):
+            ax.annotate("promoted" if passed else "refused", (x, c), textcoords="offset points", xytext=(8, 0),
+                        fontsize=8, va="center")
+        if final and final.get("metrics"):
+            m = final["metrics"]
+            ax.plot([xs[-1] + 1], [m[f"candidate_{f1}"]], "D", color="tab:green", label="deployed at the end")
+            ax.set_xticks([*xs, xs[-1] + 1], [*map(str, xs), "end"])
+        else:
+            ax.set_xticks(xs)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(f"held-out {f1_name}")
+        ax.set_title(f"{f1_name} per version")
+        ax.legend(fontsize=8)
+    return out
 
 
 def plot_loop(its: list[dict], final: dict | None, out: Path) -> Path | None:

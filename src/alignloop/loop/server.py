@@ -70,7 +70,8 @@ def connect(cfg: LoopConfig, url: str) -> Iterator[Server]:
         return
     if not cfg.base_model:
         raise ConfigError("base_model: the loop starts the server itself when `server` is not set; name the model it serves first")
-    with local_server(ServeConfig(models=[f"{cfg.model_name}={cfg.base_model}"], db=url, port=cfg.port or free_port())) as server:
+    served = {"classifiers" if cfg.trains_classifier else "models": [f"{cfg.model_name}={cfg.base_model}"]}
+    with local_server(ServeConfig(**served, db=url, port=cfg.port or free_port())) as server:
         yield server
 
 
