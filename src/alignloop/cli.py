@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          description="pairs: pairwise a/b votes and corrections → prompt, chosen, rejected; "
                                                      "kto: thumbs → prompt, completion, label; sft: corrections → prompt, completion; "
                                                      "ratings: → prompt, completion, rating, user.")
-    export.add_argument("--kind", required=True, choices=["pairs", "kto", "sft", "ratings"], help="which training records to write")
+    export.add_argument("--kind", required=True, choices=["pairs", "kto", "sft", "ratings", "bandit"], help="which training records to write")
     export.add_argument("--out", required=True, help="the JSONL file to write")
     export.add_argument("--db", help=db_help)
     export.set_defaults(handler=_run_feedback_export)
