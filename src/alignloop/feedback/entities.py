@@ -391,7 +391,8 @@ class PredictionFacts:
 
     @property
     def entity_types(self) -> set[str]:
-        return {tag.split("-", 1)[1] for tag in self.labels if "-" in tag}
+        # B-X/I-X name type X; a bare tag other than O is a type itself (IO tagging, as entity_spans reads it)
+        return {tag[2:] if tag[:2] in ("B-", "I-") else tag for tag in self.labels if tag != NOT_AN_ENTITY}
 
     @classmethod
     def of(cls, record: PredictionRecord) -> PredictionFacts:
