@@ -390,7 +390,7 @@ class Loop:
         candidate = state["steps"]["train"]["candidate"]
         if candidate is None:
             return {"version": None}
-        version = weights_version(candidate, self.meta.get("task"))
+        version = weights_version(candidate)
         data = folder / "datasets"
         # The rows behind the datasets the recipe's stages actually trained on; a stage on prompts
         # learnt from feedback only through the reward stage before it, whose pairs are counted.
@@ -438,19 +438,20 @@ class Loop:
         return result
 
 
-def weights_version(path: str, task: str | None = None) -> str:
-    """The version the server would give the folder at ``path`` (float32 weights): a language
-    model, or a classifier of ``task`` (classification | ner)."""
+def weights_version(path: str) -> str:
+    """The version the server would give the folder at ``path`` (float32 weights): a classifier
+    hashed as ``alignloop serve --classifier`` loads it, anything else as a causal LM."""
+    from alignloop.serve.classifier import is_classifier
     from alignloop.serve.engine import model_version
 
-    if task is None:
+    if is_classifier(path):
+        from alignloop.models.classifier import load_classifier
+
+        model, _ = load_classifier(path, None, "candidate")
+    else:
         from alignloop.evaluate.run import load_policy
 
         model, _ = load_policy(path, "candidate")
-    else:
-        from alignloop.models.classifier import load_classifier
-
-        model, _ = load_classifier(path, task, "candidate")
     return model_version(model)
 
 
