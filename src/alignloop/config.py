@@ -554,6 +554,7 @@ STAGES: dict[str, Stage] = {
                        help="online RL: REINFORCE++, per-token KL in the reward, batch-normalised returns",
                        about="REINFORCE++: per-token KL in the reward, returns normalised over the batch, no critic."),
     "classify": Stage(ClassifyConfig, "alignloop.train.classify:run_classify", reads=("labelled", "tagged", "bandit"),
+                      loop_data="bandit", makes="policy",
                       help="train a sequence classifier (text → label) or a token classifier (NER: word → BIO tag)"),
     "evaluate": Stage(EvaluateConfig, "alignloop.evaluate.run:run_evaluate", reads=("prompt", "labelled", "tagged"),
                       help="candidate vs baseline on held-out prompts: reward, win rate with CI, KL, lengths, perplexity, gate"),
