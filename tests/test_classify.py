@@ -261,7 +261,10 @@ def test_bad_input_names_the_file_line_and_field(tiny_bert: Path, tmp_path: Path
     assert classify(tiny_bert, train, tmp_path, "--classify.task=ner") == 2
     assert "classify.task=ner, but" in capsys.readouterr().err
     assert classify(tiny_bert, train, tmp_path, "--classify.objective=bandit") == 2
-    assert "not yet" in capsys.readouterr().err
+    assert "needs records with fields {shown, propensity, reward}" in capsys.readouterr().err
+    feedback = write_jsonl(tmp_path / "f.jsonl", [{"text": "a dog", "shown": "animal", "propensity": 0.9, "reward": 1, "label": "animal"}])
+    assert classify(tiny_bert, feedback, tmp_path) == 2
+    assert "holds bandit feedback (shown, propensity, reward): set classify.objective=bandit" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="data.path"):
         from alignloop.config import ClassifyConfig
         from alignloop.train.classify import run_classify

@@ -171,6 +171,9 @@ def test_blank_lines_in_jsonl_are_skipped_and_lines_keep_their_numbers(tmp_path,
         ({"prompt": "p", "completion": "c", "label": True}, "binary"),
         ({"prompt": "p", "completion": "c", "rating": 4}, "rating"),
         ({"prompt": "p", "answer": "42"}, "prompt"),
+        ({"text": "t", "label": "joy"}, "labelled"),
+        ({"text": "t", "shown": "joy", "propensity": 0.9, "reward": 0, "label": "anger"}, "bandit"),
+        ({"tokens": ["a", "b"], "start": 0, "end": 1, "shown": "PER", "propensity": 0.8, "reward": 1}, "bandit"),
     ],
 )
 def test_kind_is_detected_from_trl_field_names(fields, kind):
@@ -295,6 +298,43 @@ def test_wrong_value_of_other_kinds_names_line_and_field(tmp_path, write_jsonl, 
     with pytest.raises(DataError) as e:
         load_records(str(path), ALL_KINDS)
     assert str(e.value).startswith(f"{path}:1: field {field}")
+
+
+BANDIT_TEXT = {"text": "so happy", "shown": "joy", "propensity": 0.925, "reward": 1}
+BANDIT_ENTITY = {"tokens": ["Barack", "Obama", "spoke"], "start": 0, "end": 2, "shown": "PER", "propensity": 0.81, "reward": 0}
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({**BANDIT_TEXT, "propensity": 0}, "field 'propensity' is 0; a probability in (0, 1]"),
+        ({**BANDIT_TEXT, "propensity": 1.5}, "field 'propensity' is 1.5; a probability in (0, 1]"),
+        ({**BANDIT_TEXT, "propensity": "high"}, "field 'propensity' must be a number, got 'high'"),
+        ({**BANDIT_TEXT, "reward": 2}, "field 'reward' is 2; 1 (correct), 0 (wrong)"),
+        ({**BANDIT_TEXT, "reward": "yes"}, "field 'reward' must be a number, got 'yes'"),
+        ({**BANDIT_TEXT, "shown": ""}, "field 'shown' must be a class name or an integer id"),
+        ({**BANDIT_TEXT, "label": True}, "field 'label' must be a class name or an integer id, got True"),
+        ({**BANDIT_TEXT, "text": " "}, "field 'text' is empty"),
+        ({"shown": "joy", "propensity": 0.5, "reward": 1}, "field 'text' missing; a bandit feedback record needs text"),
+        ({**BANDIT_ENTITY, "end": 4}, "field 'end' is 4 with start 0; need 0 ≤ start < end ≤ 3"),
+        ({**BANDIT_ENTITY, "start": 2, "end": 2}, "field 'end' is 2 with start 2"),
+        ({**BANDIT_ENTITY, "start": 1.5}, "field 'start' must be a word index (an integer), got 1.5"),
+        ({key: v for key, v in BANDIT_ENTITY.items() if key != "end"}, "field 'end' missing; an NER bandit record"),
+        ({**BANDIT_ENTITY, "tokens": []}, "field 'tokens' must be a non-empty list"),
+    ],
+)
+def test_bad_bandit_record_names_line_and_field(tmp_path, write_jsonl, record, message):
+    path = write_jsonl(tmp_path / "feedback.jsonl", [BANDIT_TEXT if "text" in record else BANDIT_ENTITY, record])
+    with pytest.raises(DataError) as e:
+        load_records(str(path), ("bandit",))
+    assert str(e.value).startswith(f"{path}:2: {message}")
+
+
+def test_bandit_csv_cells_become_numbers(tmp_path):
+    path = write_csv(tmp_path / "feedback.csv", [{**BANDIT_ENTITY, "tokens": None, "text": "hi", "reward": "true"}])
+    rows, kind = load_records(str(path), ("bandit", "labelled"))
+    assert kind == "bandit"
+    assert (rows[0].fields["propensity"], rows[0].fields["reward"]) == (0.81, 1.0)
 
 
 def test_records_must_all_be_of_the_first_records_kind(tmp_path, write_jsonl):

@@ -191,6 +191,21 @@ class ClassifierTrainingConfig:
     objective: Literal["supervised", "bandit"] = option("supervised", "supervised: cross-entropy on the given labels; bandit: learn from correct/wrong verdicts on shown predictions (`bandit` records)")
     class_weights: Literal["none", "balanced"] = option("none", "balanced: weight each class's loss by N / (K × count), so rare classes (and rare tags) count as much as common ones (scikit-learn's rule)")
     label_all_subtokens: bool = option(False, "ner: every sub-token of a word carries its tag (continuations as I-); false: only the first, as evaluation reads it")
+    bandit_loss: Literal["banditnet", "clipped_ips", "doubly_robust"] = option("banditnet", "objective=bandit: the estimator (alignloop.losses.BANDIT_LOSSES): banditnet = λ-translated IPS (Joachims et al. 2018); clipped_ips = IPS with weights capped at `clip`; doubly_robust = the logging model's probabilities as the reward model, plus a clipped IPS correction (classification only)")
+    translation: float = option(0.5, "objective=bandit: BanditNet's λ, the baseline subtracted from each reward (0..1): a confirmed output is pushed up with weight 1−λ, a rejected one down with weight λ; 0 ignores every 'wrong'")
+    clip: float = option(10.0, "objective=bandit: the largest importance weight π_θ/p kept by clipped_ips and doubly_robust (an explored output has p = ε/K, so weights reach K/ε)")
+    supervised_path: Optional[str] = option(None, "objective=bandit: the original labelled set (`text, label` or `tokens, tags`), trained on beside the feedback with weight `alpha` (the worked example's L_CE + α·R)")
+    alpha: float = option(0.0, "objective=bandit: weight of the cross-entropy on `supervised_path` (0: not used)")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.translation <= 1:
+            raise ConfigError(f"classify.translation must be in [0, 1] (got {self.translation}); it is a baseline on rewards in [0, 1]")
+        if self.clip <= 0:
+            raise ConfigError(f"classify.clip must be > 0 (got {self.clip}); it caps the importance weights")
+        if self.alpha < 0:
+            raise ConfigError(f"classify.alpha must be ≥ 0 (got {self.alpha})")
+        if self.alpha > 0 and not self.supervised_path:
+            raise ConfigError(f"classify.alpha={self.alpha} weighs the original labelled set: set classify.supervised_path too, or alpha=0")
 
 
 @dataclass

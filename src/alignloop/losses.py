@@ -577,3 +577,186 @@ def kto_loss(
             "logps/chosen": class_mean(policy_logps, desirable),
             "logps/rejected": class_mean(policy_logps, ~desirable),
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifiers from bandit feedback: a user marks the shown prediction correct or wrong
+# ---------------------------------------------------------------------------------------------
+# N logged predictions. ``shown_logps`` (N,) log π_θ(a_i|x_i): the log-probability of the shown
+# output a_i under the classifier being trained, with gradient (for an NER entity, the sum over its
+# words of the log-probabilities of the shown tags B-T, I-T, ...). ``propensities`` p_i (N,): the
+# probability with which the logging policy chose a_i, stored when it was served
+# (rollout/exploration.py). ``rewards`` r_i (N,) in [0, 1]: 1 = the user said correct, 0 = wrong.
+# Every estimator reads π_θ through the importance weight w_i = π_θ(a_i|x_i) / p_i.
+def importance_weights(shown_logps: torch.Tensor, propensities: torch.Tensor) -> torch.Tensor:
+    """w_i = π_θ(a_i|x_i) / p_i = exp(log π_θ(a_i|x_i) − log p_i), (N,), in float32.
+
+    Computed in log space: a shown output of tiny propensity (1e-6) does not overflow until π_θ's
+    log-probability is 14 nats above it."""
+    return torch.exp(shown_logps.float() - propensities.float().log())
+
+
+def _bandit_metrics(weights: torch.Tensor, rewards: torch.Tensor) -> dict[str, float]:
+    """Diagnostics of one batch of importance weights w (N,) and rewards r (N,)."""
+    with torch.no_grad():
+        w, r = weights.float(), rewards.float()
+        total = w.sum()
+        return {
+            # Σ r w / Σ w: the users' accuracy π_θ would get, estimated from the log (SNIPS)
+            "bandit/snips": float((r * w).sum() / total.clamp_min(1e-12)),
+            # S = (1/N) Σ w: 1 in expectation for any π_θ; far from 1, the estimates above are
+            # unreliable (BanditNet's control variate)
+            "bandit/weight_mean": float(w.mean()),
+            "bandit/weight_max": float(w.max()),
+            # (Σ w)² / (N Σ w²): the share of rows that effectively count (1: all equal weights)
+            "bandit/ess": float(total**2 / (w.numel() * (w**2).sum()).clamp_min(1e-12)),
+            "bandit/reward": float(r.mean()),
+        }
+
+
+def banditnet_loss(
+    shown_logps: torch.Tensor, propensities: torch.Tensor, rewards: torch.Tensor, translation: float = 0.5,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """BanditNet's λ-translated IPS risk (Joachims, Swaminathan & de Rijke 2018, "Deep Learning
+    with Logged Bandit Feedback", ICLR, §4), in rewards instead of losses:
+
+        w_i = π_θ(a_i|x_i) / p_i
+        L   = −(1/N) Σ_i (r_i − λ) · w_i
+
+    Why the translation: the self-normalised estimate of π_θ's reward,
+
+        R̂_SNIPS(θ) = Σ_i r_i w_i / Σ_i w_i,
+
+    is the estimator to optimise (it is equivariant: adding a constant to every reward adds the
+    same constant to it, so a model cannot score by moving probability off the logged outputs,
+    "propensity overfitting"), but a ratio of two sums has no unbiased mini-batch gradient. Fix
+    the denominator's value, S(θ) = (1/N) Σ_i w_i = S: maximising R̂_SNIPS is then maximising the
+    IPS sum under that constraint, whose Lagrangian is (1/N) Σ_i (r_i − λ) w_i + λS. So each λ
+    gives the SNIPS optimum at some S, and a plain mean over rows, fit for SGD, is minimised.
+    Note that Σ (r_i − λ) w_i / Σ w_i = R̂_SNIPS − λ: translating the self-normalised ratio itself
+    changes nothing; λ acts only in the unnormalised sum. The paper searches λ (its losses
+    δ = 1 − r make its λ our 1 − λ) and picks by the SNIPS estimate on held-out logs.
+
+    λ is a baseline: with λ = 0 and r ∈ {0, 1} a "wrong" row has no gradient at all (and every
+    weight is rewarded for growing); with 0 < λ < 1 a confirmed output is pushed up with weight
+    (1 − λ) and a rejected one down with weight λ. ∂L/∂log π_θ(a_i|x_i) = −(r_i − λ) w_i / N.
+
+    Metrics: ``bandit/snips`` (R̂_SNIPS, the users' accuracy π_θ would get, estimated),
+    ``bandit/weight_mean`` (S: 1 in expectation; far from 1 the estimate is unreliable),
+    ``bandit/weight_max``, ``bandit/ess`` ((Σw)²/(N Σw²)), ``bandit/reward`` (mean r logged).
+    """
+    w = importance_weights(shown_logps, propensities)
+    loss = -((rewards.float() - translation) * w).mean()
+    return loss, _bandit_metrics(w, rewards)
+
+
+def clipped_ips_loss(
+    shown_logps: torch.Tensor, propensities: torch.Tensor, rewards: torch.Tensor, translation: float = 0.5,
+    clip: float = 10.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped (truncated) inverse propensity scoring (Ionides 2008; Bottou et al. 2013, §4.5;
+    the IPS term of CRM, Swaminathan & Joachims 2015), translated by a baseline λ as above:
+
+        L = −(1/N) Σ_i (r_i − λ) · min(w_i, M),   w_i = π_θ(a_i|x_i) / p_i
+
+    Clipping caps what one row can contribute: an explored output (p_i = ε/K, w_i up to K/ε)
+    cannot dominate a batch. The price is bias (towards outputs the logging policy already
+    showed often), and no gradient through a row once w_i > M: its probability stops moving.
+    Metrics as :func:`banditnet_loss`, plus ``bandit/clipped`` (share of rows with w_i > M).
+    """
+    if clip <= 0:
+        raise ValueError(f"clip must be > 0 (the largest importance weight kept), got {clip}")
+    w = importance_weights(shown_logps, propensities)
+    loss = -((rewards.float() - translation) * torch.clamp(w, max=clip)).mean()
+    metrics = _bandit_metrics(w, rewards)
+    metrics["bandit/clipped"] = float((w.detach() > clip).float().mean())
+    return loss, metrics
+
+
+def doubly_robust_loss(
+    shown_logps: torch.Tensor, propensities: torch.Tensor, rewards: torch.Tensor, class_logps: torch.Tensor,
+    shown: torch.Tensor, reward_estimates: torch.Tensor, clip: float = 10.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Doubly robust estimate of π_θ's reward (Dudík, Langford & Li 2011, Eq. 2), negated; the
+    correction's weight clipped at M:
+
+        V̂_DR = (1/N) Σ_i [ Σ_a π_θ(a|x_i) r̂(x_i, a) + min(w_i, M) · (r_i − r̂(x_i, a_i)) ]
+        L    = −V̂_DR
+
+    ``class_logps`` (N, K) log π_θ(·|x_i) over all K classes (with gradient), ``shown`` (N,) the
+    index a_i, ``reward_estimates`` r̂ (N, K) in [0, 1]: a model of P(the user says correct | x, a),
+    fixed (no gradient), e.g. the logging classifier's own probabilities. The first term (the
+    direct method) gives every class a gradient on every row; the second removes its bias
+    wherever r̂ is wrong. Unbiased when either r̂ or the propensities are right. It needs the
+    whole action set, so it fits classification, not NER entity spans.
+    Metrics as :func:`banditnet_loss`, plus ``bandit/direct`` (the direct-method term's mean).
+    """
+    w = importance_weights(shown_logps, propensities)
+    estimates = reward_estimates.float().detach()
+    direct = (class_logps.float().exp() * estimates).sum(dim=1)  # (N,)
+    shown_estimate = estimates.gather(1, shown.long().unsqueeze(1)).squeeze(1)  # (N,) r̂(x_i, a_i)
+    correction = torch.clamp(w, max=clip) * (rewards.float() - shown_estimate)
+    loss = -(direct + correction).mean()
+    metrics = _bandit_metrics(w, rewards)
+    metrics["bandit/direct"] = float(direct.detach().mean())
+    return loss, metrics
+
+
+@dataclass(frozen=True)
+class BanditLoss:
+    """A bandit objective: one row of :data:`BANDIT_LOSSES`, the table ``classify.bandit_loss`` names.
+
+    ``loss`` takes (shown_logps, propensities, rewards) and the keyword settings named in
+    ``settings`` (``classify.<name>`` in the config); with ``needs_classes`` also class_logps,
+    shown and reward_estimates (the direct-method term needs every class's probability)."""
+
+    title: str  # its name in logs and reports
+    loss: Callable[..., tuple[torch.Tensor, dict[str, float]]]
+    settings: tuple[str, ...]
+    needs_classes: bool = False
+
+
+BANDIT_LOSSES: dict[str, BanditLoss] = {
+    "banditnet": BanditLoss("BanditNet (λ-translated IPS)", banditnet_loss, ("translation",)),
+    "clipped_ips": BanditLoss("clipped IPS", clipped_ips_loss, ("translation", "clip")),
+    "doubly_robust": BanditLoss("doubly robust", doubly_robust_loss, ("clip",), needs_classes=True),
+}
+
+
+def feedback_objective(
+    bandit_loss: torch.Tensor,
+    label_logps: torch.Tensor,
+    named: torch.Tensor,
+    supervised_logps: torch.Tensor | None = None,
+    alpha: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Everything a batch of feedback teaches, as one loss (issue 29's L_CE + α·R):
+
+        L = L_bandit + (1/N) Σ_i 1[y_i named] · (−log π_θ(y_i|x_i)) + α · (1/S) Σ_s −log π_θ(y_s|x_s)
+
+    ``bandit_loss``: a :data:`BANDIT_LOSSES` loss over the batch's N feedback rows.
+    ``label_logps`` (N,) log π_θ(y_i|x_i) of the right label where the user named one (any value
+    elsewhere: masked out), ``named`` (N,) bool. The named-label cross-entropy is summed and divided
+    by N, all rows, not by the named ones: a row's weight does not depend on how many other rows
+    of its batch happen to have a label, so a batch with one named row does not hand that row the
+    weight of the whole bandit term. ``supervised_logps`` (S,) log π_θ(y_s|x_s) on a batch of the
+    original labelled set, weighted by α (0 or None: not used).
+
+    Metrics: ``loss/bandit``, ``loss/label_ce`` (mean −log π over named rows, NaN if none),
+    ``loss/supervised_ce`` (NaN if none), ``feedback/named`` (share of rows with a named label).
+    """
+    named = named.bool()
+    label_nll = torch.where(named, -label_logps.float(), torch.zeros_like(label_logps, dtype=torch.float32))
+    loss = bandit_loss + label_nll.sum() / max(named.numel(), 1)
+    supervised_ce = float("nan")
+    if supervised_logps is not None and supervised_logps.numel() and alpha:
+        supervised = -supervised_logps.float().mean()
+        loss = loss + alpha * supervised
+        supervised_ce = float(supervised.detach())
+    n_named = int(named.sum())
+    return loss, {
+        "loss/bandit": float(bandit_loss.detach()),
+        "loss/label_ce": float(label_nll.detach().sum() / n_named) if n_named else float("nan"),
+        "loss/supervised_ce": supervised_ce,
+        "feedback/named": n_named / max(named.numel(), 1),
+    }

@@ -14,6 +14,14 @@ name the file, the line (or row) and the field.
 | prompt            | prompt, plus any fields a reward function reads           |
 | labelled          | text, label (a class name or id; sentiment and the like)  |
 | tagged            | tokens, tags (one BIO tag per token; NER)                 |
+| bandit            | shown, propensity, reward; with text (a classification)   |
+|                   | or tokens, start, end (one NER entity); label optional    |
+
+A ``bandit`` record is one prediction a user judged: ``shown`` the output they saw (a class name, or
+for NER an entity type on words ``tokens[start:end]``), ``propensity`` the probability with which
+the serving policy chose it (in (0, 1]), ``reward`` the verdict (1 correct, 0 wrong, or a number in
+between) and, when the user named it, ``label`` the right class (NER: the right type, or "O" for
+"not an entity").
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "rating": ("prompt", "completion", "rating"),
     "prompt_completion": ("prompt", "completion"),
     "chat": ("messages",),
+    # before tagged and labelled: a bandit row may carry a text and a label, or tokens
+    "bandit": ("shown", "propensity", "reward"),
     "tagged": ("tokens", "tags"),
     "labelled": ("text", "label"),
     "text": ("text",),
@@ -49,6 +59,7 @@ KIND_NAMES = {
     "prompt": "a prompt record",
     "labelled": "a labelled text record",
     "tagged": "a tagged tokens record",
+    "bandit": "a bandit feedback record",
 }
 
 
@@ -100,6 +111,8 @@ def validate_row(row: Row, kind: str) -> None:
                 raise DataError(f"{row.where}: field '{name}' must be a non-empty list of non-empty strings")
         if len(f["tokens"]) != len(f["tags"]):
             raise DataError(f"{row.where}: {len(f['tokens'])} tokens but {len(f['tags'])} tags; give one tag per token")
+    elif kind == "bandit":
+        _check_bandit(row)
     elif kind == "chat":
         _check_messages(row, "messages", f["messages"])
         if not any(m["role"] == "assistant" for m in f["messages"]):
@@ -129,6 +142,67 @@ def validate_row(row: Row, kind: str) -> None:
                 f["rating"] = float(f["rating"])
             except (TypeError, ValueError):
                 raise DataError(f"{row.where}: field 'rating' must be a number, got {f['rating']!r}") from None
+
+
+def _check_bandit(row: Row) -> None:
+    """A bandit row: the shown output, its propensity and the verdict, on a text or on an entity
+    span of words. CSV cells arrive as strings: numbers are converted in place."""
+    f = row.fields
+    _check_class(row, "shown")
+    if f.get("label") is not None:
+        _check_class(row, "label")
+    f["propensity"] = _number(row, "propensity")
+    if not 0 < f["propensity"] <= 1:
+        # 0 would be an infinite importance weight: the output could not have been shown
+        raise DataError(f"{row.where}: field 'propensity' is {f['propensity']:g}; a probability in (0, 1] "
+                        "(the chance the server had of showing this output)")
+    reward = f["reward"]
+    if isinstance(reward, str) and reward.lower() in ("true", "false"):
+        reward = reward.lower() == "true"
+    f["reward"] = float(reward) if isinstance(reward, bool) else _number(row, "reward")
+    if not 0 <= f["reward"] <= 1:
+        raise DataError(f"{row.where}: field 'reward' is {f['reward']:g}; 1 (correct), 0 (wrong) or a number in between")
+    if f.get("text") is not None:
+        _check_str(row, "text")
+        return
+    if f.get("tokens") is None:
+        raise DataError(f"{row.where}: field 'text' missing; a bandit feedback record needs text (classification) "
+                        "or tokens, start, end (one NER entity)")
+    tokens = f["tokens"]
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
+        raise DataError(f"{row.where}: field 'tokens' must be a non-empty list of non-empty strings")
+    for name in ("start", "end"):
+        if f.get(name) is None:
+            raise DataError(f"{row.where}: field '{name}' missing; an NER bandit record needs tokens, start, end "
+                            "(the entity's words, end exclusive)")
+        value = f[name]
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise DataError(f"{row.where}: field '{name}' must be a word index (an integer), got {f[name]!r}")
+        f[name] = value
+    if not 0 <= f["start"] < f["end"] <= len(tokens):
+        raise DataError(f"{row.where}: field 'end' is {f['end']} with start {f['start']}; need 0 ≤ start < end ≤ "
+                        f"{len(tokens)} (the number of tokens)")
+
+
+def _check_class(row: Row, name: str) -> None:
+    value = row.fields[name]
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{row.where}: field '{name}' must be a class name or an integer id, got {value!r}")
+
+
+def _number(row: Row, name: str) -> float:
+    value = row.fields[name]
+    if isinstance(value, bool):
+        raise DataError(f"{row.where}: field '{name}' must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{row.where}: field '{name}' must be a number, got {value!r}") from None
+    if number != number:  # NaN passes every range check
+        raise DataError(f"{row.where}: field '{name}' is NaN; it must be a number")
+    return number
 
 
 def identical_pair_problem(row: Row) -> str | None:

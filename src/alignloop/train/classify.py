@@ -13,7 +13,16 @@ BIO tag per word), supervised, on any HF backbone.
    windows: little padding, measured and logged as ``train/padding``), forward, cross-entropy
    (optionally class-weighted), backward, clip, step, log; held-out loss and macro F1 (NER: entity
    micro F1) every ``train.eval_every`` steps.
-4. The end: ``final/`` (plain ``transformers`` loads it), and the held-out classification report of
+4. ``classify.objective=bandit``: the records are ``bandit`` feedback (the shown output, its
+   propensity, the user's verdict, the right label when they named it; one row per judged NER
+   entity) on predictions of the logging classifier ``model.name_or_path``, which training starts
+   from and whose label names it keeps. Each step's loss is the feedback objective of
+   :mod:`alignloop.losses`: a bandit estimator (``classify.bandit_loss``) on log π_θ(shown|x) (an
+   entity: the sum of its words' log-probabilities of the shown tags B-T, I-T, ...), cross-entropy
+   where the user named the right label, and α × cross-entropy on ``classify.supervised_path``.
+   Held-out scores need labelled records in ``data.eval_path``. An NER entity whose words reach past
+   ``data.max_length`` is left out of training and counted (its log-probability would be partial).
+5. The end: ``final/`` (plain ``transformers`` loads it), and the held-out classification report of
    ``alignloop evaluate --task`` (:mod:`alignloop.report.classification`) in ``report.md``,
    ``metrics.json`` and ``confusion_matrix.png``.
 """
@@ -36,6 +45,7 @@ from alignloop.data.batching import IGNORE_INDEX, ShuffledBatches, split_holdout
 from alignloop.data.load import load_records
 from alignloop.data.records import Row
 from alignloop.errors import ConfigError, DataError, ModelError
+from alignloop.losses import BANDIT_LOSSES, feedback_objective
 from alignloop.models.classifier import label_probabilities, word_tag_probabilities
 from alignloop.models.load import load_tokenizer
 from alignloop.models.reward import resolve_backbone
@@ -66,17 +76,26 @@ class ClassifierExample:
     label: int | list[int]  # classification: the class id; ner: (T,) tag id per sub-token, IGNORE_INDEX where no loss
     word_positions: list[int]  # ner: the first sub-token of each word that fits (evaluation reads there); else []
     source: Row | None = None  # the record it encodes (the final report reads held-out records whole)
+    row: int = -1  # the index of that record in its file's rows (bandit feedback looks its fields up by it)
+    # bandit feedback (reward is None on a supervised example); ``label`` is then the shown output
+    # (ner: its tags on the entity's words, IGNORE_INDEX elsewhere)
+    reward: float | None = None  # the verdict r in [0, 1]
+    propensity: float = 1.0  # p: the chance the logging policy had of showing it
+    target: int | list[int] | None = None  # the right label where the user named it, shaped as ``label``
+    estimates: list[float] | None = None  # doubly_robust: r̂(x, a) for each class a (the logging model's probabilities)
 
 
 def run_classify(cfg: ClassifyConfig) -> Run:
     """``alignloop classify``: read and check the records, build the classifier, train, report."""
-    if cfg.classify.objective == "bandit":
-        raise ConfigError("classify.objective=bandit: learning from correct/wrong feedback is not yet available; "
-                          "use classify.objective=supervised with `text, label` or `tokens, tags` records")
     if not cfg.data.path:
         raise ConfigError("data.path: name the training records (`text, label` or `tokens, tags`; conll:FILE, tweeteval:DIR/SPLIT)")
+    if cfg.classify.objective == "bandit":
+        return run_bandit_classify(cfg)
     # Data is read and checked before the model loads: a typo should not wait for a download.
-    rows, kind = load_records(cfg.data.path, SUPERVISED_KINDS, cfg.data.max_samples)
+    rows, kind = load_records(cfg.data.path, ("bandit", *SUPERVISED_KINDS), cfg.data.max_samples)
+    if kind == "bandit":  # read as labelled, a verdict's named label would train as if every row had one
+        raise ConfigError(f"{cfg.data.path} holds bandit feedback (shown, propensity, reward): set classify.objective=bandit "
+                          "and model.name_or_path to the classifier that served those predictions")
     task = resolve_task(cfg.classify.task, kind, cfg.data.path)
     names = label_names_of(rows, kind)
     held_rows: list[Row] | None = None
@@ -179,7 +198,7 @@ def encode_rows(path: str, rows: Sequence[Row], task: str, tokenizer: Any, label
                 continue
         ids = batch["input_ids"][piece]
         if task == "classification":
-            examples.append(ClassifierExample(ids, label_ids[str(row.fields["label"])], [], row))
+            examples.append(ClassifierExample(ids, label_ids[str(row.fields["label"])], [], row, row=i))
             continue
         labels, positions, previous = [IGNORE_INDEX] * len(ids), [], None
         tags = row.fields["tags"]
@@ -192,7 +211,7 @@ def encode_rows(path: str, rows: Sequence[Row], task: str, tokenizer: Any, label
                 labels[position] = label_ids.get("I-" + tag[2:], label_ids[tag]) if tag.startswith("B-") else label_ids[tag]
             previous = word
         words_cut += len(tags) - len(positions)
-        examples.append(ClassifierExample(ids, labels, positions, row))
+        examples.append(ClassifierExample(ids, labels, positions, row, row=i))
     if cut:
         what = f" ({words_cut} words past the cut carry no loss)" if task == "ner" else ""
         action = "left out" if cfg.data.overlong == "drop" else "cut to their first"
@@ -201,6 +220,164 @@ def encode_rows(path: str, rows: Sequence[Row], task: str, tokenizer: Any, label
     if not examples:
         raise DataError(f"{path}: no row is left within data.max_length={max_length}")
     return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Bandit feedback → examples
+# ---------------------------------------------------------------------------------------------
+def run_bandit_classify(cfg: ClassifyConfig) -> Run:
+    """``classify.objective=bandit``: feedback on the logging classifier's predictions, that
+    classifier as the start, its label names kept; then the same loop as supervised training."""
+    c = cfg.classify
+    rows, _ = load_records(cfg.data.path, ("bandit",), cfg.data.max_samples)
+    task = bandit_task(rows, c.task, cfg.data.path)
+    if c.class_weights != "none":
+        raise ConfigError("classify.class_weights weighs labels; verdicts have none (the estimator weighs each row by its "
+                          "propensity): set classify.class_weights=none with objective=bandit")
+    if task == "ner" and BANDIT_LOSSES[c.bandit_loss].needs_classes:
+        raise ConfigError(f"classify.bandit_loss={c.bandit_loss} needs every alternative output's probability, which an "
+                          "entity span does not enumerate; use banditnet or clipped_ips for NER")
+    backbone = resolve_backbone(cfg.model)
+    names = logging_label_names(backbone, task)
+    label_ids = {name: i for i, name in enumerate(names)}
+    tokenizer = load_tokenizer(backbone)
+    model = load_classifier_backbone(backbone, task, names, cfg.train.seed)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    max_length = resolve_max_length(cfg.data, model)
+    train = encode_bandit_rows(cfg, rows, task, tokenizer, label_ids, max_length)
+    if BANDIT_LOSSES[c.bandit_loss].needs_classes:
+        # r̂(x, a) = the logging classifier's P(a | x): its own belief that a user would confirm a.
+        # The model has not trained yet, so it is the logging classifier.
+        model.eval()
+        probs = label_probabilities(model, tokenizer, [rows[e.row].fields["text"] for e in train], cfg.train.batch_size,
+                                    max_length)
+        for e, p in zip(train, probs.tolist()):
+            e.estimates = p
+    supervised = None
+    if c.supervised_path:
+        supervised_rows, supervised_kind = load_records(c.supervised_path, SUPERVISED_KINDS)
+        if TASK_OF_KIND[supervised_kind] != task:
+            raise DataError(f"{c.supervised_path}: {supervised_kind} records, but the feedback in {cfg.data.path} is on {task}")
+        check_known_labels(supervised_rows, supervised_kind, names, f"the logging model {backbone.name_or_path}")
+        supervised = encode_rows(c.supervised_path, supervised_rows, task, tokenizer, label_ids, max_length, cfg)
+    held: list[ClassifierExample] = []
+    held_rows: list[Row] = []
+    if cfg.data.eval_path:  # scores need the truth: labelled records, not more feedback
+        held_rows, held_kind = load_records(cfg.data.eval_path, SUPERVISED_KINDS)
+        if TASK_OF_KIND[held_kind] != task:
+            raise DataError(f"{cfg.data.eval_path}: {held_kind} records, but the feedback in {cfg.data.path} is on {task}")
+        check_known_labels(held_rows, held_kind, names, f"the logging model {backbone.name_or_path}")
+        held = encode_rows(cfg.data.eval_path, held_rows, task, tokenizer, label_ids, max_length, cfg)
+    log.info("classify: %s from %d bandit verdicts (%.0f%% correct, %d with a named label) on %s; estimator %s",
+             task, len(train), 100 * sum(e.reward for e in train) / len(train), sum(e.target is not None for e in train),
+             backbone.name_or_path, BANDIT_LOSSES[c.bandit_loss].title)
+    return fit_classifier(cfg, model, tokenizer, task, names, train, held, held_rows, max_length, supervised)
+
+
+def bandit_task(rows: Sequence[Row], task: str, path: str) -> str:
+    """classification (rows with ``text``) or ner (``tokens, start, end``); every row the same."""
+    data_task = "classification" if rows[0].fields.get("text") is not None else "ner"
+    for row in rows:
+        if (row.fields.get("text") is not None) != (data_task == "classification"):
+            field, first = ("text", "text") if data_task == "ner" else ("tokens", "text")
+            raise DataError(f"{row.where}: field '{field}': this row is {'an NER entity' if field == 'tokens' else 'a text'}, "
+                            f"but {path}'s first row has {first if data_task == 'classification' else 'tokens'}; one file holds one task")
+    if task not in ("auto", data_task):
+        raise ConfigError(f"classify.task={task}, but {path} holds feedback on {data_task}; set classify.task={data_task} or auto")
+    return data_task
+
+
+def logging_label_names(backbone: ModelConfig, task: str) -> list[str]:
+    """The label names of the classifier that served the predictions (its ``config.id2label``)."""
+    from transformers import AutoConfig
+
+    from alignloop.models.load import _check_reachable, _first_line
+
+    _check_reachable(backbone.name_or_path, "model.name_or_path")
+    try:
+        config = AutoConfig.from_pretrained(backbone.name_or_path, trust_remote_code=backbone.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.name_or_path {backbone.name_or_path!r}: cannot read its config ({_first_line(e)})") from None
+    wanted = "TokenClassification" if task == "ner" else "SequenceClassification"
+    if not any(a.endswith(wanted) for a in config.architectures or []):
+        raise ConfigError(f"model.name_or_path {backbone.name_or_path!r} is not a trained {task} classifier; "
+                          "classify.objective=bandit starts from the model that served the predictions (its final/ folder)")
+    return [str(config.id2label[i]) for i in range(len(config.id2label))]
+
+
+def encode_bandit_rows(cfg: ClassifyConfig, rows: Sequence[Row], task: str, tokenizer: Any, label_ids: dict[str, int],
+                       max_length: int) -> list[ClassifierExample]:
+    """Encode feedback rows as examples whose ``label`` is the shown output and ``target`` the named one.
+
+    Each row is encoded as the supervised record it would be if the shown output were the label
+    (NER: the shown type's B-/I- tags on the entity's words), by :func:`encode_rows`, so the
+    sub-word alignment and the length rule are the supervised ones. NER keeps the tags on the
+    entity's words only: the verdict says nothing about the rest of the sentence."""
+    path = cfg.data.path
+    shown_rows, target_rows = [], []
+    for row in rows:
+        f = row.fields
+        if task == "classification":
+            shown_rows.append(Row({"text": f["text"], "label": bandit_label(row, "shown", label_ids)}, row.where))
+            if f.get("label") is not None:
+                target_rows.append(Row({"text": f["text"], "label": bandit_label(row, "label", label_ids)}, row.where))
+            continue
+        shown_rows.append(Row({"tokens": f["tokens"], "tags": span_tags(row, "shown", label_ids)}, row.where))
+        if f.get("label") is not None:
+            target_rows.append(Row({"tokens": f["tokens"], "tags": span_tags(row, "label", label_ids)}, row.where))
+    examples = encode_rows(path, shown_rows, task, tokenizer, label_ids, max_length, cfg)
+    named_rows = [i for i, r in enumerate(rows) if r.fields.get("label") is not None]
+    encoded_targets = encode_rows(path, target_rows, task, tokenizer, label_ids, max_length, cfg) if target_rows else []
+    targets = {named_rows[e.row]: e for e in encoded_targets}
+    kept, partial = [], 0
+    for e in examples:
+        f = rows[e.row].fields
+        target = targets.get(e.row)
+        if task == "ner":
+            start, end = f["start"], f["end"]
+            if end > len(e.word_positions):  # the entity reaches past max_length: its log π would be partial
+                partial += 1
+                continue
+            span = set(e.word_positions[start:end])
+            e.label = [tag if p in span else IGNORE_INDEX for p, tag in enumerate(e.label)]
+            if target is not None:
+                target.label = [tag if p in span else IGNORE_INDEX for p, tag in enumerate(target.label)]
+        e.reward, e.propensity = float(f["reward"]), float(f["propensity"])
+        e.target = target.label if target is not None else None
+        kept.append(e)
+    if partial:
+        log.info("%s: %d of %d entities reach past data.max_length=%d sub-tokens and were left out", path, partial, len(rows), max_length)
+    if not kept:
+        raise DataError(f"{path}: no feedback row is left within data.max_length={max_length}")
+    return kept
+
+
+def bandit_label(row: Row, field: str, label_ids: dict[str, int]) -> str:
+    """A classification row's ``shown`` or ``label`` as one of the logging model's label names."""
+    value = row.fields[field]
+    names = list(label_ids)
+    if isinstance(value, int) and str(value) not in label_ids:
+        if 0 <= value < len(names):
+            return names[value]  # a class id
+    if str(value) not in label_ids:
+        raise DataError(f"{row.where}: field '{field}' is {value!r}, not one of the logging model's labels ({', '.join(names)})")
+    return str(value)
+
+
+def span_tags(row: Row, field: str, label_ids: dict[str, int]) -> list[str]:
+    """An NER row's tags if ``field`` (an entity type, or O) were right on its span; O elsewhere."""
+    f = row.fields
+    value, start, end = str(f[field]), f["start"], f["end"]
+    tags = ["O"] * len(f["tokens"])
+    if value != "O":
+        tags[start:end] = [f"B-{value}"] + [f"I-{value}"] * (end - start - 1)
+    for tag in tags[start:end]:
+        if tag not in label_ids:
+            types = sorted({name[2:] for name in label_ids if name[:2] in ("B-", "I-")})
+            raise DataError(f"{row.where}: field '{field}' is {value!r}, not an entity type of the logging model "
+                            f"({', '.join(types)}{'' if field == 'shown' else ', or O'})")
+    return tags
 
 
 def load_classifier_backbone(backbone: ModelConfig, task: str, names: list[str], seed: int) -> Any:
@@ -255,7 +432,9 @@ def class_weights(examples: Sequence[ClassifierExample], num_classes: int) -> to
 
 
 def collate_examples(examples: Sequence[ClassifierExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` ((B,) or (B, T) with IGNORE_INDEX on padding)."""
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` ((B,) or (B, T) with IGNORE_INDEX on padding);
+    bandit examples add ``reward``, ``propensity`` (B,), ``target`` (shaped as labels, IGNORE_INDEX where no
+    label was named), ``named`` (B,) bool and, for doubly_robust, ``estimates`` (B, K)."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -268,7 +447,21 @@ def collate_examples(examples: Sequence[ClassifierExample], pad_id: int) -> dict
         attention_mask[i, :n] = 1
         if token_level:
             labels[i, :n] = torch.tensor(e.label)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if examples[0].reward is None:
+        return batch
+    target = torch.full_like(labels, IGNORE_INDEX)
+    for i, e in enumerate(examples):
+        if e.target is not None:
+            if token_level:
+                target[i, :len(e.target)] = torch.tensor(e.target)
+            else:
+                target[i] = e.target
+    batch.update(reward=torch.tensor([e.reward for e in examples]), propensity=torch.tensor([e.propensity for e in examples]),
+                 target=target, named=torch.tensor([e.target is not None for e in examples]))
+    if examples[0].estimates is not None:
+        batch["estimates"] = torch.tensor([e.estimates for e in examples])
+    return batch
 
 
 def padding_share(examples: Sequence[ClassifierExample], batches: Sequence[Sequence[int]]) -> float:
@@ -286,7 +479,7 @@ def padding_share(examples: Sequence[ClassifierExample], batches: Sequence[Seque
 # ---------------------------------------------------------------------------------------------
 def fit_classifier(cfg: ClassifyConfig, model: Any, tokenizer: Any, task: str, names: list[str],
                    train: list[ClassifierExample], held_out: list[ClassifierExample], held_rows: list[Row],
-                   max_length: int) -> Run:
+                   max_length: int, supervised: list[ClassifierExample] | None = None) -> Run:
     cfg, run = open_stage_run(cfg, len(train), "classify")
     if run.is_complete():
         return run
@@ -302,6 +495,9 @@ def fit_classifier(cfg: ClassifyConfig, model: Any, tokenizer: Any, task: str, n
         batches = ShuffledBatches(len(train), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes,
                                   lengths=lengths)
         random_order = ShuffledBatches(len(train), t.batch_size, t.seed)  # the same batches without buckets, to compare
+        objective = STEP_LOSSES[cfg.classify.objective]
+        # objective=bandit with classify.supervised_path: one batch of the labelled set beside each feedback batch
+        supervised_batches = ShuffledBatches(len(supervised), min(t.batch_size, len(supervised)), t.seed + 1) if supervised else None
         epoch = range(batches.batches_per_epoch)
         log.info("classify: %d training / %d held-out rows, %d steps of %d×%d×%d; padding in the first epoch's batches: "
                  "%.1f%% with length buckets (%.1f%% in random batches); run folder %s",
@@ -313,30 +509,27 @@ def fit_classifier(cfg: ClassifyConfig, model: Any, tokenizer: Any, task: str, n
             model.train()
             examples = [[train[i] for i in batches.indices(session.step * t.grad_accum + k)] for k in range(t.grad_accum)]
             micro_batches = [{k: v.to(accelerator.device) for k, v in collate_examples(b, pad_id).items()} for b in examples]
-            # One normaliser for the whole step, all processes: the (weighted) count of labels that
-            # carry loss, so a step's loss is its mean whatever the accumulation or process count.
-            step_weight = session.sum_over_processes(sum(float(loss_weight(b["labels"], weights)) for b in micro_batches))
-            loss_sum = correct = counted = padded = positions = 0.0
+            # One normaliser for the whole step, all processes (the objective's: the weighted count
+            # of labels that carry loss, or the feedback rows), so a step's loss is its mean
+            # whatever the accumulation or process count.
+            step_weight = session.sum_over_processes(sum(objective.weight(b, weights) for b in micro_batches))
+            sums: Counter = Counter()
+            padded = positions = 0.0
             for k, batch in enumerate(micro_batches):
                 last = k == len(micro_batches) - 1
+                context = StepContext(cfg, weights)
+                if supervised_batches is not None:
+                    chosen = [supervised[i] for i in supervised_batches.indices(session.step * t.grad_accum + k)]
+                    context.supervised = {k: v.to(accelerator.device) for k, v in collate_examples(chosen, pad_id).items()}
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     with session.autocast():
-                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    # Cross-entropy summed over the labels that carry loss (IGNORE_INDEX skipped),
-                    # each weighted by its class (1 without class weights), divided by the step's
-                    # total weight: the weighted mean of −log p(label).
-                    logits, labels = logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
-                    summed = F.cross_entropy(logits, labels, weight=weights, ignore_index=IGNORE_INDEX, reduction="sum")
+                        summed, batch_sums = objective.loss(model, batch, context)
                     session.backward(summed / (step_weight / accelerator.num_processes))
-                loss_sum += float(summed.detach())
-                scored = labels != IGNORE_INDEX
-                correct += float((logits.detach().argmax(-1)[scored] == labels[scored]).sum())
-                counted += float(scored.sum())
+                sums.update(batch_sums)
                 positions += batch["attention_mask"].numel()
                 padded += float((batch["attention_mask"] == 0).sum())
             record = {
-                "train/loss": session.sum_over_processes(loss_sum) / step_weight,
-                "train/accuracy": session.sum_over_processes(correct) / session.sum_over_processes(counted),
+                **objective.summarise({k: session.sum_over_processes(v) for k, v in sums.items()}, step_weight),
                 "train/padding": session.sum_over_processes(padded) / session.sum_over_processes(positions),
                 "train/tokens": session.sum_over_processes(positions - padded),
                 **session.optimizer_step(),
@@ -348,9 +541,93 @@ def fit_classifier(cfg: ClassifyConfig, model: Any, tokenizer: Any, task: str, n
     if accelerator.is_main_process:
         extra = final_report(run, accelerator.unwrap_model(model), tokenizer, task, names, held_rows,
                              t.batch_size, max_length) if held_rows else "No held-out data: no classification report."
-        write_training_report(run, "classify", extra=extra, ylabel="cross-entropy (nats/label)", table=REPORT_TABLE[task])
+        ylabel = "cross-entropy (nats/label)" if cfg.classify.objective == "supervised" else "feedback objective"
+        write_training_report(run, "classify", extra=extra, ylabel=ylabel, table=REPORT_TABLE[task])
     log.info("classify done: model in %s, report in %s", run.final_dir, run.dir / "report.md")
     return run
+
+
+@dataclass
+class StepContext:
+    """What a step loss reads beside its batch."""
+
+    cfg: ClassifyConfig
+    weights: torch.Tensor | None  # class weights (classify.class_weights=balanced), or None
+    supervised: dict[str, torch.Tensor] | None = None  # objective=bandit: a batch of classify.supervised_path
+
+
+def supervised_loss(model: Any, batch: dict[str, torch.Tensor], context: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy summed over the labels that carry loss (IGNORE_INDEX skipped), each weighted by
+    its class (1 without class weights); the loop divides by the step's total weight, so the step's
+    loss is the weighted mean of −log p(label)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits, labels = logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
+    summed = F.cross_entropy(logits, labels, weight=context.weights, ignore_index=IGNORE_INDEX, reduction="sum")
+    scored = labels != IGNORE_INDEX
+    return summed, {"loss": float(summed.detach()), "correct": float((logits.detach().argmax(-1)[scored] == labels[scored]).sum()),
+                    "counted": float(scored.sum())}
+
+
+def label_logps(class_logps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log π_θ of each row's labels (B,): class_logps (B, K) with labels (B,), or (B, T, K) with
+    labels (B, T) summed over the positions that are not IGNORE_INDEX (an NER entity: its words'
+    log-probabilities of its tags, read at each word's first sub-token). 0 where a row has none."""
+    keep = labels != IGNORE_INDEX
+    picked = class_logps.gather(-1, torch.where(keep, labels, torch.zeros_like(labels)).unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(keep, picked, torch.zeros_like(picked))
+    return picked if picked.dim() == 1 else picked.sum(dim=1)
+
+
+def bandit_feedback_loss(model: Any, batch: dict[str, torch.Tensor], context: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+    """The feedback objective (:func:`alignloop.losses.feedback_objective`) of one micro-batch of
+    verdicts, times its row count: the loop divides by the step's rows."""
+    c = context.cfg.classify
+    bandit = BANDIT_LOSSES[c.bandit_loss]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    class_logps = torch.log_softmax(logits.float(), dim=-1)  # (B, K), ner (B, T, K)
+    extra = {}
+    if bandit.needs_classes:
+        extra = {"class_logps": class_logps, "shown": batch["labels"], "reward_estimates": batch["estimates"]}
+    bandit_loss, metrics = bandit.loss(label_logps(class_logps, batch["labels"]), batch["propensity"], batch["reward"],
+                                       **extra, **{name: getattr(c, name) for name in bandit.settings})
+    supervised_logps = None
+    if context.supervised is not None:
+        sup = context.supervised
+        sup_logits = model(input_ids=sup["input_ids"], attention_mask=sup["attention_mask"]).logits
+        sup_logps = torch.log_softmax(sup_logits.float(), dim=-1)
+        scored = sup["labels"] != IGNORE_INDEX  # ner: every tagged word is one term of the mean
+        supervised_logps = sup_logps.gather(-1, torch.where(scored, sup["labels"], 0).unsqueeze(-1)).squeeze(-1)[scored]
+    loss, parts = feedback_objective(bandit_loss, label_logps(class_logps, batch["target"]), batch["named"],
+                                     supervised_logps, c.alpha)
+    rows = float(batch["reward"].numel())
+    # row-weighted sums, so a step's numbers are means over its rows (NaN parts, e.g. no named label, left out)
+    sums = {k: v * rows for k, v in {**metrics, **parts}.items() if v == v}
+    return loss * rows, {"loss": float(loss.detach()) * rows, "rows": rows, **sums}
+
+
+def supervised_summary(sums: dict[str, float], step_weight: float) -> dict[str, float]:
+    return {"train/loss": sums["loss"] / step_weight, "train/accuracy": sums["correct"] / max(sums["counted"], 1.0)}
+
+
+def feedback_summary(sums: dict[str, float], step_weight: float) -> dict[str, float]:
+    return {"train/loss": sums["loss"] / step_weight,
+            **{f"train/{k}": v / sums["rows"] for k, v in sums.items() if k not in ("loss", "rows")}}
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    """One ``classify.objective``: the loop's per-batch loss, its share of the step's normaliser,
+    and how the step's summed numbers become logged means."""
+
+    loss: Any  # (model, batch, StepContext) -> (summed loss, additive numbers for the log)
+    weight: Any  # (batch, class weights) -> this micro-batch's share of the step's normaliser
+    summarise: Any  # (summed numbers over the step, step normaliser) -> metrics
+
+
+STEP_LOSSES = {
+    "supervised": StepLoss(supervised_loss, lambda batch, weights: float(loss_weight(batch["labels"], weights)), supervised_summary),
+    "bandit": StepLoss(bandit_feedback_loss, lambda batch, weights: float(batch["reward"].numel()), feedback_summary),
+}
 
 
 def loss_weight(labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
