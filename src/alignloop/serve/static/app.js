@@ -651,7 +651,7 @@ async function classifyAt(position) {
     const [result] = answer.results || [];
     if (!result || !result.prediction_id) throw new Error("The answer carried no prediction_id, so it cannot be judged.");
     classifying.position = position;
-    showPrediction(answer, result, text);
+    showPrediction(answer, result, text, model);
   } catch (error) {
     setStatus($("classify-error"), error.message, false);
   } finally {
@@ -697,25 +697,25 @@ function highlightEntities(container, text, entities) {
   container.append(cut(at, length));
 }
 
-/** The model's labels as the answer shows them: the keys of the probabilities (classification),
- * or the entity types of the per-word tag probabilities (NER: B-PER, I-PER → PER). */
-function labelsOf(task, result) {
-  if (task !== "ner") return Object.keys(result.probabilities || {});
+/** The labels a user may name: the model card's labels, else those the answer shows (the keys of
+ * the probabilities); for NER the entity types of its tags (B-PER, I-PER → PER). */
+function labelsOf(task, result, card) {
+  const probabilities = result.probabilities || (task === "ner" ? [] : {});
+  if (task !== "ner") return card && card.labels ? [...card.labels] : Object.keys(probabilities);
+  const tags = card && card.labels ? card.labels : probabilities.flatMap((word) => Object.keys(word));
   const types = new Set();
-  for (const word of result.probabilities || []) {
-    for (const tag of Object.keys(word)) if (tag.includes("-")) types.add(tag.slice(tag.indexOf("-") + 1));
-  }
+  for (const tag of tags) if (tag.includes("-")) types.add(tag.slice(tag.indexOf("-") + 1));
   return [...types].sort();
 }
 
-function showPrediction(answer, result, text) {
+function showPrediction(answer, result, text, card) {
   const task = answer.task === "ner" ? "ner" : "classification";
   const prediction = {
     id: result.prediction_id,
     task,
     text,
     shown: task === "ner" ? null : result.label,
-    labels: labelsOf(task, result),
+    labels: labelsOf(task, result, card),
     entities: task === "ner" ? result.entities || [] : [],
   };
   classifying.prediction = prediction;
