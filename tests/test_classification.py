@@ -10,7 +10,7 @@ import pytest
 import seqeval.metrics
 import sklearn.metrics
 
-from alignloop.evaluate.classification import (
+from alignloop.report.classification import (
     classification_report_labels,
     classification_text,
     ner_report,

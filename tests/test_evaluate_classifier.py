@@ -99,8 +99,13 @@ def test_ner_all_outside_model_and_word_alignment(tmp_path: Path) -> None:
     assert report["words_past_max_length"] == 0
 
     # A model that tags every sub-token B-person: every word is a one-word person entity.
-    from alignloop.evaluate.classifier import predict_tags
     from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from alignloop.models.classifier import word_tag_probabilities
+
+    def predict_tags(*args, **kwargs):
+        probs, cut = word_tag_probabilities(*args, **kwargs)
+        return [p.argmax(-1).tolist() for p in probs], cut
 
     person = tiny_classifier(tmp_path / "p", TAGS, True, bias=[0, 5.0, 0, 0, 0])
     model, tokenizer = AutoModelForTokenClassification.from_pretrained(person), AutoTokenizer.from_pretrained(person)

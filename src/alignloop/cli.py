@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          description="pairs: pairwise a/b votes and corrections → prompt, chosen, rejected; "
                                                      "kto: thumbs → prompt, completion, label; sft: corrections → prompt, completion; "
                                                      "ratings: → prompt, completion, rating, user.")
-    export.add_argument("--kind", required=True, choices=["pairs", "kto", "sft", "ratings"], help="which training records to write")
+    export.add_argument("--kind", required=True, choices=["pairs", "kto", "sft", "ratings", "bandit"], help="which training records to write")
     export.add_argument("--out", required=True, help="the JSONL file to write")
     export.add_argument("--db", help=db_help)
     export.set_defaults(handler=_run_feedback_export)
@@ -110,10 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="YAML with any of the keys below; command-line options override it")
     serve.add_argument("--model", dest="models", action="append", metavar="[NAME=]PATH",
                        help="a model to serve (repeat for several): an HF id or folder such as runs/sft/final")
+    serve.add_argument("--classifier", dest="classifiers", action="append", metavar="[NAME=]PATH",
+                       help="a classifier to serve on /v1/classify (repeat for several): a sequence or token (NER) classifier folder")
     serve.add_argument("--no-auth", dest="auth", action="store_const", const="false",
                        help="no API keys: every request is the user 'anonymous' (local demos only)")
     for key, type_name, default, help_text in describe(ServeConfig):
-        if key in ("models", "auth"):
+        if key in ("models", "classifiers", "auth"):
             continue
         kwargs = {"nargs": "?", "const": "true"} if type_name == "bool" else {}
         serve.add_argument(f"--{key.replace('_', '-')}", f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=type_name,
@@ -190,6 +192,8 @@ def _run_serve(args: argparse.Namespace, extra: list[str]) -> int:
     overrides = {key: value for key, value in vars(args).items() if key in keys and value is not None}
     if args.models:
         overrides["models"] = list(args.models)  # typed already: each a PATH or NAME=PATH
+    if args.classifiers:
+        overrides["classifiers"] = list(args.classifiers)
     config = load_config(ServeConfig, args.config, overrides)
     from alignloop.serve.run import serve_forever
 

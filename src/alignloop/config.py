@@ -539,6 +539,10 @@ class ServeConfig:
     every piece of feedback with who gave it on which model version."""
 
     models: list[str] = option([], "models to serve: PATH or NAME=PATH (an HF id or folder, e.g. runs/sft/final); the name defaults to the folder's name (runs/X/final → X)")
+    classifiers: list[str] = option([], "classifiers to serve on /v1/classify: NAME=PATH or PATH (a sequence or token classifier folder); beside models or alone")
+    exploration: str = option("epsilon:0.1", "how a classifier picks the label it shows: greedy, epsilon:E or temperature:T; the default shows the best label 90% of the time and keeps every label ≥ ε/K, so feedback on it trains off-policy with weights ≤ K/ε")
+    classify_max_tokens: Optional[int] = option(None, "longest classifier input in sub-tokens; a longer text is read from its start and the answer counts the words cut (default: the model's own limit)")
+    max_classify_inputs: int = option(64, "most texts (or word lists) per /v1/classify request")
     db: Optional[str] = option(None, "feedback store URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB (default: $ALIGNLOOP_DB or sqlite:///feedback.db)")
     host: str = option("127.0.0.1", "interface to listen on")
     port: int = option(8000, "port to listen on")
@@ -557,11 +561,14 @@ class ServeConfig:
     cors_origins: list[str] = option([], "origins allowed to call the API from a browser (CORS); empty = same origin only")
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "stream_interval", "default_max_tokens", "max_tokens_limit", "max_n", "max_body_bytes", "rate_burst"):
+        for name in ("max_batch", "stream_interval", "default_max_tokens", "max_tokens_limit", "max_n", "max_body_bytes", "rate_burst",
+                     "max_classify_inputs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ConfigError(f"default_max_tokens ({self.default_max_tokens}) is above max_tokens_limit ({self.max_tokens_limit})")
+        if self.classify_max_tokens is not None and self.classify_max_tokens < 3:
+            raise ConfigError(f"classify_max_tokens must be ≥ 3 (two special tokens and a word; got {self.classify_max_tokens})")
         if self.rate_limit_per_minute < 0:
             raise ConfigError(f"rate_limit_per_minute must be ≥ 0 (got {self.rate_limit_per_minute}); 0 turns the limit off")
 

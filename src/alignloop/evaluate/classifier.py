@@ -8,7 +8,7 @@
    string must be one of the model's label names, so a report never silently compares "1" with
    "POSITIVE".
 3. scikit-learn (labels) or seqeval (entity spans) compute the report
-   (:mod:`alignloop.evaluate.classification`); each model gets ``<run>/<role>/report.md`` with a
+   (:mod:`alignloop.report.classification`); each model gets ``<run>/<role>/report.md`` with a
    confusion matrix, and the run folder a side-by-side ``report.md`` and a flat ``metrics.json``
    whose keys a gate names (``candidate_accuracy``, ``macro_f1_delta``, ...).
 
@@ -23,14 +23,13 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from alignloop.config import EvaluateConfig, save_config
 from alignloop.data.load import load_records
 from alignloop.data.records import Row
-from alignloop.errors import ConfigError, DataError, ModelError
-from alignloop.evaluate import classification as reports
+from alignloop.errors import ConfigError, DataError
 from alignloop.evaluate.gates import check_gate, parse_gate
+from alignloop.models.classifier import label_names, label_probabilities, load_classifier, word_tag_probabilities
+from alignloop.report import classification as reports
 from alignloop.report.markdown import md_table
 
 log = logging.getLogger("alignloop")
@@ -82,34 +81,6 @@ def run_classifier_evaluate(cfg: EvaluateConfig) -> int:
     return 0 if passed else 1
 
 
-def load_classifier(path: str, task: str, role: str) -> tuple[Any, Any]:
-    """A sequence or token classifier and its tokenizer, in eval mode on the inference device."""
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
-
-    from alignloop.models.load import _check_reachable, _first_line, inference_device
-
-    _check_reachable(path, role)
-    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForTokenClassification
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = auto.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{role} {path!r}: cannot load as a {auto.__name__.removeprefix('AutoModelFor')} model "
-                         f"({_first_line(e)})") from None
-    if tokenizer.pad_token is None:  # decoder backbones: pad with EOS; the model finds the last real token
-        tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if task == "ner" and not tokenizer.is_fast:
-        raise ModelError(f"{role} {path!r}: NER needs a fast tokenizer (word alignment); this one is {type(tokenizer).__name__}")
-    return model.to(inference_device()).eval(), tokenizer
-
-
-def label_names(model: Any) -> list[str]:
-    """The model's class names in id order."""
-    id2label = model.config.id2label
-    return [str(id2label[i]) for i in range(len(id2label))]
-
-
 def gold_labels(rows: Sequence[Row], field: str, names: list[str]) -> list[list[str]] | list[str]:
     """The data's labels as the model's class names; an unknown one is a DataError naming its row."""
     known = set(names)
@@ -129,78 +100,26 @@ def gold_labels(rows: Sequence[Row], field: str, names: list[str]) -> list[list[
     return [[name_of(tag, row) for tag in row.fields["tags"]] for row in rows]
 
 
-@torch.inference_mode()
-def predict_labels(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int, max_length: int) -> list[int]:
-    """The argmax class id of each text; batches of similar length so little is padding."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    predicted = [0] * len(texts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        batch = tokenizer([texts[i] for i in chunk], truncation=True, max_length=max_length, padding=True,
-                          return_tensors="pt").to(model.device)
-        for i, label in zip(chunk, model(**batch).logits.argmax(-1).tolist()):
-            predicted[i] = label
-    return predicted
-
-
-@torch.inference_mode()
-def predict_tags(model: Any, tokenizer: Any, sentences: Sequence[list[str]], batch_size: int,
-                 max_length: int) -> tuple[list[list[int]], int]:
-    """Each word's class id, read at its first sub-token; returns the ids and how many words were
-    cut off by ``max_length`` (those get class ``O`` if the model has it, else class 0)."""
-    names = label_names(model)
-    outside = names.index("O") if "O" in names else 0
-    predicted: list[list[int]] = [[] for _ in sentences]
-    cut = 0
-    for start in range(0, len(sentences), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(sentences))))
-        batch = tokenizer([sentences[i] for i in chunk], is_split_into_words=True, truncation=True,
-                          max_length=max_length, padding=True, return_tensors="pt")
-        ids = model(**batch.to(model.device)).logits.argmax(-1).tolist()
-        for row, i in enumerate(chunk):
-            first_piece: dict[int, int] = {}
-            for position, word in enumerate(batch.word_ids(row)):
-                if word is not None and word not in first_piece:
-                    first_piece[word] = position
-            words = len(sentences[i])
-            cut += words - len(first_piece)
-            predicted[i] = [ids[row][first_piece[w]] if w in first_piece else outside for w in range(words)]
-    return predicted, cut
-
-
 def evaluate_labels(model: Any, tokenizer: Any, rows: Sequence[Row], batch_size: int, max_length: int,
                     folder: Path) -> tuple[dict, str, dict[str, Path]]:
     names = label_names(model)
     gold = gold_labels(rows, "label", names)
-    predicted = [names[i] for i in predict_labels(model, tokenizer, [r.fields["text"] for r in rows], batch_size, max_length)]
-    folder.mkdir(parents=True, exist_ok=True)
-    plot = reports.plot_confusion_matrix(gold, predicted, names, folder / "confusion_matrix.png")
-    return (reports.classification_report_labels(gold, predicted, labels=names),
-            reports.classification_text(gold, predicted, labels=names), {"confusion matrix": plot})
+    probs = label_probabilities(model, tokenizer, [r.fields["text"] for r in rows], batch_size, max_length)
+    predicted = [names[i] for i in probs.argmax(-1).tolist()]
+    return reports.report_labels(gold, predicted, names, folder)
 
 
 def evaluate_tags(model: Any, tokenizer: Any, rows: Sequence[Row], batch_size: int, max_length: int,
                   folder: Path) -> tuple[dict, str, dict[str, Path]]:
     names = label_names(model)
     gold = gold_labels(rows, "tags", names)
-    ids, cut = predict_tags(model, tokenizer, [r.fields["tokens"] for r in rows], batch_size, max_length)
+    probs, cut = word_tag_probabilities(model, tokenizer, [r.fields["tokens"] for r in rows], batch_size, max_length)
     if cut:
         log.warning("evaluate: %d words lay past %d sub-tokens and were predicted O", cut, max_length)
-    predicted = [[names[i] for i in sentence] for sentence in ids]
-    report = reports.ner_report(gold, predicted)
+    predicted = [[names[i] for i in sentence.argmax(-1).tolist()] for sentence in probs]
+    report, text, plots = reports.report_tags(gold, predicted, names, folder)
     report["words_past_max_length"] = cut
-    # The confusion matrix is per token over entity types (B-/I- folded together): which types get mixed up.
-    types = sorted({_entity_type(n) for n in names})
-    flat_gold = [_entity_type(t) for sentence in gold for t in sentence]
-    flat_pred = [_entity_type(t) for sentence in predicted for t in sentence]
-    folder.mkdir(parents=True, exist_ok=True)
-    plot = reports.plot_confusion_matrix(flat_gold, flat_pred, types, folder / "confusion_matrix.png",
-                                         title="token entity types")
-    return report, reports.ner_text(gold, predicted), {"confusion matrix (tokens, entity types)": plot}
-
-
-def _entity_type(tag: str) -> str:
-    return tag.split("-", 1)[1] if tag[:2] in ("B-", "I-") else tag
+    return report, text, plots
 
 
 def flatten(results: dict[str, dict], headline: Sequence[str]) -> dict:

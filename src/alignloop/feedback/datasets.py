@@ -20,6 +20,8 @@ pairs, and duplicates removed. The rules, applied in this order:
    | thumbs | a thumbs record (KTO); with ``sibling_thumbs``, an up and a down on two answers to the same prompt also make a pair (up ≻ down) |
    | correction | an SFT example and a pair (correction ≻ original) |
    | rating | a rating record |
+   | prediction (classification) | a bandit record: the shown label, its propensity, reward 1.0 if right else 0.0 |
+   | prediction (NER) | a bandit record per judged shown entity (reward 1.0/0.0, propensity: its words' product); none when ``correct=false`` names no entity (``unjudged_entities``) |
 
 4. **agreement**: a pair of answers judged (pairwise) by several users is kept, once, in the
    majority's direction only when the majority's share is at least ``min_agreement``; otherwise
@@ -36,12 +38,22 @@ The records are the record kinds of ARCHITECTURE.md in TRL's field names:
 | kto     | prompt, completion, label          | KTO         |
 | sft     | prompt, completion                 | SFT         |
 | ratings | prompt, completion, rating, user   | reward      |
+| bandit  | shown, propensity, reward (+ text, or tokens/start/end; label when known) | classifier (off-policy) |
 
 The prompt is the chat messages (then completion, chosen and rejected are one assistant message,
 TRL's conversational format) or the prompt string. Every record also carries ``source`` (the
 vote kind, or ``sibling_thumbs``), the ``model_version`` of its answer (pairs: of the chosen one,
 and ``rejected_model_version``) and the ``feedback_ids`` that made it (several when votes agree
 or a duplicate was merged), so a model trained on it can name the exact feedback rows behind it.
+
+A ``bandit`` record is one logged decision of a served classifier: what it showed (``shown``),
+the probability its exploration policy gave that (``propensity``) and whether the user said it
+was right (``reward``); ``label`` is the right answer where the feedback tells it (the shown one
+when right, the user's ``label`` when given). Classification records carry ``text``; NER records
+carry ``tokens`` and the entity's word span ``start``/``end`` (end exclusive), ``shown`` its type
+and ``label`` the right type or ``"O"`` (no entity). Provenance: ``model_version``,
+``prediction_id``, ``feedback_ids``, ``user``. Bandit records are never merged: each is one
+decision with its own propensity, and each prediction belongs to one user.
 """
 
 from __future__ import annotations
@@ -55,7 +67,7 @@ from typing import Any, Optional
 from alignloop.errors import ConfigError
 from alignloop.feedback.entities import Answer, Vote
 
-RECORD_KINDS = ("pairs", "kto", "sft", "ratings")
+RECORD_KINDS = ("pairs", "kto", "sft", "ratings", "bandit")
 
 
 @dataclass(frozen=True)
@@ -87,12 +99,13 @@ class Datasets:
     kto: list[dict] = field(default_factory=list)
     sft: list[dict] = field(default_factory=list)
     ratings: list[dict] = field(default_factory=list)
+    bandit: list[dict] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
 
     @property
     def feedback_ids(self) -> set[int]:
         """Every feedback row behind some record: the lineage of what trains on these sets."""
-        return {i for records in (self.pairs, self.kto, self.sft, self.ratings) for r in records for i in r["feedback_ids"]}
+        return {i for kind in RECORD_KINDS for r in getattr(self, kind) for i in r["feedback_ids"]}
 
 
 def build_datasets(votes: Iterable[Vote], rules: DatasetRules) -> Datasets:
@@ -126,6 +139,8 @@ def build_datasets(votes: Iterable[Vote], rules: DatasetRules) -> Datasets:
             out.sft.append({"prompt": v.a.prompt, "completion": v.a.as_answer(v.correction), "feedback_ids": [v.feedback_id],
                             "source": "correction", "model_version": v.a.model_version})
             out.pairs.append(_pair(v.a, v.a.as_answer(v.correction), v.a.as_answer(), "correction", [v.feedback_id]))
+        elif v.kind == "prediction":
+            out.bandit += _bandit(v, out.skipped)
         elif v.kind == "rating":
             out.ratings.append({"prompt": v.a.prompt, "completion": v.a.as_answer(), "rating": v.rating, "user": v.user,
                                 "feedback_ids": [v.feedback_id], "source": "rating", "model_version": v.a.model_version})
@@ -147,8 +162,7 @@ def _in_scope(v: Vote, rules: DatasetRules, skipped: Counter) -> bool:
         skipped["outside_window"] += 1
         return False
     if rules.model_versions is not None:
-        versions = {v.a.model_version} | ({v.b.model_version} if v.b is not None else set())
-        if not versions <= set(rules.model_versions):
+        if not v.model_versions <= set(rules.model_versions):
             skipped["other_model_version"] += 1
             return False
     return True
@@ -211,6 +225,45 @@ def _pair(answer: Answer, chosen: Any, rejected: Any, source: str, feedback_ids:
 def _kto(v: Vote, answer: Answer, label: bool) -> dict:
     return {"prompt": answer.prompt, "completion": answer.as_answer(), "label": label, "feedback_ids": [v.feedback_id],
             "source": v.kind, "model_version": answer.model_version}
+
+
+def _bandit(v: Vote, skipped: Counter) -> list[dict]:
+    """A prediction vote → its bandit records (see the module's docstring)."""
+    p = v.prediction
+    if p is None:
+        skipped["no_prediction"] += 1
+        return []
+    provenance = {"model_version": p.model_version, "prediction_id": p.prediction_id, "feedback_ids": [v.feedback_id],
+                  "user": v.user, "source": "prediction"}
+    if p.task != "ner":
+        record = {"text": p.text, "shown": p.shown, "propensity": p.propensity, "reward": 1.0 if v.correct else 0.0}
+        if v.correct:
+            record["label"] = p.shown
+        elif v.label is not None:
+            record["label"] = v.label
+        return [{**record, **provenance}]
+    shown = p.entities or []
+    if v.correct:  # every shown entity right
+        verdicts = {i: {"index": i, "correct": True} for i in range(len(shown))}
+    else:
+        verdicts = {e["index"]: e for e in v.entities or []}
+    if not shown:
+        skipped["no_shown_entities"] += 1
+        return []
+    if not verdicts:  # wrong somewhere, but the user did not say which entity
+        skipped["unjudged_entities"] += 1
+        return []
+    records = []
+    for i, verdict in sorted(verdicts.items()):
+        entity = shown[i]
+        record = {"tokens": p.tokens, "start": entity["word_start"], "end": entity["word_end"], "shown": entity["type"],
+                  "propensity": entity["propensity"], "reward": 1.0 if verdict["correct"] else 0.0}
+        if verdict["correct"]:
+            record["label"] = entity["type"]
+        elif verdict.get("label") is not None:
+            record["label"] = verdict["label"]
+        records.append({**record, **provenance})
+    return records
 
 
 def _dedupe(records: list[dict], fields: tuple[str, ...], skipped: Counter, name: str) -> list[dict]:

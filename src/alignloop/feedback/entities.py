@@ -15,16 +15,19 @@ from typing import Any
 from alignloop.errors import AlignloopError
 from alignloop.feedback.schema import utc_now
 
-FEEDBACK_KINDS = ("thumbs", "rating", "pairwise", "correction")
+FEEDBACK_KINDS = ("thumbs", "rating", "pairwise", "correction", "prediction")
 VERDICTS = ("a", "b", "tie", "both_bad")
 ENDPOINTS = ("chat", "completion")
+TASKS = ("classification", "ner")  # what a served classifier does: one label per text, or one BIO tag per word
 # The fields each kind may set; a value in another kind's field is refused, not silently dropped.
 KIND_FIELDS = {
     "thumbs": ("up",),
     "rating": ("rating",),
     "pairwise": ("other_completion_id", "verdict", "left"),
     "correction": ("correction",),
+    "prediction": ("prediction_id", "correct", "label", "entities"),
 }
+NOT_AN_ENTITY = "O"  # an entity verdict's label for "these words are no entity at all"
 MAX_COMMENT_CHARS = 10_000
 MAX_CORRECTION_CHARS = 100_000
 MAX_TAGS, MAX_TAG_CHARS = 32, 64
@@ -90,8 +93,8 @@ class CompletionRecord:
 class FeedbackInput:
     """A vote as a user sends it. Which fields apply depends on ``kind`` (see KIND_FIELDS)."""
 
-    kind: str  # "thumbs" | "rating" | "pairwise" | "correction"
-    completion_id: str  # pairwise: completion A
+    kind: str  # "thumbs" | "rating" | "pairwise" | "correction" | "prediction"
+    completion_id: str | None = None  # pairwise: completion A; None only for a prediction
     up: bool | None = None  # thumbs
     rating: int | None = None  # rating, 1..5
     other_completion_id: str | None = None  # pairwise: completion B (differs from A)
@@ -100,16 +103,21 @@ class FeedbackInput:
     correction: str | None = None  # correction: the user's edited answer
     comment: str | None = None
     tags: list[str] = field(default_factory=list)
+    prediction_id: str | None = None  # prediction: the result's prediction_id
+    correct: bool | None = None  # prediction: was what was shown right (NER: every shown entity)
+    label: str | None = None  # prediction, classification: the right label (only with correct=false)
+    entities: list[dict] | None = None  # prediction, NER: [{"index", "correct", "label"?}] per shown entity judged
 
 
 @dataclass
 class FeedbackRecord:
-    """A stored vote, with the text and model version of the completion it is attached to."""
+    """A stored vote, with the text and model version of the completion (or the model version of
+    the prediction) it is attached to."""
 
     id: int
     user_id: int
     kind: str
-    completion_id: str
+    completion_id: str | None
     up: bool | None
     rating: int | None
     other_completion_id: str | None
@@ -121,8 +129,13 @@ class FeedbackRecord:
     created_at: datetime
     updated_at: datetime
     revision: int  # 1 when created, +1 per replacement
-    completion_text: str
+    completion_text: str | None  # None for a prediction
     model_version: str
+    # Defaults: an idempotent replay stored before predictions existed has none of these.
+    prediction_id: str | None = None
+    correct: bool | None = None
+    label: str | None = None
+    entities: list[dict] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -156,20 +169,75 @@ class Answer:
         return [{"role": "assistant", "content": text}] if self.chat else text
 
 
+@dataclass
+class PredictionRecord:
+    """One input a served classifier answered, what it showed and with what probability, as the
+    server stores it (see :class:`alignloop.feedback.schema.Prediction` for each field's shape)."""
+
+    id: str  # "pred-<32 hex>-<input index>"
+    request_id: str  # "clsreq-<32 hex>": the inputs of one request share it
+    user_id: int
+    model_name: str
+    model_version: str  # registered with register_model first
+    task: str  # "classification" | "ner"
+    input_text: str  # NER given words: the words joined by single spaces
+    input_tokens: list[str] | None  # NER: the words
+    shown: Any  # classification: a label; NER: a BIO tag per word
+    best: Any  # the argmax answer, same shape as shown
+    entities: list[dict] | None  # NER: the shown spans, each with its propensity
+    probabilities: Any  # classification: {label: p}; NER: [{tag: p}, ...] per word
+    propensity: float  # P(shown | input) under the exploration policy (NER: product over words)
+    exploration: dict  # the policy that chose: {"method": "epsilon", "epsilon": 0.1}, ...
+    created_at: datetime = field(default_factory=utc_now)
+
+    @property
+    def labels(self) -> list[str]:
+        """The model's labels (classification) or tags (NER): the probabilities' keys."""
+        if self.task == "ner":
+            return list(self.probabilities[0]) if self.probabilities else []
+        return list(self.probabilities)
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A prediction as a vote on it is judged: what the model saw and showed, with what probability."""
+
+    prediction_id: str
+    model_version: str
+    task: str
+    text: str
+    tokens: list[str] | None
+    shown: Any
+    entities: list[dict] | None
+    propensity: float
+
+
 @dataclass(frozen=True)
 class Vote:
-    """One live feedback row with the answers it is about (:meth:`FeedbackStore.votes`)."""
+    """One live feedback row with the answers it is about (:meth:`FeedbackStore.votes`): ``a``
+    (and ``b``) for a completion, ``prediction`` for a prediction."""
 
     feedback_id: int
     user: str
-    kind: str  # thumbs | rating | pairwise | correction
+    kind: str  # thumbs | rating | pairwise | correction | prediction
     updated_at: datetime
-    a: Answer
+    a: Answer | None  # None for a prediction
     b: Answer | None = None  # pairwise: the other answer
     up: bool | None = None
     rating: int | None = None
     verdict: str | None = None  # a | b | tie | both_bad
     correction: str | None = None
+    prediction: Shown | None = None
+    correct: bool | None = None
+    label: str | None = None
+    entities: list[dict] | None = None
+
+    @property
+    def model_versions(self) -> set[str]:
+        """The versions whose output this vote judges."""
+        if self.prediction is not None:
+            return {self.prediction.model_version}
+        return {a.model_version for a in (self.a, self.b) if a is not None}
 
 
 
@@ -204,6 +272,12 @@ def check_feedback(fb: FeedbackInput) -> None:
         for name in names:
             if kind != fb.kind and getattr(fb, name) is not None:
                 raise Invalid(f"field '{name}' belongs to {kind} feedback, not {fb.kind}", field=name)
+    if fb.kind == "prediction":
+        if fb.completion_id is not None:
+            raise Invalid("field 'completion_id' is not for prediction feedback; give 'prediction_id'", field="completion_id")
+        check_prediction_verdict(fb)
+    elif not isinstance(fb.completion_id, str) or not fb.completion_id:
+        raise Invalid(f"field 'completion_id' is required for {fb.kind} feedback", field="completion_id")
     if fb.kind == "thumbs" and not isinstance(fb.up, bool):
         raise Invalid("field 'up' must be true or false for thumbs feedback", field="up")
     integer = isinstance(fb.rating, int) and not isinstance(fb.rating, bool)  # True is an int in Python
@@ -232,3 +306,116 @@ def check_feedback(fb: FeedbackInput) -> None:
             or not all(isinstance(t, str) and 0 < len(t) <= MAX_TAG_CHARS for t in fb.tags)):
         raise Invalid(f"field 'tags' must be a list of at most {MAX_TAGS} strings of 1 to {MAX_TAG_CHARS} characters",
                       field="tags")
+
+
+def check_prediction_verdict(fb: FeedbackInput) -> None:
+    """The checks of prediction feedback that need no prediction; those against the model's
+    labels and the shown entities are :func:`check_against_prediction`'s."""
+    if not isinstance(fb.prediction_id, str) or not 0 < len(fb.prediction_id) <= MAX_ID_CHARS:
+        raise Invalid(f"field 'prediction_id' is required for prediction feedback (1 to {MAX_ID_CHARS} characters)",
+                      field="prediction_id")
+    if not isinstance(fb.correct, bool):
+        raise Invalid("field 'correct' must be true or false: was what the model showed right", field="correct")
+    if fb.label is not None:
+        if not isinstance(fb.label, str) or not fb.label:
+            raise Invalid("field 'label' must be one of the model's labels", field="label")
+        if fb.correct:
+            raise Invalid("field 'label' is the right label when the shown one was wrong; leave it out with correct=true",
+                          field="label")
+    if fb.entities is None:
+        return
+    if not isinstance(fb.entities, list) or not all(isinstance(e, dict) for e in fb.entities):
+        raise Invalid('field \'entities\' must be a list of {"index", "correct", "label"?}', field="entities")
+    seen = set()
+    for e in fb.entities:
+        index, correct, label = e.get("index"), e.get("correct"), e.get("label")
+        if set(e) - {"index", "correct", "label"}:
+            raise Invalid(f"field 'entities': unknown keys {sorted(set(e) - {'index', 'correct', 'label'})}", field="entities")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise Invalid(f"field 'entities': index must be a shown entity's position (0, 1, ...), got {index!r}",
+                          field="entities")
+        if index in seen:
+            raise Invalid(f"field 'entities': entity {index} is judged twice", field="entities")
+        seen.add(index)
+        if not isinstance(correct, bool):
+            raise Invalid(f"field 'entities': entity {index} needs correct true or false", field="entities")
+        if label is not None and (correct or not isinstance(label, str) or not label):
+            raise Invalid(f"field 'entities': entity {index}: label is the right type (or \"O\") of a wrong entity only",
+                          field="entities")
+        if fb.correct and not correct:
+            raise Invalid(f"field 'entities': entity {index} is judged wrong but correct=true says every shown entity is right",
+                          field="entities")
+
+
+def check_against_prediction(fb: FeedbackInput, prediction: PredictionFacts) -> None:
+    """Prediction feedback against the prediction it judges: a label the model has, entity
+    verdicts on entities that were shown."""
+    if prediction.task == "ner":
+        if fb.label is not None:
+            raise Invalid("field 'label' is for a classification; judge an NER prediction's entities with 'entities'",
+                          field="label")
+        types = prediction.entity_types
+        for e in fb.entities or []:
+            if e["index"] >= len(prediction.shown_entities):
+                raise Invalid(f"field 'entities': entity {e['index']} was not shown; the prediction showed "
+                              f"{len(prediction.shown_entities)} (indices from 0)", field="entities")
+            label = e.get("label")
+            if label is not None and label not in types and label != NOT_AN_ENTITY:
+                raise Invalid(f"field 'entities': entity {e['index']}: label {label!r} is not one of the model's types "
+                              f"{sorted(types)} or {NOT_AN_ENTITY!r}", field="entities")
+            if label is not None and label == prediction.shown_entities[e["index"]]:
+                raise Invalid(f"field 'entities': entity {e['index']} is judged wrong with the type it was shown as",
+                              field="entities")
+        return
+    if fb.entities is not None:
+        raise Invalid("field 'entities' is for an NER prediction; a classification takes 'label'", field="entities")
+    if fb.label is not None:
+        if fb.label not in prediction.labels:
+            raise Invalid(f"field 'label': {fb.label!r} is not one of the model's labels {list(prediction.labels)}",
+                          field="label")
+        if fb.label == prediction.shown:
+            raise Invalid(f"field 'label': {fb.label!r} is the label that was shown; with correct=false give the right one",
+                          field="label")
+
+
+@dataclass(frozen=True)
+class PredictionFacts:
+    """What the feedback path needs to know about a prediction; never changes once written."""
+
+    user_id: int
+    model_version: str
+    task: str
+    labels: tuple[str, ...]  # classification: the labels; NER: the tags
+    shown: Any
+    shown_entities: tuple[str, ...]  # NER: the type of each shown entity, in order
+
+    @property
+    def entity_types(self) -> set[str]:
+        # B-X/I-X name type X; a bare tag other than O is a type itself (IO tagging, as entity_spans reads it)
+        return {tag[2:] if tag[:2] in ("B-", "I-") else tag for tag in self.labels if tag != NOT_AN_ENTITY}
+
+    @classmethod
+    def of(cls, record: PredictionRecord) -> PredictionFacts:
+        return cls(record.user_id, record.model_version, record.task, tuple(record.labels), record.shown,
+                   tuple(e["type"] for e in record.entities or []))
+
+
+def check_prediction(record: PredictionRecord) -> None:
+    if not record.id or len(record.id) > MAX_ID_CHARS:
+        raise Invalid(f"field 'id' must be 1 to {MAX_ID_CHARS} characters", field="id")
+    if record.task not in TASKS:
+        raise Invalid(f"field 'task' must be one of {', '.join(TASKS)}, got {record.task!r}", field="task")
+    p = record.propensity
+    if not isinstance(p, float) or not 0.0 < p <= 1.0:
+        raise Invalid(f"field 'propensity' must be a probability in (0, 1], got {p!r}", field="propensity")
+    if record.task == "ner":
+        words = record.input_tokens
+        if not isinstance(words, list) or not (len(words) == len(record.shown) == len(record.best) == len(record.probabilities)):
+            raise Invalid("field 'input_tokens': an NER prediction has one shown tag, best tag and probabilities per word",
+                          field="input_tokens")
+        if not isinstance(record.entities, list):
+            raise Invalid("field 'entities' is required for an NER prediction (empty when none was shown)", field="entities")
+    elif not isinstance(record.probabilities, dict) or record.shown not in record.probabilities:
+        raise Invalid("field 'shown' must be one of the labels in 'probabilities'", field="shown")
+    if record.created_at.tzinfo is None:
+        raise Invalid("field 'created_at' must be timezone-aware (UTC)", field="created_at")

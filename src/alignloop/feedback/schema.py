@@ -7,7 +7,9 @@ What links to what::
 
     users ─< completions >─ models            (who asked, which weights answered)
     users ─< conversations ─< messages        (the chat as the user sent it)
+    users ─< predictions >─ models            (a served classifier's answer, with its propensity)
     completions ─< feedback >─ users          (one live vote per user, target and kind)
+    predictions ─< feedback                   (kind "prediction": right or wrong, the right label)
     users ─< idempotency_keys                 (retried POSTs answered from the first result)
 
 Timestamps are UTC and come back timezone-aware from both SQLite (which stores them naive) and
@@ -155,12 +157,44 @@ class Completion(Base):
     created_at: Mapped[datetime]
 
 
+class Prediction(Base):
+    """One input a served classifier answered: what it saw, what it showed, what it thought best,
+    and the probability with which its exploration policy showed it (``propensity``), which is
+    what makes the feedback on it usable for off-policy (bandit) training.
+
+    Classification: ``shown`` and ``best`` are labels, ``probabilities`` maps label → p. NER:
+    ``input_tokens`` are the words, ``shown``/``best`` one BIO tag per word, ``probabilities`` one
+    {tag: p} per word, ``entities`` the shown spans (type, word and character offsets, text and
+    each one's propensity: the product of its words'), ``propensity`` the product over all words.
+    """
+
+    __tablename__ = "predictions"
+
+    id: Mapped[str] = mapped_column(sa.String(100), primary_key=True)  # "pred-<32 hex>-<input index>"
+    request_id: Mapped[str] = mapped_column(sa.String(100), index=True)  # the inputs of a request share it
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"), index=True)
+    model_name: Mapped[str] = mapped_column(sa.String(200))
+    model_version: Mapped[str] = mapped_column(sa.ForeignKey("models.version"), index=True)
+    task: Mapped[str] = mapped_column(sa.String(16))  # "classification" | "ner"
+    input_text: Mapped[str] = mapped_column(sa.Text)
+    input_tokens: Mapped[list[Any] | None]
+    shown: Mapped[Any] = mapped_column(sa.JSON)
+    best: Mapped[Any] = mapped_column(sa.JSON)
+    entities: Mapped[list[Any] | None]
+    probabilities: Mapped[Any] = mapped_column(sa.JSON)
+    # Double: an importance weight is 1/propensity, so it must come back exactly as it was served.
+    propensity: Mapped[float] = mapped_column(sa.Double)
+    exploration: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+
+
 class Feedback(Base):
-    """A user's live vote on a completion (or, for pairwise, on a pair of completions).
+    """A user's live vote on a completion (or, for pairwise, on a pair of completions), or on a
+    classifier's prediction (kind ``prediction``: ``completion_id`` is NULL, ``prediction_id`` set).
 
     ``target`` is what makes a vote "the same vote": the completion id, or for pairwise the two
-    ids sorted and joined by a space, so A-vs-B and B-vs-A replace each other. A replacement
-    overwrites the row and bumps ``revision``.
+    ids sorted and joined by a space, so A-vs-B and B-vs-A replace each other; the prediction id
+    for a prediction. A replacement overwrites the row and bumps ``revision``.
     """
 
     __tablename__ = "feedback"
@@ -173,13 +207,17 @@ class Feedback(Base):
     user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"))
     kind: Mapped[str] = mapped_column(sa.String(16), index=True)  # export filters by kind
     target: Mapped[str] = mapped_column(sa.String(201))
-    completion_id: Mapped[str] = mapped_column(sa.ForeignKey("completions.id"), index=True)
+    completion_id: Mapped[str | None] = mapped_column(sa.ForeignKey("completions.id"), index=True)
     other_completion_id: Mapped[str | None] = mapped_column(sa.ForeignKey("completions.id"), index=True)
     up: Mapped[bool | None]
     rating: Mapped[int | None]
     verdict: Mapped[str | None] = mapped_column(sa.String(16))
     left: Mapped[str | None] = mapped_column(sa.String(1))
     correction: Mapped[str | None] = mapped_column(sa.Text)
+    prediction_id: Mapped[str | None] = mapped_column(sa.ForeignKey("predictions.id"), index=True)
+    correct: Mapped[bool | None]  # prediction: was what was shown right
+    label: Mapped[str | None] = mapped_column(sa.String(200))  # prediction (classification): the right label
+    entities: Mapped[list[Any] | None]  # prediction (NER): [{"index", "correct", "label"?}] per judged shown entity
     comment: Mapped[str | None] = mapped_column(sa.Text)
     tags: Mapped[list[Any]]
     revision: Mapped[int]

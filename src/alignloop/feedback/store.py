@@ -51,11 +51,16 @@ from alignloop.feedback.entities import (
     IdempotencyConflict,
     Invalid,
     NotFound,
+    PredictionFacts,
+    PredictionRecord,
+    Shown,
     StoreError,
     User,
     Vote,
+    check_against_prediction,
     check_completion,
     check_feedback,
+    check_prediction,
     check_user_name,
 )
 from alignloop.feedback.schema import utc_now
@@ -64,7 +69,7 @@ from alignloop.feedback.writer import GroupCommitWriter, WriterStopped
 # The store's API in one import: ``from alignloop.feedback.store import FeedbackStore, upgrade, ...``
 __all__ = [
     "DEFAULT_DB_URL", "CompletionRecord", "FeedbackInput", "FeedbackRecord", "FeedbackStore", "IdempotencyConflict",
-    "Invalid", "NotFound", "StoreError", "User", "make_engine", "resolve_db_url", "upgrade",
+    "Invalid", "NotFound", "PredictionRecord", "StoreError", "User", "make_engine", "resolve_db_url", "upgrade",
 ]
 
 COMPLETION_CACHE_SIZE = 100_000
@@ -74,6 +79,7 @@ models_t = schema.Model.__table__
 conversations_t = schema.Conversation.__table__
 messages_t = schema.Message.__table__
 completions_t = schema.Completion.__table__
+predictions_t = schema.Prediction.__table__
 feedback_t = schema.Feedback.__table__
 idempotency_t = schema.IdempotencyKey.__table__
 model_feedback_t = schema.ModelFeedback.__table__
@@ -87,13 +93,17 @@ def _request_hash(fb: FeedbackInput) -> str:
     return hashlib.sha256(json.dumps(dataclasses.asdict(fb), sort_keys=True).encode()).hexdigest()
 
 
+# The columns a vote sets (a replacement sets them all again).
+FEEDBACK_VALUES = ("completion_id", "up", "rating", "other_completion_id", "verdict", "left", "correction", "comment", "tags",
+                   "prediction_id", "correct", "label", "entities")
+
+
 @functools.cache
 def _feedback_upsert(dialect: str) -> Any:
     """Insert a vote, or replace the live one and bump its revision; returns id, revision and
     created_at. Built once per dialect: building the statement per call cost more than running it."""
     insert = _dialect_insert(dialect)(feedback_t)
-    names = ("user_id", "target", "kind", "completion_id", "up", "rating", "other_completion_id", "verdict", "left",
-             "correction", "comment", "tags")
+    names = ("user_id", "target", "kind", *FEEDBACK_VALUES)
     insert = insert.values({**{name: sa.bindparam(name, type_=feedback_t.c[name].type) for name in names},
                             "revision": 1, "created_at": sa.bindparam("now", type_=feedback_t.c.created_at.type),
                             "updated_at": sa.bindparam("now", type_=feedback_t.c.updated_at.type)})
@@ -142,6 +152,7 @@ class FeedbackStore:
             raise StoreError(f"{shown_url(url)}: the feedback database {state}; "
                              f"run `alignloop db upgrade --db {shown_url(url)}`")
         self._completions: OrderedDict[str, _CompletionFacts] = OrderedDict()
+        self._predictions: OrderedDict[str, PredictionFacts] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._writer = GroupCommitWriter(self._engine.execution_options(sqlite_immediate=True),
                                          expected_errors=StoreError)
@@ -253,12 +264,14 @@ class FeedbackStore:
         self._write(write)
 
     def deploy(self, version: str) -> None:
-        """Make ``version`` the deployed one (promotion or rollback): every other version is
-        marked not deployed in the same transaction."""
+        """Make ``version`` the deployed one (promotion or rollback): every other version served
+        under the same name is marked not deployed in the same transaction (a server with a chat
+        model and a classifier has one deployed version of each)."""
 
         def write(conn: sa.Connection) -> None:
             self._require_version(conn, version)
-            conn.execute(models_t.update().where(models_t.c.version != version).values(deployed=False))
+            name = conn.execute(sa.select(models_t.c.name).where(models_t.c.version == version)).scalar_one()
+            conn.execute(models_t.update().where(models_t.c.version != version, models_t.c.name == name).values(deployed=False))
             conn.execute(models_t.update().where(models_t.c.version == version).values(deployed=True, promoted_at=utc_now()))
 
         self._write(write)
@@ -365,6 +378,54 @@ class FeedbackStore:
             raise NotFound(f"field '{field_name}': no completion {completion_id!r} of yours", field=field_name)
         return facts
 
+    # predictions -----------------------------------------------------------------------------
+
+    def add_predictions(self, records: list[PredictionRecord]) -> None:
+        """Store the predictions of one or more requests; returns after they are committed, so
+        feedback on any of their ids works once the answer carrying them is sent."""
+        for record in records:
+            check_prediction(record)
+
+        def write(conn: sa.Connection) -> None:
+            for user_id in {r.user_id for r in records}:
+                if conn.execute(sa.select(users_t.c.id).where(users_t.c.id == user_id)).first() is None:
+                    raise NotFound(f"field 'user_id': no user {user_id}", field="user_id")
+            for version in {r.model_version for r in records}:
+                if conn.execute(sa.select(models_t.c.version).where(models_t.c.version == version)).first() is None:
+                    raise NotFound(f"field 'model_version': model version {version!r} is not registered; "
+                                   "call register_model first", field="model_version")
+            conn.execute(predictions_t.insert(), [dataclasses.asdict(r) for r in records])
+
+        self._write(write)
+        for record in records:
+            self._remember_prediction(record.id, PredictionFacts.of(record))
+
+    def get_prediction(self, prediction_id: str) -> PredictionRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(predictions_t).where(predictions_t.c.id == prediction_id)).first()
+        return None if row is None else PredictionRecord(**row._asdict())
+
+    def _remember_prediction(self, prediction_id: str, facts: PredictionFacts) -> None:
+        with self._cache_lock:
+            self._predictions[prediction_id] = facts
+            if len(self._predictions) > COMPLETION_CACHE_SIZE:
+                self._predictions.popitem(last=False)
+
+    def _owned_prediction(self, user_id: int, prediction_id: Any) -> PredictionFacts:
+        """The prediction ``prediction_id`` if it exists and is ``user_id``'s, else NotFound."""
+        if not isinstance(prediction_id, str):
+            raise NotFound(f"field 'prediction_id': no prediction {prediction_id!r} of yours", field="prediction_id")
+        with self._cache_lock:
+            facts = self._predictions.get(prediction_id)
+        if facts is None:  # written by another process (or forgotten): read it once
+            record = self.get_prediction(prediction_id)
+            if record is not None:
+                facts = PredictionFacts.of(record)
+                self._remember_prediction(prediction_id, facts)
+        if facts is None or facts.user_id != user_id:
+            raise NotFound(f"field 'prediction_id': no prediction {prediction_id!r} of yours", field="prediction_id")
+        return facts
+
     # feedback --------------------------------------------------------------------------------
 
     def put_feedback(self, user_id: int, fb: FeedbackInput,
@@ -409,15 +470,18 @@ class FeedbackStore:
         if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
             raise Invalid(f"field 'idempotency_key' must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters",
                           field="idempotency_key")
-        facts = self._owned_completion(user_id, fb.completion_id, "completion_id")
-        target = fb.completion_id
+        if fb.kind == "prediction":
+            prediction = self._owned_prediction(user_id, fb.prediction_id)
+            check_against_prediction(fb, prediction)
+            target, shown_text, version = fb.prediction_id, None, prediction.model_version
+        else:
+            facts = self._owned_completion(user_id, fb.completion_id, "completion_id")
+            target, shown_text, version = fb.completion_id, facts.completion_text, facts.model_version
         if fb.kind == "pairwise":
             self._owned_completion(user_id, fb.other_completion_id, "other_completion_id")
             target = " ".join(sorted((fb.completion_id, fb.other_completion_id)))
         request_hash = _request_hash(fb) if idempotency_key is not None else ""
-        values = {name: getattr(fb, name) for name in
-                  ("kind", "completion_id", "up", "rating", "other_completion_id", "verdict", "left",
-                   "correction", "comment", "tags")}
+        values = {name: getattr(fb, name) for name in ("kind", *FEEDBACK_VALUES)}
 
         def write(conn: sa.Connection) -> tuple[FeedbackRecord, str]:
             if idempotency_key is not None:
@@ -434,8 +498,7 @@ class FeedbackStore:
             row = conn.execute(_feedback_upsert(conn.dialect.name),
                                {**values, "user_id": user_id, "target": target, "now": now}).one()
             record = FeedbackRecord(id=row.id, user_id=user_id, created_at=row.created_at, updated_at=now,
-                                    revision=row.revision, completion_text=facts.completion_text,
-                                    model_version=facts.model_version, **values)
+                                    revision=row.revision, completion_text=shown_text, model_version=version, **values)
             if idempotency_key is not None:
                 conn.execute(idempotency_t.insert(), {"user_id": user_id, "key": idempotency_key,
                                                       "request_hash": request_hash,
@@ -445,8 +508,10 @@ class FeedbackStore:
         return write
 
     def _feedback_query(self, user_id: int) -> sa.Select:
-        return (sa.select(feedback_t, completions_t.c.completion_text, completions_t.c.model_version)
-                .join(completions_t, completions_t.c.id == feedback_t.c.completion_id)
+        version = sa.func.coalesce(completions_t.c.model_version, predictions_t.c.model_version).label("model_version")
+        return (sa.select(feedback_t, completions_t.c.completion_text, version)
+                .outerjoin(completions_t, completions_t.c.id == feedback_t.c.completion_id)
+                .outerjoin(predictions_t, predictions_t.c.id == feedback_t.c.prediction_id)
                 .where(feedback_t.c.user_id == user_id))
 
     def list_feedback(self, user_id: int, kind: str | None = None, limit: int = 100) -> list[FeedbackRecord]:
@@ -481,23 +546,26 @@ class FeedbackStore:
     def votes(self) -> list[Vote]:
         """Every live vote with its user, when it last changed and the answers it is about, oldest
         first: what :func:`alignloop.feedback.datasets.build_datasets` turns into training sets."""
-        a, b = completions_t.alias("a"), completions_t.alias("b")
+        a, b, p = completions_t.alias("a"), completions_t.alias("b"), predictions_t.alias("p")
         query = (
             sa.select(feedback_t.c.id, feedback_t.c.kind, feedback_t.c.up, feedback_t.c.rating, feedback_t.c.verdict,
-                      feedback_t.c.correction, feedback_t.c.updated_at, users_t.c.name.label("user"),
-                      *_answer_columns(a, "a"), *_answer_columns(b, "b"))
+                      feedback_t.c.correction, feedback_t.c.correct, feedback_t.c.label, feedback_t.c.entities,
+                      feedback_t.c.updated_at, users_t.c.name.label("user"),
+                      *_answer_columns(a, "a"), *_answer_columns(b, "b"), *_shown_columns(p))
             .join(users_t, users_t.c.id == feedback_t.c.user_id)
-            .join(a, a.c.id == feedback_t.c.completion_id)
+            .outerjoin(a, a.c.id == feedback_t.c.completion_id)
             .outerjoin(b, b.c.id == feedback_t.c.other_completion_id)
+            .outerjoin(p, p.c.id == feedback_t.c.prediction_id)
             .order_by(feedback_t.c.id)
         )
         with self._engine.connect() as conn:
             rows = [row._asdict() for row in conn.execute(query)]
         return [Vote(r["id"], r["user"], r["kind"], r["updated_at"], _answer(r, "a"), _answer(r, "b"), r["up"],
-                     r["rating"], r["verdict"], r["correction"]) for r in rows]
+                     r["rating"], r["verdict"], r["correction"], _shown(r), r["correct"], r["label"], r["entities"])
+                for r in rows]
 
     def export(self, kind: str) -> tuple[list[dict], dict[str, int]]:
-        """Training records of ``kind`` (pairs, kto, sft, ratings) by the default
+        """Training records of ``kind`` (pairs, kto, sft, ratings, bandit) by the default
         :class:`~alignloop.feedback.datasets.DatasetRules` over every live vote, and the votes
         those rules skipped, per reason (the rules run once over all kinds)."""
         if kind not in RECORD_KINDS:
@@ -509,6 +577,19 @@ class FeedbackStore:
 def _answer_columns(table: sa.FromClause, prefix: str) -> list[sa.ColumnElement]:
     names = ("id", "endpoint", "prompt_messages", "prompt_text", "rendered_prompt", "completion_text", "model_version")
     return [table.c[name].label(f"{prefix}_{name}") for name in names]
+
+
+def _shown_columns(table: sa.FromClause) -> list[sa.ColumnElement]:
+    names = ("id", "model_version", "task", "input_text", "input_tokens", "shown", "entities", "propensity")
+    return [table.c[name].label(f"p_{name}") for name in names]
+
+
+def _shown(row: dict[str, Any]) -> Shown | None:
+    """The prediction a :meth:`FeedbackStore.votes` row judges; None for a vote on a completion."""
+    if row["p_id"] is None:
+        return None
+    return Shown(row["p_id"], row["p_model_version"], row["p_task"], row["p_input_text"], row["p_input_tokens"],
+                 row["p_shown"], row["p_entities"], row["p_propensity"])
 
 
 def _answer(row: dict[str, Any], side: str) -> Answer | None:

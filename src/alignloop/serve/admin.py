@@ -18,7 +18,7 @@ router = APIRouter()
 
 
 @router.get("/admin/export", responses=ERRORS)
-def export(kind: str = Query(..., pattern="^(pairs|kto|sft|ratings)$"), user: User = Depends(current_user),
+def export(kind: str = Query(..., pattern="^(pairs|kto|sft|ratings|bandit)$"), user: User = Depends(current_user),
            store: FeedbackStore = Depends(get_store)) -> Response:
     _require_admin(user, "export is")
     records, skipped = store.export(kind)

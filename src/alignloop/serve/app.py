@@ -1,5 +1,5 @@
 """The FastAPI app, composed: the shared serving state, middleware, error handlers, the routers
-(OpenAI-compatible API, feedback, admin) and the chat page.
+(OpenAI-compatible API, classify, feedback, admin) and the chat page.
 
 Errors are OpenAI-shaped (:mod:`alignloop.serve.errors`); routes reach the store, the serving
 state and the user through dependencies (:mod:`alignloop.serve.dependencies`).
@@ -15,7 +15,8 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from alignloop.config import ServeConfig
 from alignloop.feedback.store import FeedbackStore
-from alignloop.serve import admin, feedback_api, openai_api
+from alignloop.serve import admin, classify_api, feedback_api, openai_api
+from alignloop.serve.classifier import ServedClassifier
 from alignloop.serve.dependencies import Serving
 from alignloop.serve.engine import ServedModel
 from alignloop.serve.errors import add_error_handlers
@@ -23,7 +24,8 @@ from alignloop.serve.limits import BodySizeLimit
 from alignloop.serve.page import mount_page
 
 
-def create_app(config: ServeConfig, store: FeedbackStore, models: Sequence[ServedModel]) -> FastAPI:
+def create_app(config: ServeConfig, store: FeedbackStore, models: Sequence[ServedModel],
+               classifiers: Sequence[ServedClassifier] = ()) -> FastAPI:
     """The app; its lifespan starts the models' decode threads and stops them (and closes the
     store) on shutdown."""
 
@@ -40,13 +42,13 @@ def create_app(config: ServeConfig, store: FeedbackStore, models: Sequence[Serve
 
     app = FastAPI(title="alignloop", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible completions with feedback capture (thumbs, ratings, comparisons, corrections).")
-    app.state.serving = Serving(config, store, models)
+    app.state.serving = Serving(config, store, models, classifiers)
     add_error_handlers(app)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"])
     app.add_middleware(BodySizeLimit, limit=config.max_body_bytes)
-    for router in (openai_api.router, feedback_api.router, admin.router):
+    for router in (openai_api.router, classify_api.router, feedback_api.router, admin.router):
         app.include_router(router)
     mount_page(app)
     return app

@@ -17,29 +17,48 @@ from fastapi.concurrency import run_in_threadpool
 
 from alignloop.config import ServeConfig
 from alignloop.feedback.store import FeedbackStore, User
+from alignloop.rollout.exploration import parse_exploration
+from alignloop.serve.classifier import ServedClassifier, is_classifier
 from alignloop.serve.engine import ServedModel
 from alignloop.serve.errors import ApiError
 from alignloop.serve.limits import RateLimiter
 
 
 class Serving:
-    """What the routes share: the config, the store, the models, the key cache and the limiter."""
+    """What the routes share: the config, the store, the chat models and classifiers, the
+    exploration policy, the key cache and the limiter."""
 
-    def __init__(self, config: ServeConfig, store: FeedbackStore, models: Sequence[ServedModel]) -> None:
+    def __init__(self, config: ServeConfig, store: FeedbackStore, models: Sequence[ServedModel],
+                 classifiers: Sequence[ServedClassifier] = ()) -> None:
         self.config, self.store = config, store
         self.models = {m.name: m for m in models}
-        for m in models:  # every completion row points at its model version
+        self.classifiers = {c.name: c for c in classifiers}
+        self.exploration = parse_exploration(config.exploration)
+        for m in [*models, *classifiers]:  # every completion and prediction row points at its model version
             store.register_model(m.name, m.version, m.path)
         self.started = int(time.time())
         self.limiter = RateLimiter(config.rate_limit_per_minute, config.rate_burst)
         self.anonymous: User | None = None if config.auth else store.ensure_user("anonymous", admin=True)
         self._keys: dict[str, tuple[User, float]] = {}  # key → (user, when looked up): one DB read per key a minute
 
-    def deploy(self, name: str, path: str) -> tuple[ServedModel, str | None]:
+    def deploy(self, name: str, path: str) -> tuple[ServedModel | ServedClassifier, str | None]:
         """Load ``path`` and serve it as ``name`` from the next request on, without dropping any:
         requests already running finish on the old weights (their rows stay in the old batcher,
         whose thread stops once they are done). Marks the new version deployed in the registry.
-        Returns the new model and the version it replaced."""
+        Returns the new model and the version it replaced.
+
+        A classifier's name (or a new name whose folder holds a classifier) is swapped the same
+        way: one assignment of the name → model dict. A classifier keeps no state between
+        requests, so a request that took the old one finishes on it and nothing needs draining."""
+        if name in self.classifiers or (name not in self.models and is_classifier(path)):
+            if name in self.models:
+                raise ApiError(422, f"{name!r} is a chat model here; it cannot be replaced by a classifier", param="name")
+            classifier = ServedClassifier.from_config(name, path, self.config)
+            self.store.register_model(name, classifier.version, path)
+            previous = self.classifiers.get(name)
+            self.classifiers = {**self.classifiers, name: classifier}  # one assignment: a request sees the old dict or the new
+            self.store.deploy(classifier.version)
+            return classifier, None if previous is None else previous.version
         config = self.config
         new = ServedModel.from_config(name, path, config)
         self.store.register_model(name, new.version, path)
@@ -61,7 +80,18 @@ class Serving:
             self._keys[key] = (user, time.monotonic())
         return user
 
+    def classifier(self, name: str) -> ServedClassifier:
+        if name in self.classifiers:
+            return self.classifiers[name]
+        if name in self.models:
+            raise ApiError(422, f"model {name!r} is a chat model; /v1/classify serves {sorted(self.classifiers)} "
+                           "(chat models answer on /v1/chat/completions)", param="model")
+        raise ApiError(404, f"model {name!r} is not a classifier served here; GET /v1/models lists them "
+                       f"({sorted(self.classifiers)})", "not_found_error", "model")
+
     def model(self, name: str) -> ServedModel:
+        if name in self.classifiers:
+            raise ApiError(422, f"model {name!r} is a classifier; send it to /v1/classify", param="model")
         if name not in self.models:
             raise ApiError(404, f"model {name!r} is not served here; GET /v1/models lists {sorted(self.models)}",
                            "not_found_error", "model")

@@ -1,5 +1,6 @@
 """The feedback routes: a user's thumbs, ratings, comparisons and corrections on completions they
-were served, one at a time or in a batch. Each write is answered only after its commit."""
+were served, and verdicts on classifiers' predictions, one at a time or in a batch. Each write is
+answered only after its commit."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ router = APIRouter()
 @router.post("/v1/feedback", response_model=FeedbackOut, status_code=201, responses=ERRORS)
 def post_feedback(body: FeedbackIn, user: User = Depends(current_user), store: FeedbackStore = Depends(get_store),
                   idempotency_key: Optional[str] = Header(None, max_length=200)) -> JSONResponse:
-    record, outcome = store.put_feedback(user.id, FeedbackInput(**body.model_dump()), idempotency_key)
+    record, outcome = store.put_feedback(user.id, FeedbackInput(**body.to_input()), idempotency_key)
     out = _feedback_out(record, outcome)
     return JSONResponse(json.loads(out.model_dump_json()), status_code=201 if outcome == "created" else 200)
 
@@ -38,7 +39,7 @@ def post_feedback(body: FeedbackIn, user: User = Depends(current_user), store: F
 @router.post("/v1/feedback/batch", response_model=FeedbackBatchOut, responses=ERRORS)
 def post_feedback_batch(body: FeedbackBatchIn, user: User = Depends(current_user),
                         store: FeedbackStore = Depends(get_store)) -> FeedbackBatchOut:
-    items = [(FeedbackInput(**item.model_dump(exclude={"idempotency_key"})), item.idempotency_key) for item in body.items]
+    items = [(FeedbackInput(**item.to_input()), item.idempotency_key) for item in body.items]
     results = []
     for answer in store.put_feedback_many(user.id, items):
         if isinstance(answer, StoreError):

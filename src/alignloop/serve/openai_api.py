@@ -33,9 +33,13 @@ def me(user: User = Depends(current_user), serving: Serving = Depends(get_servin
     return Me(id=user.id, name=user.name, admin=user.admin, auth=serving.anonymous is None)
 
 
-@router.get("/v1/models", response_model=ModelList, responses=ERRORS)
+@router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True, responses=ERRORS)
 def list_models(user: User = Depends(current_user), serving: Serving = Depends(get_serving)) -> ModelList:
-    return ModelList(data=[ModelCard(id=m.name, created=serving.started, version=m.version) for m in serving.models.values()])
+    """The chat models, then the classifiers (with their task and labels)."""
+    chat = [ModelCard(id=m.name, created=serving.started, version=m.version) for m in serving.models.values()]
+    classifiers = [ModelCard(id=c.name, created=serving.started, version=c.version, task=c.task, labels=c.labels)
+                   for c in serving.classifiers.values()]
+    return ModelList(data=chat + classifiers)
 
 
 @router.post("/v1/chat/completions", responses=ERRORS)

@@ -1,4 +1,4 @@
-"""``alignloop serve``: open the store, load the models, register their versions, run uvicorn."""
+"""``alignloop serve``: open the store, load the models and classifiers, register their versions, run uvicorn."""
 
 from __future__ import annotations
 
@@ -17,28 +17,41 @@ def build_app(config: ServeConfig):  # -> FastAPI
     from alignloop.serve.app import create_app
     from alignloop.serve.engine import ServedModel, parse_model_spec
 
-    if not config.models:
-        raise ConfigError("serve: no model; give --model PATH (or NAME=PATH), e.g. --model runs/sft/final")
+    from alignloop.rollout.exploration import parse_exploration
+    from alignloop.serve.classifier import ServedClassifier
+
+    if not config.models and not config.classifiers:
+        raise ConfigError("serve: no model; give --model PATH (or NAME=PATH), e.g. --model runs/sft/final, "
+                          "or --classifier NAME=PATH")
+    parse_exploration(config.exploration)  # a typo fails here, before any model is loaded
     specs = [parse_model_spec(spec) for spec in config.models]
-    names = [name for name, _ in specs]
+    classifier_specs = [parse_model_spec(spec) for spec in config.classifiers]
+    names = [name for name, _ in specs + classifier_specs]
     if len(set(names)) != len(names):
-        raise ConfigError(f"serve: two models are called the same ({names}); name them with --model NAME=PATH")
+        raise ConfigError(f"serve: two models are called the same ({names}); name them with --model NAME=PATH "
+                          "or --classifier NAME=PATH")
     url = resolve_db_url(config.db)
     store = FeedbackStore(url)
-    models = []
+    models, classifiers = [], []
     try:
         for name, path in specs:
             log.info("serve: loading %s from %s", name, path)
             served = ServedModel.from_config(name, path, config)
             log.info("serve: %s is version %s", name, served.version)
             models.append(served)
+        for name, path in classifier_specs:
+            log.info("serve: loading classifier %s from %s", name, path)
+            classifier = ServedClassifier.from_config(name, path, config)
+            log.info("serve: %s is a %s classifier, version %s, exploration %s", name, classifier.task, classifier.version,
+                     config.exploration)
+            classifiers.append(classifier)
     except BaseException:
         store.close()
         raise
     if not config.auth:
         log.warning("serve: AUTH IS OFF (--no-auth): anyone who can reach %s:%d acts as the admin user 'anonymous'. "
                     "Use this only for a local demo.", config.host, config.port)
-    return create_app(config, store, models)
+    return create_app(config, store, models, classifiers)
 
 
 def serve_forever(config: ServeConfig) -> None:

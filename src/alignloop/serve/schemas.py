@@ -10,7 +10,7 @@ an error names the field.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
@@ -66,15 +66,26 @@ class CompletionRequest(SamplingFields):
     prompt: Text = Field(min_length=1)
 
 
-FeedbackKind = Literal["thumbs", "rating", "pairwise", "correction"]
+FeedbackKind = Literal["thumbs", "rating", "pairwise", "correction", "prediction"]
+
+
+class EntityVerdict(BaseModel):
+    """A verdict on one shown entity of an NER prediction: ``index`` into the result's
+    ``entities``; ``label`` the right type, or "O" for no entity (only when wrong)."""
+
+    model_config = ConfigDict(extra="forbid")
+    index: StrictInt = Field(ge=0)
+    correct: StrictBool
+    label: Optional[str] = Field(None, min_length=1, max_length=200)
 
 
 class FeedbackIn(BaseModel):
-    """One piece of feedback on a completion (``completion_id``: the choice's ``completion_id``)."""
+    """One piece of feedback on a completion (``completion_id``: the choice's ``completion_id``)
+    or, kind ``prediction``, on a classifier's prediction (``prediction_id``: the result's)."""
 
     model_config = ConfigDict(extra="forbid")
     kind: FeedbackKind
-    completion_id: str = Field(min_length=1, max_length=100)
+    completion_id: Optional[str] = Field(None, min_length=1, max_length=100)
     up: Optional[StrictBool] = None
     rating: Optional[StrictInt] = Field(None, ge=1, le=5)
     other_completion_id: Optional[str] = Field(None, min_length=1, max_length=100)
@@ -83,6 +94,17 @@ class FeedbackIn(BaseModel):
     correction: Optional[str] = Field(None, max_length=100_000)
     comment: Optional[str] = Field(None, max_length=10_000)
     tags: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(default_factory=list, max_length=20)
+    prediction_id: Optional[str] = Field(None, min_length=1, max_length=100)
+    correct: Optional[StrictBool] = None
+    label: Optional[str] = Field(None, min_length=1, max_length=200)
+    entities: Optional[list[EntityVerdict]] = Field(None, max_length=1000)
+
+    def to_input(self) -> dict:
+        """The fields as the store takes them: an entity verdict without a label has no ``label`` key."""
+        data = self.model_dump(exclude={"idempotency_key"})
+        if self.entities is not None:
+            data["entities"] = [e.model_dump(exclude_none=True) for e in self.entities]
+        return data
 
     @field_validator("correction")
     @classmethod
@@ -95,7 +117,7 @@ class FeedbackIn(BaseModel):
 class FeedbackOut(BaseModel):
     id: int
     kind: FeedbackKind
-    completion_id: str
+    completion_id: Optional[str] = None
     up: Optional[bool] = None
     rating: Optional[int] = None
     other_completion_id: Optional[str] = None
@@ -109,6 +131,10 @@ class FeedbackOut(BaseModel):
     updated_at: datetime
     completion_text: Optional[str] = None
     model_version: Optional[str] = None
+    prediction_id: Optional[str] = None
+    correct: Optional[bool] = None
+    label: Optional[str] = None
+    entities: Optional[list[dict]] = None
     outcome: Optional[Literal["created", "replaced", "replayed"]] = None
 
 
@@ -157,6 +183,17 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "alignloop"
     version: str
+    task: str = "chat"  # or a classifier's: "classification" | "ner"
+    labels: Optional[list[str]] = None  # a classifier's labels (NER: its BIO tags), in id order
+
+
+class ClassifyRequest(BaseModel):
+    """POST /v1/classify: ``input`` is a text, a list of texts, or (NER models only) a list of word
+    lists; checked by the route so every refusal names ``input``."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=200)
+    input: Any
 
 
 class ModelList(BaseModel):

@@ -3,6 +3,8 @@
 Thin wrappers: scikit-learn computes the label metrics and seqeval the span metrics, so the numbers
 are exactly what those libraries report (and what papers quote); this module only makes them
 JSON-serialisable, adds the headline numbers, draws the confusion matrix and writes the report.
+``evaluate --task`` and the end of ``alignloop classify`` both report through :func:`report_labels`
+and :func:`report_tags`, so a trained model's report reads as its evaluation would.
 """
 
 from __future__ import annotations
@@ -183,3 +185,32 @@ def write_classification_report(folder: Path, report: dict, text_report: str, pl
     out = folder / "report.md"
     out.write_text(text.rstrip() + "\n")
     return out
+
+
+def report_labels(gold: Sequence[str], predicted: Sequence[str], names: Sequence[str],
+                  folder: Path) -> tuple[dict, str, dict[str, Path]]:
+    """The label report, its text table and the confusion matrix (``folder/confusion_matrix.png``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plot = plot_confusion_matrix(gold, predicted, names, folder / "confusion_matrix.png")
+    return (classification_report_labels(gold, predicted, labels=names),
+            classification_text(gold, predicted, labels=names), {"confusion matrix": plot})
+
+
+def report_tags(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]], names: Sequence[str],
+                folder: Path) -> tuple[dict, str, dict[str, Path]]:
+    """The entity report, its text table and a per-token confusion matrix over entity types."""
+    report = ner_report(gold, predicted)
+    # The confusion matrix is per token over entity types (B-/I- folded together): which types get mixed up.
+    types = sorted({entity_type(n) for n in names})
+    flat_gold = [entity_type(t) for sentence in gold for t in sentence]
+    flat_pred = [entity_type(t) for sentence in predicted for t in sentence]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plot = plot_confusion_matrix(flat_gold, flat_pred, types, folder / "confusion_matrix.png", title="token entity types")
+    return report, ner_text(gold, predicted), {"confusion matrix (tokens, entity types)": plot}
+
+
+def entity_type(tag: str) -> str:
+    """``PER`` for ``B-PER`` or ``I-PER``; ``O`` (or an unprefixed tag) as it is."""
+    return tag.split("-", 1)[1] if tag[:2] in ("B-", "I-") else tag
