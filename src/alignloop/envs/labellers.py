@@ -35,12 +35,13 @@ from alignloop.config import LabellerConfig
 from alignloop.envs.preferences import _vader
 from alignloop.envs.users import _ok
 from alignloop.errors import ConfigError, DataError
+from alignloop.feedback.entities import NOT_AN_ENTITY
+from alignloop.models.classifier import entity_spans
 
 # VADER's own thresholds (Hutto & Gilbert 2014, and the package's README): compound ≥ 0.05 is
 # positive, ≤ −0.05 negative, in between neutral.
 POSITIVE_AT, NEGATIVE_AT = 0.05, -0.05
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
-NOT_AN_ENTITY = "O"
 
 
 def vader_sentiment(text: str) -> str:
@@ -114,10 +115,8 @@ def load_pool(cfg: LabellerConfig) -> list[PoolItem]:
 @lru_cache(maxsize=4096)
 def true_entities(tags: tuple[str, ...]) -> dict[tuple[int, int], str]:
     """{(word_start, word_end): type} of the true entities, ``word_end`` exclusive (the API's
-    convention), read by seqeval's conlleval rule (mode None), as the entity-F1 is."""
-    from seqeval.metrics.sequence_labeling import get_entities
-
-    return {(start, end + 1): kind for kind, start, end in get_entities(list(tags))}
+    convention), read by the conlleval rule, as the entity-F1 is."""
+    return {(start, end): kind for kind, start, end in entity_spans(tags)}
 
 
 @dataclass
@@ -280,8 +279,9 @@ def _judge(labeller: Labeller, task: str, item: PoolItem, result: dict, rng: ran
     if task == "ner":
         if not item.tagged:
             raise ConfigError("an NER model needs a pool of tagged records (tokens, tags), not texts")
-        # The types the model knows, from its tag set (B-PER, I-PER → PER).
-        types = sorted({tag.split("-", 1)[1] for tag in result["probabilities"][0] if "-" in tag}) if result["probabilities"] else []
+        # The types the model knows, from its tag set (B-PER, I-PER → PER; a bare tag, IO tagging, is its own type).
+        tags = result["probabilities"][0] if result["probabilities"] else {}
+        types = sorted({tag[2:] if tag[:2] in ("B-", "I-") else tag for tag in tags if tag != NOT_AN_ENTITY})
         unknown = set(true_entities(item.truth).values()) - set(types)
         if unknown and result["probabilities"]:
             raise ConfigError(f"the pool has entity types {sorted(unknown)} that the model does not know (it knows {types})")

@@ -704,7 +704,8 @@ function labelsOf(task, result, card) {
   if (task !== "ner") return card && card.labels ? [...card.labels] : Object.keys(probabilities);
   const tags = card && card.labels ? card.labels : probabilities.flatMap((word) => Object.keys(word));
   const types = new Set();
-  for (const tag of tags) if (tag.includes("-")) types.add(tag.slice(tag.indexOf("-") + 1));
+  // B-X and I-X name type X; a bare tag other than O (IO tagging) is a type itself, as the server reads it.
+  for (const tag of tags) if (tag !== NOT_AN_ENTITY) types.add(/^[BI]-/.test(tag) ? tag.slice(2) : tag);
   return [...types].sort();
 }
 
