@@ -10,6 +10,7 @@ import math
 import random
 
 import pytest
+import sqlalchemy
 
 from alignloop.config import LabellerConfig
 from alignloop.envs.labellers import (
@@ -269,3 +270,24 @@ def test_labellers_give_per_entity_ner_verdicts_through_the_server(server) -> No
     assert judged_entities == len(stats.verdicts) > 30
     # Both kinds of fix occur: a wrong type ("Rome" shown as PER is LOC) and not an entity ("met").
     assert {"LOC", "O"} <= {v.label for v in stats.verdicts}
+
+
+def test_a_pool_that_does_not_fit_the_model_is_refused(server) -> None:
+    from alignloop.envs.labellers import run_labelling
+
+    client, store, _ = server
+    url = str(store.url)
+    [labeller] = make_labellers(LabellerConfig(users=1), store.add_user)
+    cases = [([PoolItem("fine", "joy"), PoolItem("meh", "surprise")], "emotion", r"labels \['surprise'\] that are not model 'emotion'"),
+             ([PoolItem(("Ann",), ("B-PER",))], "emotion", "needs a pool of labelled texts"),
+             ([PoolItem("Ann", "PER")], "ner", "needs a pool of tagged records"),
+             ([PoolItem(("Ann", "Corp"), ("B-PER", "B-ORG"))], "ner", r"entity types \['ORG'\] that model 'ner' does not know"),
+             ([PoolItem("fine", "joy")], "no-such-model", r"not a classifier this server serves; it serves \['emotion', 'ner'\]")]
+    for pool, model, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            run_labelling(client, [labeller], pool, model)
+    # Refused before any prediction was made: a misfit simulation leaves no traffic behind.
+    engine = sqlalchemy.create_engine(url)
+    with engine.connect() as connection:
+        assert connection.execute(sqlalchemy.text("SELECT COUNT(*) FROM predictions")).scalar() == 0
+    engine.dispose()
