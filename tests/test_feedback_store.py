@@ -705,6 +705,16 @@ def test_registry_records_lineage_evaluation_and_deployment(store: FeedbackStore
         store.register_trained("base", "v3", "/x", parent_version="nope", run_dir="/x", datasets={}, feedback=[])
 
 
+def test_deploying_a_version_leaves_other_names_deployed(store: FeedbackStore) -> None:
+    """A server with a chat model and a classifier has one deployed version of each."""
+    store.register_model("base", "v0", "/runs/sft/final")
+    store.register_model("base", "v1", "/runs/loop-1/final")
+    store.register_model("emotion", "c0", "/runs/classify/final")
+    for version in ("v0", "c0", "v1"):
+        store.deploy(version)
+    assert {m["version"]: m["deployed"] for m in store.models()} == {"v0": False, "v1": True, "c0": True}
+
+
 def test_registry_commands(tmp_path: Path) -> None:
     from alignloop.cli import main
 

@@ -352,3 +352,11 @@ def test_serve_builds_with_classifiers_alone_and_refuses_a_bad_exploration(db_ur
         build_app(ServeConfig(classifiers=[f"x={folders['emotion']}", f"x={folders['ner']}"], db=db_url))
     assert main(["serve", "--classifier", f"emotion={folders['emotion']}", "--exploration", "eps:0.1", "--db", db_url]) == 2
     assert "exploration: 'eps:0.1' is not an exploration policy" in capsys.readouterr().err
+
+
+def test_the_loop_hashes_a_classifier_as_the_server_does(folders: dict, classifiers: list) -> None:
+    """The loop checks that the server's answer to /admin/deploy names the version it registered."""
+    from alignloop.loop.pipeline import weights_version
+
+    assert weights_version(str(folders["emotion"])) == classifiers[0].version
+    assert weights_version(str(folders["ner"])) == classifiers[1].version

@@ -350,11 +350,19 @@ class Loop:
 
 
 def weights_version(path: str) -> str:
-    """The version the server would give the folder at ``path`` (float32 weights)."""
-    from alignloop.evaluate.run import load_policy
+    """The version the server would give the folder at ``path`` (float32 weights): a classifier
+    hashed as ``alignloop serve --classifier`` loads it, anything else as a causal LM."""
+    from alignloop.serve.classifier import is_classifier
     from alignloop.serve.engine import model_version
 
-    model, _ = load_policy(path, "candidate")
+    if is_classifier(path):
+        from alignloop.models.classifier import load_classifier
+
+        model, _ = load_classifier(path, None, "candidate")
+    else:
+        from alignloop.evaluate.run import load_policy
+
+        model, _ = load_policy(path, "candidate")
     return model_version(model)
 
 
