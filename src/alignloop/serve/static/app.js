@@ -868,7 +868,12 @@ function describe(feedback) {
       return "corrected the answer";
     case "prediction":
       if (feedback.correct) return "prediction correct";
-      return feedback.label ? `prediction wrong → ${feedback.label}` : "prediction wrong";
+      if (feedback.label) return `prediction wrong → ${feedback.label}`;
+      if (feedback.entities && feedback.entities.length) {
+        const wrong = feedback.entities.filter((entity) => !entity.correct).length;
+        return `prediction wrong (${wrong} of ${feedback.entities.length} entities)`;
+      }
+      return "prediction wrong";
     default:
       return feedback.kind;
   }
@@ -901,6 +906,13 @@ function historyItem(feedback) {
   // For a comparison the text is answer a's: the one "first answer" in the summary means.
   const prefix = feedback.kind === "pairwise" ? "First answer: " : "";
   answer.textContent = prefix + (feedback.completion_text || "");
+  // A vote on a classifier's prediction has no answer text: its model version says what it judged.
+  if (feedback.kind === "prediction") {
+    const id = feedback.prediction_id || "";
+    const short = id.length > 24 ? `${id.slice(0, 13)}…${id.slice(-2)}` : id; // pred-<32 hex>-<i> would wrap on a phone
+    answer.textContent = `version ${feedback.model_version || "unknown"} · ${short}`;
+    answer.title = id;
+  }
   item.append(head, answer);
   if (feedback.kind === "correction") {
     const corrected = document.createElement("p");
