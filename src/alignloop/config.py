@@ -184,6 +184,27 @@ class RewardConfig:
 
 
 @dataclass
+class ClassifierTrainingConfig:
+    """What a sequence or token classifier learns, and from what (``alignloop classify``)."""
+
+    task: Literal["auto", "classification", "ner"] = option("auto", "classification (one label per text: `text, label` records) or ner (a BIO tag per word: `tokens, tags` records, conll:FILE); auto: from the data's record kind")
+    objective: Literal["supervised", "bandit"] = option("supervised", "supervised: cross-entropy on the given labels; bandit: learn from correct/wrong verdicts on shown predictions (`bandit` records)")
+    class_weights: Literal["none", "balanced"] = option("none", "balanced: weight each class's loss by N / (K × count), so rare classes (and rare tags) count as much as common ones (scikit-learn's rule)")
+    label_all_subtokens: bool = option(False, "ner: every sub-token of a word carries its tag (continuations as I-); false: only the first, as evaluation reads it")
+
+
+@dataclass
+class ClassifyConfig:
+    """Sequence classifiers (sentiment, emotion, intent) and token classifiers (NER) on any encoder or decoder backbone."""
+
+    run: RunConfig = section(RunConfig, "run folder and trackers", name="classify")
+    model: ModelConfig = section(ModelConfig, "the backbone: an AutoModelForSequenceClassification / AutoModelForTokenClassification id or folder (default MiniLM-L6, shipped on PyPI); a new head is added for the data's labels", name_or_path="minilm-l6")
+    data: DataConfig = section(DataConfig, "`text, label` records (.jsonl, .csv, .tsv, tweeteval:DIR/SPLIT) or `tokens, tags` records (.jsonl, conll:FILE); max_length = sub-tokens per example (longer ones are cut and counted)", path="", max_length=128, eval_fraction=0.1)
+    classify: ClassifierTrainingConfig = section(ClassifierTrainingConfig, "task, objective, class weights")
+    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = examples per micro-batch", lr=5e-5, batch_size=32, epochs=3.0, warmup_steps=30, lr_schedule="linear", weight_decay=0.01, eval_every=50, save_every=100)
+
+
+@dataclass
 class SamplingConfig:
     """How completions are sampled (:func:`alignloop.rollout.generate.generate`)."""
 
@@ -495,6 +516,8 @@ STAGES: dict[str, Stage] = {
                        defaults={"run.name": "reinforce", "rl.algo": "reinforce", "rl.group_size": 1, "rl.kl_coef": 0.05},
                        help="online RL: REINFORCE++, per-token KL in the reward, batch-normalised returns",
                        about="REINFORCE++: per-token KL in the reward, returns normalised over the batch, no critic."),
+    "classify": Stage(ClassifyConfig, "alignloop.train.classify:run_classify", reads=("labelled", "tagged", "bandit"),
+                      help="train a sequence classifier (text → label) or a token classifier (NER: word → BIO tag)"),
     "evaluate": Stage(EvaluateConfig, "alignloop.evaluate.run:run_evaluate", reads=("prompt", "labelled", "tagged"),
                       help="candidate vs baseline on held-out prompts: reward, win rate with CI, KL, lengths, perplexity, gate"),
     "loop": Stage(LoopConfig, "alignloop.loop.pipeline:run_loop", reads=("prompt",),

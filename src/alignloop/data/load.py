@@ -2,7 +2,8 @@
 `datasets` folder saved with ``save_to_disk``, an embedded ``builtin:NAME`` set, HH-RLHF and
 UKPConvArg1 files (``hh-rlhf:PATH``, ``ukp:PATH``; converted by :mod:`alignloop.data.convert`),
 tab-separated labelled sentences (``.tsv`` or ``tsv:PATH``: SST-2/GLUE with a header, or UCI's
-headerless ``sentence<TAB>label`` .txt files) and CoNLL token/tag files (``conll:PATH`` or ``.conll``; NER).
+headerless ``sentence<TAB>label`` .txt files), TweetEval's paired text and label files
+(``tweeteval:DIR/SPLIT``) and CoNLL token/tag files (``conll:PATH`` or ``.conll``; NER).
 
 Each reader yields :class:`Row` objects tagged with their place (``file:line`` or ``file row N``)
 and nothing else; validation of fields is :mod:`alignloop.data.records`' job.
@@ -15,6 +16,7 @@ import glob
 import gzip
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -23,6 +25,9 @@ from alignloop.data.records import Row, validate_rows
 from alignloop.errors import DataError
 
 log = logging.getLogger("alignloop")
+
+# WikiANN writes every token with its language in front (`en:Paris`); no other CoNLL set we read does.
+_LANGUAGE_PREFIX = re.compile(r"^[a-z]{2,3}:(?=.)")
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".tsv", ".parquet", ".txt", ".conll")
 
@@ -51,6 +56,8 @@ def read_rows(path: str) -> list[Row]:
         return _read_tsv(_existing(path.removeprefix("tsv:")))
     if path.startswith("conll:"):
         return _read_conll(_existing(path.removeprefix("conll:")))
+    if path.startswith("tweeteval:"):
+        return _read_tweeteval(path.removeprefix("tweeteval:"))
     if any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path))
         if not files:
@@ -187,6 +194,50 @@ def _read_conll(path: Path) -> list[Row]:
         start = start if tokens else lineno
         tokens.append(cells[0])
         tags.append(cells[-1].strip())
+    return _without_language_prefix(rows, path)
+
+
+def _without_language_prefix(rows: list[Row], path: Path) -> list[Row]:
+    """WikiANN's tokens without their ``en:`` language prefix, when every token of the file has one
+    (a file where only some do, say a URL ``http:…``, keeps its tokens as they are)."""
+    tokens = [t for row in rows for t in row.fields["tokens"]]
+    if not tokens or not all(_LANGUAGE_PREFIX.match(t) for t in tokens):
+        return rows
+    log.info("%s: every token starts with a language prefix (WikiANN's `%s`); stripped", path, tokens[0].split(":", 1)[0] + ":")
+    return [Row({**row.fields, "tokens": [t.split(":", 1)[1] for t in row.fields["tokens"]]}, row.where) for row in rows]
+
+
+def _read_tweeteval(path: str) -> list[Row]:
+    """TweetEval's layout (cardiffnlp/tweeteval): ``DIR/SPLIT`` names ``SPLIT_text.txt`` (one text a
+    line) and ``SPLIT_labels.txt`` (one class id a line), with ``DIR/mapping.txt`` (``id<TAB>name``)
+    turning ids into names when present. Rows are placed at their line of the text file."""
+    stem = Path(path)
+    text_file, label_file = stem.parent / f"{stem.name}_text.txt", stem.parent / f"{stem.name}_labels.txt"
+    for needed in (text_file, label_file):
+        if not needed.is_file():
+            raise DataError(f"tweeteval:{path}: {needed} not found; tweeteval:DIR/SPLIT reads DIR/SPLIT_text.txt and DIR/SPLIT_labels.txt")
+    names: dict[str, str] = {}
+    mapping = stem.parent / "mapping.txt"
+    if mapping.is_file():
+        for lineno, line in enumerate(mapping.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                cells = line.split("\t") if "\t" in line else line.split(None, 1)
+                if len(cells) != 2:
+                    raise DataError(f"{mapping}:{lineno}: expected 'id<TAB>name', got {line!r}")
+                names[cells[0].strip()] = cells[1].strip()
+    # Split on "\n" only: a tweet may hold other line separators (U+2028) that splitlines() would cut at.
+    texts = text_file.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    labels = label_file.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    if len(texts) != len(labels):
+        raise DataError(f"{label_file}: {len(labels)} labels for {len(texts)} texts in {text_file.name}; give one label a line")
+    rows = []
+    for lineno, (text, label) in enumerate(zip(texts, labels), start=1):
+        label = label.strip()
+        if names and label not in names:
+            raise DataError(f"{label_file}:{lineno}: field 'label' is {label!r}, not an id of {mapping} ({', '.join(names)})")
+        if not names and not label.lstrip("-").isdigit():
+            raise DataError(f"{label_file}:{lineno}: field 'label' is {label!r}; expected a class id (no mapping.txt beside it)")
+        rows.append(Row({"text": text.strip(), "label": names[label] if names else int(label)}, f"{text_file}:{lineno}"))
     return rows
 
 

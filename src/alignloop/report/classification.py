@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alignloop.report.markdown import markdown_images
+from alignloop.report.markdown import markdown_images, md_table
 from alignloop.report.plots import figure
 
 
@@ -214,3 +214,12 @@ def report_tags(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]
 def entity_type(tag: str) -> str:
     """``PER`` for ``B-PER`` or ``I-PER``; ``O`` (or an unprefixed tag) as it is."""
     return tag.split("-", 1)[1] if tag[:2] in ("B-", "I-") else tag
+
+
+def per_class_table(report: dict) -> list[str]:
+    """Markdown lines: precision, recall, F1 and support of each label (or entity type) of either report."""
+    per_class = report.get("per_label", report.get("per_type", {}))
+    averages = ("accuracy", "macro avg", "weighted avg", "micro avg")
+    return md_table(("class", "precision", "recall", "F1", "support"),
+                    ([f"`{name}`", f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1-score']:.3f}", f"{int(row['support']):,}"]
+                     for name, row in per_class.items() if name not in averages and isinstance(row, dict)))
