@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser("demo", help="offline demo of the whole loop: a tiny base model, a server, simulated users, 3 loop iterations")
+    demo.add_argument("--task", default="chat", choices=["chat", "sentiment"],
+                      help="chat: a tiny language model and simulated users with hidden tastes; sentiment: a MiniLM "
+                           "classifier that learns from simulated labellers' correct/wrong verdicts (default: chat)")
     demo.add_argument("--output-dir", default="runs", help="parent of the demo's run folder (default: runs)")
     demo.add_argument("--model", default="tiny-5m", help="built-in size or model path to start from (default: tiny-5m)")
     demo.add_argument("--pretrain-steps", type=int, default=200, help="continued-pretraining steps (default: 200)")
@@ -154,8 +157,11 @@ def _run_stage(args: argparse.Namespace, extra: list[str]) -> int:
 def _run_demo(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"demo: unknown option {extra[0]!r}; see `alignloop demo --help`")
-    from alignloop.demo import run_demo
+    from alignloop.demo import run_demo, run_sentiment_demo
 
+    if args.task == "sentiment":
+        run_sentiment_demo(args.output_dir, args.iterations)
+        return 0
     run_demo(args.output_dir, args.model, args.pretrain_steps, args.sft_steps, args.preference, args.iterations,
              args.users, args.turns_per_user)
     return 0

@@ -525,6 +525,7 @@ class Stage:
     loop_data: Optional[str] = None  # what a loop recipe trains it on: an exported dataset (sft, pairs, kto) or
     #                                  "prompts" (the users' prompts, scored by the recipe's reward model); None: not in recipes
     makes: Optional[str] = None  # what it hands the recipe's next stages: "policy" or "reward"
+    loop_options: dict[str, Any] = field(default_factory=dict)  # settings a loop recipe always gives it (before stage_options)
 
     def load(self, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Any:
         """Its config: the class defaults, this command's defaults, the YAML at ``path``, then ``overrides``."""
@@ -569,7 +570,7 @@ STAGES: dict[str, Stage] = {
                        help="online RL: REINFORCE++, per-token KL in the reward, batch-normalised returns",
                        about="REINFORCE++: per-token KL in the reward, returns normalised over the batch, no critic."),
     "classify": Stage(ClassifyConfig, "alignloop.train.classify:run_classify", reads=("labelled", "tagged", "bandit"),
-                      loop_data="bandit", makes="policy",
+                      loop_data="bandit", makes="policy", loop_options={"classify.objective": "bandit"},
                       help="train a sequence classifier (text → label) or a token classifier (NER: word → BIO tag)"),
     "evaluate": Stage(EvaluateConfig, "alignloop.evaluate.run:run_evaluate", reads=("prompt", "labelled", "tagged"),
                       help="candidate vs baseline on held-out prompts: reward, win rate with CI, KL, lengths, perplexity, gate"),

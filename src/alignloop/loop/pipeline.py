@@ -322,6 +322,7 @@ class Loop:
                 overrides["model.name_or_path"] = policy
             if on_prompts:
                 overrides["rl.reward"] = reward
+            overrides.update(stage.loop_options)
             overrides.update(self.cfg.options_for(name))
             run = stage.run(stage.load(overrides=overrides))
             ran.append(name)
