@@ -215,7 +215,7 @@ def test_resume_from_a_checkpoint_continues_exactly(tiny_bert: Path, tmp_path: P
 
 
 def test_lora_trains_and_saves_a_plain_classifier(tiny_bert: Path, tmp_path: Path) -> None:
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     train = write_jsonl(tmp_path / "t.jsonl", topic_rows(64, seed=5))
     assert classify(tiny_bert, train, tmp_path, "--model.lora.r=4", "--model.lora.target_modules=[query,value]",
@@ -230,6 +230,12 @@ def test_lora_trains_and_saves_a_plain_classifier(tiny_bert: Path, tmp_path: Pat
                            base.bert.encoder.layer[0].attention.self.query.weight)
     assert torch.equal(model.bert.encoder.layer[0].attention.self.key.weight,
                        base.bert.encoder.layer[0].attention.self.key.weight)
+
+    # The default targets (all-linear) leave the head to be trained whole, for token classifiers too.
+    tagged = write_jsonl(tmp_path / "n.jsonl", entity_rows(32, seed=5))
+    assert classify(tiny_bert, tagged, tmp_path, "--model.lora.r=4", "--run.name=ner", "--train.max_steps=2",
+                    "--train.batch_size=8", "--train.save_every=0") == 0
+    assert AutoModelForTokenClassification.from_pretrained(tmp_path / "ner" / "final").config.id2label[0] == "O"
 
 
 def test_minilm_learns_the_rule(tmp_path: Path) -> None:
