@@ -296,3 +296,17 @@ def test_conll_reader_strips_only_a_prefix_every_token_has(tmp_path: Path) -> No
     mixed.write_text("see\tO\nhttp://x.org\tO\n")
     rows, _ = load_records(f"conll:{mixed}", ("tagged",))
     assert rows[0].fields["tokens"] == ["see", "http://x.org"]
+
+
+@pytest.mark.parametrize(("example", "task"), [("classify.yaml", "classification"), ("ner.yaml", "ner")])
+def test_the_examples_load_and_read_their_data(example: str, task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from alignloop.config import STAGES
+    from alignloop.train.classify import SUPERVISED_KINDS, TASK_OF_KIND
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = STAGES["classify"].load(root / "examples" / example)
+    monkeypatch.chdir(root)  # the examples' data paths are relative to the repository
+    if not Path(cfg.data.path.split(":", 1)[1]).parent.is_dir():
+        pytest.skip(f"needs {cfg.data.path}")
+    rows, kind = load_records(cfg.data.eval_path, SUPERVISED_KINDS, max_samples=50)
+    assert TASK_OF_KIND[kind] == task and len(rows) == 50

@@ -65,6 +65,7 @@ class ClassifierExample:
     input_ids: list[int]  # (T,) sub-token ids with the tokenizer's special tokens, T ≤ max_length
     label: int | list[int]  # classification: the class id; ner: (T,) tag id per sub-token, IGNORE_INDEX where no loss
     word_positions: list[int]  # ner: the first sub-token of each word that fits (evaluation reads there); else []
+    source: Row | None = None  # the record it encodes (the final report reads held-out records whole)
 
 
 def run_classify(cfg: ClassifyConfig) -> Run:
@@ -99,9 +100,9 @@ def run_classify(cfg: ClassifyConfig) -> Run:
     examples = encode_rows(cfg.data.path, rows, task, tokenizer, label_ids, max_length, cfg)
     if held_rows is not None:
         train, held = examples, encode_rows(cfg.data.eval_path, held_rows, task, tokenizer, label_ids, max_length, cfg)
-    else:  # hold out the same rows of the records and of their encodings
-        train_idx, held_idx = split_holdout(list(range(len(rows))), cfg.data.eval_fraction, cfg.train.seed)
-        train, held, held_rows = [examples[i] for i in train_idx], [examples[i] for i in held_idx], [rows[i] for i in held_idx]
+    else:
+        train, held = split_holdout(examples, cfg.data.eval_fraction, cfg.train.seed)
+        held_rows = [e.source for e in held]
     return fit_classifier(cfg, model, tokenizer, task, names, train, held, held_rows, max_length)
 
 
@@ -178,7 +179,7 @@ def encode_rows(path: str, rows: Sequence[Row], task: str, tokenizer: Any, label
                 continue
         ids = batch["input_ids"][piece]
         if task == "classification":
-            examples.append(ClassifierExample(ids, label_ids[str(row.fields["label"])], []))
+            examples.append(ClassifierExample(ids, label_ids[str(row.fields["label"])], [], row))
             continue
         labels, positions, previous = [IGNORE_INDEX] * len(ids), [], None
         tags = row.fields["tags"]
@@ -191,7 +192,7 @@ def encode_rows(path: str, rows: Sequence[Row], task: str, tokenizer: Any, label
                 labels[position] = label_ids.get("I-" + tag[2:], label_ids[tag]) if tag.startswith("B-") else label_ids[tag]
             previous = word
         words_cut += len(tags) - len(positions)
-        examples.append(ClassifierExample(ids, labels, positions))
+        examples.append(ClassifierExample(ids, labels, positions, row))
     if cut:
         what = f" ({words_cut} words past the cut carry no loss)" if task == "ner" else ""
         action = "left out" if cfg.data.overlong == "drop" else "cut to their first"
