@@ -79,6 +79,9 @@ def run_classify(cfg: ClassifyConfig) -> Run:
     rows, kind = load_records(cfg.data.path, SUPERVISED_KINDS, cfg.data.max_samples)
     task = resolve_task(cfg.classify.task, kind, cfg.data.path)
     names = label_names_of(rows, kind)
+    if len(names) < 2:  # one class is nothing to learn, and transformers would read num_labels=1 as regression
+        raise DataError(f"{cfg.data.path}: every record has the {'label' if kind == 'labelled' else 'tag'} {names[0]!r}; "
+                        "a classifier needs examples of at least two")
     held_rows: list[Row] | None = None
     if cfg.data.eval_path:
         held_rows, held_kind = load_records(cfg.data.eval_path, SUPERVISED_KINDS)
@@ -162,6 +165,9 @@ def encode_rows(path: str, rows: Sequence[Row], task: str, tokenizer: Any, label
     else:
         batch = tokenizer([row.fields["tokens"] for row in rows], is_split_into_words=True, truncation=True,
                           max_length=max_length, return_overflowing_tokens=True)
+    if "overflow_to_sample_mapping" not in batch:
+        raise ModelError(f"model.name_or_path: the tokenizer {type(tokenizer).__name__} is not a fast (Rust) tokenizer, "
+                         "which classify needs to cut and count long rows; use a model with a tokenizer.json")
     # A row longer than max_length comes back as several pieces; its first piece is what the model reads.
     first_piece: dict[int, int] = {}
     for piece, i in enumerate(batch["overflow_to_sample_mapping"]):
@@ -368,8 +374,8 @@ def evaluate_classifier(model: Any, task: str, names: list[str], held_out: Seque
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(held_out)), key=lambda i: len(held_out[i].input_ids))
-    if limit is not None:
-        order = order[::max(1, len(order) // (limit * batch_size))][: limit * batch_size]  # every length, still sorted
+    if limit and limit * batch_size < len(order):  # an even spread over the lengths, still sorted
+        order = [order[k * len(order) // (limit * batch_size)] for k in range(limit * batch_size)]
     loss_sum = weight_sum = 0.0
     gold: list = []
     predicted: list = []
