@@ -205,11 +205,10 @@ def test_labellers_judge_a_served_classifier_at_their_noise_rate_and_rows_are_th
     population = make_labellers(honest_cfg, store.add_user, prefix="mixed")
     inverted = make_labellers(LabellerConfig(users=2, noise=0.1, liar_share=1.0, liar_kind="inverted"), store.add_user,
                               prefix="inverted")
-    # One labeller at a time: the statistics do not need them at once, and concurrent /v1/classify
-    # requests meet a race in the server (one fast tokenizer shared by its worker threads, whose
-    # padding setting another request's call can switch off mid-batch: an occasional 500).
-    stats = run_labelling(client, population, pool[:480], "emotion", batch_size=16, seed=0, concurrent=False)
-    inverted_stats = run_labelling(client, inverted, pool[480:], "emotion", batch_size=16, seed=0, concurrent=False)
+    # All labellers at once: concurrent /v1/classify requests share the served model's one fast
+    # tokenizer, whose padding state a request's call sets (serve/classifier.py serialises them).
+    stats = run_labelling(client, population, pool[:480], "emotion", batch_size=16, seed=0)
+    inverted_stats = run_labelling(client, inverted, pool[480:], "emotion", batch_size=16, seed=0)
     assert (stats.predictions, stats.feedback, len(stats.verdicts)) == (480, 480, 480)
     assert 0.35 < stats.as_dict()["shown_accuracy"] < 0.65  # the design above: about half right
 
@@ -253,7 +252,7 @@ def test_labellers_give_per_entity_ner_verdicts_through_the_server(server) -> No
                  (("nothing", "here"), ("O", "O"))]
     pool = [PoolItem(words, tags) for words, tags in sentences * 10]
     labellers = make_labellers(LabellerConfig(users=2, noise=0.0, name_label=1.0), store.add_user, prefix="ner")
-    stats = run_labelling(client, labellers, pool, "ner", batch_size=8, seed=0, concurrent=False)  # the race above
+    stats = run_labelling(client, labellers, pool, "ner", batch_size=8, seed=0)
     assert stats.predictions == stats.feedback == 30 and stats.verdicts
 
     truth_of = {words: true_entities(tags) for words, tags in sentences}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,12 @@ class ServedClassifier:
         self.labels = label_names(self.model)
         self.version = model_version(self.model)
         self.max_tokens = max_tokens or _model_limit(self.model, self.tokenizer)
+        # Requests run in parallel worker threads, and a fast tokenizer keeps its padding and
+        # truncation settings in shared Rust state that each call sets and then encodes under
+        # (GIL released): one request's unpadded call can switch padding off in the middle of
+        # another's batch. One request at a time per classifier; on a CPU the forward pass gains
+        # nothing from running two at once anyway.
+        self.lock = threading.Lock()
 
     @classmethod
     def from_config(cls, name: str, path: str, config: ServeConfig) -> ServedClassifier:
@@ -136,10 +143,11 @@ def classify(served: ServedClassifier, inputs: Inputs, exploration: Exploration,
     seed = secrets.randbits(63)  # stored with the predictions: what was shown can be redrawn from the probabilities
     generator = torch.Generator().manual_seed(seed)
     stored_exploration = {**exploration.to_json(), "seed": seed}
-    if served.task == "ner":
-        results, records = _tag(served, inputs, exploration, generator)
-    else:
-        results, records = _label(served, inputs, exploration, generator)
+    with served.lock:
+        if served.task == "ner":
+            results, records = _tag(served, inputs, exploration, generator)
+        else:
+            results, records = _label(served, inputs, exploration, generator)
     rows = []
     for i, (result, record) in enumerate(zip(results, records)):
         pid = f"pred-{hex_id}-{i}"
