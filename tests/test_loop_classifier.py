@@ -89,3 +89,14 @@ def test_lying_labellers_get_their_candidate_refused(tmp_path: Path, weak_classi
     assert steps["train"]["stages"] == ["classify"]  # a candidate was trained on the lies ...
     assert not steps["evaluate"]["passed"] and not steps["promote"]["promoted"]  # ... and refused
     assert steps["evaluate"]["metrics"]["macro_f1_delta"] < 0
+
+
+@pytest.mark.slow  # MiniLM-L6 trains twice: minutes on 2 cores (`pytest -m slow tests/test_loop_classifier.py`)
+def test_the_sentiment_demo_runs_from_nothing(tmp_path: Path) -> None:
+    from alignloop.demo import run_sentiment_demo
+
+    report = run_sentiment_demo(str(tmp_path), iterations=1, labellers=2, per_iteration=64).read_text()
+    for section in ("## The loop", "## Iterations", "## Lineage", "## The seed classifier"):
+        assert section in report
+    state = json.loads((tmp_path / "demo-sentiment" / "loop" / "iter-1" / "state.json").read_text())
+    assert state["steps"]["collect"]["predictions"] == 64 and state["steps"]["export"]["counts"]["bandit"] == 64

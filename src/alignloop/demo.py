@@ -160,14 +160,15 @@ def _cell(text: str) -> str:
 # a small labelled seed set, a held-out set for the gate, then the traffic the labellers judge.
 SENTIMENT_SEED, SENTIMENT_HELDOUT = 200, 600
 SENTIMENT_STAGE_OPTIONS = [
-    # Each iteration retrains the deployed classifier on every verdict so far (rules.window=all),
-    # beside the labelled seed set (α = 1: the worked example's L_CE + α·R).
+    # Each iteration trains the deployed classifier on the verdicts given since the last export
+    # (rules.window=new: on the predictions of the model it starts from), beside the labelled seed
+    # set (α = 1: the worked example's L_CE + α·R).
     "classify.train.epochs=2", "classify.train.lr=5e-5", "classify.train.batch_size=32", "classify.train.warmup_steps=0",
     "classify.train.eval_every=0", "classify.train.save_every=0", "classify.data.eval_fraction=0",
 ]
 
 
-def run_sentiment_demo(output_dir: str, iterations: int = 3, labellers: int = 8, per_iteration: int = 600,
+def run_sentiment_demo(output_dir: str, iterations: int = 3, labellers: int = 8, per_iteration: int = 500,
                        noise: float = 0.05, name_label: float = 0.3) -> Path:
     """``alignloop demo --task sentiment``: MiniLM-L6 learns 3-class sentiment from people's verdicts.
 
@@ -215,7 +216,7 @@ def run_sentiment_demo(output_dir: str, iterations: int = 3, labellers: int = 8,
         "model_name": "sentiment", "iterations": iterations, "recipe": ["classify"],
         "stage_options": [*SENTIMENT_STAGE_OPTIONS, f"classify.classify.supervised_path={data / 'seed.jsonl'}",
                           "classify.classify.alpha=1.0"],
-        "rules.window": "all", "rules.min_records": 8,
+        "rules.window": "new", "rules.min_records": 8,
         "evaluate.data": str(data / "heldout.jsonl"),
         "labellers.pool": str(data / "traffic.jsonl"), "labellers.users": labellers, "labellers.noise": noise,
         "labellers.name_label": name_label, "labellers.per_iteration": per_iteration, "labellers.batch_size": 32,
