@@ -368,10 +368,14 @@ def test_a_saved_rl_config_loads_back_equal_through_its_command(tmp_path):
 
 def test_loop_recipes_are_the_stages_the_table_gives_a_dataset():
     assert set(recipe_stages()) == {name for name, stage in STAGES.items() if stage.loop_data}
-    assert {STAGES[name].loop_data for name in recipe_stages()} <= {"sft", "pairs", "kto", "prompts"}
+    assert {STAGES[name].loop_data for name in recipe_stages()} <= {"sft", "pairs", "kto", "prompts", "bandit"}
     assert all(STAGES[name].makes in ("policy", "reward") for name in recipe_stages())
     with pytest.raises(ConfigError, match="recipe: unknown stage 'pretrain'"):
         load_config(LoopConfig, overrides={"recipe": "pretrain"})
     with pytest.raises(ConfigError, match="recipe: rloo needs a reward stage before it"):
         load_config(LoopConfig, overrides={"recipe": "[sft, rloo, reward]"})
     assert load_config(LoopConfig, overrides={"recipe": "[reward, sft, rloo]"}).recipe == ["reward", "sft", "rloo"]
+    # a classifier's recipe learns from verdicts on predictions; it cannot mix with language-model stages
+    assert load_config(LoopConfig, overrides={"recipe": "[classify]"}).trains_classifier
+    with pytest.raises(ConfigError, match="recipe: classify trains a classifier; it cannot share a recipe"):
+        load_config(LoopConfig, overrides={"recipe": "[sft, classify]"})
