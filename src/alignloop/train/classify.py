@@ -97,6 +97,7 @@ def run_classify(cfg: ClassifyConfig) -> Run:
                           "and model.name_or_path to the classifier that served those predictions")
     task = resolve_task(cfg.classify.task, kind, cfg.data.path)
     names = label_names_of(rows, kind)
+    names = trained_label_names(cfg.model, names)
     held_rows: list[Row] | None = None
     if cfg.data.eval_path:
         held_rows, held_kind = load_records(cfg.data.eval_path, SUPERVISED_KINDS)
@@ -153,6 +154,23 @@ def label_names_of(rows: Sequence[Row], kind: str) -> list[str]:
     types = sorted({tag[2:] for tag in tags if tag[:2] in ("B-", "I-")})
     others = sorted(tag for tag in tags if tag != "O" and tag[:2] not in ("B-", "I-"))
     return ["O", *(f"{p}-{t}" for t in types for p in ("B", "I")), *others]
+
+
+def trained_label_names(model: ModelConfig, names: list[str]) -> list[str]:
+    """The labels of a classifier trained further: its own, in its order, when they include every
+    label of the data (data from feedback on it may lack a class: its head keeps that class);
+    otherwise the data's ``names``."""
+    from transformers import AutoConfig
+
+    path = resolve_backbone(model).name_or_path
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError):
+        return names  # not readable here: load_classifier_backbone names the problem
+    if not any(a.endswith("Classification") for a in config.architectures or []):
+        return names
+    theirs = [str(config.id2label[i]) for i in range(len(config.id2label))]
+    return theirs if set(names) <= set(theirs) else names
 
 
 def check_known_labels(rows: Sequence[Row], kind: str, names: Sequence[str], train_path: str) -> None:
