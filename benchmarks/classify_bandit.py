@@ -187,18 +187,30 @@ def frozen_features(texts: list[str], cache: Path) -> torch.Tensor:
     return features
 
 
-def fit_head(head: torch.nn.Linear, loss_of, steps: int = 300, lr: float = 1e-2) -> torch.nn.Linear:
-    """Full-batch Adam on ``loss_of(head)``; every method gets the same budget."""
+def fit_head(head: torch.nn.Linear, loss_of, steps: int = 300, lr: float = 1e-2, keep_best=None) -> torch.nn.Linear:
+    """Full-batch Adam on ``loss_of(head)``; every method gets the same budget. With ``keep_best``
+    (head → validation macro-F1), the head is scored every 20 steps and the best one is returned:
+    early stopping on the labelled validation split, the same rule for every method (a fixed step
+    count overfits a few hundred rows and underfits three thousand, which would make the
+    full-label "ceiling" fall below the others at small n)."""
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-3)
-    for _ in range(steps):
+    best, best_state = -1.0, None
+    for step in range(1, steps + 1):
         loss = loss_of(head)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if keep_best is not None and step % 20 == 0:
+            score = keep_best(head)
+            if score > best:
+                best, best_state = score, {k: v.clone() for k, v in head.state_dict().items()}
+    if best_state is not None:
+        head.load_state_dict(best_state)
     return head
 
 
-def probe_bandit_loss(estimator: str, x: torch.Tensor, records: list[dict], names: list[str], estimates: torch.Tensor):
+def probe_bandit_loss(estimator: str, x: torch.Tensor, records: list[dict], names: list[str], estimates: torch.Tensor,
+                      label_weight: float = 1.0):
     """The loss :func:`alignloop.train.classify.bandit_feedback_loss` computes, for a linear head on features ``x``."""
     from alignloop.losses import BANDIT_LOSSES, feedback_objective
 
@@ -216,7 +228,8 @@ def probe_bandit_loss(estimator: str, x: torch.Tensor, records: list[dict], name
         extra = {"class_logps": class_logps, "shown": shown, "reward_estimates": estimates} if bandit.needs_classes else {}
         bandit_loss, _ = bandit.loss(class_logps.gather(1, shown[:, None]).squeeze(1), propensity, reward, **extra,
                                      **{name: settings[name] for name in bandit.settings})
-        return feedback_objective(bandit_loss, class_logps.gather(1, target[:, None]).squeeze(1), named)[0]
+        return feedback_objective(bandit_loss, class_logps.gather(1, target[:, None]).squeeze(1), named,
+                                  label_weight=label_weight)[0]
 
     return loss_of
 
@@ -240,16 +253,16 @@ def run_probe(args: argparse.Namespace, out: Path, names: list[str], seed_rows: 
     with torch.no_grad():
         traffic_probs = torch.softmax(logging_head(feats["traffic"]), 1)
 
-    def from_logging(loss_of) -> torch.nn.Linear:
-        head = torch.nn.Linear(feats["seed"].shape[1], k)
-        head.load_state_dict(logging_head.state_dict())
-        return fit_head(head, loss_of)
-
     def predictions(head: torch.nn.Linear, split: str) -> np.ndarray:
         with torch.no_grad():
             return head(feats[split]).argmax(1).numpy()
 
     gold_np = {split: g.numpy() for split, g in gold.items()}
+
+    def from_logging(loss_of) -> torch.nn.Linear:
+        head = torch.nn.Linear(feats["seed"].shape[1], k)
+        head.load_state_dict(logging_head.state_dict())
+        return fit_head(head, loss_of, keep_best=lambda h: macro_f1(gold_np["val"], predictions(h, "val"), k))
     results: dict = {"backbone": "probe", "cpu": cpu_name, "settings": vars(args) | {"data": str(args.data), "out": str(out)},
                      "names": names, "logging": {split: macro_f1(gold_np[split], predictions(logging_head, split), k) for split in ("val", "test")}}
     results["logging"]["test_macro_f1"] = results["logging"]["test"]
@@ -277,6 +290,18 @@ def run_probe(args: argparse.Namespace, out: Path, names: list[str], seed_rows: 
                             "chosen": estimator}
     results["estimator"] = estimator
     print(f"  (naive rule on validation: {np.mean(naive_val):.3f}); chosen: {estimator}", flush=True)
+    # β, the named labels' weight (second table), measured the same way with the chosen estimator
+    label_weight = 1.0
+    if "named" in args.tables.split(","):
+        betas = {}
+        for beta in (1.0, 0.3, 0.0):
+            betas[beta] = float(np.mean([macro_f1(gold_np["val"], predictions(from_logging(probe_bandit_loss(
+                estimator, feats["traffic"][:args.select_n], feedback[("named", s)][:args.select_n], names,
+                traffic_probs[:args.select_n], beta)), "val"), k) for s in sim_seeds]))
+            print(f"  named labels at β={beta}: val macro-F1 {betas[beta]:.3f}", flush=True)
+        label_weight = max(betas, key=betas.get)
+        results["selection"]["label_weight_val_macro_f1"] = {str(b): v for b, v in betas.items()}
+        results["selection"]["label_weight"] = label_weight
 
     for table in args.tables.split(","):
         results[f"table-{table}"] = rows_out = []
@@ -285,7 +310,7 @@ def run_probe(args: argparse.Namespace, out: Path, names: list[str], seed_rows: 
             for s in sim_seeds:
                 batch = feedback[(table, s)][:n]
                 x = feats["traffic"][:n]
-                a = from_logging(probe_bandit_loss(estimator, x, batch, names, traffic_probs[:n]))
+                a = from_logging(probe_bandit_loss(estimator, x, batch, names, traffic_probs[:n], label_weight))
                 keep = [i for i, r in enumerate(batch) if r["reward"] == 1 or "label" in r]
                 labels = torch.tensor([names.index(batch[i]["shown"] if batch[i]["reward"] == 1 else batch[i]["label"]) for i in keep])
                 b = from_logging(cross_entropy_loss(x[keep], labels))

@@ -615,7 +615,7 @@ def bandit_feedback_loss(model: Any, batch: dict[str, torch.Tensor], context: St
         scored = sup["labels"] != IGNORE_INDEX  # ner: every tagged word is one term of the mean
         supervised_logps = sup_logps.gather(-1, torch.where(scored, sup["labels"], 0).unsqueeze(-1)).squeeze(-1)[scored]
     loss, parts = feedback_objective(bandit_loss, label_logps(class_logps, batch["target"]), batch["named"],
-                                     supervised_logps, c.alpha)
+                                     supervised_logps, c.alpha, c.label_weight)
     rows = float(batch["reward"].numel())
     # row-weighted sums, so a step's numbers are means over its rows (NaN parts, e.g. no named label, left out)
     sums = {k: v * rows for k, v in {**metrics, **parts}.items() if v == v}
