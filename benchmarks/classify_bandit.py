@@ -144,18 +144,21 @@ def macro_f1(gold: np.ndarray, pred: np.ndarray, k: int) -> float:
     return float(np.mean(np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)))
 
 
-def paired_bootstrap(gold: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, k: int, samples: int = 2000,
-                     seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(gold: np.ndarray, pred_a: np.ndarray | list[np.ndarray], pred_b: np.ndarray | list[np.ndarray], k: int,
+                     samples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Macro-F1(a) − macro-F1(b) and its 95% percentile-bootstrap interval, test rows resampled
-    with both models' predictions kept together."""
+    with both models' predictions kept together. Lists of predictions (one pair per simulation
+    seed) give the mean difference over the seeds, each resample applied to every pair."""
+    pairs = list(zip(pred_a, pred_b)) if isinstance(pred_a, list) else [(pred_a, pred_b)]
     rng = np.random.default_rng(seed)
     n = len(gold)
-    deltas = []
-    for _ in range(samples):
-        idx = rng.integers(0, n, n)
-        deltas.append(macro_f1(gold[idx], pred_a[idx], k) - macro_f1(gold[idx], pred_b[idx], k))
+
+    def delta(idx: np.ndarray) -> float:
+        return float(np.mean([macro_f1(gold[idx], a[idx], k) - macro_f1(gold[idx], b[idx], k) for a, b in pairs]))
+
+    deltas = [delta(rng.integers(0, n, n)) for _ in range(samples)]
     lo, hi = np.percentile(deltas, [2.5, 97.5])
-    return macro_f1(gold, pred_a, k) - macro_f1(gold, pred_b, k), float(lo), float(hi)
+    return delta(np.arange(n)), float(lo), float(hi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +310,7 @@ def run_probe(args: argparse.Namespace, out: Path, names: list[str], seed_rows: 
         results[f"table-{table}"] = rows_out = []
         for n in sizes:
             spread = {"bandit": [], "naive": [], "full": [], "wins": 0}
+            seed_predictions: dict[str, list[np.ndarray]] = {"bandit": [], "naive": []}
             for s in sim_seeds:
                 batch = feedback[(table, s)][:n]
                 x = feats["traffic"][:n]
@@ -320,9 +324,12 @@ def run_probe(args: argparse.Namespace, out: Path, names: list[str], seed_rows: 
                 for m in ("bandit", "naive", "full"):
                     spread[m].append(f1[m])
                 spread["wins"] += int(f1["bandit"] > f1["naive"])
+                seed_predictions["bandit"].append(pred["bandit"])
+                seed_predictions["naive"].append(pred["naive"])
                 if s == args.seed:
                     delta, lo, hi = paired_bootstrap(gold_np["test"], pred["bandit"], pred["naive"], k)
                     first = dict(f1, naive_rows=len(keep))
+            mean_delta, mean_lo, mean_hi = paired_bootstrap(gold_np["test"], seed_predictions["bandit"], seed_predictions["naive"], k)
             gap = first["full"] - results["logging"]["test"]
             mean_gap = np.mean(spread["full"]) - results["logging"]["test"]
             row = {"n": n, **first, "bandit_minus_naive": delta, "ci95": [lo, hi],
@@ -330,11 +337,13 @@ def run_probe(args: argparse.Namespace, out: Path, names: list[str], seed_rows: 
                    "gap_closed_by_naive": (first["naive"] - results["logging"]["test"]) / gap if gap > 0 else None,
                    "seeds": {m: [float(np.mean(v)), float(np.std(v))] for m, v in spread.items() if m != "wins"},
                    "bandit_beats_naive_in_seeds": f"{spread['wins']}/{len(sim_seeds)}",
+                   "seeds_bandit_minus_naive": mean_delta, "seeds_ci95": [mean_lo, mean_hi],
                    "mean_gap_closed_by_bandit": float((np.mean(spread["bandit"]) - results["logging"]["test"]) / mean_gap) if mean_gap > 0 else None}
             rows_out.append(row)
             print(f"table {table} n={n}: bandit {first['bandit']:.3f} naive {first['naive']:.3f} full {first['full']:.3f} "
                   f"a−b {delta:+.3f} [{lo:+.3f}, {hi:+.3f}]; over {len(sim_seeds)} seeds bandit {np.mean(spread['bandit']):.3f} "
-                  f"naive {np.mean(spread['naive']):.3f} full {np.mean(spread['full']):.3f}, bandit wins {spread['wins']}", flush=True)
+                  f"naive {np.mean(spread['naive']):.3f} full {np.mean(spread['full']):.3f}, bandit wins {spread['wins']}; "
+                  f"mean a−b {mean_delta:+.3f} [{mean_lo:+.3f}, {mean_hi:+.3f}]", flush=True)
     return results
 
 
@@ -479,6 +488,17 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['n']:,} | {r['bandit']:.3f} | {r['naive']:.3f} | {r['full']:.3f} | {r['bandit_minus_naive']:+.3f} "
                          f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {pct(r['gap_closed_by_bandit'])} | {pct(r['gap_closed_by_naive'])} |")
         lines.append("")
+        if "seeds" in results[key][0]:
+            seeds = results["settings"]["sim_seeds"]
+            lines += [f"Over {seeds} simulation seeds (exploration draws and users; mean ± sd):", "",
+                      "| verdicts | (a) bandit | (b) confirmed only | (c) full labels | mean (a) − (b) [95% CI] | (a) > (b) in | gap closed by (a) |",
+                      "| ---: | ---: | ---: | ---: | :---: | :---: | ---: |"]
+            for r in results[key]:
+                m = r["seeds"]
+                lines.append(f"| {r['n']:,} | {m['bandit'][0]:.3f} ± {m['bandit'][1]:.3f} | {m['naive'][0]:.3f} ± {m['naive'][1]:.3f} | "
+                             f"{m['full'][0]:.3f} ± {m['full'][1]:.3f} | {r['seeds_bandit_minus_naive']:+.3f} [{r['seeds_ci95'][0]:+.3f}, "
+                             f"{r['seeds_ci95'][1]:+.3f}] | {r['bandit_beats_naive_in_seeds']} | {pct(r['mean_gap_closed_by_bandit'])} |")
+            lines.append("")
     return "\n".join(lines)
 
 
