@@ -215,7 +215,7 @@ def test_resume_from_a_checkpoint_continues_exactly(tiny_bert: Path, tmp_path: P
 
 
 def test_lora_trains_and_saves_a_plain_classifier(tiny_bert: Path, tmp_path: Path) -> None:
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     train = write_jsonl(tmp_path / "t.jsonl", topic_rows(64, seed=5))
     assert classify(tiny_bert, train, tmp_path, "--model.lora.r=4", "--model.lora.target_modules=[query,value]",
@@ -230,6 +230,12 @@ def test_lora_trains_and_saves_a_plain_classifier(tiny_bert: Path, tmp_path: Pat
                            base.bert.encoder.layer[0].attention.self.query.weight)
     assert torch.equal(model.bert.encoder.layer[0].attention.self.key.weight,
                        base.bert.encoder.layer[0].attention.self.key.weight)
+
+    # The default targets (all-linear) leave the head to be trained whole, for token classifiers too.
+    tagged = write_jsonl(tmp_path / "n.jsonl", entity_rows(32, seed=5))
+    assert classify(tiny_bert, tagged, tmp_path, "--model.lora.r=4", "--run.name=ner", "--train.max_steps=2",
+                    "--train.batch_size=8", "--train.save_every=0") == 0
+    assert AutoModelForTokenClassification.from_pretrained(tmp_path / "ner" / "final").config.id2label[0] == "O"
 
 
 def test_minilm_learns_the_rule(tmp_path: Path) -> None:
@@ -258,6 +264,9 @@ def test_bad_input_names_the_file_line_and_field(tiny_bert: Path, tmp_path: Path
     assert classify(tiny_bert, good_tags, tmp_path, f"--data.eval_path={held_tags}") == 2
     assert "ht.jsonl:1: field 'tags[1]' is 'B-ORG'" in capsys.readouterr().err
 
+    one = write_jsonl(tmp_path / "one.jsonl", [{"text": "a dog", "label": "animal"}] * 8)
+    assert classify(tiny_bert, one, tmp_path) == 2
+    assert "one.jsonl: every record has the label 'animal'" in capsys.readouterr().err
     assert classify(tiny_bert, train, tmp_path, "--classify.task=ner") == 2
     assert "classify.task=ner, but" in capsys.readouterr().err
     assert classify(tiny_bert, train, tmp_path, "--classify.objective=bandit") == 2
@@ -299,3 +308,63 @@ def test_conll_reader_strips_only_a_prefix_every_token_has(tmp_path: Path) -> No
     mixed.write_text("see\tO\nhttp://x.org\tO\n")
     rows, _ = load_records(f"conll:{mixed}", ("tagged",))
     assert rows[0].fields["tokens"] == ["see", "http://x.org"]
+
+
+@pytest.mark.parametrize(("example", "task"), [("classify.yaml", "classification"), ("ner.yaml", "ner")])
+def test_the_examples_load_and_read_their_data(example: str, task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from alignloop.config import STAGES
+    from alignloop.train.classify import SUPERVISED_KINDS, TASK_OF_KIND
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = STAGES["classify"].load(root / "examples" / example)
+    monkeypatch.chdir(root)  # the examples' data paths are relative to the repository
+    if not Path(cfg.data.path.split(":", 1)[1]).parent.is_dir():
+        pytest.skip(f"needs {cfg.data.path}")
+    rows, kind = load_records(cfg.data.eval_path, SUPERVISED_KINDS, max_samples=50)
+    assert TASK_OF_KIND[kind] == task and len(rows) == 50
+
+
+# --- models/classifier.py: what train, evaluate and serve read a classifier through ----------------
+def test_entity_spans_decode_bio_as_seqeval_does() -> None:
+    import random
+
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    from alignloop.models.classifier import entity_spans
+
+    assert entity_spans(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-ORG"]) == \
+        [("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 5), ("ORG", 5, 6)]  # end exclusive; a stray I- starts an entity
+    rng = random.Random(0)
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    for _ in range(2000):
+        sentence = [rng.choice(tags) for _ in range(rng.randint(0, 8))]
+        assert sorted(entity_spans(sentence)) == sorted((t, s, e + 1) for t, s, e in get_entities(sentence)), sentence
+
+
+def test_split_words_keeps_character_offsets() -> None:
+    from alignloop.models.classifier import split_words
+
+    text = "Barack Obama visited Paris, France."
+    words = split_words(text)
+    assert [w for w, _, _ in words] == ["Barack", "Obama", "visited", "Paris", ",", "France", "."]
+    assert all(text[s:e] == w for w, s, e in words)
+
+
+def test_task_probabilities_and_order_of_a_saved_classifier(tiny_bert: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+    from alignloop.models.classifier import classifier_task, label_names, label_probabilities, load_classifier
+
+    for auto, task in ((AutoModelForSequenceClassification, "classification"), (AutoModelForTokenClassification, "ner")):
+        folder = tmp_path / task
+        auto.from_pretrained(tiny_bert, num_labels=3, id2label={0: "a", 1: "b", 2: "c"}).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
+        assert classifier_task(str(folder)) == task
+        model, tokenizer = load_classifier(str(folder), None, "candidate")
+        assert classifier_task(model) == task and label_names(model) == ["a", "b", "c"]
+    texts = ["a much longer text than the others here", "short", "mid length text"]
+    model, tokenizer = load_classifier(str(tmp_path / "classification"), None, "candidate")
+    probs = label_probabilities(model, tokenizer, texts, batch_size=2, max_length=32)
+    with torch.no_grad():
+        alone = torch.cat([model(**tokenizer(t, return_tensors="pt")).logits.softmax(-1) for t in texts])
+    assert probs.shape == (3, 3) and torch.allclose(probs, alone, atol=1e-5)  # batched by length, returned in order

@@ -114,8 +114,9 @@ def word_tag_probabilities(model: Any, tokenizer: Any, sentences: Sequence[list[
     outside = torch.nn.functional.one_hot(torch.tensor(outside_index(names)), len(names)).float()
     result: list[torch.Tensor] = [torch.empty(0, len(names)) for _ in sentences]
     cut = 0
-    for start in range(0, len(sentences), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(sentences))))
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))  # similar lengths together: less padding
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
         batch = tokenizer([sentences[i] for i in chunk], is_split_into_words=True, truncation=True,
                           max_length=max_length, padding=True, return_tensors="pt")
         probs = model(**batch.to(model.device)).logits.float().softmax(-1).cpu()
@@ -124,10 +125,11 @@ def word_tag_probabilities(model: Any, tokenizer: Any, sentences: Sequence[list[
             for position, word in enumerate(batch.word_ids(row)):
                 if word is not None and word not in first_piece:
                     first_piece[word] = position
-            words = len(sentences[i])
-            cut += words - len(first_piece)
-            result[i] = torch.stack([probs[row, first_piece[w]] if w in first_piece else outside for w in range(words)]) \
-                if words else torch.empty(0, len(names))
+            # Truncation cuts the end, so the words that fit are the first len(first_piece).
+            kept = probs[row, list(first_piece.values())]
+            missing = len(sentences[i]) - len(first_piece)
+            cut += missing
+            result[i] = torch.cat([kept, outside.expand(missing, -1)]) if missing else kept
     return result, cut
 
 

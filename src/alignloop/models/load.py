@@ -105,11 +105,15 @@ def add_lora(model: Any, cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> Any:
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora.target_modules
+    # A classifier's head is trained whole (peft's modules_to_save); "all-linear" would also put an
+    # adapter on its linear layers, and peft refuses a module that is both.
+    head = r"(.*\.)?(classifier|score)(\..*)?" if task_type in ("SEQ_CLS", "TOKEN_CLS") and targets == ["all-linear"] else None
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
+        exclude_modules=head,
         task_type=task_type,
     )
     try:

@@ -75,7 +75,7 @@ class ClassifierExample:
     input_ids: list[int]  # (T,) sub-token ids with the tokenizer's special tokens, T ≤ max_length
     label: int | list[int]  # classification: the class id; ner: (T,) tag id per sub-token, IGNORE_INDEX where no loss
     word_positions: list[int]  # ner: the first sub-token of each word that fits (evaluation reads there); else []
-    row: int = -1  # index of the record it encodes
+    source: Row | None = None  # the record it encodes (the final report reads held-out records whole)
     # bandit feedback (reward is None on a supervised example); ``label`` is then the shown output
     # (ner: its tags on the entity's words, IGNORE_INDEX elsewhere)
     reward: float | None = None  # the verdict r in [0, 1]
@@ -97,6 +97,9 @@ def run_classify(cfg: ClassifyConfig) -> Run:
                           "and model.name_or_path to the classifier that served those predictions")
     task = resolve_task(cfg.classify.task, kind, cfg.data.path)
     names = label_names_of(rows, kind)
+    if len(names) < 2:  # one class is nothing to learn, and transformers would read num_labels=1 as regression
+        raise DataError(f"{cfg.data.path}: every record has the {'label' if kind == 'labelled' else 'tag'} {names[0]!r}; "
+                        "a classifier needs examples of at least two")
     names = trained_label_names(cfg.model, names)
     held_rows: list[Row] | None = None
     if cfg.data.eval_path:
@@ -119,9 +122,9 @@ def run_classify(cfg: ClassifyConfig) -> Run:
     examples = encode_rows(cfg.data.path, rows, task, tokenizer, label_ids, max_length, cfg)
     if held_rows is not None:
         train, held = examples, encode_rows(cfg.data.eval_path, held_rows, task, tokenizer, label_ids, max_length, cfg)
-    else:  # hold out the same rows of the records and of their encodings
-        train_idx, held_idx = split_holdout(list(range(len(rows))), cfg.data.eval_fraction, cfg.train.seed)
-        train, held, held_rows = [examples[i] for i in train_idx], [examples[i] for i in held_idx], [rows[i] for i in held_idx]
+    else:
+        train, held = split_holdout(examples, cfg.data.eval_fraction, cfg.train.seed)
+        held_rows = [e.source for e in held]
     return fit_classifier(cfg, model, tokenizer, task, names, train, held, held_rows, max_length)
 
 
@@ -198,6 +201,9 @@ def encode_rows(path: str, rows: Sequence[Row], task: str, tokenizer: Any, label
     else:
         batch = tokenizer([row.fields["tokens"] for row in rows], is_split_into_words=True, truncation=True,
                           max_length=max_length, return_overflowing_tokens=True)
+    if "overflow_to_sample_mapping" not in batch:
+        raise ModelError(f"model.name_or_path: the tokenizer {type(tokenizer).__name__} is not a fast (Rust) tokenizer, "
+                         "which classify needs to cut and count long rows; use a model with a tokenizer.json")
     # A row longer than max_length comes back as several pieces; its first piece is what the model reads.
     first_piece: dict[int, int] = {}
     for piece, i in enumerate(batch["overflow_to_sample_mapping"]):
@@ -215,7 +221,7 @@ def encode_rows(path: str, rows: Sequence[Row], task: str, tokenizer: Any, label
                 continue
         ids = batch["input_ids"][piece]
         if task == "classification":
-            examples.append(ClassifierExample(ids, label_ids[str(row.fields["label"])], [], row=i))
+            examples.append(ClassifierExample(ids, label_ids[str(row.fields["label"])], [], row))
             continue
         labels, positions, previous = [IGNORE_INDEX] * len(ids), [], None
         tags = row.fields["tags"]
@@ -228,7 +234,7 @@ def encode_rows(path: str, rows: Sequence[Row], task: str, tokenizer: Any, label
                 labels[position] = label_ids.get("I-" + tag[2:], label_ids[tag]) if tag.startswith("B-") else label_ids[tag]
             previous = word
         words_cut += len(tags) - len(positions)
-        examples.append(ClassifierExample(ids, labels, positions, row=i))
+        examples.append(ClassifierExample(ids, labels, positions, row))
     if cut:
         what = f" ({words_cut} words past the cut carry no loss)" if task == "ner" else ""
         action = "left out" if cfg.data.overlong == "drop" else "cut to their first"
@@ -267,7 +273,7 @@ def run_bandit_classify(cfg: ClassifyConfig) -> Run:
         # r̂(x, a) = the logging classifier's P(a | x): its own belief that a user would confirm a.
         # The model has not trained yet, so it is the logging classifier.
         model.eval()
-        probs = label_probabilities(model, tokenizer, [rows[e.row].fields["text"] for e in train], cfg.train.batch_size,
+        probs = label_probabilities(model, tokenizer, [e.source.fields["text"] for e in train], cfg.train.batch_size,
                                     max_length)
         for e, p in zip(train, probs.tolist()):
             e.estimates = p
@@ -344,13 +350,17 @@ def encode_bandit_rows(cfg: ClassifyConfig, rows: Sequence[Row], task: str, toke
         if f.get("label") is not None:
             target_rows.append(Row({"tokens": f["tokens"], "tags": span_tags(row, "label", label_ids)}, row.where))
     examples = encode_rows(path, shown_rows, task, tokenizer, label_ids, max_length, cfg)
+    # which feedback row each encoding came from (encode_rows may leave rows out: data.overlong=drop)
+    row_of = {id(r): i for i, r in enumerate(shown_rows)}
     named_rows = [i for i, r in enumerate(rows) if r.fields.get("label") is not None]
+    named_of = {id(r): named_rows[j] for j, r in enumerate(target_rows)}
     encoded_targets = encode_rows(path, target_rows, task, tokenizer, label_ids, max_length, cfg) if target_rows else []
-    targets = {named_rows[e.row]: e for e in encoded_targets}
+    targets = {named_of[id(e.source)]: e for e in encoded_targets}
     kept, partial = [], 0
     for e in examples:
-        f = rows[e.row].fields
-        target = targets.get(e.row)
+        index = row_of[id(e.source)]
+        f = rows[index].fields
+        target = targets.get(index)
         if task == "ner":
             start, end = f["start"], f["end"]
             if end > len(e.word_positions):  # the entity reaches past max_length: its log π would be partial
@@ -662,8 +672,8 @@ def evaluate_classifier(model: Any, task: str, names: list[str], held_out: Seque
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(held_out)), key=lambda i: len(held_out[i].input_ids))
-    if limit is not None:
-        order = order[::max(1, len(order) // (limit * batch_size))][: limit * batch_size]  # every length, still sorted
+    if limit and limit * batch_size < len(order):  # an even spread over the lengths, still sorted
+        order = [order[k * len(order) // (limit * batch_size)] for k in range(limit * batch_size)]
     loss_sum = weight_sum = 0.0
     gold: list = []
     predicted: list = []
