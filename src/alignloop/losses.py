@@ -618,7 +618,7 @@ def banditnet_loss(
     shown_logps: torch.Tensor, propensities: torch.Tensor, rewards: torch.Tensor, translation: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """BanditNet's λ-translated IPS risk (Joachims, Swaminathan & de Rijke 2018, "Deep Learning
-    with Logged Bandit Feedback", ICLR, §4), in rewards instead of losses:
+    with Logged Bandit Feedback", ICLR), in rewards instead of losses:
 
         w_i = π_θ(a_i|x_i) / p_i
         L   = −(1/N) Σ_i (r_i − λ) · w_i
@@ -654,7 +654,7 @@ def clipped_ips_loss(
     shown_logps: torch.Tensor, propensities: torch.Tensor, rewards: torch.Tensor, translation: float = 0.5,
     clip: float = 10.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped (truncated) inverse propensity scoring (Ionides 2008; Bottou et al. 2013, §4.5;
+    """Clipped (truncated) inverse propensity scoring (Ionides 2008; Bottou et al. 2013;
     the IPS term of CRM, Swaminathan & Joachims 2015), translated by a baseline λ as above:
 
         L = −(1/N) Σ_i (r_i − λ) · min(w_i, M),   w_i = π_θ(a_i|x_i) / p_i
@@ -677,7 +677,7 @@ def doubly_robust_loss(
     shown_logps: torch.Tensor, propensities: torch.Tensor, rewards: torch.Tensor, class_logps: torch.Tensor,
     shown: torch.Tensor, reward_estimates: torch.Tensor, clip: float = 10.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Doubly robust estimate of π_θ's reward (Dudík, Langford & Li 2011, Eq. 2), negated; the
+    """Doubly robust estimate of π_θ's reward (Dudík, Langford & Li 2011), negated; the
     correction's weight clipped at M:
 
         V̂_DR = (1/N) Σ_i [ Σ_a π_θ(a|x_i) r̂(x_i, a) + min(w_i, M) · (r_i − r̂(x_i, a_i)) ]
