@@ -146,3 +146,9 @@ def test_a_step_raises_confirmed_outputs_and_lowers_rejected_ones(name: str) -> 
 def test_each_table_row_names_settings_its_function_takes(name: str) -> None:
     bandit = BANDIT_LOSSES[name]
     assert set(bandit.settings) <= set(inspect.signature(bandit.loss).parameters)
+
+
+def test_label_weight_scales_only_the_named_label_term() -> None:
+    label_logps = torch.tensor([0.5, 0.25]).log()
+    loss, _ = feedback_objective(torch.tensor(0.2), label_logps, torch.tensor([True, False]), label_weight=0.3)
+    assert loss.item() == pytest.approx(0.2 + 0.3 * math.log(2) / 2, rel=1e-6)  # one named row of two

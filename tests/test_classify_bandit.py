@@ -174,3 +174,14 @@ def test_bad_feedback_is_named(logging_policy: Path, tiny_bert: Path, tmp_path: 
     assert "feedback.jsonl:1: field 'propensity' is 0" in error_of(logging_policy, [{**good, "propensity": 0}])
     assert "is not a trained classification classifier" in error_of(tiny_bert, [good])
     assert "set classify.supervised_path too" in error_of(logging_policy, [good], "--classify.alpha=1")
+
+
+def test_training_a_classifier_further_on_data_missing_a_class_keeps_its_head(logging_policy: Path, tmp_path: Path) -> None:
+    # the naive rule's data (confirmed predictions) may lack a class the classifier has
+    rows = [r for r in topic_rows(64, seed=5) if r["label"] != "food"]
+    data = write_jsonl(tmp_path / "two.jsonl", rows)
+    assert classify(logging_policy, data, tmp_path, "further", "--train.max_steps=2", "--train.batch_size=16",
+                    "--data.eval_fraction=0") == 0
+    from transformers import AutoConfig
+
+    assert list(AutoConfig.from_pretrained(tmp_path / "further" / "final").id2label.values()) == ["animal", "colour", "food"]

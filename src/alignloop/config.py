@@ -194,6 +194,7 @@ class ClassifierTrainingConfig:
     bandit_loss: Literal["banditnet", "clipped_ips", "doubly_robust"] = option("banditnet", "objective=bandit: the estimator (alignloop.losses.BANDIT_LOSSES): banditnet = λ-translated IPS (Joachims et al. 2018); clipped_ips = IPS with weights capped at `clip`; doubly_robust = the logging model's probabilities as the reward model, plus a clipped IPS correction (classification only)")
     translation: float = option(0.5, "objective=bandit: BanditNet's λ, the baseline subtracted from each reward (0..1): a confirmed output is pushed up with weight 1−λ, a rejected one down with weight λ; 0 ignores every 'wrong'")
     clip: float = option(10.0, "objective=bandit: the largest importance weight π_θ/p kept by clipped_ips and doubly_robust (an explored output has p = ε/K, so weights reach K/ε)")
+    label_weight: float = option(1.0, "objective=bandit: weight β of the cross-entropy on rows where the user named the right label")
     supervised_path: Optional[str] = option(None, "objective=bandit: the original labelled set (`text, label` or `tokens, tags`), trained on beside the feedback with weight `alpha` (the worked example's L_CE + α·R)")
     alpha: float = option(0.0, "objective=bandit: weight of the cross-entropy on `supervised_path` (0: not used)")
 
@@ -202,6 +203,8 @@ class ClassifierTrainingConfig:
             raise ConfigError(f"classify.translation must be in [0, 1] (got {self.translation}); it is a baseline on rewards in [0, 1]")
         if self.clip <= 0:
             raise ConfigError(f"classify.clip must be > 0 (got {self.clip}); it caps the importance weights")
+        if self.label_weight < 0:
+            raise ConfigError(f"classify.label_weight must be ≥ 0 (got {self.label_weight})")
         if self.alpha < 0:
             raise ConfigError(f"classify.alpha must be ≥ 0 (got {self.alpha})")
         if self.alpha > 0 and not self.supervised_path:

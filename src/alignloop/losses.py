@@ -618,7 +618,7 @@ def banditnet_loss(
     shown_logps: torch.Tensor, propensities: torch.Tensor, rewards: torch.Tensor, translation: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """BanditNet's λ-translated IPS risk (Joachims, Swaminathan & de Rijke 2018, "Deep Learning
-    with Logged Bandit Feedback", ICLR, §4), in rewards instead of losses:
+    with Logged Bandit Feedback", ICLR), in rewards instead of losses:
 
         w_i = π_θ(a_i|x_i) / p_i
         L   = −(1/N) Σ_i (r_i − λ) · w_i
@@ -654,7 +654,7 @@ def clipped_ips_loss(
     shown_logps: torch.Tensor, propensities: torch.Tensor, rewards: torch.Tensor, translation: float = 0.5,
     clip: float = 10.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped (truncated) inverse propensity scoring (Ionides 2008; Bottou et al. 2013, §4.5;
+    """Clipped (truncated) inverse propensity scoring (Ionides 2008; Bottou et al. 2013;
     the IPS term of CRM, Swaminathan & Joachims 2015), translated by a baseline λ as above:
 
         L = −(1/N) Σ_i (r_i − λ) · min(w_i, M),   w_i = π_θ(a_i|x_i) / p_i
@@ -677,7 +677,7 @@ def doubly_robust_loss(
     shown_logps: torch.Tensor, propensities: torch.Tensor, rewards: torch.Tensor, class_logps: torch.Tensor,
     shown: torch.Tensor, reward_estimates: torch.Tensor, clip: float = 10.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Doubly robust estimate of π_θ's reward (Dudík, Langford & Li 2011, Eq. 2), negated; the
+    """Doubly robust estimate of π_θ's reward (Dudík, Langford & Li 2011), negated; the
     correction's weight clipped at M:
 
         V̂_DR = (1/N) Σ_i [ Σ_a π_θ(a|x_i) r̂(x_i, a) + min(w_i, M) · (r_i − r̂(x_i, a_i)) ]
@@ -729,10 +729,11 @@ def feedback_objective(
     named: torch.Tensor,
     supervised_logps: torch.Tensor | None = None,
     alpha: float = 0.0,
+    label_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Everything a batch of feedback teaches, as one loss (issue 29's L_CE + α·R):
 
-        L = L_bandit + (1/N) Σ_i 1[y_i named] · (−log π_θ(y_i|x_i)) + α · (1/S) Σ_s −log π_θ(y_s|x_s)
+        L = L_bandit + β · (1/N) Σ_i 1[y_i named] · (−log π_θ(y_i|x_i)) + α · (1/S) Σ_s −log π_θ(y_s|x_s)
 
     ``bandit_loss``: a :data:`BANDIT_LOSSES` loss over the batch's N feedback rows.
     ``label_logps`` (N,) log π_θ(y_i|x_i) of the right label where the user named one (any value
@@ -740,14 +741,17 @@ def feedback_objective(
     by N, all rows, not by the named ones: a row's weight does not depend on how many other rows
     of its batch happen to have a label, so a batch with one named row does not hand that row the
     weight of the whole bandit term. ``supervised_logps`` (S,) log π_θ(y_s|x_s) on a batch of the
-    original labelled set, weighted by α (0 or None: not used).
+    original labelled set, weighted by α (0 or None: not used). β (``label_weight``) weighs the
+    named labels: they come from the predictions users rejected, the hardest rows, and a
+    cross-entropy's gradient on a confidently wrong row is far larger than an importance-weighted
+    term's (which is scaled by π_θ), so at β = 1 those few rows can dominate the fit.
 
     Metrics: ``loss/bandit``, ``loss/label_ce`` (mean −log π over named rows, NaN if none),
     ``loss/supervised_ce`` (NaN if none), ``feedback/named`` (share of rows with a named label).
     """
     named = named.bool()
     label_nll = torch.where(named, -label_logps.float(), torch.zeros_like(label_logps, dtype=torch.float32))
-    loss = bandit_loss + label_nll.sum() / max(named.numel(), 1)
+    loss = bandit_loss + label_weight * label_nll.sum() / max(named.numel(), 1)
     supervised_ce = float("nan")
     if supervised_logps is not None and supervised_logps.numel() and alpha:
         supervised = -supervised_logps.float().mean()

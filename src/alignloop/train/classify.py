@@ -76,7 +76,6 @@ class ClassifierExample:
     label: int | list[int]  # classification: the class id; ner: (T,) tag id per sub-token, IGNORE_INDEX where no loss
     word_positions: list[int]  # ner: the first sub-token of each word that fits (evaluation reads there); else []
     source: Row | None = None  # the record it encodes (the final report reads held-out records whole)
-    row: int = -1  # the index of that record in its file's rows (bandit feedback looks its fields up by it)
     # bandit feedback (reward is None on a supervised example); ``label`` is then the shown output
     # (ner: its tags on the entity's words, IGNORE_INDEX elsewhere)
     reward: float | None = None  # the verdict r in [0, 1]
@@ -101,6 +100,7 @@ def run_classify(cfg: ClassifyConfig) -> Run:
     if len(names) < 2:  # one class is nothing to learn, and transformers would read num_labels=1 as regression
         raise DataError(f"{cfg.data.path}: every record has the {'label' if kind == 'labelled' else 'tag'} {names[0]!r}; "
                         "a classifier needs examples of at least two")
+    names = trained_label_names(cfg.model, names)
     held_rows: list[Row] | None = None
     if cfg.data.eval_path:
         held_rows, held_kind = load_records(cfg.data.eval_path, SUPERVISED_KINDS)
@@ -159,6 +159,23 @@ def label_names_of(rows: Sequence[Row], kind: str) -> list[str]:
     return ["O", *(f"{p}-{t}" for t in types for p in ("B", "I")), *others]
 
 
+def trained_label_names(model: ModelConfig, names: list[str]) -> list[str]:
+    """The labels of a classifier trained further: its own, in its order, when they include every
+    label of the data (data from feedback on it may lack a class: its head keeps that class);
+    otherwise the data's ``names``."""
+    from transformers import AutoConfig
+
+    path = resolve_backbone(model).name_or_path
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError):
+        return names  # not readable here: load_classifier_backbone names the problem
+    if not any(a.endswith("Classification") for a in config.architectures or []):
+        return names
+    theirs = [str(config.id2label[i]) for i in range(len(config.id2label))]
+    return theirs if set(names) <= set(theirs) else names
+
+
 def check_known_labels(rows: Sequence[Row], kind: str, names: Sequence[str], train_path: str) -> None:
     """Every held-out label must be one the model learns; the first that is not names its place."""
     known = set(names)
@@ -204,7 +221,7 @@ def encode_rows(path: str, rows: Sequence[Row], task: str, tokenizer: Any, label
                 continue
         ids = batch["input_ids"][piece]
         if task == "classification":
-            examples.append(ClassifierExample(ids, label_ids[str(row.fields["label"])], [], row, row=i))
+            examples.append(ClassifierExample(ids, label_ids[str(row.fields["label"])], [], row))
             continue
         labels, positions, previous = [IGNORE_INDEX] * len(ids), [], None
         tags = row.fields["tags"]
@@ -217,7 +234,7 @@ def encode_rows(path: str, rows: Sequence[Row], task: str, tokenizer: Any, label
                 labels[position] = label_ids.get("I-" + tag[2:], label_ids[tag]) if tag.startswith("B-") else label_ids[tag]
             previous = word
         words_cut += len(tags) - len(positions)
-        examples.append(ClassifierExample(ids, labels, positions, row, row=i))
+        examples.append(ClassifierExample(ids, labels, positions, row))
     if cut:
         what = f" ({words_cut} words past the cut carry no loss)" if task == "ner" else ""
         action = "left out" if cfg.data.overlong == "drop" else "cut to their first"
@@ -256,7 +273,7 @@ def run_bandit_classify(cfg: ClassifyConfig) -> Run:
         # r̂(x, a) = the logging classifier's P(a | x): its own belief that a user would confirm a.
         # The model has not trained yet, so it is the logging classifier.
         model.eval()
-        probs = label_probabilities(model, tokenizer, [rows[e.row].fields["text"] for e in train], cfg.train.batch_size,
+        probs = label_probabilities(model, tokenizer, [e.source.fields["text"] for e in train], cfg.train.batch_size,
                                     max_length)
         for e, p in zip(train, probs.tolist()):
             e.estimates = p
@@ -333,13 +350,17 @@ def encode_bandit_rows(cfg: ClassifyConfig, rows: Sequence[Row], task: str, toke
         if f.get("label") is not None:
             target_rows.append(Row({"tokens": f["tokens"], "tags": span_tags(row, "label", label_ids)}, row.where))
     examples = encode_rows(path, shown_rows, task, tokenizer, label_ids, max_length, cfg)
+    # which feedback row each encoding came from (encode_rows may leave rows out: data.overlong=drop)
+    row_of = {id(r): i for i, r in enumerate(shown_rows)}
     named_rows = [i for i, r in enumerate(rows) if r.fields.get("label") is not None]
+    named_of = {id(r): named_rows[j] for j, r in enumerate(target_rows)}
     encoded_targets = encode_rows(path, target_rows, task, tokenizer, label_ids, max_length, cfg) if target_rows else []
-    targets = {named_rows[e.row]: e for e in encoded_targets}
+    targets = {named_of[id(e.source)]: e for e in encoded_targets}
     kept, partial = [], 0
     for e in examples:
-        f = rows[e.row].fields
-        target = targets.get(e.row)
+        index = row_of[id(e.source)]
+        f = rows[index].fields
+        target = targets.get(index)
         if task == "ner":
             start, end = f["start"], f["end"]
             if end > len(e.word_positions):  # the entity reaches past max_length: its log π would be partial
@@ -604,7 +625,7 @@ def bandit_feedback_loss(model: Any, batch: dict[str, torch.Tensor], context: St
         scored = sup["labels"] != IGNORE_INDEX  # ner: every tagged word is one term of the mean
         supervised_logps = sup_logps.gather(-1, torch.where(scored, sup["labels"], 0).unsqueeze(-1)).squeeze(-1)[scored]
     loss, parts = feedback_objective(bandit_loss, label_logps(class_logps, batch["target"]), batch["named"],
-                                     supervised_logps, c.alpha)
+                                     supervised_logps, c.alpha, c.label_weight)
     rows = float(batch["reward"].numel())
     # row-weighted sums, so a step's numbers are means over its rows (NaN parts, e.g. no named label, left out)
     sums = {k: v * rows for k, v in {**metrics, **parts}.items() if v == v}
