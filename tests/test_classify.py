@@ -33,11 +33,14 @@ def minilm() -> str:
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 1-layer BERT body (no head) on MiniLM's tokenizer: `classify` adds the head. No
-    dropout: from scratch, with it, the topic rule takes several times more steps to find."""
+    return tiny_bert_body(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def tiny_bert_body(folder: Path) -> Path:
+    """A random 1-layer BERT body (no head) on MiniLM's tokenizer in ``folder``: `classify` adds the
+    head. No dropout: from scratch, with it, the topic rule takes several times more steps to find."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(minilm())
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=128, hidden_dropout_prob=0.0,
@@ -48,13 +51,14 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def topic_rows(n: int, seed: int) -> list[dict]:
+def topic_rows(n: int, seed: int, max_filler: int = 4) -> list[dict]:
+    """Texts of 1..max_filler filler words and one topic word, labelled with the topic."""
     g = torch.Generator().manual_seed(seed)
     pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
     rows = []
     for _ in range(n):
         label = pick(sorted(TOPICS))
-        words = [pick(FILLER) for _ in range(int(torch.randint(1, 5, (1,), generator=g)))]
+        words = [pick(FILLER) for _ in range(int(torch.randint(1, max_filler + 1, (1,), generator=g)))]
         words.insert(int(torch.randint(len(words) + 1, (1,), generator=g)), pick(TOPICS[label]))
         rows.append({"text": " ".join(words), "label": label})
     return rows

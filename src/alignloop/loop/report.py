@@ -30,18 +30,13 @@ def loop_report_lines(folder: Path, store: Any, link_prefix: str = "") -> list[s
         return [*classifier_loop_lines(folder, meta, its, final, link_prefix), *time_lines(its), *registry_lines(store, config)]
     plot = plot_loop(its, final, folder / "loop.png")
     v0 = meta.get("v0", {}).get("version", "?")
-    lines = [f"Started from version `{v0}`. Each iteration: collect feedback → datasets → train → "
-             "evaluate against the deployed version → promote only if the gate passes.", ""]
-    if final and not final.get("same_as_v0"):
-        m = final["metrics"]
-        lines += [f"**After {len(its)} iterations** the deployed version `{final['version']}` against v0 on held-out prompts: "
-                  f"win rate {_pct(m.get('win_rate'))} (CI {_pct(m.get('win_rate_lower'))}–{_pct(m.get('win_rate_upper'))}), "
-                  f"reward {_num(m.get('baseline_reward_mean'))} → {_num(m.get('candidate_reward_mean'))}, "
-                  f"KL {_num(m.get('kl_per_token'))} per token. Details: [final-vs-v0/report.md]({link_prefix}final-vs-v0/report.md).", ""]
-    elif final:
-        lines += [f"**After {len(its)} iterations** v0 is still deployed: no candidate passed the gate.", ""]
-    if plot:
-        lines += [f"![reward and win rate per version]({link_prefix}{plot.name})", ""]
+    m = (final or {}).get("metrics", {})
+    lines = opening_lines(
+        f"Started from version `{v0}`. Each iteration: collect feedback → datasets → train → "
+        "evaluate against the deployed version → promote only if the gate passes.",
+        len(its), final, f"on held-out prompts: win rate {_pct(m.get('win_rate'))} (CI {_pct(m.get('win_rate_lower'))}–"
+        f"{_pct(m.get('win_rate_upper'))}), reward {_num(m.get('baseline_reward_mean'))} → {_num(m.get('candidate_reward_mean'))}, "
+        f"KL {_num(m.get('kl_per_token'))} per token.", plot, "reward and win rate per version", link_prefix)
     rows = []
     for it in its:
         s = it["steps"]
@@ -82,6 +77,20 @@ def time_lines(its: list[dict]) -> list[str]:
     return ["## Time per step (seconds)", "", *md_table(("iter", *STEPS, "total"), rows)]
 
 
+def opening_lines(about: str, iterations: int, final: dict | None, net_effect: str, plot: Path | None, alt: str,
+                  link_prefix: str) -> list[str]:
+    """What the loop does, its net effect (the deployed version against v0, ``net_effect``), the plot."""
+    lines = [about, ""]
+    if final and not final.get("same_as_v0"):
+        lines += [f"**After {iterations} iterations** the deployed version `{final['version']}` against v0 {net_effect} "
+                  f"Details: [final-vs-v0/report.md]({link_prefix}final-vs-v0/report.md).", ""]
+    elif final:
+        lines += [f"**After {iterations} iterations** v0 is still deployed: no candidate passed the gate.", ""]
+    if plot:
+        lines += [f"![{alt}]({link_prefix}{plot.name})", ""]
+    return lines
+
+
 def registry_lines(store: Any, config: str) -> list[str]:
     """The lineage table from the registry, then the loop's config."""
     lines = ["", "## Lineage (the model registry)", "",
@@ -106,19 +115,14 @@ def classifier_loop_lines(folder: Path, meta: dict, its: list[dict], final: dict
     f1_name = "macro-F1" if f1 == "macro_f1" else "entity micro-F1"
     plot = plot_classifier_loop(its, final, f1, f1_name, folder / "loop.png")
     v0 = meta.get("v0", {}).get("version", "?")
-    lines = [f"Started from version `{v0}` ({meta['task']}). Each iteration: people (or simulated labellers) mark the "
-             "served classifier's predictions correct or wrong → bandit records → train → evaluate against the "
-             "deployed version on held-out labelled data → promote only if the gate passes.", ""]
-    if final and not final.get("same_as_v0"):
-        m = final["metrics"]
-        lines += [f"**After {len(its)} iterations** the deployed version `{final['version']}` against v0: {f1_name} "
-                  f"{_num(m.get(f'baseline_{f1}'))} → {_num(m.get(f'candidate_{f1}'))} (Δ {_num(m.get(f'{f1}_delta'))}, "
-                  f"95% CI {_num(m.get(f'{f1}_delta_lower'))} to {_num(m.get(f'{f1}_delta_upper'))}). "
-                  f"Details: [final-vs-v0/report.md]({link_prefix}final-vs-v0/report.md).", ""]
-    elif final:
-        lines += [f"**After {len(its)} iterations** v0 is still deployed: no candidate passed the gate.", ""]
-    if plot:
-        lines += [f"![{f1_name} per version]({link_prefix}{plot.name})", ""]
+    m = (final or {}).get("metrics", {})
+    lines = opening_lines(
+        f"Started from version `{v0}` ({meta['task']}). Each iteration: people (or simulated labellers) mark the "
+        "served classifier's predictions correct or wrong → bandit records → train → evaluate against the "
+        "deployed version on held-out labelled data → promote only if the gate passes.",
+        len(its), final, f"on held-out labelled data: {f1_name} {_num(m.get(f'baseline_{f1}'))} → {_num(m.get(f'candidate_{f1}'))} "
+        f"(Δ {_num(m.get(f'{f1}_delta'))}, 95% CI {_num(m.get(f'{f1}_delta_lower'))} to {_num(m.get(f'{f1}_delta_upper'))}).",
+        plot, f"{f1_name} per version", link_prefix)
     rows = []
     for it in its:
         s = it["steps"]
