@@ -318,13 +318,7 @@ class FeedbackStore:
             check_completion(record)
 
         def write(conn: sa.Connection) -> None:
-            for user_id in {r.user_id for r in records}:
-                if conn.execute(sa.select(users_t.c.id).where(users_t.c.id == user_id)).first() is None:
-                    raise NotFound(f"field 'user_id': no user {user_id}", field="user_id")
-            for version in {r.model_version for r in records}:
-                if conn.execute(sa.select(models_t.c.version).where(models_t.c.version == version)).first() is None:
-                    raise NotFound(f"field 'model_version': model version {version!r} is not registered; "
-                                   "call register_model first", field="model_version")
+            _require_users_and_versions(conn, records)
             conversations = {r.conversation_id: r.user_id for r in records if r.conversation_id is not None}
             for conversation_id, user_id in conversations.items():
                 owner = conn.execute(sa.select(conversations_t.c.user_id)
@@ -387,13 +381,7 @@ class FeedbackStore:
             check_prediction(record)
 
         def write(conn: sa.Connection) -> None:
-            for user_id in {r.user_id for r in records}:
-                if conn.execute(sa.select(users_t.c.id).where(users_t.c.id == user_id)).first() is None:
-                    raise NotFound(f"field 'user_id': no user {user_id}", field="user_id")
-            for version in {r.model_version for r in records}:
-                if conn.execute(sa.select(models_t.c.version).where(models_t.c.version == version)).first() is None:
-                    raise NotFound(f"field 'model_version': model version {version!r} is not registered; "
-                                   "call register_model first", field="model_version")
+            _require_users_and_versions(conn, records)
             conn.execute(predictions_t.insert(), [dataclasses.asdict(r) for r in records])
 
         self._write(write)
@@ -572,6 +560,17 @@ class FeedbackStore:
             raise Invalid(f"field 'kind' must be one of {', '.join(RECORD_KINDS)}, got {kind!r}", field="kind")
         sets = build_datasets(self.votes(), DatasetRules())
         return getattr(sets, kind), dict(sets.skipped)
+
+
+def _require_users_and_versions(conn: sa.Connection, records: Sequence[Any]) -> None:
+    """Every record's user and model version exist (completions and predictions alike)."""
+    for user_id in {r.user_id for r in records}:
+        if conn.execute(sa.select(users_t.c.id).where(users_t.c.id == user_id)).first() is None:
+            raise NotFound(f"field 'user_id': no user {user_id}", field="user_id")
+    for version in {r.model_version for r in records}:
+        if conn.execute(sa.select(models_t.c.version).where(models_t.c.version == version)).first() is None:
+            raise NotFound(f"field 'model_version': model version {version!r} is not registered; "
+                           "call register_model first", field="model_version")
 
 
 def _answer_columns(table: sa.FromClause, prefix: str) -> list[sa.ColumnElement]:
