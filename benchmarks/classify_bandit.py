@@ -344,7 +344,30 @@ def run_probe(args: argparse.Namespace, out: Path, names: list[str], seed_rows: 
                   f"a−b {delta:+.3f} [{lo:+.3f}, {hi:+.3f}]; over {len(sim_seeds)} seeds bandit {np.mean(spread['bandit']):.3f} "
                   f"naive {np.mean(spread['naive']):.3f} full {np.mean(spread['full']):.3f}, bandit wins {spread['wins']}; "
                   f"mean a−b {mean_delta:+.3f} [{mean_lo:+.3f}, {mean_hi:+.3f}]", flush=True)
+    if args.liars:
+        results["liars"] = liar_rows(args, feats, traffic_probs, traffic, names, estimator, from_logging, predictions,
+                                     predictions(logging_head, "test"), gold_np["test"], max(sizes))
     return results
+
+
+def liar_rows(args: argparse.Namespace, feats: dict, traffic_probs: torch.Tensor, traffic: list[dict], names: list[str],
+              estimator: str, from_logging, predictions, logging_test: np.ndarray, gold_test: np.ndarray, n: int) -> list[dict]:
+    """The loop's gate on candidates trained from ``n`` verdicts of an honest population (noise
+    ``--noise``), one that inverts every verdict and one that answers at random: the candidate's
+    test macro-F1 against the logging policy's with a paired bootstrap CI, and what the default
+    classifier gate (``macro_f1_delta_lower > 0``) decides."""
+    k, rows = len(names), []
+    for population, noise in (("honest", args.noise), ("inverted (liars)", 1.0), ("random (liars)", 0.5)):
+        batch = simulate_feedback(traffic, traffic_probs, names, argparse.Namespace(**vars(args) | {"noise": noise}), 0.0)[:n]
+        head = from_logging(probe_bandit_loss(estimator, feats["traffic"][:n], batch, names, traffic_probs[:n]))
+        pred = predictions(head, "test")
+        delta, lo, hi = paired_bootstrap(gold_test, pred, logging_test, k)
+        row = {"population": population, "n": n, "test_macro_f1": macro_f1(gold_test, pred, k), "delta_vs_logging": delta,
+               "ci95": [lo, hi], "gate": "promote" if lo > 0 else "refuse"}
+        rows.append(row)
+        print(f"liars {population}: test macro-F1 {row['test_macro_f1']:.3f}, vs logging {delta:+.3f} [{lo:+.3f}, {hi:+.3f}] → "
+              f"{row['gate']}", flush=True)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +405,7 @@ def main() -> None:
     ap.add_argument("--backbone", choices=("finetune", "probe"), default="finetune",
                     help="finetune: every model by `alignloop classify`; probe: frozen MiniLM features and a linear head (minutes)")
     ap.add_argument("--sim-seeds", type=int, default=5, help="probe: simulation seeds (exploration and users)")
+    ap.add_argument("--liars", action="store_true", help="probe: also the gate's decision on candidates trained by lying populations")
     ap.add_argument("--quick", action="store_true", help="a small slice: sizes 100,200, 1 epoch, 300 test tweets")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -501,6 +525,14 @@ def markdown(results: dict) -> str:
                              f"{m['full'][0]:.3f} ± {m['full'][1]:.3f} | {r['seeds_bandit_minus_naive']:+.3f} [{r['seeds_ci95'][0]:+.3f}, "
                              f"{r['seeds_ci95'][1]:+.3f}] | {r['bandit_beats_naive_in_seeds']} | {pct(r['mean_gap_closed_by_bandit'])} |")
             lines.append("")
+    if "liars" in results:
+        lines += ["**The gate against lying populations** (candidates from the first simulation seed's verdicts)", "",
+                  "| population | verdicts | candidate test macro-F1 | vs logging policy [95% CI] | gate (`macro_f1_delta_lower>0`) |",
+                  "| --- | ---: | ---: | :---: | --- |"]
+        for r in results["liars"]:
+            lines.append(f"| {r['population']} | {r['n']:,} | {r['test_macro_f1']:.3f} | {r['delta_vs_logging']:+.3f} "
+                         f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {r['gate']} |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Acknowledged feedback writes per second through :class:`~alignloop.feedback.store.FeedbackStore`,
-on SQLite (WAL, ``synchronous=NORMAL``) and PostgreSQL, from 1, 8 and 32 threads.
+on SQLite (WAL, ``synchronous=NORMAL``, or ``FULL`` with ``--durability normal,full``) and
+PostgreSQL, from 1, 8 and 32 threads.
 
 The work, per cell: ``--writes`` ``put_feedback`` calls split evenly over the threads, each a new
 rating vote on its own completion (an INSERT, never a replacement), each thread calling again as
@@ -81,10 +82,10 @@ def bench_cell(store: FeedbackStore, user_id: int, threads: int, writes: int, pr
             "batch": len(latencies) / max(1, store._writer.batches - batches0)}
 
 
-def bench_backend(url: str, threads: list[int], writes: int) -> list[dict]:
+def bench_backend(url: str, threads: list[int], writes: int, durability: str = "normal") -> list[dict]:
     upgrade(url)
     rows = []
-    with FeedbackStore(url) as store:
+    with FeedbackStore(url, durability=durability) as store:
         user = store.ensure_user("bench")
         store.register_model("tiny", "v1", "/models/tiny")
         bench_cell(store, user.id, 8, 400, "warmup")  # compile caches, pool, page cache
@@ -97,14 +98,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--writes", type=int, default=8000, help="put_feedback calls per cell (default: 8000)")
     ap.add_argument("--threads", default="1,8,32", help="thread counts, comma-separated (default: 1,8,32)")
+    ap.add_argument("--durability", default="normal", help="SQLite settings to measure, comma-separated: normal, full (serve --db-durability)")
     ap.add_argument("--pg", help="PostgreSQL URL (default: $ALIGNLOOP_TEST_PG or the local server's test database); 'none' skips it")
     args = ap.parse_args()
     args.pg = args.pg or os.environ.get("ALIGNLOOP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
     threads = [int(n) for n in args.threads.split(",")]
 
     results = []
-    with sqlite_database() as url:
-        results += [{"backend": "SQLite WAL", **row} for row in bench_backend(url, threads, args.writes)]
+    for durability in args.durability.split(","):
+        with sqlite_database() as url:
+            results += [{"backend": f"SQLite WAL, synchronous={durability.upper()}", **row}
+                        for row in bench_backend(url, threads, args.writes, durability)]
     if args.pg != "none":
         with scratch_postgres_schema(args.pg, "alignloop_bench") as url:
             results += [{"backend": "PostgreSQL", **row} for row in bench_backend(url, threads, args.writes)]

@@ -8,6 +8,7 @@ never touches the user's cache.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -191,3 +192,22 @@ def word_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+PG_URL = os.environ.get("ALIGNLOOP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@functools.cache
+def postgres_unreachable() -> str | None:
+    """Why the test PostgreSQL cannot be used, or None."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except Exception as e:
+        return f"no PostgreSQL at {PG_URL} ({type(e).__name__}: {str(e).splitlines()[0]}); set ALIGNLOOP_TEST_PG"
+    finally:
+        engine.dispose()
+    return None

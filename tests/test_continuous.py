@@ -198,3 +198,61 @@ def test_growing_layer_window_matches_a_plain_left_padded_cache() -> None:
     width = layer.keys.shape[2]
     for i, r in enumerate(reference[::-1]):
         assert torch.equal(layer.keys[i, :, width - r.shape[1]:], r)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_newcomer_preempts_the_heaviest_owner_whose_rows_resume_unchanged(model: Any, builtin_tok: Any, temperature: float) -> None:
+    """Owner A fills the batch; owner B's request joins at the next step in place of A's newest
+    row, which waits, rejoins by recompute when there is room and ends with the same tokens
+    (and log-probs) it gets alone, as does every other row."""
+    sampling = Sampling(max_new_tokens=12, temperature=temperature, seed=3)
+    ids = encode_prompts(builtin_tok, PROMPTS)
+    batcher = ContinuousBatcher(model, [], builtin_tok.pad_token_id, max_batch=4)
+    collectors = [Collector() for _ in PROMPTS]
+
+    def request(i: int, owner: str) -> DecodeRequest:
+        r = collectors[i].request(ids[i], RowSampling.from_config(sampling, i), sampling.max_new_tokens)
+        r.owner = owner
+        return r
+
+    batcher.submit([request(i, "A") for i in range(4)])
+    for _ in range(3):
+        batcher.step()
+    batcher.submit([request(4, "B")])
+    batcher.step()
+    assert len(collectors[4].tokens) == 2  # B joined at the next step: its prefill's token, then the decode step's
+    assert batcher.preempted == 1 and sorted(r.owner for r in batcher.rows) == ["A", "A", "A", "B"]
+    assert batcher.stats()["rows_queued"] == 1
+    while any(c.reason is None for c in collectors):
+        batcher.step()
+    expected = generate(model, builtin_tok, PROMPTS, sampling, stop_token_ids=())
+    for c, tokens, logps in zip(collectors, expected.completion_ids, expected.logprobs):
+        assert c.reason == "length" and c.tokens == tokens
+        assert c.logps == pytest.approx(logps, abs=1e-4)
+
+
+def test_owners_take_turns_and_no_owner_preempts_a_lighter_one(model: Any, builtin_tok: Any) -> None:
+    """Waiting submissions join fewest-rows-owner first; an owner already holding as many rows as
+    the heaviest does not preempt it (no ping-pong), it waits for a row to end."""
+    ids = encode_prompts(builtin_tok, PROMPTS)
+    batcher = ContinuousBatcher(model, [], builtin_tok.pad_token_id, max_batch=4)
+    order: list[str] = []
+
+    def request(i: int, owner: str, tokens: int) -> DecodeRequest:
+        r = DecodeRequest(ids[i], RowSampling(0.0), tokens, lambda t, lp: None,
+                          lambda reason, owner=owner: order.append(owner))
+        r.owner = owner
+        return r
+
+    batcher.submit([request(0, "A", 6), request(1, "A", 6)])
+    batcher.submit([request(2, "B", 6), request(3, "B", 6)])
+    batcher.step()
+    batcher.submit([request(4, "A", 6)])  # A holds 2 = B's 2: no preemption, it waits
+    batcher.submit([request(0, "C", 6)])  # C holds none: preempts one of a heaviest owner's rows
+    batcher.step()
+    assert batcher.preempted == 1
+    assert sorted(r.owner for r in batcher.rows) in (["A", "A", "B", "C"], ["A", "B", "B", "C"])
+    assert batcher.stats()["rows_queued"] == 2  # A's third submission and the preempted row
+    while batcher.load:
+        batcher.step()
+    assert sorted(order) == ["A", "A", "A", "B", "B", "C"]

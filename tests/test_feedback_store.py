@@ -12,14 +12,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 from datetime import timezone
-from functools import cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,6 +26,7 @@ import sqlalchemy as sa
 import torch
 
 from alignloop.feedback.database import scratch_postgres_schema
+from conftest import PG_URL, postgres_unreachable
 from alignloop.feedback.store import (
     CompletionRecord,
     FeedbackInput,
@@ -42,23 +41,6 @@ from alignloop.feedback.store import (
     resolve_db_url,
     upgrade,
 )
-
-PG_URL = os.environ.get("ALIGNLOOP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-@cache
-def postgres_unreachable() -> str | None:
-    """Why the test PostgreSQL cannot be used, or None."""
-    engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
-    except Exception as e:
-        return f"no PostgreSQL at {PG_URL} ({type(e).__name__}: {str(e).splitlines()[0]}); set ALIGNLOOP_TEST_PG"
-    finally:
-        engine.dispose()
-    return None
-
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     db_upgrade.add_argument("--db", help=db_help)
     db_upgrade.set_defaults(handler=_run_db_upgrade)
 
-    users = commands.add_parser("users", help="who may use `alignloop serve`: add users (prints their API key), list them")
+    users = commands.add_parser("users", help="who may use `alignloop serve`: add users (prints their API key), list, revoke or rotate keys")
     users_actions = users.add_subparsers(dest="action", metavar="ACTION", required=True)
     users_add = users_actions.add_parser("add", help="add a user and print their API key (shown once: only a hash is stored)")
     users_add.add_argument("name", help="the user's name, unique")
@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     users_list = users_actions.add_parser("list", help="list the users: id, name, admin")
     users_list.add_argument("--db", help=db_help)
     users_list.set_defaults(handler=_run_users_list)
+    users_revoke = users_actions.add_parser("revoke", help="take a user's API key away (refused from the next request, also by a running server)")
+    users_revoke.add_argument("name", help="the user's name")
+    users_revoke.add_argument("--db", help=db_help)
+    users_revoke.set_defaults(handler=_run_users_revoke)
+    users_rotate = users_actions.add_parser("rotate", help="give a user a new API key (printed once) in place of the old one")
+    users_rotate.add_argument("name", help="the user's name")
+    users_rotate.add_argument("--db", help=db_help)
+    users_rotate.set_defaults(handler=_run_users_rotate)
 
     feedback = commands.add_parser("feedback", help="export collected feedback as training records")
     feedback_actions = feedback.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -291,9 +299,27 @@ def _run_users_list(args: argparse.Namespace, extra: list[str]) -> int:
     _no_extra("users list", extra)
     with _store(args) as store:
         users = store.list_users()
-    print(f"{'id':>5}  {'admin':<5}  name")
+    print(f"{'id':>5}  {'admin':<5}  {'key':<7}  name")
     for user in users:
-        print(f"{user.id:>5}  {'yes' if user.admin else 'no':<5}  {user.name}")
+        print(f"{user.id:>5}  {'yes' if user.admin else 'no':<5}  {'active' if user.has_key else 'none':<7}  {user.name}")
+    return 0
+
+
+def _run_users_revoke(args: argparse.Namespace, extra: list[str]) -> int:
+    _no_extra("users revoke", extra)
+    with _store(args) as store:
+        store.revoke_user(args.name)
+    log.info("users revoke: %s's API key no longer works (a running server refuses it from the next request); "
+             "`alignloop users rotate %s` gives them a new one", args.name, args.name)
+    return 0
+
+
+def _run_users_rotate(args: argparse.Namespace, extra: list[str]) -> int:
+    _no_extra("users rotate", extra)
+    with _store(args) as store:
+        key = store.rotate_key(args.name)
+    log.info("users rotate: %s has a new API key, which follows (shown once); the old one no longer works", args.name)
+    print(key)
     return 0
 
 
@@ -303,7 +329,7 @@ def _run_feedback_export(args: argparse.Namespace, extra: list[str]) -> int:
 
     with _store(args) as store:
         records, skipped = store.export(args.kind)
-    write_jsonl(records, args.out)
+    write_jsonl(records, args.out, private=True)  # people's words and names: owner-only, like the database
     reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items())) or "none"
     log.info("feedback export: %d %s records written to %s; skipped: %s", len(records), args.kind, args.out, reasons)
     return 0
@@ -347,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except AlignloopError as e:
         print(f"alignloop: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the command reads or writes: missing, unwritable, a directory, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"alignloop: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("alignloop: interrupted", file=sys.stderr)

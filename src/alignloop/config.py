@@ -598,6 +598,7 @@ class ServeConfig:
     classify_max_tokens: Optional[int] = option(None, "longest classifier input in sub-tokens; a longer text is read from its start and the answer counts the words cut (default: the model's own limit)")
     max_classify_inputs: int = option(64, "most texts (or word lists) per /v1/classify request")
     db: Optional[str] = option(None, "feedback store URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB (default: $ALIGNLOOP_DB or sqlite:///feedback.db)")
+    db_durability: Literal["normal", "full"] = option("normal", "SQLite: normal = an acknowledged write survives a kill -9 of the server; full = fsync per commit, survives a power cut or OS crash too (PostgreSQL always flushes its commits)")
     host: str = option("127.0.0.1", "interface to listen on")
     port: int = option(8000, "port to listen on")
     auth: bool = option(True, "require an API key (`alignloop users add NAME`); false only for local demos: every request is the user 'anonymous'")
@@ -612,19 +613,27 @@ class ServeConfig:
     max_body_bytes: int = option(1_000_000, "largest request body; bigger ones get 413")
     rate_limit_per_minute: float = option(600.0, "requests per minute per user (token bucket); over it: 429 with Retry-After; 0 = unlimited")
     rate_burst: int = option(60, "requests a user may make at once before the per-minute rate applies")
+    tokens_per_minute: float = option(200_000.0, "tokens a user may ask for a minute, counted as n × max_tokens + prompt tokens when the request arrives (a minute's worth at once); over it: 429 with Retry-After; 0 = unlimited")
+    max_queued_rows_per_user: int = option(64, "completions (n counts each) a user may have waiting for a model's batch; more: 429")
+    max_prompt_chars: Optional[int] = option(None, "longest prompt in characters (chat: all messages' text), refused before templating and tokenising (default: 32 per token of max_prompt_tokens or the model's context)")
+    auth_failures_per_minute: float = option(10.0, "failed logins (unknown API keys) an address may make a minute after its burst; over it: 429 for that address; 0 = unlimited")
+    auth_failure_burst: int = option(20, "failed logins an address may make at once before the per-minute rate applies")
     cors_origins: list[str] = option([], "origins allowed to call the API from a browser (CORS); empty = same origin only")
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "stream_interval", "default_max_tokens", "max_tokens_limit", "max_n", "max_body_bytes", "rate_burst",
-                     "max_classify_inputs"):
+                     "max_classify_inputs", "auth_failure_burst", "max_queued_rows_per_user"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ConfigError(f"default_max_tokens ({self.default_max_tokens}) is above max_tokens_limit ({self.max_tokens_limit})")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ConfigError(f"max_prompt_chars must be ≥ 1 (got {self.max_prompt_chars}); leave it out for the default")
         if self.classify_max_tokens is not None and self.classify_max_tokens < 3:
             raise ConfigError(f"classify_max_tokens must be ≥ 3 (two special tokens and a word; got {self.classify_max_tokens})")
-        if self.rate_limit_per_minute < 0:
-            raise ConfigError(f"rate_limit_per_minute must be ≥ 0 (got {self.rate_limit_per_minute}); 0 turns the limit off")
+        for name in ("rate_limit_per_minute", "auth_failures_per_minute", "tokens_per_minute"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be ≥ 0 (got {getattr(self, name)}); 0 turns the limit off")
 
 
 # ---------------------------------------------------------------------------------------------

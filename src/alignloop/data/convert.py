@@ -166,12 +166,16 @@ def _argument(cell: str) -> str:
     return cell.replace("<br/>", "\n").strip()
 
 
-def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> None:
+def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path, private: bool = False) -> None:
     """Write each record as one JSON line (UTF-8, non-ASCII kept as is; other values as text),
-    to a temporary file renamed into place: a kill mid-write leaves the previous file whole."""
+    to a temporary file renamed into place: a kill mid-write leaves the previous file whole.
+    ``private``: the file is readable by its owner only (0600), for what people wrote."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp")
+    if private:
+        tmp.unlink(missing_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # created 0600 before any byte is in it
     with tmp.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")

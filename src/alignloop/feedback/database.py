@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import sqlalchemy as sa
 
-from alignloop.feedback.entities import StoreError
+from alignloop.feedback.entities import Invalid, StoreError, Unavailable
 
 DEFAULT_DB_URL = "sqlite:///feedback.db"
 URL_FORMS = "sqlite:///FILE or postgresql+psycopg://USER@HOST/DB"
@@ -33,10 +33,17 @@ def shown_url(url: str) -> str:
         return url
 
 
-def make_engine(url: str, create: bool = False) -> sa.Engine:
+DURABILITY = ("normal", "full")
+
+
+def make_engine(url: str, create: bool = False, durability: str = "normal") -> sa.Engine:
     """An engine for a ``sqlite:///FILE`` or PostgreSQL URL (``postgresql://`` means psycopg 3).
 
-    SQLite connections get WAL, ``synchronous=NORMAL``, foreign keys and a busy timeout, and run
+    SQLite connections get WAL, foreign keys, a busy timeout and ``synchronous=`` ``durability``:
+    ``normal`` (a commit is in the WAL file, the OS holds it: survives a kill -9 of the server,
+    not a power cut or an OS crash) or ``full`` (each commit is fsynced: survives those too;
+    group commit pays one fsync per batch of writes). PostgreSQL commits are always flushed
+    (its ``synchronous_commit=on``); the setting does not apply. SQLite connections run
     their own BEGIN: the writer's is ``BEGIN IMMEDIATE`` so it takes the write lock up front and
     waits on ``busy_timeout`` instead of failing when another process writes. Without ``create``
     a missing SQLite file is an error rather than a new empty database.
@@ -52,6 +59,8 @@ def make_engine(url: str, create: bool = False) -> sa.Engine:
         # Connections above pool_size are closed after use and reopened on the next burst; the
         # server reads from up to 40 worker threads at once (Starlette's thread pool).
         return sa.create_engine(parsed, pool_pre_ping=True, pool_size=20, max_overflow=30)
+    if durability not in DURABILITY:
+        raise StoreError(f"durability must be one of {', '.join(DURABILITY)}, got {durability!r}", field="db_durability")
     if backend != "sqlite":
         raise StoreError(f"{shown_url(url)}: unsupported database; use {URL_FORMS}")
     if not parsed.database or parsed.database == ":memory:":
@@ -60,6 +69,8 @@ def make_engine(url: str, create: bool = False) -> sa.Engine:
     path = Path(parsed.database)
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():  # owner-only, like an SSH key: it holds people's words and key hashes (SQLite gives its -wal and -shm files the same mode)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     elif not path.is_file():
         raise StoreError(f"{url}: no database file at {path}; create it with `alignloop db upgrade --db {url}`")
     # A SQLite connection is a file handle: keep one per concurrent reader (up to Starlette's 40
@@ -70,7 +81,7 @@ def make_engine(url: str, create: bool = False) -> sa.Engine:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # pysqlite's own implicit BEGINs off: see "begin" below
         cursor = dbapi_connection.cursor()
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=10000"):
+        for pragma in ("journal_mode=WAL", f"synchronous={durability.upper()}", "foreign_keys=ON", "busy_timeout=10000"):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 
@@ -139,6 +150,16 @@ def current_revision(engine: sa.Engine) -> str | None:
         if not sa.inspect(conn).has_table("alembic_version"):
             return None
         return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def database_error(e: sa.exc.DBAPIError) -> StoreError:
+    """What a driver's error means for the caller: the database is unreachable for now (a dropped
+    or refused connection, a restart, a timeout: :class:`Unavailable`, retry) or it refused a
+    value the checks did not foresee (:class:`Invalid`). Nothing of the failed transaction was
+    committed either way."""
+    if e.connection_invalidated or isinstance(e, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+        return Unavailable(f"the feedback database is unavailable ({first_line(e.orig)}); nothing was written, retry shortly")
+    return Invalid(f"the feedback database refused the values ({first_line(e.orig)})")
 
 
 def first_line(error: BaseException | None) -> str:

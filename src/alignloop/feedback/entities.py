@@ -57,11 +57,33 @@ class IdempotencyConflict(StoreError):
     """An Idempotency-Key was reused with a different body."""
 
 
+class Unavailable(StoreError):
+    """The database cannot be reached right now (a dropped connection, a restart): nothing was
+    written; the same request may succeed in a moment (HTTP 503 with Retry-After)."""
+
+
+def refuse_nul(value: Any, field: str) -> None:
+    """Refuse text holding a NUL character (U+0000), anywhere inside ``value`` (a string, or the
+    lists and dicts of a JSON field). PostgreSQL's text and jsonb cannot hold it and SQLite can:
+    refusing it on both keeps the two back-ends storing the same rows."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise Invalid(f"field '{field}' contains a NUL character (\\u0000), which the store does not hold", field=field)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            refuse_nul(key, field)
+            refuse_nul(item, field)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            refuse_nul(item, field)
+
+
 @dataclass(frozen=True)
 class User:
     id: int
     name: str
     admin: bool
+    has_key: bool = True  # False once revoked (and for --no-auth's "anonymous", who never had one)
 
 
 @dataclass
@@ -243,12 +265,15 @@ class Vote:
 
 def check_user_name(name: str) -> str:
     name = name.strip() if isinstance(name, str) else ""
+    refuse_nul(name, "name")
     if not name or len(name) > 100:
         raise Invalid("field 'name': a user name must be 1 to 100 characters", field="name")
     return name
 
 
 def check_completion(record: CompletionRecord) -> None:
+    for name in ("id", "prompt_messages", "prompt_text", "rendered_prompt", "completion_text", "conversation_id", "sampling"):
+        refuse_nul(getattr(record, name), name)
     if not record.id or len(record.id) > MAX_ID_CHARS:
         raise Invalid(f"field 'id' must be 1 to {MAX_ID_CHARS} characters", field="id")
     if record.endpoint not in ENDPOINTS:
@@ -266,6 +291,8 @@ def check_completion(record: CompletionRecord) -> None:
 
 def check_feedback(fb: FeedbackInput) -> None:
     """Refuse a bad kind/value combination, naming the field; touches no database."""
+    for name in ("completion_id", "other_completion_id", "correction", "comment", "tags", "prediction_id", "label", "entities"):
+        refuse_nul(getattr(fb, name), name)
     if fb.kind not in FEEDBACK_KINDS:
         raise Invalid(f"field 'kind' must be one of {', '.join(FEEDBACK_KINDS)}, got {fb.kind!r}", field="kind")
     for kind, names in KIND_FIELDS.items():
@@ -401,6 +428,8 @@ class PredictionFacts:
 
 
 def check_prediction(record: PredictionRecord) -> None:
+    for name in ("id", "input_text", "input_tokens"):
+        refuse_nul(getattr(record, name), name)
     if not record.id or len(record.id) > MAX_ID_CHARS:
         raise Invalid(f"field 'id' must be 1 to {MAX_ID_CHARS} characters", field="id")
     if record.task not in TASKS:

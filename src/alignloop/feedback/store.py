@@ -3,9 +3,10 @@ and the feedback people give on them. SQLite by default, PostgreSQL by URL.
 
 Every write goes through one group-commit writer (:mod:`alignloop.feedback.writer`) and returns
 only after its transaction has committed, so an acknowledged write survives a crash. On SQLite
-the database runs in WAL mode with ``synchronous=NORMAL``: a commit has been written to the WAL
-file (the OS holds it) before COMMIT returns, which survives a SIGKILL of the process; only a
-power cut or an OS crash can lose the last commits (``synchronous=FULL`` would fsync each one).
+the database runs in WAL mode with ``synchronous=NORMAL`` by default: a commit has been written to
+the WAL file (the OS holds it) before COMMIT returns, which survives a SIGKILL of the process; only
+a power cut or an OS crash can lose the last commits. ``durability="full"`` (``serve
+--db-durability full``) fsyncs each commit, which survives those too.
 On PostgreSQL a commit is flushed to its WAL before it returns (``synchronous_commit=on``).
 
 Reads run on the calling thread through a small connection pool. Completions never change once
@@ -32,6 +33,7 @@ from alignloop.feedback import schema
 from alignloop.feedback.database import (
     DEFAULT_DB_URL,
     current_revision,
+    database_error,
     first_line,
     head_revision,
     make_engine,
@@ -55,6 +57,7 @@ from alignloop.feedback.entities import (
     PredictionRecord,
     Shown,
     StoreError,
+    Unavailable,
     User,
     Vote,
     check_against_prediction,
@@ -69,7 +72,7 @@ from alignloop.feedback.writer import GroupCommitWriter, WriterStopped
 # The store's API in one import: ``from alignloop.feedback.store import FeedbackStore, upgrade, ...``
 __all__ = [
     "DEFAULT_DB_URL", "CompletionRecord", "FeedbackInput", "FeedbackRecord", "FeedbackStore", "IdempotencyConflict",
-    "Invalid", "NotFound", "PredictionRecord", "StoreError", "User", "make_engine", "resolve_db_url", "upgrade",
+    "Invalid", "NotFound", "PredictionRecord", "StoreError", "Unavailable", "User", "make_engine", "resolve_db_url", "upgrade",
 ]
 
 COMPLETION_CACHE_SIZE = 100_000
@@ -136,9 +139,9 @@ class _CompletionFacts:
 class FeedbackStore:
     """The store behind ``alignloop serve``, the CLI and export. Safe to share between threads."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, durability: str = "normal") -> None:
         self.url = url
-        self._engine = make_engine(url)
+        self._engine = make_engine(url, durability=durability)
         try:
             revision = current_revision(self._engine)
         except sa.exc.OperationalError as e:
@@ -173,6 +176,8 @@ class FeedbackStore:
             return self._writer.submit(write)
         except WriterStopped as e:  # the caller's write did not happen
             raise self._stopped(e) from None
+        except sa.exc.DBAPIError as e:  # rolled back: a lost connection (the writer reconnects) or a refused value
+            raise database_error(e) from None
 
     def _stopped(self, e: WriterStopped) -> StoreError:
         return StoreError(f"{shown_url(self.url)}: {e}")
@@ -207,6 +212,26 @@ class FeedbackStore:
 
         return self._write(write)
 
+    def revoke_user(self, name: str) -> None:
+        """Take the user's API key away: the next request with it is refused (the server looks
+        every key up afresh). Their rows stay; ``rotate_key`` gives them a new key."""
+        self._set_key(name, None)
+
+    def rotate_key(self, name: str) -> str:
+        """Replace the user's API key with a new one and return it: the old key stops working at once."""
+        key = "al-" + secrets.token_urlsafe(32)
+        self._set_key(name, _hash_key(key))
+        return key
+
+    def _set_key(self, name: str, key_hash: str | None) -> None:
+        name = check_user_name(name)
+
+        def write(conn: sa.Connection) -> None:
+            if conn.execute(users_t.update().where(users_t.c.name == name).values(key_hash=key_hash)).rowcount != 1:
+                raise NotFound(f"no user named {name!r}; `alignloop users list` shows them", field="name")
+
+        self._write(write)
+
     def user_by_key(self, key: str) -> User | None:
         with self._engine.connect() as conn:
             row = conn.execute(sa.select(users_t).where(users_t.c.key_hash == _hash_key(key))).first()
@@ -215,7 +240,7 @@ class FeedbackStore:
     def list_users(self) -> list[User]:
         with self._engine.connect() as conn:
             rows = conn.execute(sa.select(users_t).order_by(users_t.c.id)).all()
-        return [User(row.id, row.name, row.admin) for row in rows]
+        return [User(row.id, row.name, row.admin, row.key_hash is not None) for row in rows]
 
     # models and completions ------------------------------------------------------------------
 
@@ -448,6 +473,8 @@ class FeedbackStore:
                 answers.append(self._stopped(error))
             elif isinstance(error, StoreError):
                 answers.append(error)
+            elif isinstance(error, sa.exc.DBAPIError):
+                answers.append(database_error(error))
             else:
                 raise error
         return answers

@@ -19,6 +19,15 @@ window as wide as the longest live row. Sampling is per row (:class:`TokenSample
 has its own temperature, top-p, top-k and seed, and the same seed gives the same tokens however
 the request is batched with others (each row draws from its own random stream, see :func:`generate`).
 
+Rows belong to an ``owner`` (a server passes the user). Admission is fair between owners: the
+waiting submission of the owner with the fewest running rows goes first, and when the batch is
+full, a waiting owner who holds fewer rows than another takes the place of that owner's newest
+rows (**preemption by recompute**, as vLLM does): a preempted row leaves the batch with its
+tokens and its random stream, waits at the head of its owner's queue, and rejoins later by
+prefilling its prompt and the tokens it had generated, then goes on sampling from the same
+stream. So one owner's burst cannot hold a newcomer's first token back by more than a step,
+and rows are never lost or restarted (what a preempted row costs is the recomputation).
+
 One thread owns a batcher and calls :meth:`step`; :meth:`submit` and :meth:`cancel` may be called
 from any thread. Callbacks run on the stepping thread and must be quick (hand the token to
 another thread or event loop; do not decode there).
@@ -26,8 +35,10 @@ another thread or event loop; do not decode there).
 
 from __future__ import annotations
 
+import itertools
+import random
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,20 +63,37 @@ class DecodeRequest:
     on_finish: Callable[[str], None]
     generated: int = 0
     cancelled: bool = field(default=False, repr=False)
+    owner: Hashable = None  # whose row: admission is fair between owners
+    tokens: list[int] = field(default_factory=list, repr=False)  # generated so far: a preempted row resumes from them
+    stream: random.Random | None = field(default=None, repr=False)  # a preempted row's random stream, carried over
+    preemptions: int = 0
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A submission's rows waiting to join, in arrival order (``seq``) within their owner."""
+
+    rows: list[DecodeRequest]
+    owner: Hashable
+    seq: int
 
 
 class ContinuousBatcher:
     """A running batch of :class:`DecodeRequest` rows on one causal LM (put in eval mode: the
     batcher owns it while serving); see the module docstring."""
 
-    def __init__(self, model: Any, stop_token_ids: Sequence[int], pad_id: int, max_batch: int = 32) -> None:
-        self.model, self.max_batch, self.pad_id = model, max_batch, pad_id
+    def __init__(self, model: Any, stop_token_ids: Sequence[int], pad_id: int, max_batch: int = 32, preempt: bool = True) -> None:
+        self.model, self.max_batch, self.pad_id, self.preempt = model, max_batch, pad_id, preempt
         # Eval mode once, not per step: toggling walks every module (2% of a step at 5M).
         model.eval()
         self.device = next(model.parameters()).device
         self.stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long, device=self.device)
         self.cache_kw = cache_argument(model)
-        self._pending: list[list[DecodeRequest]] = []  # submissions, FIFO; rows of one submission join together
+        self._pending: list[_Waiting] = []  # submissions waiting; rows of one submission join together
+        self._arrivals = itertools.count()
+        self.preempted = 0  # rows preempted so far (each resumed later by recompute)
+        self.tokens_generated = 0  # tokens handed to rows so far
+        self.rows_cancelled = 0  # rows that ended because their caller cancelled them
         self._lock = threading.Condition()
         self.rows: list[DecodeRequest] = []
         self.cache: Any = None
@@ -74,10 +102,17 @@ class ContinuousBatcher:
 
     # --- any thread --------------------------------------------------------------------------
     def submit(self, requests: Sequence[DecodeRequest]) -> None:
-        """Queue requests; they join at the next step. Rows with identical prompts share one prefill."""
+        """Queue requests (one submission: they join together, under their first row's owner);
+        they join at the next step their owner's turn allows. Rows with identical prompts share one prefill."""
+        requests = list(requests)
         with self._lock:
-            self._pending.append(list(requests))
+            self._pending.append(_Waiting(requests, requests[0].owner if requests else None, next(self._arrivals)))
             self._lock.notify()
+
+    def queued_rows(self, owner: Hashable) -> int:
+        """Rows of ``owner`` waiting to join (not cancelled)."""
+        with self._lock:
+            return sum(1 for w in self._pending if w.owner == owner for r in w.rows if not r.cancelled)
 
     def cancel(self, request: DecodeRequest) -> None:
         """Stop a request at the next step (its ``on_finish`` gets ``"cancelled"``)."""
@@ -94,7 +129,7 @@ class ContinuousBatcher:
     def load(self) -> int:
         """Rows running plus rows queued."""
         with self._lock:
-            return len(self.rows) + sum(len(s) for s in self._pending)
+            return len(self.rows) + sum(len(w.rows) for w in self._pending)
 
     # --- the stepping thread -----------------------------------------------------------------
     def step(self, after_admit: Callable[[], None] | None = None) -> None:
@@ -108,23 +143,69 @@ class ContinuousBatcher:
                 if self.rows:
                     self._decode()
             except Exception as e:  # a failed forward ends every row it touched, not the server
-                for request in self.rows + [r for s in self._take_all() for r in s]:
+                for request in self.rows + [r for w in self._take_all() for r in w.rows]:
                     request.on_finish(f"error: {type(e).__name__}: {e}")
                 self._reset()
                 raise
 
-    def _take_all(self) -> list[list[DecodeRequest]]:
+    def _take_all(self) -> list[_Waiting]:
         with self._lock:
             taken, self._pending = self._pending, []
         return taken
 
-    def _admit(self) -> None:
+    def _choose(self) -> list[DecodeRequest]:
+        """Take the submissions that join at this step, fairly between owners (see the module
+        docstring); preempts rows to make room where that is fair."""
         with self._lock:
+            for waiting in self._pending:  # cancelled rows (their client left) never join
+                waiting.rows = [r for r in waiting.rows if not self._finish_if_cancelled(r)]
+            self._pending = [w for w in self._pending if w.rows]
+            load: dict[Hashable, int] = {}
+            for r in self.rows:
+                load[r.owner] = load.get(r.owner, 0) + 1
             admitted: list[DecodeRequest] = []
-            while self._pending and (not self.rows and not admitted or
-                                     len(self.rows) + len(admitted) + len(self._pending[0]) <= self.max_batch):
-                admitted += self._pending.pop(0)
-        admitted = [r for r in admitted if not self._finish_if_cancelled(r)]
+            while self._pending:
+                # The waiting owner with the fewest rows in the batch, then the earliest submission.
+                waiting = min(self._pending, key=lambda w: (load.get(w.owner, 0), w.seq))
+                free = self.max_batch - len(self.rows) - len(admitted)
+                need = len(waiting.rows) - free
+                if need > 0 and (self.rows or admitted):
+                    if not (self.preempt and self._preempt_for(waiting, need, load)):
+                        break
+                self._pending.remove(waiting)
+                admitted += waiting.rows
+                load[waiting.owner] = load.get(waiting.owner, 0) + len(waiting.rows)
+        return admitted
+
+    def _preempt_for(self, waiting: _Waiting, need: int, load: dict[Hashable, int]) -> bool:
+        """Make room for ``need`` rows of ``waiting`` by preempting the newest rows of the owner
+        with the most rows, if that owner would still hold at least as many as ``waiting``'s
+        owner afterwards (so two owners never take turns preempting each other). Runs under the lock."""
+        heaviest = max(load, key=lambda owner: load[owner], default=None)
+        mine = load.get(waiting.owner, 0)
+        if heaviest is None or heaviest == waiting.owner or load[heaviest] - need < mine + len(waiting.rows):
+            return False
+        theirs = [i for i, r in enumerate(self.rows) if r.owner == heaviest]
+        if len(theirs) < need:
+            return False
+        victims = sorted(theirs, key=lambda i: (self.rows[i].generated, -i))[:need]  # the cheapest to recompute
+        for i in victims:
+            row = self.rows[i]
+            row.stream = self.sampler.streams[i]
+            row.preemptions += 1
+        resumed = _Waiting([self.rows[i] for i in sorted(victims)], heaviest, -1 - self.preempted)  # ahead of the owner's later submissions
+        self.preempted += need
+        self._pending.append(resumed)
+        keep = [i for i in range(len(self.rows)) if i not in set(victims)]
+        load[heaviest] -= need
+        if keep:
+            self._keep(keep, self.last)
+        else:
+            self._reset()
+        return True
+
+    def _admit(self) -> None:
+        admitted = self._choose()
         if not admitted:
             return
         zero = [r for r in admitted if r.max_new_tokens <= 0]
@@ -133,8 +214,13 @@ class ContinuousBatcher:
         admitted = [r for r in admitted if r.max_new_tokens > 0]
         if not admitted:
             return
-        cache, kv, mask, position, logits = self._prefill([r.prompt_ids for r in admitted])
+        # A resumed row prefills its prompt and what it had generated: the next logits are those
+        # its next decode step would have given (up to rounding).
+        cache, kv, mask, position, logits = self._prefill([r.prompt_ids + r.tokens for r in admitted])
         sampler = TokenSampler([r.sampling for r in admitted], logits.shape[-1], self.device)
+        for i, r in enumerate(admitted):
+            if r.stream is not None:
+                sampler.streams[i], r.stream = r.stream, None
         token, logp = sampler(logits.float(), range(len(admitted)))
         keep = self._deliver(admitted, token, logp)
         if not keep:
@@ -203,12 +289,16 @@ class ContinuousBatcher:
         if not keep:
             self._reset()
             return
-        # Rows from the end move into the places of rows that left; the others stay where they
-        # are, so the cache copies only the rows that move.
-        order = _fill_from_end(rows, keep)
+        self._keep(keep, token)
+
+    def _keep(self, keep: list[int], last: torch.Tensor) -> None:
+        """Only rows ``keep`` (ascending) go on, ``last`` their next input tokens (all rows').
+        Rows from the end move into the places of rows that left; the others stay where they
+        are, so the cache copies only the rows that move."""
+        order = _fill_from_end(len(self.rows), keep)
         index = torch.tensor(order, device=self.device)
         self.rows = [self.rows[i] for i in order]
-        self.mask, self.position, self.last = self.mask[index], self.position[index], token[index]
+        self.mask, self.position, self.last = self.mask[index], self.position[index], last[index]
         self.sampler.select(order)
         # Columns that are padding in every remaining row carry nothing: cut them.
         first = int(self.mask.any(dim=0).int().argmax())
@@ -229,6 +319,8 @@ class ContinuousBatcher:
                 request.on_finish("stop")
                 continue
             request.generated += 1
+            self.tokens_generated += 1
+            request.tokens.append(tokens[i])
             request.on_token(tokens[i], logps[i])
             if request.generated >= request.max_new_tokens:
                 request.on_finish("length")
@@ -236,11 +328,18 @@ class ContinuousBatcher:
                 keep.append(i)
         return keep
 
-    @staticmethod
-    def _finish_if_cancelled(request: DecodeRequest) -> bool:
+    def _finish_if_cancelled(self, request: DecodeRequest) -> bool:
         if request.cancelled:
+            self.rows_cancelled += 1
             request.on_finish("cancelled")
         return request.cancelled
+
+    def stats(self) -> dict[str, int]:
+        """Rows running and waiting, and the counters (for an operator's dashboard and tests)."""
+        with self._lock:
+            queued = sum(len(w.rows) for w in self._pending)
+        return {"rows_running": len(self.rows), "rows_queued": queued, "tokens_generated": self.tokens_generated,
+                "rows_preempted": self.preempted, "rows_cancelled": self.rows_cancelled}
 
     def _reset(self) -> None:
         self.rows, self.cache, self.mask, self.position, self.last, self.sampler = [], None, None, None, None, None

@@ -1,4 +1,4 @@
-"""The admin routes: export the feedback as a training dataset, and deploy a model version."""
+"""The admin routes: export the feedback as a training dataset, deploy a model version, and the batches' counters."""
 
 from __future__ import annotations
 
@@ -34,6 +34,14 @@ def deploy(body: DeployIn, user: User = Depends(current_user), serving: Serving 
     new, previous = serving.deploy(body.name, body.path)
     log.info("serve: %s now serves version %s (was %s)", body.name, new.version, previous)
     return DeployOut(name=body.name, version=new.version, previous_version=previous)
+
+
+@router.get("/admin/stats", responses=ERRORS)
+def stats(user: User = Depends(current_user), serving: Serving = Depends(get_serving)) -> dict:
+    """Per chat model: rows running and waiting in its batch, tokens generated, rows preempted
+    (each resumed later) and rows cancelled (their client went away), since the server started."""
+    _require_admin(user, "stats are")
+    return {"models": {name: {"version": m.version, **m.batcher.stats()} for name, m in serving.models.items()}}
 
 
 def _require_admin(user: User, what: str) -> None:

@@ -21,7 +21,7 @@ from alignloop.serve.dependencies import Serving
 from alignloop.serve.engine import ServedModel
 from alignloop.serve.errors import add_error_handlers
 from alignloop.serve.limits import BodySizeLimit
-from alignloop.serve.page import mount_page
+from alignloop.serve.page import SecurityHeaders, mount_page
 
 
 def create_app(config: ServeConfig, store: FeedbackStore, models: Sequence[ServedModel],
@@ -48,6 +48,7 @@ def create_app(config: ServeConfig, store: FeedbackStore, models: Sequence[Serve
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"])
     app.add_middleware(BodySizeLimit, limit=config.max_body_bytes)
+    app.add_middleware(SecurityHeaders)  # outermost: a 413 from the size limit carries the headers too
     for router in (openai_api.router, classify_api.router, feedback_api.router, admin.router):
         app.include_router(router)
     mount_page(app)

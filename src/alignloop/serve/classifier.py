@@ -114,6 +114,8 @@ def read_inputs(served: ServedClassifier, raw: Any, limit: int) -> Inputs:
         raise ApiError(422, f"input: model {served.name!r} classifies whole texts; send strings, not lists of words "
                        "(word lists are for NER models)", param="input")
     for i, item in enumerate(raw):
+        if any("\x00" in text for text in (item if pretokenised else [item])):
+            raise ApiError(422, f"input[{i}] contains a NUL character (\\u0000), which the store does not hold", param="input")
         words = item if pretokenised else split_words(item)
         if not words or (pretokenised and any(not w or w != w.strip() or " " in w for w in item)):
             what = "a list of non-empty words without spaces" if pretokenised else "a text with at least one word"

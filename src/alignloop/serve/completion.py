@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from alignloop.config import ServeConfig
 from alignloop.feedback.store import CompletionRecord, FeedbackStore, User
 from alignloop.rollout.generate import RowSampling
+from alignloop.serve.dependencies import Serving
 from alignloop.serve.engine import ServedModel, TextStream
 from alignloop.serve.errors import ApiError
 from alignloop.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -35,11 +36,34 @@ class Prompt:
     conversation_id: str | None
 
 
-def chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> Prompt:
-    """The messages through the model's chat template, with the assistant header appended."""
+def prompt_char_limit(config: ServeConfig, served: ServedModel) -> int | None:
+    """The most characters a prompt may have before it is templated and tokenised (None: no cap)."""
+    if config.max_prompt_chars is not None:
+        return config.max_prompt_chars
+    tokens = config.max_prompt_tokens or served.context
+    return None if tokens is None else tokens * CHARS_PER_TOKEN_CAP
+
+
+# The default character cap per token of room: no tokenizer in common use packs more characters
+# into a token on average, so a prompt over it would be refused after tokenising anyway; here it
+# is refused before, at no cost (an 800 KB chat body no longer occupies the server).
+CHARS_PER_TOKEN_CAP = 32
+
+
+def _check_chars(config: ServeConfig, served: ServedModel, chars: int, field: str) -> None:
+    limit = prompt_char_limit(config, served)
+    if limit is not None and chars > limit:
+        raise ApiError(422, f"the {field} is {chars} characters; this server takes at most {limit} for model {served.name!r} "
+                       "(max_prompt_chars)", param=field)
+
+
+def chat_prompt(config: ServeConfig, served: ServedModel, body: ChatCompletionRequest) -> Prompt:
+    """The messages through the model's chat template, with the assistant header appended.
+    Blocking work (the template, the tokenizer): call it in a worker thread."""
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     if getattr(served.tokenizer, "chat_template", None) is None:
         raise ApiError(400, f"model {served.name!r} has no chat template; use /v1/completions with a plain prompt", param="messages")
+    _check_chars(config, served, sum(len(m["content"]) for m in messages), "messages")
     try:
         rendered = served.render_chat(messages)
     except Exception as e:  # a template may refuse some role orders (e.g. two user turns in a row)
@@ -47,8 +71,10 @@ def chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> Prompt:
     return Prompt("chat", served.encode(rendered, add_special_tokens=False), rendered, messages, None, body.conversation_id)
 
 
-def text_prompt(served: ServedModel, body: CompletionRequest) -> Prompt:
-    """A plain prompt, with the tokenizer's special tokens (BOS) as a bare ``encode`` adds them."""
+def text_prompt(config: ServeConfig, served: ServedModel, body: CompletionRequest) -> Prompt:
+    """A plain prompt, with the tokenizer's special tokens (BOS) as a bare ``encode`` adds them.
+    Blocking work (the tokenizer): call it in a worker thread."""
+    _check_chars(config, served, len(body.prompt), "prompt")
     return Prompt("completion", served.encode(body.prompt, add_special_tokens=True), body.prompt, None, body.prompt, None)
 
 
@@ -84,10 +110,11 @@ class Completion:
     calls :meth:`close` when done, or when the client goes away.
     """
 
-    def __init__(self, config: ServeConfig, store: FeedbackStore, served: ServedModel, user: User, body: SamplingFields,
-                 prompt: Prompt) -> None:
-        self.started = time.perf_counter()
-        max_tokens = max_new_tokens(config, served, body, prompt)
+    def __init__(self, serving: Serving, store: FeedbackStore, served: ServedModel, user: User, body: SamplingFields,
+                 prompt: Prompt, started: float | None = None) -> None:
+        self.started = time.perf_counter() if started is None else started
+        max_tokens = max_new_tokens(serving.config, served, body, prompt)
+        serving.charge_completion(user, served, body.n, body.n * max_tokens + len(prompt.ids))
         self.store, self.served, self.user, self.prompt = store, served, user, prompt
         seed = body.seed if body.seed is not None else secrets.randbits(31)  # recorded, so every sample can be redrawn
         rows = [RowSampling(body.temperature, body.top_p, 0, seed, i) for i in range(body.n)]
@@ -100,7 +127,10 @@ class Completion:
         self.streams = [TextStream(served.tokenizer, stop) for _ in rows]
         self.reasons: list[str | None] = [None] * body.n
         self.first_token: float | None = None
-        self.submission = served.submit(prompt.ids, rows, max_tokens)
+        self.submission = served.submit(prompt.ids, rows, max_tokens, owner=user.id)
+        # Detokenising a token is a step of tokenizers' DecodeStream (microseconds) on the event
+        # loop; a tokenizer without one re-decodes the whole text per token, in a worker thread.
+        self._incremental = all(stream.incremental for stream in self.streams)
 
     @property
     def texts(self) -> list[str]:
@@ -111,13 +141,18 @@ class Completion:
         choices with some). When it ends every choice is stored, so feedback on its id works; a
         failed forward raises ApiError (503) and stores nothing."""
         async for events in self.submission.batches():
-            arrived: dict[int, str] = {}
-            for choice, token, reason in events:
-                arrived[choice] = arrived.get(choice, "") + self._apply(choice, token, reason)
-            shown = {choice: text for choice, text in arrived.items() if text}
+            # A choice's end decodes its whole text once (flush): that, and slow tokenizers, off the loop.
+            slow = not self._incremental or any(token is None for _, token, _ in events)
+            shown = await run_in_threadpool(self._apply_all, events) if slow else self._apply_all(events)
             if shown:
                 yield shown
         await self._record()
+
+    def _apply_all(self, events: list[tuple[int, int | None, str | None]]) -> dict[int, str]:
+        arrived: dict[int, str] = {}
+        for choice, token, reason in events:
+            arrived[choice] = arrived.get(choice, "") + self._apply(choice, token, reason)
+        return {choice: text for choice, text in arrived.items() if text}
 
     def close(self) -> None:
         """Free the rows still running (the client went away); once every choice ended, nothing to do."""

@@ -38,8 +38,12 @@ class Serving:
             store.register_model(m.name, m.version, m.path)
         self.started = int(time.time())
         self.limiter = RateLimiter(config.rate_limit_per_minute, config.rate_burst)
+        # Tokens a minute per user, charged up front as n × max_tokens + prompt tokens (as hosted
+        # APIs count): a minute's worth may be spent at once.
+        self.token_budget = RateLimiter(config.tokens_per_minute, config.tokens_per_minute)
+        # Failed logins per client address: a guessed key costs the guesser, not the users.
+        self.failed_logins = RateLimiter(config.auth_failures_per_minute, config.auth_failure_burst)
         self.anonymous: User | None = None if config.auth else store.ensure_user("anonymous", admin=True)
-        self._keys: dict[str, tuple[User, float]] = {}  # key → (user, when looked up): one DB read per key a minute
 
     def deploy(self, name: str, path: str) -> tuple[ServedModel | ServedClassifier, str | None]:
         """Load ``path`` and serve it as ``name`` from the next request on, without dropping any:
@@ -70,15 +74,20 @@ class Serving:
             threading.Thread(target=old.drain_and_stop, name=f"drain-{name}", daemon=True).start()
         return new, None if old is None else old.version
 
-    def cached_user(self, key: str) -> User | None:
-        cached = self._keys.get(key)
-        return cached[0] if cached and time.monotonic() - cached[1] < 60 else None
-
-    def user_for(self, store: FeedbackStore, key: str) -> User | None:
-        user = store.user_by_key(key)
-        if user is not None:
-            self._keys[key] = (user, time.monotonic())
-        return user
+    def charge_completion(self, user: User, served: ServedModel, rows: int, tokens: int) -> None:
+        """Admit ``rows`` completions of ``tokens`` (requested output plus prompt) for ``user`` on
+        ``served``, or refuse with 429: too many of the user's rows already wait for the model,
+        or the user's token budget for the minute is spent."""
+        queued = served.batcher.queued_rows(user.id)
+        if queued + rows > self.config.max_queued_rows_per_user:
+            raise ApiError(429, f"{queued} of your completions already wait for {served.name!r}; at most "
+                           f"{self.config.max_queued_rows_per_user} may wait per user (max_queued_rows_per_user): retry when some have run",
+                           "rate_limit_error", headers={"Retry-After": "1"})
+        wait = self.token_budget.retry_after(user.id, tokens)
+        if wait is not None:
+            raise ApiError(429, f"token budget: this request counts {tokens} tokens (n × max_tokens + prompt); a user may use "
+                           f"{self.config.tokens_per_minute:g} a minute; retry in {wait:.1f} s",
+                           "rate_limit_error", headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
     def classifier(self, name: str) -> ServedClassifier:
         if name in self.classifiers:
@@ -106,21 +115,29 @@ def get_store(serving: Serving = Depends(get_serving)) -> FeedbackStore:
     return serving.store
 
 
-async def current_user(serving: Serving = Depends(get_serving), store: FeedbackStore = Depends(get_store),
+async def current_user(request: Request, serving: Serving = Depends(get_serving), store: FeedbackStore = Depends(get_store),
                        authorization: Optional[str] = Header(None, include_in_schema=False)) -> User:
-    """The user behind the request's ``Authorization: Bearer KEY``, after the rate limit. Async:
-    a cached key costs no thread hop; an unseen one is looked up in a worker thread."""
+    """The user behind the request's ``Authorization: Bearer KEY``, after the rate limit.
+
+    The key is looked up in the store on every request (an indexed read in a worker thread), so
+    ``alignloop users revoke`` or ``rotate`` takes effect at the next request, also in a server
+    that is already running. An address whose keys keep failing is refused (429) for a while
+    before its keys are even looked at."""
     if serving.anonymous is not None:
         user = serving.anonymous
     else:
+        address = request.client.host if request.client else "unknown"
+        wait = serving.failed_logins.wait(address)
+        if wait is not None:
+            raise ApiError(429, f"too many failed logins from this address; retry in {wait:.0f} s", "rate_limit_error",
+                           headers={"Retry-After": str(max(1, math.ceil(wait)))})
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise ApiError(401, "no API key: send `Authorization: Bearer KEY` (an admin creates one with `alignloop users add NAME`)",
                            "authentication_error")
-        user = serving.cached_user(key.strip())
+        user = await run_in_threadpool(store.user_by_key, key.strip())
         if user is None:
-            user = await run_in_threadpool(serving.user_for, store, key.strip())
-        if user is None:
+            serving.failed_logins.retry_after(address)
             raise ApiError(401, "the API key is not valid", "authentication_error")
     wait = serving.limiter.retry_after(user.id)
     if wait is not None:

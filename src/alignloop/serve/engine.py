@@ -123,9 +123,10 @@ class ServedModel:
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def submit(self, prompt_ids: list[int], rows: Sequence[RowSampling], max_new_tokens: int) -> "Submission":
-        """Queue one request's rows (its ``n`` choices) on the running batch."""
-        return Submission(self.batcher, self.waker, prompt_ids, rows, max_new_tokens)
+    def submit(self, prompt_ids: list[int], rows: Sequence[RowSampling], max_new_tokens: int, owner: Any = None) -> "Submission":
+        """Queue one request's rows (its ``n`` choices) on the running batch, as ``owner``'s (the
+        user: admission is fair between owners)."""
+        return Submission(self.batcher, self.waker, prompt_ids, rows, max_new_tokens, owner)
 
 
 class Waker:
@@ -179,7 +180,7 @@ class Submission:
     """
 
     def __init__(self, batcher: ContinuousBatcher, waker: "Waker", prompt_ids: list[int], rows: Sequence[RowSampling],
-                 max_new_tokens: int) -> None:
+                 max_new_tokens: int, owner: Any = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.batcher, self.waker = batcher, waker
         self._pending: list[tuple[int, int | None, str | None]] = []
@@ -191,7 +192,7 @@ class Submission:
             DecodeRequest(
                 prompt_ids, sampling, max_new_tokens,
                 on_token=lambda token, logp, i=i: self._put((i, token, None)),
-                on_finish=lambda reason, i=i: self._put((i, None, reason)),
+                on_finish=lambda reason, i=i: self._put((i, None, reason)), owner=owner,
             )
             for i, sampling in enumerate(rows)
         ]
@@ -254,14 +255,19 @@ class TextStream:
 
             self._stream = DecodeStream(skip_special_tokens=True)
 
+    @property
+    def incremental(self) -> bool:
+        """Each token costs one DecodeStream step, not a decode of the whole text."""
+        return self._stream is not None
+
     def push(self, token_id: int) -> str:
         if self.stopped:  # the row may decode a token or two more before its cancel lands
             return ""
         self.token_ids.append(token_id)
         if self._stream is not None:
-            text = self.text + (self._stream.step(self._backend, token_id) or "")
+            text = self.text + _storable(self._stream.step(self._backend, token_id) or "")
         else:
-            text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+            text = _storable(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
         for s in self.stop:
             at = text.find(s, max(0, self.sent - len(s)))
             if at >= 0:
@@ -279,7 +285,7 @@ class TextStream:
         """Everything not yet sent (the choice has ended)."""
         if self._stream is not None and not self.stopped:
             # A completion that ends inside a UTF-8 sequence: the stream still holds those bytes.
-            full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+            full = _storable(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
             if full.startswith(self.text[:self.sent]):
                 self.text = full
         return self._send_to(len(self.text))
@@ -289,3 +295,9 @@ class TextStream:
             return ""
         piece, self.sent = self.text[self.sent:end], end
         return piece
+
+
+def _storable(text: str) -> str:
+    """A model can emit a NUL byte (a byte-level token); the store refuses NUL (PostgreSQL cannot
+    hold it), so it is shown and stored as U+FFFD, the same on both back-ends."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text

@@ -13,10 +13,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alignloop.errors import AlignloopError
-from alignloop.feedback.store import IdempotencyConflict, Invalid, NotFound, StoreError
+import sqlalchemy as sa
+
+from alignloop.feedback.database import database_error
+from alignloop.feedback.store import IdempotencyConflict, Invalid, NotFound, StoreError, Unavailable
 from alignloop.serve.schemas import ErrorBody
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429)}  # the statuses the docs list
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)}  # the statuses the docs list
+RETRY_AFTER_S = 2  # what a 503 from an unreachable database tells the client to wait
 
 
 class ApiError(Exception):
@@ -46,6 +50,8 @@ def store_error_status(e: StoreError) -> tuple[int, str, str | None]:
         return 422, "invalid_request_error", param
     if isinstance(e, IdempotencyConflict):
         return 409, "conflict_error", param
+    if isinstance(e, Unavailable):
+        return 503, "service_unavailable_error", param
     return 503, "server_error", param
 
 
@@ -77,7 +83,13 @@ def add_error_handlers(app: FastAPI) -> None:
         status, kind, param = store_error_status(e)
         if isinstance(e, IdempotencyConflict):
             param = "Idempotency-Key"  # the header of POST /v1/feedback
-        return error_response(status, str(e), kind, param)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        return error_response(status, str(e), kind, param, headers)
+
+    @app.exception_handler(sa.exc.DBAPIError)
+    async def database_failed(request: Request, e: sa.exc.DBAPIError) -> JSONResponse:
+        """A read that met a dropped connection (the pool replaces it for the next request)."""
+        return await store_error(request, database_error(e))
 
     @app.exception_handler(AlignloopError)
     async def alignloop_error(request: Request, e: AlignloopError) -> JSONResponse:

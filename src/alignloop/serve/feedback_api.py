@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Optional
+from typing import Annotated, Optional
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Header, Path, Query
 from fastapi.responses import JSONResponse, Response
 
+from alignloop.feedback.entities import MAX_IDEMPOTENCY_KEY_CHARS
 from alignloop.feedback.store import FeedbackInput, FeedbackRecord, FeedbackStore, StoreError, User
 from alignloop.serve.dependencies import current_user, get_store
 from alignloop.serve.errors import ERRORS, ApiError, store_error_status
@@ -23,14 +24,19 @@ from alignloop.serve.schemas import (
     FeedbackKind,
     FeedbackList,
     FeedbackOut,
+    RefusedItem,
 )
 
 router = APIRouter()
 
+# A feedback id is a database row id: a 64-bit integer on both back-ends. A bigger one is a 422
+# naming the field, not an overflow inside the driver.
+FeedbackId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
 
 @router.post("/v1/feedback", response_model=FeedbackOut, status_code=201, responses=ERRORS)
 def post_feedback(body: FeedbackIn, user: User = Depends(current_user), store: FeedbackStore = Depends(get_store),
-                  idempotency_key: Optional[str] = Header(None, max_length=200)) -> JSONResponse:
+                  idempotency_key: Optional[str] = Header(None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS)) -> JSONResponse:
     record, outcome = store.put_feedback(user.id, FeedbackInput(**body.to_input()), idempotency_key)
     out = _feedback_out(record, outcome)
     return JSONResponse(json.loads(out.model_dump_json()), status_code=201 if outcome == "created" else 200)
@@ -39,9 +45,15 @@ def post_feedback(body: FeedbackIn, user: User = Depends(current_user), store: F
 @router.post("/v1/feedback/batch", response_model=FeedbackBatchOut, responses=ERRORS)
 def post_feedback_batch(body: FeedbackBatchIn, user: User = Depends(current_user),
                         store: FeedbackStore = Depends(get_store)) -> FeedbackBatchOut:
-    items = [(FeedbackInput(**item.to_input()), item.idempotency_key) for item in body.items]
+    valid = [item for item in body.items if not isinstance(item, RefusedItem)]
+    answers = iter(store.put_feedback_many(user.id, [(FeedbackInput(**item.to_input()), item.idempotency_key) for item in valid]))
     results = []
-    for answer in store.put_feedback_many(user.id, items):
+    for item in body.items:
+        if isinstance(item, RefusedItem):  # refused by the schema: answered, not written
+            results.append(FeedbackBatchResult(status=422, error=FeedbackBatchError(message=item.message, type="invalid_request_error",
+                                                                                    param=item.param)))
+            continue
+        answer = next(answers)
         if isinstance(answer, StoreError):
             status, kind, param = store_error_status(answer)
             results.append(FeedbackBatchResult(status=status, error=FeedbackBatchError(message=str(answer), type=kind, param=param)))
@@ -58,7 +70,7 @@ def list_feedback(user: User = Depends(current_user), store: FeedbackStore = Dep
 
 
 @router.get("/v1/feedback/{feedback_id}", response_model=FeedbackOut, responses=ERRORS)
-def get_feedback(feedback_id: int, user: User = Depends(current_user), store: FeedbackStore = Depends(get_store)) -> FeedbackOut:
+def get_feedback(feedback_id: FeedbackId, user: User = Depends(current_user), store: FeedbackStore = Depends(get_store)) -> FeedbackOut:
     record = store.get_feedback(user.id, feedback_id)
     if record is None:
         raise ApiError(404, f"no feedback {feedback_id} of yours", "not_found_error", "feedback_id")
@@ -66,7 +78,7 @@ def get_feedback(feedback_id: int, user: User = Depends(current_user), store: Fe
 
 
 @router.delete("/v1/feedback/{feedback_id}", status_code=204, responses=ERRORS)
-def delete_feedback(feedback_id: int, user: User = Depends(current_user), store: FeedbackStore = Depends(get_store)) -> Response:
+def delete_feedback(feedback_id: FeedbackId, user: User = Depends(current_user), store: FeedbackStore = Depends(get_store)) -> Response:
     if not store.delete_feedback(user.id, feedback_id):
         raise ApiError(404, f"no feedback {feedback_id} of yours", "not_found_error", "feedback_id")
     return Response(status_code=204)

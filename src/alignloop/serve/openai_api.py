@@ -8,10 +8,14 @@ so feedback can always attach to it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from alignloop.feedback.store import FeedbackStore, User
@@ -43,31 +47,66 @@ def list_models(user: User = Depends(current_user), serving: Serving = Depends(g
 
 
 @router.post("/v1/chat/completions", responses=ERRORS)
-async def chat_completions(body: ChatCompletionRequest, user: User = Depends(current_user), serving: Serving = Depends(get_serving),
-                           store: FeedbackStore = Depends(get_store)) -> Response:
+async def chat_completions(request: Request, body: ChatCompletionRequest, user: User = Depends(current_user),
+                           serving: Serving = Depends(get_serving), store: FeedbackStore = Depends(get_store)) -> Response:
+    started = time.perf_counter()
     served = serving.model(body.model)
-    return await _respond(Completion(serving.config, store, served, user, body, chat_prompt(served, body)), body)
+    prompt = await run_in_threadpool(chat_prompt, serving.config, served, body)  # the template and tokenizer: off the event loop
+    return await _respond(request, Completion(serving, store, served, user, body, prompt, started), body)
 
 
 @router.post("/v1/completions", responses=ERRORS)
-async def completions(body: CompletionRequest, user: User = Depends(current_user), serving: Serving = Depends(get_serving),
-                      store: FeedbackStore = Depends(get_store)) -> Response:
+async def completions(request: Request, body: CompletionRequest, user: User = Depends(current_user),
+                      serving: Serving = Depends(get_serving), store: FeedbackStore = Depends(get_store)) -> Response:
+    started = time.perf_counter()
     served = serving.model(body.model)
-    return await _respond(Completion(serving.config, store, served, user, body, text_prompt(served, body)), body)
+    prompt = await run_in_threadpool(text_prompt, serving.config, served, body)
+    return await _respond(request, Completion(serving, store, served, user, body, prompt, started), body)
 
 
-async def _respond(completion: Completion, body: SamplingFields) -> Response:
-    """OpenAI's answer: one JSON body once every choice is stored, or SSE chunks as text arrives."""
+async def _respond(request: Request, completion: Completion, body: SamplingFields) -> Response:
+    """OpenAI's answer: one JSON body once every choice is stored, or SSE chunks as text arrives.
+
+    A client that goes away takes its rows with it: a stream's generator is cancelled by
+    Starlette on the disconnect; a whole-body request races its generation against the
+    disconnect and cancels the rows (queued ones never start, running ones leave the batch at
+    the next step). Nothing is stored for a completion nobody received."""
     if not body.stream:
+        generation = asyncio.ensure_future(_drain(completion))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            async for _ in completion.pieces():  # the text accumulates in the completion's streams
-                pass
+            await asyncio.wait({generation, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            completion.close()
+            gone.cancel()
+            if not generation.done():  # the client left (or this handler was cancelled): free the rows
+                completion.close()
+                generation.cancel()
+        if not generation.done() or generation.cancelled():
+            with contextlib.suppress(asyncio.CancelledError):
+                await generation
+            return Response(status_code=499)  # nobody is there to read it (nginx's "client closed request")
+        generation.result()  # a failed generation's ApiError
         return JSONResponse(_whole_body(completion))
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return StreamingResponse(_sse(completion, include_usage), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _drain(completion: Completion) -> None:
+    try:
+        async for _ in completion.pieces():  # the text accumulates in the completion's streams
+            pass
+    finally:
+        completion.close()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body was read already, so the next ASGI message is
+    the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def _head(completion: Completion) -> dict:

@@ -31,7 +31,7 @@ def build_app(config: ServeConfig):  # -> FastAPI
         raise ConfigError(f"serve: two models are called the same ({names}); name them with --model NAME=PATH "
                           "or --classifier NAME=PATH")
     url = resolve_db_url(config.db)
-    store = FeedbackStore(url)
+    store = FeedbackStore(url, durability=config.db_durability)
     models, classifiers = [], []
     try:
         for name, path in specs:

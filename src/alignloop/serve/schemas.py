@@ -12,9 +12,28 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
-Text = Annotated[str, Field(max_length=200_000)]
+from alignloop.feedback.entities import (
+    MAX_COMMENT_CHARS,
+    MAX_CORRECTION_CHARS,
+    MAX_ID_CHARS,
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    MAX_TAG_CHARS,
+    MAX_TAGS,
+)
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("contains a NUL character (\\u0000), which the store does not hold")
+    return value
+
+
+# Every string a request carries: PostgreSQL cannot store NUL and SQLite can, so it is refused
+# here (422 naming the field, before any generation) and both back-ends store the same rows.
+Str = Annotated[str, AfterValidator(_no_nul)]
+Text = Annotated[Str, Field(max_length=200_000)]
 
 
 class TextPart(BaseModel):
@@ -40,7 +59,7 @@ class SamplingFields(BaseModel):
     """The sampling fields both completion endpoints take."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, max_length=200)
+    model: Str = Field(min_length=1, max_length=200)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     n: StrictInt = Field(1, ge=1)
@@ -48,7 +67,7 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: Optional[StrictInt] = Field(None, ge=1)
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)  # the newer OpenAI name
-    stop: Union[None, Annotated[str, Field(max_length=200)], Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=4)]] = None
+    stop: Union[None, Annotated[Str, Field(max_length=200)], Annotated[list[Annotated[Str, Field(max_length=200)]], Field(max_length=4)]] = None
     seed: Optional[StrictInt] = Field(None, ge=0, le=2**63 - 1)
 
     def stop_strings(self) -> list[str]:
@@ -59,7 +78,7 @@ class SamplingFields(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
-    conversation_id: Optional[Annotated[str, Field(min_length=1, max_length=100)]] = None
+    conversation_id: Optional[Annotated[Str, Field(min_length=1, max_length=MAX_ID_CHARS)]] = None
 
 
 class CompletionRequest(SamplingFields):
@@ -76,7 +95,7 @@ class EntityVerdict(BaseModel):
     model_config = ConfigDict(extra="forbid")
     index: StrictInt = Field(ge=0)
     correct: StrictBool
-    label: Optional[str] = Field(None, min_length=1, max_length=200)
+    label: Optional[Str] = Field(None, min_length=1, max_length=200)
 
 
 class FeedbackIn(BaseModel):
@@ -85,18 +104,18 @@ class FeedbackIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: FeedbackKind
-    completion_id: Optional[str] = Field(None, min_length=1, max_length=100)
+    completion_id: Optional[Str] = Field(None, min_length=1, max_length=MAX_ID_CHARS)
     up: Optional[StrictBool] = None
     rating: Optional[StrictInt] = Field(None, ge=1, le=5)
-    other_completion_id: Optional[str] = Field(None, min_length=1, max_length=100)
+    other_completion_id: Optional[Str] = Field(None, min_length=1, max_length=MAX_ID_CHARS)
     verdict: Optional[Literal["a", "b", "tie", "both_bad"]] = None
     left: Optional[Literal["a", "b"]] = None
-    correction: Optional[str] = Field(None, max_length=100_000)
-    comment: Optional[str] = Field(None, max_length=10_000)
-    tags: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(default_factory=list, max_length=20)
-    prediction_id: Optional[str] = Field(None, min_length=1, max_length=100)
+    correction: Optional[Str] = Field(None, max_length=MAX_CORRECTION_CHARS)
+    comment: Optional[Str] = Field(None, max_length=MAX_COMMENT_CHARS)
+    tags: list[Annotated[Str, Field(min_length=1, max_length=MAX_TAG_CHARS)]] = Field(default_factory=list, max_length=MAX_TAGS)
+    prediction_id: Optional[Str] = Field(None, min_length=1, max_length=MAX_ID_CHARS)
     correct: Optional[StrictBool] = None
-    label: Optional[str] = Field(None, min_length=1, max_length=200)
+    label: Optional[Str] = Field(None, min_length=1, max_length=200)
     entities: Optional[list[EntityVerdict]] = Field(None, max_length=1000)
 
     def to_input(self) -> dict:
@@ -148,15 +167,41 @@ MAX_FEEDBACK_BATCH = 1000
 class FeedbackBatchItem(FeedbackIn):
     """One item of a batch: a piece of feedback and, optionally, its own idempotency key."""
 
-    idempotency_key: Optional[str] = Field(None, min_length=1, max_length=200)
+    idempotency_key: Optional[Str] = Field(None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS)
+
+
+class RefusedItem:
+    """A batch item that failed validation: its own 422, while the other items go ahead."""
+
+    def __init__(self, param: str, message: str) -> None:
+        self.param, self.message = param, message
 
 
 class FeedbackBatchIn(BaseModel):
     """Many pieces of feedback of one user in one request (an annotation tool syncing, an
-    importer): each item is checked and answered on its own, and all commit together."""
+    importer): each item is checked and answered on its own (an invalid item gets its own 422
+    and is not written; the valid ones are), and they commit together."""
 
     model_config = ConfigDict(extra="forbid")
     items: list[FeedbackBatchItem] = Field(min_length=1, max_length=MAX_FEEDBACK_BATCH)
+
+    @field_validator("items", mode="wrap")
+    @classmethod
+    def _each_item_on_its_own(cls, value: Any, handler: Any) -> Any:
+        """Validate item by item: a bad item becomes a :class:`RefusedItem` in its place instead
+        of failing the whole request (the schema still documents ``FeedbackBatchItem``)."""
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_FEEDBACK_BATCH:
+            return handler(value)  # not a list, or too few or many items: the whole body is refused, as usual
+        items: list[Any] = []
+        for i, item in enumerate(value):
+            try:
+                items.append(FeedbackBatchItem.model_validate(item))
+            except ValidationError as e:
+                first = e.errors()[0]
+                field = ".".join(str(part) for part in first["loc"])
+                items.append(RefusedItem(f"items[{i}]{'.' + field if field else ''}",
+                                         "; ".join(f"{'.'.join(map(str, err['loc'])) or 'item'}: {err['msg']}" for err in e.errors()[:5])))
+        return items
 
 
 class FeedbackBatchError(BaseModel):
@@ -192,7 +237,7 @@ class ClassifyRequest(BaseModel):
     lists; checked by the route so every refusal names ``input``."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1, max_length=200)
+    model: Str = Field(min_length=1, max_length=200)
     input: Any
 
 
@@ -223,8 +268,8 @@ class DeployIn(BaseModel):
     """Serve another model folder under a served name (``/admin/deploy``)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200)
-    path: str = Field(min_length=1, max_length=4096)
+    name: Str = Field(min_length=1, max_length=200)
+    path: Str = Field(min_length=1, max_length=4096)
 
 
 class DeployOut(BaseModel):
