@@ -156,3 +156,20 @@ def test_an_unknown_preference_loss_is_named_before_any_data_is_read(capsys, tmp
                  "--preference.loss=hinge"])
     assert code == 2
     assert error_line(capsys.readouterr().err) == "preference.loss: 'hinge' is not one of sigmoid, robust, ipo, simpo"
+
+
+def test_every_command_prints_its_help(capsys):
+    """argparse formats help strings with %: an option's text saying "90%" once broke `serve --help`."""
+    import pytest
+
+    from alignloop.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, sub in commands.choices.items():
+        actions = [a for a in sub._actions if a.__class__.__name__ == "_SubParsersAction"]
+        for argv in ([name, "--help"], *([name, action, "--help"] for a in actions for action in a.choices)):
+            with pytest.raises(SystemExit) as done:
+                main(argv)
+            assert done.value.code == 0, argv
+            assert "usage:" in capsys.readouterr().out

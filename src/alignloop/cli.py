@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kwargs = {"nargs": "?", "const": "true"} if type_name == "bool" else {}
         serve.add_argument(f"--{key.replace('_', '-')}", f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=type_name,
-                           help=f"{help_text} (default: {json.dumps(default)})", **kwargs)
+                           help=_option_help(help_text, default), **kwargs)
     serve.set_defaults(handler=_run_serve)
 
     for name, stage in STAGES.items():
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         for key, type_name, default, help_text in stage.options():
             kwargs: dict[str, Any] = {"nargs": "?", "const": "true"} if type_name == "bool" else {}
             sub.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=type_name,
-                             help=f"{help_text} (default: {json.dumps(default)})", **kwargs)
+                             help=_option_help(help_text, default), **kwargs)
         sub.set_defaults(handler=_run_stage, stage=name)
     return parser
 
@@ -197,6 +197,11 @@ def _run_convert(args: argparse.Namespace, extra: list[str]) -> int:
     write_jsonl((row.fields for row in rows), args.output)
     log.info("convert: %d %s records from %s written to %s", len(rows), args.format, args.source, args.output)
     return 0
+
+
+def _option_help(text: str, default: Any) -> str:
+    """A config option's help line; % doubled, as argparse formats help strings with %."""
+    return f"{text} (default: {json.dumps(default)})".replace("%", "%%")
 
 
 def _run_serve(args: argparse.Namespace, extra: list[str]) -> int:
