@@ -262,3 +262,19 @@ def test_users_revoke_and_rotate_from_the_cli(tmp_path: Path) -> None:
         assert store.user_by_key(new).name == "ann"
     missing = cli("revoke", "nobody")
     assert missing.returncode == 2 and "no user named 'nobody'" in missing.stderr
+
+
+def test_a_revoked_key_cannot_write_feedback_even_when_the_server_knows_it(db_url: str, served: ServedModel) -> None:
+    """Feedback writes recognise a key from memory; their transaction checks it again."""
+    with api(db_url, served) as a:
+        c = a.completion_id("bob")
+        assert a.feedback("bob", kind="thumbs", completion_id=c, up=True).status_code == 201  # bob's key is known now
+        a.store.revoke_user("bob")
+        r = a.feedback("bob", kind="rating", completion_id=c, rating=2)
+        assert r.status_code == 401 and error_of(r)["type"] == "authentication_error", r.text
+        batch = a.client.post("/v1/feedback/batch", json={"items": [{"kind": "rating", "completion_id": c, "rating": 3}]},
+                              headers=a.auth("bob"))
+        assert batch.status_code == 401
+        new = a.store.rotate_key("bob")
+        mine = a.client.get("/v1/feedback", headers={"Authorization": f"Bearer {new}"}).json()["data"]
+        assert [(f["kind"], f["up"]) for f in mine] == [("thumbs", True)]  # neither refused write left a row

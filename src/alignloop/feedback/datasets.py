@@ -58,6 +58,8 @@ decision with its own propensity, and each prediction belongs to one user.
 
 from __future__ import annotations
 
+import json
+
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -154,7 +156,17 @@ def build_datasets(votes: Iterable[Vote], rules: DatasetRules) -> Datasets:
         for name, key in (("pairs", ("chosen", "rejected")), ("kto", ("completion", "label")), ("sft", ("completion",))):
             setattr(out, name, _dedupe(getattr(out, name), key, out.skipped, name))
     out.pairs = [p for p in out.pairs if _differs(p, out.skipped)]
+    # Votes come in the order they were written, which concurrent users' threads decide; each set
+    # is put in an order of its content alone, so the same feedback gives the same files and
+    # trains the same model (the loop's runs were otherwise at the mercy of thread timing).
+    for kind in RECORD_KINDS:
+        setattr(out, kind, sorted(getattr(out, kind), key=_content_key))
     return out
+
+
+def _content_key(record: dict) -> str:
+    """A record's content without the ids of the votes behind it (which follow arrival order)."""
+    return json.dumps({k: v for k, v in record.items() if k != "feedback_ids"}, sort_keys=True, ensure_ascii=False, default=str)
 
 
 def _in_scope(v: Vote, rules: DatasetRules, skipped: Counter) -> bool:

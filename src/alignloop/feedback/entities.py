@@ -57,6 +57,10 @@ class IdempotencyConflict(StoreError):
     """An Idempotency-Key was reused with a different body."""
 
 
+class NotAuthorized(StoreError):
+    """The API key a write came with is no longer the user's (revoked or rotated)."""
+
+
 class Unavailable(StoreError):
     """The database cannot be reached right now (a dropped connection, a restart): nothing was
     written; the same request may succeed in a moment (HTTP 503 with Retry-After)."""

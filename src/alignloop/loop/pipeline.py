@@ -278,10 +278,7 @@ class Loop:
         out.mkdir(exist_ok=True)
         counts = {}
         for kind in RECORD_KINDS:
-            # Votes arrive in whatever order the users' threads wrote them; the training sets are
-            # written in an order of their content alone, so the same feedback trains the same model.
-            records = sorted(getattr(sets, kind), key=_content_key)
-            setattr(sets, kind, records)
+            records = getattr(sets, kind)
             write_jsonl(records, out / f"{kind}.jsonl")
             counts[kind] = len(records)
         prompts = _unique_prompts(sets)
@@ -483,7 +480,3 @@ def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
-
-def _content_key(record: dict) -> str:
-    """A record's content without the ids of the votes behind it (which follow arrival order)."""
-    return json.dumps({k: v for k, v in record.items() if k != "feedback_ids"}, sort_keys=True, ensure_ascii=False, default=str)

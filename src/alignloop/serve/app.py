@@ -38,6 +38,7 @@ def create_app(config: ServeConfig, store: FeedbackStore, models: Sequence[Serve
         finally:
             for m in {*models, *app.state.serving.models.values()}:  # redeployed ones too
                 m.stop()
+            app.state.serving.key_lookups.shutdown(wait=False)
             store.close()
 
     app = FastAPI(title="alignloop", version="0.1.0", lifespan=lifespan,

@@ -16,7 +16,7 @@ from alignloop.errors import AlignloopError
 import sqlalchemy as sa
 
 from alignloop.feedback.database import database_error
-from alignloop.feedback.store import IdempotencyConflict, Invalid, NotFound, StoreError, Unavailable
+from alignloop.feedback.store import IdempotencyConflict, Invalid, NotAuthorized, NotFound, StoreError, Unavailable
 from alignloop.serve.schemas import ErrorBody
 
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)}  # the statuses the docs list
@@ -50,6 +50,8 @@ def store_error_status(e: StoreError) -> tuple[int, str, str | None]:
         return 422, "invalid_request_error", param
     if isinstance(e, IdempotencyConflict):
         return 409, "conflict_error", param
+    if isinstance(e, NotAuthorized):
+        return 401, "authentication_error", param
     if isinstance(e, Unavailable):
         return 503, "service_unavailable_error", param
     return 503, "server_error", param

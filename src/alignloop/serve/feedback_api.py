@@ -12,8 +12,8 @@ from fastapi import APIRouter, Depends, Header, Path, Query
 from fastapi.responses import JSONResponse, Response
 
 from alignloop.feedback.entities import MAX_IDEMPOTENCY_KEY_CHARS
-from alignloop.feedback.store import FeedbackInput, FeedbackRecord, FeedbackStore, StoreError, User
-from alignloop.serve.dependencies import current_user, get_store
+from alignloop.feedback.store import FeedbackInput, FeedbackRecord, FeedbackStore, NotAuthorized, StoreError, User
+from alignloop.serve.dependencies import Caller, Serving, current_user, feedback_caller, get_serving, get_store
 from alignloop.serve.errors import ERRORS, ApiError, store_error_status
 from alignloop.serve.schemas import (
     FeedbackBatchError,
@@ -35,18 +35,29 @@ FeedbackId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 @router.post("/v1/feedback", response_model=FeedbackOut, status_code=201, responses=ERRORS)
-def post_feedback(body: FeedbackIn, user: User = Depends(current_user), store: FeedbackStore = Depends(get_store),
+def post_feedback(body: FeedbackIn, caller: Caller = Depends(feedback_caller), store: FeedbackStore = Depends(get_store),
+                  serving: Serving = Depends(get_serving),
                   idempotency_key: Optional[str] = Header(None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS)) -> JSONResponse:
-    record, outcome = store.put_feedback(user.id, FeedbackInput(**body.to_input()), idempotency_key)
+    try:
+        record, outcome = store.put_feedback(caller.user.id, FeedbackInput(**body.to_input()), idempotency_key, caller.key)
+    except NotAuthorized:
+        serving.forget_key(caller.key)
+        raise
     out = _feedback_out(record, outcome)
     return JSONResponse(json.loads(out.model_dump_json()), status_code=201 if outcome == "created" else 200)
 
 
 @router.post("/v1/feedback/batch", response_model=FeedbackBatchOut, responses=ERRORS)
-def post_feedback_batch(body: FeedbackBatchIn, user: User = Depends(current_user),
-                        store: FeedbackStore = Depends(get_store)) -> FeedbackBatchOut:
+def post_feedback_batch(body: FeedbackBatchIn, caller: Caller = Depends(feedback_caller), store: FeedbackStore = Depends(get_store),
+                        serving: Serving = Depends(get_serving)) -> FeedbackBatchOut:
     valid = [item for item in body.items if not isinstance(item, RefusedItem)]
-    answers = iter(store.put_feedback_many(user.id, [(FeedbackInput(**item.to_input()), item.idempotency_key) for item in valid]))
+    answers = store.put_feedback_many(caller.user.id, [(FeedbackInput(**item.to_input()), item.idempotency_key) for item in valid],
+                                      caller.key)
+    refused = next((a for a in answers if isinstance(a, NotAuthorized)), None)
+    if refused is not None:  # the key was revoked: nothing of the batch was written
+        serving.forget_key(caller.key)
+        raise refused
+    answers = iter(answers)
     results = []
     for item in body.items:
         if isinstance(item, RefusedItem):  # refused by the schema: answered, not written
