@@ -23,31 +23,13 @@ import signal
 import statistics
 import sys
 import tempfile
-import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_load import alignloop_server, closed_loop, cpu_seconds, feedback_burst  # noqa: E402
+from serve_load import alignloop_server, closed_loop, completions_to_rate, cpu_seconds, feedback_burst, model_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def completions_to_rate(db: str, key: str, version: str, count: int) -> list[str]:
-    from alignloop.feedback.store import CompletionRecord, FeedbackStore
-
-    store = FeedbackStore(db)
-    user = store.user_by_key(key)
-    ids = [f"chatcmpl-{uuid.uuid4().hex}-0" for _ in range(count)]
-    for start in range(0, len(ids), 5000):
-        store.add_completions([
-            CompletionRecord(id=i, request_id=i[:-2], choice_index=0, user_id=user.id, model_name="m", model_version=version,
-                             endpoint="chat", prompt_messages=[{"role": "user", "content": "hi"}], prompt_text=None,
-                             rendered_prompt="hi", prompt_tokens=1, completion_text="hello", completion_token_ids=[1],
-                             finish_reason="stop", sampling={}, latency_ms=1.0, ttft_ms=1.0)
-            for i in ids[start:start + 5000]])
-    store.close()
-    return ids
 
 
 def main() -> None:
@@ -67,18 +49,12 @@ def main() -> None:
     ap.add_argument("--stream-interval", type=int, default=2)
     args = ap.parse_args()
 
-    import httpx
-    import torch
-
     from alignloop.feedback.database import scratch_postgres_schema
-    from alignloop.models.builtin import builtin_model, builtin_tokenizer
-    from alignloop.models.load import save_model
+    from alignloop.models.builtin import builtin_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="serve-ab-"))
     tokenizer = builtin_tokenizer()
-    torch.manual_seed(0)
-    model_dir = work / args.size
-    save_model(builtin_model(args.size, tokenizer), tokenizer, model_dir)
+    model_dir = model_folder(args.size, work)
     base_env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     sources = {"before": args.before.resolve(), "after": REPO / "src"}
     results: dict = {side: [] for side in sources}
@@ -89,8 +65,7 @@ def main() -> None:
             db = (stack.enter_context(scratch_postgres_schema(args.pg, "alignloop_ab")) if args.db == "postgresql"
                   else f"sqlite:///{work}/{side}.db")
             url, key, proc = stack.enter_context(alignloop_server(args, model_dir, db, env))
-            version = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"][0]["version"]
-            ids = completions_to_rate(db, key, version, int(args.burst_seconds * 1000 * (args.rounds + 1)))
+            ids = completions_to_rate(url, db, key, int(args.burst_seconds * 1000 * (args.rounds + 1)))
             servers[side] = (url, key, proc, ids)
         for round_ in range(args.rounds):
             for side in (list(sources) if round_ % 2 == 0 else list(reversed(sources))):

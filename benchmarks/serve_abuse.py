@@ -91,16 +91,11 @@ def main() -> None:
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    from alignloop.models.builtin import builtin_model, builtin_tokenizer
-    from alignloop.models.load import save_model
-
-    import torch
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serve_load import model_folder
 
     work = Path(tempfile.mkdtemp(prefix="serve-abuse-"))
-    tokenizer = builtin_tokenizer()
-    torch.manual_seed(0)
-    model_dir = work / args.size
-    save_model(builtin_model(args.size, tokenizer), tokenizer, model_dir)
+    model_dir = model_folder(args.size, work)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     db = f"sqlite:///{work}/feedback.db"
     run = lambda *a: subprocess.run(alignloop(*a), env=env, capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731

@@ -269,14 +269,15 @@ def run_bursts(url: str, db: str, key: str, args: argparse.Namespace, env: dict)
     return {f"feedback_{name}" + (f"_batch{b}" if b > 1 else ""): run_burst(url, db, key, args, env, b) for b in args.burst_batch}
 
 
-def run_burst(url: str, db: str, key: str, args: argparse.Namespace, env: dict, batch: int = 1) -> dict:
-    """Completions to vote on are written through the store (fast), then rated over HTTP."""
+def completions_to_rate(url: str, db: str, key: str, count: int) -> list[str]:
+    """``count`` completions of the key's user on the served model "m", written through the store
+    (fast), for a feedback burst to rate over HTTP."""
     from alignloop.feedback.store import CompletionRecord, FeedbackStore
 
+    version = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"][0]["version"]
     store = FeedbackStore(db)
     user = store.user_by_key(key)
-    version = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"][0]["version"]
-    ids = [f"chatcmpl-{uuid.uuid4().hex}-0" for _ in range(int(args.burst_seconds * (6000 if batch == 1 else 12000)))]
+    ids = [f"chatcmpl-{uuid.uuid4().hex}-0" for _ in range(count)]
     for start in range(0, len(ids), 5000):
         store.add_completions([
             CompletionRecord(id=i, request_id=i[:-2], choice_index=0, user_id=user.id, model_name="m", model_version=version,
@@ -286,6 +287,26 @@ def run_burst(url: str, db: str, key: str, args: argparse.Namespace, env: dict, 
             for i in ids[start:start + 5000]
         ])
     store.close()
+    return ids
+
+
+def model_folder(size: str, work: Path) -> Path:
+    """The built-in ``size`` (random init, seed 0, the chitchat tokenizer, ChatML) saved under ``work``."""
+    import torch
+
+    from alignloop.models.builtin import builtin_model, builtin_tokenizer
+    from alignloop.models.load import save_model
+
+    tokenizer = builtin_tokenizer()
+    torch.manual_seed(0)
+    folder = work / size
+    save_model(builtin_model(size, tokenizer), tokenizer, folder)
+    return folder
+
+
+def run_burst(url: str, db: str, key: str, args: argparse.Namespace, env: dict, batch: int = 1) -> dict:
+    """Completions to vote on are written through the store (fast), then rated over HTTP."""
+    ids = completions_to_rate(url, db, key, int(args.burst_seconds * (6000 if batch == 1 else 12000)))
     burst = asyncio.run(feedback_burst(url, key, ids, args.writers, args.burst_seconds, batch))
     print("feedback", db.split(":")[0], json.dumps(burst), flush=True)
     return burst
@@ -315,16 +336,11 @@ def main() -> None:
     args.burst_batch = [int(b) for b in args.burst_batch.split(",")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    from alignloop.models.builtin import builtin_model, builtin_tokenizer
-    from alignloop.models.load import save_model
+    from alignloop.models.builtin import builtin_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     tokenizer = builtin_tokenizer()
-    import torch
-
-    torch.manual_seed(0)
-    model_dir = work / f"{args.size}"
-    save_model(builtin_model(args.size, tokenizer), tokenizer, model_dir)
+    model_dir = model_folder(args.size, work)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
     results: dict = {"size": args.size, "stream_interval": args.stream_interval, "max_tokens": args.max_tokens, "duration_s": args.duration, "threads": args.threads,

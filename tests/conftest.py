@@ -211,3 +211,36 @@ def postgres_unreachable() -> str | None:
     finally:
         engine.dispose()
     return None
+
+
+@pytest.fixture
+def migrated_sqlite_url(tmp_path: Path) -> str:
+    """A fresh SQLite feedback store, migrated."""
+    from alignloop.feedback.store import upgrade
+
+    url = f"sqlite:///{tmp_path}/feedback.db"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterable[str]:
+    """An empty database: a SQLite file path under tmp_path, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'feedback.db'}"
+        return
+    reason = postgres_unreachable()
+    if reason:
+        pytest.skip(reason)
+    from alignloop.feedback.database import scratch_postgres_schema
+
+    with scratch_postgres_schema(PG_URL, "alignloop_test") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir: Path) -> Any:
+    """The tiny model behind a test server, as ``tiny`` (one per test module: loading it is the slow part)."""
+    from alignloop.serve.engine import ServedModel
+
+    return ServedModel("tiny", str(tiny_model_dir))

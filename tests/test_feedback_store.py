@@ -25,8 +25,6 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-from alignloop.feedback.database import scratch_postgres_schema
-from conftest import PG_URL, postgres_unreachable
 from alignloop.feedback.store import (
     CompletionRecord,
     FeedbackInput,
@@ -42,17 +40,9 @@ from alignloop.feedback.store import (
     upgrade,
 )
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: a SQLite file path under tmp_path, or a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'feedback.db'}"
-        return
-    reason = postgres_unreachable()
-    if reason:
-        pytest.skip(reason)
-    with scratch_postgres_schema(PG_URL, "alignloop_test") as url:
-        yield url
+@pytest.fixture
+def db_url(any_db_url: str) -> str:
+    return any_db_url
 
 
 @pytest.fixture

@@ -23,16 +23,9 @@ from alignloop.serve.engine import ServedModel, TextStream, model_version, parse
 HI = [{"role": "user", "content": "Hi there, how are you?"}]
 
 
-@pytest.fixture(scope="module")
-def served(tiny_model_dir: Path) -> ServedModel:
-    return ServedModel("tiny", str(tiny_model_dir))
-
-
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path}/feedback.db"
-    upgrade(url)
-    return url
+def db_url(migrated_sqlite_url: str) -> str:
+    return migrated_sqlite_url
 
 
 class Api:

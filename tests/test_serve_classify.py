@@ -61,10 +61,8 @@ def classifiers(folders: dict[str, Path]) -> list[ServedClassifier]:
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path}/feedback.db"
-    upgrade(url)
-    return url
+def db_url(migrated_sqlite_url: str) -> str:
+    return migrated_sqlite_url
 
 
 class Api:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from conftest import PG_URL, postgres_unreachable
-
 from alignloop.config import ServeConfig
-from alignloop.feedback.database import scratch_postgres_schema
 from alignloop.feedback.store import FeedbackStore, upgrade
 from alignloop.serve.app import create_app
 from alignloop.serve.classifier import ServedClassifier
@@ -42,18 +38,6 @@ def models(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tu
         classifiers = [ServedClassifier("emotion", str(tiny_classifier(root / "emotion", EMOTIONS, False))),
                        ServedClassifier("ner", str(tiny_classifier(root / "ner", TAGS, True)))]
     return [ServedModel("tiny", str(tiny_model_dir))], classifiers
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/feedback.db"
-        return
-    reason = postgres_unreachable()
-    if reason:
-        pytest.skip(reason)
-    with scratch_postgres_schema(PG_URL, "alignloop_fuzz") as url:
-        yield url
 
 
 def fuzz(store_url: str, models: tuple[list[ServedModel], list[ServedClassifier]], max_examples: int) -> None:
@@ -99,10 +83,10 @@ def fuzz(store_url: str, models: tuple[list[ServedModel], list[ServedClassifier]
         assert statuses[(path, 2)] > 0, statuses
 
 
-def test_no_request_makes_a_server_error(store_url: str, models: Any) -> None:
-    fuzz(store_url, models, max_examples=15)
+def test_no_request_makes_a_server_error(any_db_url: str, models: Any) -> None:
+    fuzz(any_db_url, models, max_examples=15)
 
 
 @pytest.mark.slow
-def test_no_request_makes_a_server_error_longer_run(store_url: str, models: Any) -> None:
-    fuzz(store_url, models, max_examples=200)
+def test_no_request_makes_a_server_error_longer_run(any_db_url: str, models: Any) -> None:
+    fuzz(any_db_url, models, max_examples=200)

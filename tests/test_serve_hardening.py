@@ -30,16 +30,9 @@ from alignloop.serve.engine import ServedModel
 NUL = "a\x00b"
 
 
-@pytest.fixture(scope="module")
-def served(tiny_model_dir: Path) -> ServedModel:
-    return ServedModel("tiny", str(tiny_model_dir))
-
-
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path}/feedback.db"
-    upgrade(url)
-    return url
+def db_url(migrated_sqlite_url: str) -> str:
+    return migrated_sqlite_url
 
 
 def completions_stored(a: Api) -> int:

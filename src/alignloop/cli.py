@@ -80,14 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     users_list = users_actions.add_parser("list", help="list the users: id, name, admin")
     users_list.add_argument("--db", help=db_help)
     users_list.set_defaults(handler=_run_users_list)
-    users_revoke = users_actions.add_parser("revoke", help="take a user's API key away (refused from the next request, also by a running server)")
-    users_revoke.add_argument("name", help="the user's name")
-    users_revoke.add_argument("--db", help=db_help)
-    users_revoke.set_defaults(handler=_run_users_revoke)
-    users_rotate = users_actions.add_parser("rotate", help="give a user a new API key (printed once) in place of the old one")
-    users_rotate.add_argument("name", help="the user's name")
-    users_rotate.add_argument("--db", help=db_help)
-    users_rotate.set_defaults(handler=_run_users_rotate)
+    for action, handler, about in (
+            ("revoke", _run_users_revoke, "take a user's API key away (refused from the next request, also by a running server)"),
+            ("rotate", _run_users_rotate, "give a user a new API key (printed once) in place of the old one")):
+        key_action = users_actions.add_parser(action, help=about)
+        key_action.add_argument("name", help="the user's name")
+        key_action.add_argument("--db", help=db_help)
+        key_action.set_defaults(handler=handler)
 
     feedback = commands.add_parser("feedback", help="export collected feedback as training records")
     feedback_actions = feedback.add_subparsers(dest="action", metavar="ACTION", required=True)
