@@ -163,7 +163,7 @@ class FeedbackStore:
         self._cache_lock = threading.Lock()
         self._lookups = threading.local()  # per thread: a driver connection kept for key lookups
         self._lookup_connections: list[Any] = []
-        self._key_sql = "SELECT id, name, admin FROM users WHERE key_hash = " + ("?" if self.local else "%s")
+        self._key_sql = "SELECT id, name, admin FROM users WHERE key_hash = " + ("?" if self._engine.dialect.paramstyle == "qmark" else "%s")
         self._writer = GroupCommitWriter(self._engine.execution_options(sqlite_immediate=True),
                                          expected_errors=StoreError)
 
@@ -242,12 +242,6 @@ class FeedbackStore:
                 raise NotFound(f"no user named {name!r}; `alignloop users list` shows them", field="name")
 
         self._write(write)
-
-    @property
-    def local(self) -> bool:
-        """The database is a file on this machine (SQLite): a read is a page-cache lookup of
-        microseconds that an event loop may make itself; PostgreSQL's is a network round trip."""
-        return self._engine.dialect.name == "sqlite"
 
     def user_by_key(self, key: str) -> User | None:
         """The user whose API key this is, read afresh (a server calls it on every request but
