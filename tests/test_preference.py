@@ -131,11 +131,37 @@ def test_cached_reference_logps_equal_a_fresh_computation_and_are_reused(word_mo
     data = pair_set(str(prefs["train"]), load_records(str(prefs["train"]), ("preference",))[0], cfg, tokenizer, 32)
     fresh = sequence_logps_of(AutoModelForCausalLM.from_pretrained(word_model_dir), data.sequences, 0, batch_size=1)
     assert cached.shape == fresh.shape
-    assert torch.allclose(cached, fresh, atol=1e-4)
+    scored = ~torch.isnan(cached)  # the rows the run reads (the next test counts them)
+    assert scored.any()
+    assert torch.allclose(cached[scored], fresh[scored], atol=1e-4)
 
     with caplog.at_level(logging.INFO, logger="alignloop"):
-        assert main([*base[:-1], "--train.max_steps=6"]) == 0  # a changed run in the same folder
+        assert main([*base, "--train.lr=5e-3"]) == 0  # a changed run in the same folder that reads the same rows
     assert "reference log-probs: reused" in caplog.text
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_the_reference_pass_scores_only_the_rows_the_run_reads(stage: str, word_model_dir: Path, prefs: dict, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from alignloop.train import preference
+
+    scored: list[int] = []
+    real = preference.sequence_logps_of
+
+    def counting(model, sequences, *rest, **options):  # type: ignore[no-untyped-def]
+        scored.append(len(sequences))
+        return real(model, sequences, *rest, **options)
+
+    monkeypatch.setattr(preference, "sequence_logps_of", counting)
+    train, held = (prefs["train"], prefs["heldout"]) if stage == "dpo" else (prefs["thumbs"], prefs["thumbs_heldout"])
+    base = args(stage, word_model_dir, train, held, tmp_path, "--train.max_steps=2", "--train.batch_size=4", "--train.grad_accum=2")
+    assert main(base) == 0
+    # 2 steps × 2 micro-batches × 4 = 16 of the 96 training rows and all 32 held-out rows, two sequences each
+    # (chosen and rejected; KTO: the completion and its mismatched partner), not all 2 × 128.
+    assert sum(scored) == 2 * 16 + 2 * 32
+    scored.clear()
+    assert main([*base, "--train.max_steps=3"]) == 0  # a longer run in the same folder: only the third step's rows are new
+    assert sum(scored) == 2 * 8
 
 
 def test_resuming_from_a_checkpoint_continues_exactly(word_model_dir: Path, prefs: dict, tmp_path: Path) -> None:

@@ -149,6 +149,7 @@ def test_two_processes_match_one(tiny_model_dir, sft_data, tmp_path):
     done = subprocess.run([*torchrun, *base, "--run.name=two", "--train.batch_size=4", "--train.save_every=1"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert (tmp_path / "two" / "final" / "model.safetensors").is_file(), done.stderr[-3000:]
+    assert done.stderr.count(" done: model in ") == 1, done.stderr[-3000:]  # rank 0 only, not once per process
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-1" / "trainer_state.json").read_text())
     assert len(state["cpu_kernels"]) == 2 and all("training" in choices for choices in state["cpu_kernels"])
     one = load_file(tmp_path / "one" / "final" / "model.safetensors")
@@ -310,9 +311,9 @@ def test_a_time_budget_ends_training_after_the_step_that_spends_it(tiny_model_di
     assert (tmp_path / "budget" / "final" / "model.safetensors").is_file()
 
 
-def test_epochs_set_the_step_count_in_every_stage(tiny_model_dir, sft_data, tmp_path):
+def test_epochs_alone_replace_the_default_step_count(tiny_model_dir, sft_data, tmp_path):
     train, _ = sft_data  # 64 records, 6 held out: 58 for training, 7 batches of 8 per epoch
-    assert main(sft_args(tiny_model_dir, train, tmp_path, "--train.epochs=2", "--train.max_steps=1000",
-                         "--train.eval_every=0", "--run.name=epochs")) == 0
+    # sft's default is max_steps=200; epochs given alone replace it (max_steps wins only when both are given)
+    assert main(sft_args(tiny_model_dir, train, tmp_path, "--train.epochs=2", "--train.eval_every=0", "--run.name=epochs")) == 0
     steps = [m["step"] for m in read_metrics(tmp_path / "epochs" / "metrics.jsonl")]
     assert steps[-1] == 2 * (57 // 8)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -36,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="chat: a tiny language model and simulated users with hidden tastes; sentiment: a MiniLM "
                            "classifier that learns from simulated labellers' correct/wrong verdicts (default: chat)")
     demo.add_argument("--output-dir", default="runs", help="parent of the demo's run folder (default: runs)")
-    demo.add_argument("--model", default="tiny-5m", help="built-in size or model path to start from (default: tiny-5m)")
-    demo.add_argument("--pretrain-steps", type=int, default=200, help="continued-pretraining steps (default: 200)")
-    demo.add_argument("--sft-steps", type=int, default=150, help="SFT steps (default: 150)")
+    demo.add_argument("--base", default="shipped", choices=["shipped", "scratch"],
+                      help="shipped: start the loop from chitchat-5m, the base model inside the package; scratch: "
+                           "build the base model first (pretrain --model, then SFT) as the shipped one was, briefly (default: shipped)")
+    demo.add_argument("--model", default="tiny-5m", help="--base scratch: built-in size or model path to start from (default: tiny-5m)")
+    demo.add_argument("--pretrain-steps", type=int, default=200, help="--base scratch: continued-pretraining steps (default: 200)")
+    demo.add_argument("--sft-steps", type=int, default=150, help="--base scratch: SFT steps (default: 150)")
     demo.add_argument("--preference", default="mixture", choices=["mixture", "sentiment", "length", "topic"],
                       help="the simulated users' hidden preference (default: mixture)")
     demo.add_argument("--iterations", type=int, default=3, help="loop iterations (default: 3)")
@@ -119,17 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=(ServeConfig.__doc__ or "").strip(), allow_abbrev=False)
     serve.add_argument("--config", metavar="FILE", help="YAML with any of the keys below; command-line options override it")
     serve.add_argument("--model", dest="models", action="append", metavar="[NAME=]PATH",
-                       help="a model to serve (repeat for several): an HF id or folder such as runs/sft/final")
+                       help="a model to serve (repeat for several): an HF id or folder such as runs/sft/final; "
+                            "a classifier folder is served on /v1/classify, as with --classifier")
     serve.add_argument("--classifier", dest="classifiers", action="append", metavar="[NAME=]PATH",
                        help="a classifier to serve on /v1/classify (repeat for several): a sequence or token (NER) classifier folder")
     serve.add_argument("--no-auth", dest="auth", action="store_const", const="false",
                        help="no API keys: every request is the user 'anonymous' (local demos only)")
     for key, type_name, default, help_text in describe(ServeConfig):
-        if key in ("models", "classifiers", "auth"):
-            continue
-        kwargs = {"nargs": "?", "const": "true"} if type_name == "bool" else {}
-        serve.add_argument(f"--{key.replace('_', '-')}", f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=type_name,
-                           help=_option_help(help_text, default), **kwargs)
+        if key not in ("models", "classifiers", "auth"):
+            _add_config_option(serve, key, type_name, default, help_text)
     serve.set_defaults(handler=_run_serve)
 
     for name, stage in STAGES.items():
@@ -141,9 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                              help="shortcut for --train.resume (auto: the newest checkpoint of the run folder)")
         for key, type_name, default, help_text in stage.options():
-            kwargs: dict[str, Any] = {"nargs": "?", "const": "true"} if type_name == "bool" else {}
-            sub.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=type_name,
-                             help=_option_help(help_text, default), **kwargs)
+            _add_config_option(sub, key, type_name, default, help_text)
         sub.set_defaults(handler=_run_stage, stage=name)
     return parser
 
@@ -169,8 +169,8 @@ def _run_demo(args: argparse.Namespace, extra: list[str]) -> int:
     if args.task == "sentiment":
         run_sentiment_demo(args.output_dir, args.iterations)
         return 0
-    run_demo(args.output_dir, args.model, args.pretrain_steps, args.sft_steps, args.preference, args.iterations,
-             args.users, args.turns_per_user)
+    run_demo(args.output_dir, args.base, args.model, args.pretrain_steps, args.sft_steps, args.preference,
+             args.iterations, args.users, args.turns_per_user)
     return 0
 
 
@@ -198,9 +198,24 @@ def _run_convert(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _add_config_option(parser: argparse.ArgumentParser, key: str, type_name: str, default: Any, help_text: str) -> None:
+    """The option of config key ``key``. A section's key keeps its YAML spelling
+    (``--train.max_steps``); a top-level key is kebab-case like every other option
+    (``--admin-key``), and its underscore spelling (``--admin_key``) still works, unlisted, so
+    scripts written before the rename keep running."""
+    kwargs: dict[str, Any] = {"nargs": "?", "const": "true"} if type_name == "bool" else {}
+    shown = key if "." in key else key.replace("_", "-")
+    parser.add_argument(f"--{shown}", dest=key, default=argparse.SUPPRESS, metavar=type_name,
+                        help=_option_help(help_text, default), **kwargs)
+    if shown != key:
+        parser.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+
 def _option_help(text: str, default: Any) -> str:
-    """A config option's help line; % doubled, as argparse formats help strings with %."""
-    return f"{text} (default: {json.dumps(default)})".replace("%", "%%")
+    """A config option's help line; % doubled, as argparse formats help strings with %. A help
+    text that states its default already (``$ALIGNLOOP_DB or ...``) gets no second one."""
+    shown = text if "(default:" in text else f"{text} (default: {json.dumps(default)})"
+    return shown.replace("%", "%%")
 
 
 def _run_serve(args: argparse.Namespace, extra: list[str]) -> int:
@@ -268,13 +283,30 @@ def _run_lineage(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError("lineage: give a VERSION (which feedback made it) or --user NAME (which versions it reached), one of them")
     with _store(args) as store:
         if args.user is not None:
-            for version in store.reached_by(args.user):
-                print(version)
-            return 0
+            return _print_reached_by(store, args.user)
         rows = store.lineage(args.version)
     print(f"{'feedback_id':>11}  {'kind':<10} user")
     for row in rows:
         print(f"{row['feedback_id']:>11}  {row['kind']:<10} {row['user_name']}")
+    return 0
+
+
+def _print_reached_by(store: Any, name: str) -> int:
+    """The versions ``name``'s feedback trained, one a line; when none did, a line on stderr
+    saying so and which votes they have, rather than no output at all: "nothing printed" looked
+    like a broken command when the user's votes were thumbs and the recipe trained on pairs."""
+    versions = store.reached_by(name.strip())
+    for version in versions:
+        print(version)
+    if not versions:
+        user = store.user_named(name)
+        if user is None:
+            raise ConfigError(f"lineage: no user named {name!r}; `alignloop users list` shows them")
+        votes = store.live_votes_by_kind(user.id)
+        held = ", ".join(f"{count} {kind}" for kind, count in votes.items()) or "none"
+        log.info("lineage: no model version was trained on %s's feedback (their live votes: %s); a version the loop "
+                 "trains counts only the votes behind the datasets its recipe used (dpo: pairs, from pairwise votes, "
+                 "corrections and thumbs on sibling answers; kto: thumbs; sft: corrections)", user.name, held)
     return 0
 
 
@@ -354,8 +386,15 @@ def _parse_unknown(tokens: list[str]) -> dict[str, str]:
     return overrides
 
 
+def _log_level(environ: Mapping[str, str]) -> int:
+    """INFO, except on the ranks after the first of a multi-process run (torchrun sets ``RANK``):
+    they would repeat every line rank 0 writes ("sft done: ..." once per process), so they only
+    write warnings and errors."""
+    return logging.INFO if int(environ.get("RANK", "0")) == 0 else logging.WARNING
+
+
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=_log_level(os.environ), format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         for name in ("transformers", "accelerate", "peft", "httpx", "matplotlib"):

@@ -45,6 +45,25 @@ class RunConfig:
     output_dir: str = option("runs", "parent folder of run folders")
     report_to: list[str] = option([], "extra trackers through accelerate, e.g. [tensorboard] or [wandb] (must be installed)")
 
+    def __post_init__(self) -> None:
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise ConfigError(f"run.report_to: unknown tracker {name!r}; use {', '.join(TRACKERS)}")
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml"}  # name → module
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Each tracker of ``run.report_to`` is installed. :meth:`Stage.run` calls it before the stage
+    reads any data (a missing tracker must not fail after minutes of loading); not the config
+    itself, which stays a value that loads anywhere (a run's config.yaml on another machine)."""
+    import importlib.util
+
+    for name in report_to:
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(f"run.report_to: {name} is not installed (pip install {TRACKERS[name]}), or leave it out of run.report_to")
+
 
 @dataclass
 class LoraConfig:
@@ -89,13 +108,14 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     seed: int = option(0, "seed for initialisation, data order and sampling")
-    max_steps: int = option(200, "optimizer steps to run (ignored when `epochs` is set)")
-    epochs: Optional[float] = option(None, "passes over the training data; sets max_steps from the data size (null: use max_steps)")
+    max_steps: Optional[int] = option(200, "optimizer steps to run; wins over `epochs` when both are set (TRL's rule); null: `epochs` decide")
+    epochs: Optional[float] = option(None, "passes over the training data, used when max_steps is null (setting only epochs, in YAML or on the command line, replaces the stage's default max_steps)")
     batch_size: int = option(8, "sequences per micro-batch (per process)")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(3e-4, "peak learning rate (AdamW)")
     lr_schedule: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option("cosine", "learning-rate schedule after warmup (transformers' schedulers)")
-    warmup_steps: int = option(10, "linear warmup steps")
+    warmup_steps: Optional[int] = option(None, "linear warm-up steps; wins over warmup_ratio when set")
+    warmup_ratio: float = option(0.05, "linear warm-up over this share of the run's steps, rounded up (transformers' warmup_ratio), when warmup_steps is null")
     weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norms)")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
@@ -112,15 +132,21 @@ class TrainConfig:
     share_prefixes: bool = option(True, "run a prefix that several rows of a batch share (a pair's prompt, an RL group's prompt) once, through a KV cache: same results, fewer positions computed (decoders; DPO, KTO, RL, reward models)")
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+        if self.max_steps is None and self.epochs is None:
+            raise ConfigError("train.max_steps and train.epochs are both null: set one (max_steps wins when both are set)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be ≥ 1 (got {self.max_steps}), or null to train for train.epochs")
+        for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be ≥ 1 (got {getattr(self, key)})")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0 (got {self.lr})")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"train.epochs must be > 0 (got {self.epochs}); null uses max_steps")
-        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
+        if (self.warmup_steps is not None and self.warmup_steps < 0) or self.eval_every < 0 or self.save_every < 0:
             raise ConfigError("train.warmup_steps, train.eval_every and train.save_every must be ≥ 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +206,7 @@ class RewardConfig:
     model: ModelConfig = section(ModelConfig, "the backbone: an encoder (default MiniLM-L6, shipped on PyPI) or a decoder LM", name_or_path="minilm-l6")
     data: DataConfig = section(DataConfig, "preference (prompt/chosen/rejected), rating or thumbs (label) records", path="builtin:chitchat-preference", max_length=256, eval_fraction=0.1)
     reward: RewardModelingConfig = section(RewardModelingConfig, "how the reward model learns")
-    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing", lr=5e-5, batch_size=16, epochs=1.0, warmup_steps=0, lr_schedule="linear", eval_every=0, save_every=200)
+    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing", lr=5e-5, batch_size=16, max_steps=None, epochs=1.0, warmup_ratio=0.0, lr_schedule="linear", eval_every=0, save_every=200)
 
 
 @dataclass
@@ -219,7 +245,7 @@ class ClassifyConfig:
     model: ModelConfig = section(ModelConfig, "the backbone: an AutoModelForSequenceClassification / AutoModelForTokenClassification id or folder (default MiniLM-L6, shipped on PyPI); a new head is added for the data's labels", name_or_path="minilm-l6")
     data: DataConfig = section(DataConfig, "`text, label` records (.jsonl, .csv, .tsv, tweeteval:DIR/SPLIT) or `tokens, tags` records (.jsonl, conll:FILE); max_length = sub-tokens per example (longer ones are cut and counted)", path="", max_length=128, eval_fraction=0.1)
     classify: ClassifierTrainingConfig = section(ClassifierTrainingConfig, "task, objective, class weights")
-    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = examples per micro-batch", lr=5e-5, batch_size=32, epochs=3.0, warmup_steps=30, lr_schedule="linear", weight_decay=0.01, eval_every=50, save_every=100)
+    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = examples per micro-batch", lr=5e-5, batch_size=32, max_steps=None, epochs=3.0, warmup_ratio=0.1, lr_schedule="linear", weight_decay=0.01, eval_every=50, save_every=100)
 
 
 @dataclass
@@ -332,7 +358,7 @@ class RLConfig:
     data: DataConfig = section(DataConfig, "prompts (field `prompt`, text or chat messages) plus any fields the reward reads; max_length caps prompt tokens (a longer prompt stops the run with overlong=error, else it is left out and counted)", path="", max_length=256)
     rl: PolicyOptimizationConfig = section(PolicyOptimizationConfig, "the algorithm, reward, KL penalty and supervised term")
     sampling: SamplingConfig = section(SamplingConfig, "rollout sampling", max_new_tokens=64, batch_size=64)
-    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = prompts per step", lr=1e-5, batch_size=8, max_steps=200, warmup_steps=0, lr_schedule="constant", eval_every=25, save_every=50)
+    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = prompts per step", lr=1e-5, batch_size=8, max_steps=200, warmup_ratio=0.0, lr_schedule="constant", eval_every=25, save_every=50)
 
 
 @dataclass
@@ -368,7 +394,7 @@ class DPOConfig:
     model: ModelConfig = section(ModelConfig, "the policy to train (start from an SFT model, e.g. runs/sft/final)")
     data: DataConfig = section(DataConfig, "preference records: prompt, chosen, rejected (text or chat)", path="builtin:chitchat-preference", max_length=256)
     preference: PreferenceOptimizationConfig = section(PreferenceOptimizationConfig, "loss, β, reference")
-    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = pairs per micro-batch", lr=5e-6, batch_size=8, warmup_steps=10, max_steps=200, eval_every=50)
+    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = pairs per micro-batch", lr=5e-6, batch_size=8, max_steps=200, eval_every=50)
 
 
 @dataclass
@@ -379,7 +405,7 @@ class KTOConfig:
     model: ModelConfig = section(ModelConfig, "the policy to train (start from an SFT model, e.g. runs/sft/final)")
     data: DataConfig = section(DataConfig, "thumbs records: prompt, completion, label (true = good)", path="builtin:chitchat-thumbs", max_length=256)
     preference: PreferenceOptimizationConfig = section(PreferenceOptimizationConfig, "β, desirable/undesirable weights, reference")
-    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = completions per micro-batch", lr=5e-6, batch_size=8, warmup_steps=10, max_steps=200, eval_every=50)
+    train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = completions per micro-batch", lr=5e-6, batch_size=8, max_steps=200, eval_every=50)
 
 
 @dataclass
@@ -529,6 +555,7 @@ class Stage:
     #                                  "prompts" (the users' prompts, scored by the recipe's reward model); None: not in recipes
     makes: Optional[str] = None  # what it hands the recipe's next stages: "policy" or "reward"
     loop_options: dict[str, Any] = field(default_factory=dict)  # settings a loop recipe always gives it (before stage_options)
+    progress: tuple[str, ...] = ()  # the metrics.jsonl keys its progress lines show, where a step has them
 
     def load(self, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Any:
         """Its config: the class defaults, this command's defaults, the YAML at ``path``, then ``overrides``."""
@@ -539,47 +566,73 @@ class Stage:
         return describe(self.config, self.defaults)
 
     def run(self, config: Any) -> Any:
+        """Check what the config alone cannot (the machine has its trackers), then run the stage."""
+        if hasattr(config, "run"):
+            check_trackers(config.run.report_to)
         module, _, function = self.runner.partition(":")
         return getattr(importlib.import_module(module), function)(config)
 
 
 RL_RUNNER = "alignloop.train.rl:run_rl"
+# What each training stage's progress lines show: its own measure of progress, not only the loss.
+LM_PROGRESS = ("train/loss", "eval/loss", "train/lr")
+RL_PROGRESS = ("train/reward", "train/kl", "train/length", "eval/reward", "eval/win_rate", "train/lr")
 
 STAGES: dict[str, Stage] = {
     "pretrain": Stage(PretrainConfig, "alignloop.train.pretrain:run_pretrain", reads=("text",),
-                      help="continued pretraining on raw text (loss on every token)"),
+                      progress=LM_PROGRESS, help="continued pretraining on raw text (loss on every token)"),
     "sft": Stage(SFTConfig, "alignloop.train.sft:run_sft", reads=("prompt_completion", "chat"), loop_data="sft", makes="policy",
+                 progress=LM_PROGRESS,
                  help="supervised fine-tuning on prompt→completion or chat data (loss on completions only)"),
     "reward": Stage(RewardConfig, "alignloop.train.reward:run_reward", reads=("preference", "rating", "binary"),
-                    loop_data="pairs", makes="reward", help="train a reward model from preference pairs, ratings or thumbs"),
+                    loop_data="pairs", makes="reward", help="train a reward model from preference pairs, ratings or thumbs",
+                    progress=("train/loss", "train/accuracy", "train/mae", "eval/loss", "eval/accuracy", "eval/mae", "train/lr")),
     "dpo": Stage(DPOConfig, "alignloop.train.preference:run_dpo", reads=("preference",), loop_data="pairs", makes="policy",
+                 progress=("train/loss", "train/rewards/accuracy", "train/rewards/margin", "eval/loss", "eval/rewards/accuracy",
+                           "eval/rewards/margin", "train/lr"),
                  help="offline preference optimisation on pairs: DPO, IPO, robust DPO, SimPO (reference log-probs computed once)"),
     "kto": Stage(KTOConfig, "alignloop.train.preference:run_kto", reads=("binary",), loop_data="kto", makes="policy",
+                 # unpaired thumbs have no pair to be right about: the margin between the classes' implicit rewards instead
+                 progress=("train/loss", "train/rewards/margin", "train/kl", "eval/loss", "eval/rewards/margin", "train/lr"),
                  help="KTO on unpaired thumbs up/down (reference log-probs computed once)"),
     "ppo": Stage(RLConfig, RL_RUNNER, reads=("prompt",), loop_data="prompts", makes="policy",
+                 progress=(*RL_PROGRESS[:3], "train/value_loss", *RL_PROGRESS[3:]),
                  defaults={"run.name": "ppo", "rl.algo": "ppo", "rl.group_size": 1, "rl.kl_coef": 0.05, "rl.epochs": 2, "rl.minibatches": 2},
                  help="online RL: PPO with a value head, GAE, clipped losses, KL to the reference",
                  about="PPO: a value head on the policy trunk, GAE, clipped policy and value losses, KL to the reference in the reward."),
-    "grpo": Stage(RLConfig, RL_RUNNER, reads=("prompt",), loop_data="prompts", makes="policy",
+    "grpo": Stage(RLConfig, RL_RUNNER, reads=("prompt",), loop_data="prompts", makes="policy", progress=RL_PROGRESS,
                   defaults={"run.name": "grpo", "rl.algo": "grpo"},
                   help="online RL: GRPO, advantages normalised within each prompt's group of samples",
                   about="GRPO: several completions per prompt, advantages normalised within each group, no critic."),
-    "rloo": Stage(RLConfig, RL_RUNNER, reads=("prompt",), loop_data="prompts", makes="policy",
+    "rloo": Stage(RLConfig, RL_RUNNER, reads=("prompt",), loop_data="prompts", makes="policy", progress=RL_PROGRESS,
                   defaults={"run.name": "rloo", "rl.algo": "rloo", "rl.kl_coef": 0.05},
                   help="online RL: RLOO, each sample baselined by the other samples of its prompt",
                   about="RLOO: several completions per prompt, each baselined by the mean reward of the others."),
-    "reinforce": Stage(RLConfig, RL_RUNNER, reads=("prompt",), loop_data="prompts", makes="policy",
+    "reinforce": Stage(RLConfig, RL_RUNNER, reads=("prompt",), loop_data="prompts", makes="policy", progress=RL_PROGRESS,
                        defaults={"run.name": "reinforce", "rl.algo": "reinforce", "rl.group_size": 1, "rl.kl_coef": 0.05},
                        help="online RL: REINFORCE++, per-token KL in the reward, batch-normalised returns",
                        about="REINFORCE++: per-token KL in the reward, returns normalised over the batch, no critic."),
     "classify": Stage(ClassifyConfig, "alignloop.train.classify:run_classify", reads=("labelled", "tagged", "bandit"),
                       loop_data="bandit", makes="policy", loop_options={"classify.objective": "bandit"},
+                      progress=("train/loss", "train/accuracy", "eval/loss", "eval/accuracy", "eval/macro_f1", "eval/micro_f1",
+                                "train/lr"),
                       help="train a sequence classifier (text → label) or a token classifier (NER: word → BIO tag)"),
     "evaluate": Stage(EvaluateConfig, "alignloop.evaluate.run:run_evaluate", reads=("prompt", "labelled", "tagged"),
                       help="candidate vs baseline on held-out prompts: reward, win rate with CI, KL, lengths, perplexity, gate"),
     "loop": Stage(LoopConfig, "alignloop.loop.pipeline:run_loop", reads=("prompt",),
                   help="the closed loop: feedback → datasets → train → gate against the deployed model → promote → redeploy, N times"),
 }
+
+
+def stage_name(cfg: Any) -> str:
+    """The row of :data:`STAGES` a stage config belongs to: its class's one row, or for online RL
+    (one config class, four commands) the command ``rl.algo`` names."""
+    if isinstance(cfg, RLConfig):
+        return cfg.rl.algo
+    names = [name for name, stage in STAGES.items() if stage.config is type(cfg)]
+    if len(names) != 1:
+        raise ValueError(f"{type(cfg).__name__} is the config of {len(names)} stages, not one")
+    return names[0]
 
 
 def recipe_stages() -> tuple[str, ...]:
@@ -661,6 +714,10 @@ def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, 
     for key in values:
         if key not in known:
             raise ConfigError(_unknown_key_message(key, known))
+    if values.get("train.epochs") is not None and "train.max_steps" not in values:
+        # A run's length is given once: epochs alone replace the stage's default max_steps, which
+        # would otherwise win (TrainConfig: max_steps wins when both are set, as in TRL).
+        values["train.max_steps"] = None
     base = _build(cls, defaults, prefix="") if defaults else None
     return _build(cls, values, prefix="", base=base)
 

@@ -1,33 +1,41 @@
 """``alignloop demo``: the whole loop, offline and unattended, on a tiny model and real conversations.
 
-1. **base model** (cached after the first run): continued pretraining of a built-in tiny Llama
-   on the chitchat corpus (7k real conversations, shipped in the ``chitchat-dataset`` package),
-   then SFT on the same conversations as chat records (loss on assistant turns only);
+1. **base model**: ``chitchat-5m``, shipped inside the package (a 5M Llama that alignloop's own
+   ``pretrain`` and ``sft`` trained on 3,817 real conversations of the ``chitchat-dataset``
+   package; ``models/weights/chitchat-5m/README.md`` says how); or, with ``--base scratch``, built
+   here the same way, briefly (cached after the first run);
 2. **serve** it on SQLite (``runs/demo/feedback-PREFERENCE.db``) in this process;
 3. **the loop**, 3 iterations: simulated users with a hidden preference chat with the deployed
    model over HTTP and rate, compare and correct its answers; the feedback becomes datasets; SFT on
    the corrections then DPO on the pairs make a candidate; the gate compares it with the deployed
    model on held-out prompts by the users' hidden utility; a better candidate is redeployed;
-4. ``runs/demo/report.md``: utility and win rate per version, what each gate decided, the lineage.
+4. ``runs/demo/report.md``: utility and win rate per version, what each gate decided, the lineage,
+   and the base and final models side by side: held-out loss on conversations neither trained on,
+   and their replies to the same openings.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
 import torch
 
-from alignloop.config import LoopConfig, PretrainConfig, SFTConfig, load_config
+from alignloop.config import LoopConfig, ModelConfig, PretrainConfig, SFTConfig, load_config
 from alignloop.data.builtin import builtin_rows
+from alignloop.data.tokenize import tokenize_sft_rows
+from alignloop.models.builtin import SHIPPED
 from alignloop.models.load import load_tokenizer
+from alignloop.rollout.scoring import heldout_loss
 from alignloop.train.pretrain import run_pretrain
 from alignloop.train.sft import run_sft
 
 log = logging.getLogger("alignloop")
 
 SAMPLE_PROMPTS = 4
+SHIPPED_BASE = "chitchat-5m"
 DEMO_LENGTH, DEMO_BATCH = 128, 8  # chitchat turns are short; 8×128 tokens a step keeps the demo in minutes
 # The loop's recipe for a tiny model and a few hundred pieces of feedback an iteration: a few epochs
 # at a high learning rate, no checkpoints (an iteration's stage takes seconds), no held-out split
@@ -56,14 +64,21 @@ def build_base_model(folder: Path, model: str, pretrain_steps: int, sft_steps: i
     return pretrained, run_sft(sft_cfg).final_dir
 
 
-def run_demo(output_dir: str, model: str, pretrain_steps: int, sft_steps: int, preference: str = "mixture",
-             iterations: int = 3, users: int = 32, turns_per_user: int = 15) -> Path:
+def run_demo(output_dir: str, base: str = "shipped", model: str = "tiny-5m", pretrain_steps: int = 200,
+             sft_steps: int = 150, preference: str = "mixture", iterations: int = 3, users: int = 32,
+             turns_per_user: int = 15) -> Path:
     from alignloop.feedback.store import FeedbackStore
     from alignloop.loop.pipeline import run_loop
 
     started = time.perf_counter()
     folder = Path(output_dir) / "demo"
-    pretrained, tuned = build_base_model(folder, model, pretrain_steps, sft_steps)
+    if base == "shipped":
+        tuned = SHIPPED[SHIPPED_BASE]
+        if not (tuned / "config.json").is_file():
+            raise FileNotFoundError(f"{tuned}: the shipped base model is missing from this install; "
+                                    "reinstall alignloop or run `alignloop demo --base scratch`")
+    else:
+        tuned = build_base_model(folder, model, pretrain_steps, sft_steps)[1]
     base_seconds = time.perf_counter() - started
     db = f"sqlite:///{(folder / f'feedback-{preference}.db').resolve()}"
     loop_cfg = load_config(LoopConfig, overrides={
@@ -78,55 +93,78 @@ def run_demo(output_dir: str, model: str, pretrain_steps: int, sft_steps: int, p
     })
     run_loop(loop_cfg)
     with FeedbackStore(db) as store:
-        report = _write_demo_report(folder, pretrained, tuned, folder / f"loop-{preference}", store,
+        report = _write_demo_report(folder, base, tuned, folder / f"loop-{preference}", store,
                                     base_seconds, time.perf_counter() - started)
     print(f"\nalignloop demo done in {_minutes(time.perf_counter() - started)}.\n  run folder: {folder}\n  report:     {report}")
     return report
 
 
-def _write_demo_report(folder: Path, pretrained: Path, tuned: Path, loop_folder: Path, store, base_seconds: float,
+def _write_demo_report(folder: Path, base: str, base_model: Path, loop_folder: Path, store, base_seconds: float,
                        total_seconds: float) -> Path:
     from alignloop.loop.report import loop_report_lines
 
-    # The eval split's rows are not known here; the last records are a stand-in that the SFT split
-    # (5% held out at random) mostly did not train on: say so in the report rather than pretend.
-    prompts = [row.fields["messages"][:1] for row in builtin_rows("chitchat-chat")[-SAMPLE_PROMPTS:]]
-    before = _replies(pretrained, prompts)
-    after = _replies(tuned, prompts)
+    final = _deployed_model(store, base_model)
+    heldout = builtin_rows("chitchat-chat-heldout")
+    prompts = [row.fields["messages"][:1] for row in heldout[:: max(1, len(heldout) // SAMPLE_PROMPTS)][:SAMPLE_PROMPTS]]
+    models = {"base (v0)": base_model, f"final ({final['version']})": Path(final["path"])}
+    losses = {name: heldout_chat_loss(path, heldout) for name, path in models.items()}
+    replies = {name: _replies(path, prompts) for name, path in models.items()}
+    if base == "shipped":
+        made = (f"The base model is `{SHIPPED_BASE}`, shipped inside the package: [how it was trained]"
+                f"({SHIPPED[SHIPPED_BASE] / 'README.md'}).")
+        stages = []
+    else:
+        made = f"The base model was built here in {_minutes(base_seconds)} (cached for later runs):"
+        stages = ["", "| stage | report |", "| --- | --- |", "| pretrain | [pretrain/report.md](pretrain/report.md) |",
+                  "| SFT | [sft/report.md](sft/report.md) |"]
     lines = [
         "# alignloop demo",
         "",
-        f"The whole loop, offline, in {_minutes(total_seconds)} (the base model: {_minutes(base_seconds)}, "
-        "cached for later runs).",
+        f"The whole loop, offline, in {_minutes(total_seconds)}.",
         "",
         "## The loop: simulated users with a hidden preference",
         "",
         *loop_report_lines(loop_folder, store, link_prefix=f"{loop_folder.name}/"),
         "",
-        "## The base model (v0)",
+        "## The base model (v0) and the final one",
         "",
-        "A tiny Llama trained offline: continued pretraining on the chitchat corpus, then SFT on its",
-        "conversations as chat records (loss on assistant turns only).",
+        made,
+        *stages,
         "",
-        "| stage | report | model |",
+        f"Held-out loss: token-mean NLL of the assistant turns of the last {len(heldout):,} chat records "
+        "(conversations the shipped base never trained on), lower is better.",
+        "",
+        "| model | held-out loss | perplexity |",
         "| --- | --- | --- |",
-        f"| pretrain | [pretrain/report.md](pretrain/report.md) | `{pretrained}` |",
-        f"| SFT | [sft/report.md](sft/report.md) | `{tuned}` |",
+        *(f"| {name} `{models[name]}` | {loss:.3f} | {math.exp(loss):.1f} |" for name, loss in losses.items()),
         "",
-        "![pretraining](pretrain/loss.png)",
+        "### Replies (greedy, 40 tokens) to held-out openings",
         "",
-        "![SFT](sft/loss.png)",
-        "",
-        "### Replies (greedy, 40 tokens) to the last chitchat openings",
-        "",
-        "| user says | after pretraining | after SFT |",
+        f"| user says | {' | '.join(models)} |",
         "| --- | --- | --- |",
     ]
-    for prompt, a, b in zip(prompts, before, after):
-        lines.append(f"| {_cell(prompt[0]['content'])} | {_cell(a)} | {_cell(b)} |")
+    for i, prompt in enumerate(prompts):
+        lines.append(f"| {_cell(prompt[0]['content'])} | {' | '.join(_cell(replies[name][i]) for name in models)} |")
     out = folder / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def _deployed_model(store, base_model: Path) -> dict:
+    """The registry row of the version deployed when the loop ended (the base when nothing was promoted)."""
+    deployed = [m for m in store.models() if m.get("deployed")]
+    return deployed[-1] if deployed else {"version": "v0", "path": str(base_model)}
+
+
+@torch.no_grad()
+def heldout_chat_loss(model_dir: Path, rows: list, batch_size: int = 16) -> float:
+    """Token-mean NLL of ``model_dir`` on the assistant turns of chat ``rows`` (the SFT loss)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    examples, _ = tokenize_sft_rows(rows, "chat", tokenizer, DEMO_LENGTH, "truncate")
+    return heldout_loss(model, examples, batch_size, tokenizer.pad_token_id, limit=None)["eval/loss"]
 
 
 def _minutes(seconds: float) -> str:
@@ -137,10 +175,8 @@ def _minutes(seconds: float) -> str:
 def _replies(model_dir: Path, prompts: list[list[dict]]) -> list[str]:
     from transformers import AutoModelForCausalLM
 
-    from alignloop.config import ModelConfig
-
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     replies = []
     for messages in prompts:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)

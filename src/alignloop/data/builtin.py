@@ -9,6 +9,10 @@ prompt is a user turn, ``chosen`` the reply that really followed it, ``rejected`
 another, seeded-random conversation (next-utterance selection, as in ConvAI2's ranking task). A
 reward model trained on it scores how well a reply answers what was said.
 
+``builtin:chitchat-text-train`` / ``-heldout`` and ``builtin:chitchat-chat-train`` / ``-heldout``
+split the conversations: the last ``HELDOUT_CONVERSATIONS`` are held out (the shipped base model
+``chitchat-5m`` never trained on them).
+
 ``builtin:chitchat-thumbs`` is the same pairs unpaired, as thumbs for KTO: the real reply with
 ``label: true``, the random one with ``label: false``, alternating so each batch holds both.
 """
@@ -18,16 +22,23 @@ from __future__ import annotations
 import functools
 import json
 import random
+from collections.abc import Callable
 
 from alignloop.data.records import Row
 from alignloop.errors import DataError
 
 TURNS_PER_CHAT_RECORD = 4  # user, assistant, user, assistant: short enough for a tiny context
+# The last conversations are kept out of the shipped base model's training (``-train`` / ``-heldout``
+# below): its held-out loss, and the demo's, are measured on people's words no model here has read.
+HELDOUT_CONVERSATIONS = 200
 
 
 def builtin_rows(name: str) -> list[Row]:
     makers = {"chitchat-text": _chitchat_text, "chitchat-chat": _chitchat_chat, "chitchat-preference": _chitchat_preference,
               "chitchat-thumbs": _chitchat_thumbs, "chitchat-prompts": _chitchat_prompts}
+    for base in ("chitchat-text", "chitchat-chat"):
+        makers[f"{base}-train"] = functools.partial(_conversation_slice, makers[base], held_out=False)
+        makers[f"{base}-heldout"] = functools.partial(_conversation_slice, makers[base], held_out=True)
     if name not in makers:
         raise DataError(f"builtin:{name}: unknown built-in dataset; choose one of {', '.join('builtin:' + k for k in makers)}")
     return makers[name]()
@@ -59,6 +70,16 @@ def chitchat_conversations() -> tuple[tuple[tuple[str, str], ...], ...]:
         if len(turns) >= 2:
             conversations.append(tuple(turns))
     return tuple(conversations)
+
+
+def _conversation_slice(make: Callable[[], list[Row]], held_out: bool) -> list[Row]:
+    """The rows of all but the last ``HELDOUT_CONVERSATIONS`` conversations, or of those last ones."""
+    first_held = len(chitchat_conversations()) - HELDOUT_CONVERSATIONS
+    return [row for row in make() if (_conversation_number(row) > first_held) == held_out]
+
+
+def _conversation_number(row: Row) -> int:
+    return int(row.where.split("conversation ")[1].split()[0])
 
 
 def _chitchat_text() -> list[Row]:

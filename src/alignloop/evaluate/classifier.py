@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from alignloop.config import EvaluateConfig, save_config
 from alignloop.data.load import load_records
 from alignloop.data.records import Row
-from alignloop.errors import ConfigError, DataError
+from alignloop.errors import ConfigError, DataError, ModelError
 from alignloop.evaluate.gates import check_gate, parse_gate
 from alignloop.models.classifier import label_names, label_probabilities, load_classifier, word_tag_probabilities
 from alignloop.report import classification as reports
@@ -65,6 +65,7 @@ def run_classifier_evaluate(cfg: EvaluateConfig) -> int:
     save_config(cfg, out / "config.yaml")
 
     roles = {"candidate": cfg.candidate, **({"baseline": cfg.baseline} if cfg.baseline else {})}
+    check_labels(rows, task, roles)
     results, answers = {}, {}
     for role, path in roles.items():
         model, tokenizer = load_classifier(path, task, role)
@@ -107,6 +108,25 @@ def f1_delta_intervals(task: str, candidate: tuple[list, list], baseline: tuple[
         interval = paired_bootstrap_f1_delta(*counts, average, samples=BOOTSTRAP_SAMPLES, seed=seed)
         flat[f"{key}_delta_lower"], flat[f"{key}_delta_upper"] = interval["lower"], interval["upper"]
     return flat
+
+
+def check_labels(rows: Sequence[Row], task: str, roles: dict[str, str]) -> None:
+    """The data's labels against every model's label names, read from its config alone (no weights
+    loaded): a mismatch fails before any model predicts, not after the candidate's whole pass."""
+    from transformers import AutoConfig
+
+    from alignloop.models.load import _check_reachable, _first_line
+
+    for role, path in roles.items():
+        _check_reachable(path, role)
+        try:
+            id2label = AutoConfig.from_pretrained(path).id2label
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{role} {path!r}: cannot read its config ({_first_line(e)})") from None
+        try:
+            gold_labels(rows, "label" if task == "classification" else "tags", [str(id2label[i]) for i in range(len(id2label))])
+        except DataError as e:
+            raise DataError(f"{e} ({role} {path})") from None
 
 
 def gold_labels(rows: Sequence[Row], field: str, names: list[str]) -> list[list[str]] | list[str]:

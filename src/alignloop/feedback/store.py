@@ -25,6 +25,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import sqlalchemy as sa
@@ -73,7 +74,7 @@ from alignloop.feedback.writer import GroupCommitWriter, WriterStopped
 # The store's API in one import: ``from alignloop.feedback.store import FeedbackStore, upgrade, ...``
 __all__ = [
     "DEFAULT_DB_URL", "CompletionRecord", "FeedbackInput", "FeedbackRecord", "FeedbackStore", "IdempotencyConflict",
-    "Invalid", "NotAuthorized", "NotFound", "PredictionRecord", "StoreError", "Unavailable", "User", "make_engine", "resolve_db_url", "upgrade",
+    "Invalid", "NotAuthorized", "NotFound", "PredictionRecord", "StoreError", "Unavailable", "User", "make_engine", "model_path", "resolve_db_url", "upgrade",
 ]
 
 COMPLETION_CACHE_SIZE = 100_000
@@ -203,7 +204,7 @@ class FeedbackStore:
 
         def write(conn: sa.Connection) -> None:
             if conn.execute(sa.select(users_t.c.id).where(users_t.c.name == name)).first() is not None:
-                raise StoreError(f"a user named {name!r} already exists; pick another name", field="name")
+                raise Invalid(f"field 'name': a user named {name!r} already exists; pick another name", field="name")
             conn.execute(users_t.insert().values(name=name, key_hash=_hash_key(key), admin=admin, created_at=utc_now()))
 
         self._write(write)
@@ -288,7 +289,9 @@ class FeedbackStore:
     # models and completions ------------------------------------------------------------------
 
     def register_model(self, name: str, version: str, path: str) -> None:
-        """Record a served model version; registering a known version again changes nothing."""
+        """Record a served model version; registering a known version again changes nothing.
+        A local ``path`` is stored absolute (:func:`model_path`)."""
+        path = model_path(path)
         if not version or len(version) > 64:
             raise Invalid(f"field 'version' must be 1 to 64 characters, got {version!r}", field="version")
 
@@ -304,7 +307,8 @@ class FeedbackStore:
         """Record a version the loop trained from ``parent_version``: its run folder, the datasets
         it was trained on (paths and counts) and the feedback rows behind them as
         ``(feedback_id, user_name, kind)``. Idempotent: rerunning an interrupted iteration adds
-        no second row."""
+        no second row. A local ``path`` is stored absolute (:func:`model_path`)."""
+        path = model_path(path)
 
         def write(conn: sa.Connection) -> None:
             if conn.execute(sa.select(models_t.c.version).where(models_t.c.version == parent_version)).first() is None:
@@ -370,6 +374,32 @@ class FeedbackStore:
                  .group_by(model_feedback_t.c.model_version, models_t.c.created_at).order_by(models_t.c.created_at))
         with self._engine.connect() as conn:
             return [row[0] for row in conn.execute(query)]
+
+    def ancestry(self, version: str) -> list[str]:
+        """``version``, its parent, the parent's parent, ... up to the version the loop started
+        from: the path by which the deployed weights came to be."""
+        chain = [version]
+        with self._engine.connect() as conn:
+            self._require_version(conn, version)
+            parent = sa.select(models_t.c.parent_version).where(models_t.c.version == sa.bindparam("child"))
+            while (up := conn.execute(parent, {"child": chain[-1]}).scalar()) is not None and up not in chain:
+                chain.append(up)
+        return chain
+
+    def user_named(self, name: str) -> User | None:
+        """The user called ``name`` (revoked ones too), or None."""
+        name = check_user_name(name)
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(users_t).where(users_t.c.name == name)).first()
+        return None if row is None else User(row.id, row.name, row.admin, row.key_hash is not None)
+
+    def live_votes_by_kind(self, user_id: int) -> dict[str, int]:
+        """How many live votes of each kind the user has: what ``lineage --user`` shows when
+        none of them trained a version."""
+        query = (sa.select(feedback_t.c.kind, sa.func.count()).where(feedback_t.c.user_id == user_id)
+                 .group_by(feedback_t.c.kind).order_by(feedback_t.c.kind))
+        with self._engine.connect() as conn:
+            return {kind: count for kind, count in conn.execute(query)}
 
     @staticmethod
     def _require_version(conn: sa.Connection, version: str) -> None:
@@ -439,6 +469,83 @@ class FeedbackStore:
         if facts is None or facts.user_id != user_id:
             raise NotFound(f"field '{field_name}': no completion {completion_id!r} of yours", field=field_name)
         return facts
+
+    # conversations ---------------------------------------------------------------------------
+    # A client resends the whole history with each request, so the latest completion of a
+    # conversation holds all of it: its prompt is every turn so far, its text the newest answer.
+    # Reading turns from there (not from the appended ``messages`` rows) keeps a regenerated
+    # answer or an edited and resent question as the user last saw them.
+
+    def list_conversations(self, user_id: int, limit: int = 100) -> list[dict]:
+        """The user's conversations, most recently updated first: ``id``, ``title`` (the first
+        user message, cut to :data:`TITLE_CHARS`), ``created_at``, ``updated_at`` and the
+        ``model`` of the latest answer."""
+        if not 1 <= limit <= 1000:
+            raise Invalid(f"field 'limit' must be between 1 and 1000, got {limit}", field="limit")
+        query = (sa.select(conversations_t).where(conversations_t.c.user_id == user_id)
+                 .order_by(conversations_t.c.updated_at.desc(), conversations_t.c.id.desc()).limit(limit))
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+            latest = _latest_completions(conn, [row.id for row in rows])
+        return [{"id": row.id, "created_at": row.created_at, "updated_at": row.updated_at,
+                 "title": _title(latest[row.id].prompt_messages if row.id in latest else None),
+                 "model": latest[row.id].model_name if row.id in latest else None} for row in rows]
+
+    def get_conversation(self, user_id: int, conversation_id: str) -> dict | None:
+        """The conversation with its turns in order, or None if it is not ``user_id``'s. Each
+        assistant turn carries the ``completion_id`` it was generated as (None for a turn no
+        stored completion produced), its ``model``, ``original`` text when the turn shows the
+        user's correction instead, and the user's live ``votes`` on it (thumbs, rating, correction)."""
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(conversations_t).where(conversations_t.c.id == conversation_id,
+                                                                conversations_t.c.user_id == user_id)).first()
+            if row is None:
+                return None
+            columns = (completions_t.c.id, completions_t.c.model_name, completions_t.c.prompt_messages,
+                       completions_t.c.completion_text, completions_t.c.finish_reason)
+            answers = conn.execute(sa.select(*columns).where(completions_t.c.conversation_id == conversation_id)
+                                   .order_by(completions_t.c.created_at, completions_t.c.id)).all()
+            votes = conn.execute(sa.select(feedback_t.c.completion_id, feedback_t.c.kind, feedback_t.c.up,
+                                           feedback_t.c.rating, feedback_t.c.correction)
+                                 .where(feedback_t.c.user_id == user_id, feedback_t.c.completion_id.in_([a.id for a in answers]),
+                                        feedback_t.c.kind.in_(("thumbs", "rating", "correction")))).all() if answers else []
+        turns = _turns(answers, {v.completion_id: v.correction for v in votes if v.kind == "correction"})
+        for turn in turns:
+            if turn["role"] == "assistant":
+                turn["votes"] = _votes_of(turn.get("completion_id"), votes)
+        return {"id": row.id, "created_at": row.created_at, "updated_at": row.updated_at,
+                "title": _title(answers[-1].prompt_messages if answers else None),
+                "model": answers[-1].model_name if answers else None, "turns": turns}
+
+    def delete_conversation(self, user_id: int, conversation_id: str) -> bool:
+        """Take the conversation off the user's list; False if there is none of theirs by that
+        id. Its completions and the feedback on them stay, unlinked from it: they are training
+        data, and the registry's lineage may point at them."""
+
+        def write(conn: sa.Connection) -> bool:
+            owner = conn.execute(sa.select(conversations_t.c.user_id).where(conversations_t.c.id == conversation_id)).scalar()
+            if owner != user_id:
+                return False
+            conn.execute(completions_t.update().where(completions_t.c.conversation_id == conversation_id).values(conversation_id=None))
+            conn.execute(messages_t.delete().where(messages_t.c.conversation_id == conversation_id))
+            conn.execute(conversations_t.delete().where(conversations_t.c.id == conversation_id))
+            return True
+
+        return self._write(write)
+
+    def prompts_and_texts(self, user_id: int, completion_ids: Sequence[str]) -> dict[str, tuple[str | None, str]]:
+        """For the user's completions among ``completion_ids``: (the prompt's last user message,
+        or the completion endpoint's prompt; the completion's text). What a feedback history shows."""
+        wanted = sorted({cid for cid in completion_ids if cid})
+        found: dict[str, tuple[str | None, str]] = {}
+        columns = (completions_t.c.id, completions_t.c.prompt_messages, completions_t.c.prompt_text, completions_t.c.completion_text)
+        with self._engine.connect() as conn:
+            for start in range(0, len(wanted), 500):
+                query = sa.select(*columns).where(completions_t.c.id.in_(wanted[start:start + 500]), completions_t.c.user_id == user_id)
+                for row in conn.execute(query):
+                    found[row.id] = (_last_user_message(row.prompt_messages) if row.prompt_messages else row.prompt_text,
+                                     row.completion_text)
+        return found
 
     # predictions -----------------------------------------------------------------------------
 
@@ -641,6 +748,14 @@ class FeedbackStore:
         return getattr(sets, kind), dict(sets.skipped)
 
 
+def model_path(path: str) -> str:
+    """``path`` as the registry keeps it: a local folder by its absolute, resolved path, so a
+    server or ``alignloop deploy`` started from another folder finds it; anything else (a Hub
+    id, a built-in size) as given."""
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
+
+
 def _require_users_and_versions(conn: sa.Connection, records: Sequence[Any]) -> None:
     """Every record's user and model version exist (completions and predictions alike)."""
     for user_id in {r.user_id for r in records}:
@@ -706,3 +821,67 @@ def _append_conversation(conn: sa.Connection, record: CompletionRecord, now: dat
             for i, m in enumerate(new)
         ])
 
+
+
+TITLE_CHARS = 60  # a conversation's title in a list: its first user message, cut here
+
+
+def _title(messages: list[dict] | None) -> str:
+    first = next((m["content"] for m in messages or [] if m.get("role") == "user"), "")
+    first = " ".join(first.split())
+    return first if len(first) <= TITLE_CHARS else first[:TITLE_CHARS - 1].rstrip() + "…"
+
+
+def _last_user_message(messages: list[dict]) -> str | None:
+    return next((m["content"] for m in reversed(messages) if m.get("role") == "user"), None)
+
+
+def _latest_completions(conn: sa.Connection, conversation_ids: Sequence[str]) -> dict[str, sa.Row]:
+    """Per conversation, its newest completion (model name and prompt messages)."""
+    if not conversation_ids:
+        return {}
+    newest_first = sa.func.row_number().over(partition_by=completions_t.c.conversation_id,
+                                             order_by=(completions_t.c.created_at.desc(), completions_t.c.id.desc()))
+    ranked = (sa.select(completions_t.c.conversation_id, completions_t.c.model_name, completions_t.c.prompt_messages,
+                        newest_first.label("rank"))
+              .where(completions_t.c.conversation_id.in_(conversation_ids)).subquery())
+    return {row.conversation_id: row for row in conn.execute(sa.select(ranked).where(ranked.c.rank == 1))}
+
+
+def _turns(answers: Sequence[sa.Row], corrections: dict[str, str]) -> list[dict]:
+    """The conversation as its latest answer saw it: that answer's prompt, then the answer.
+
+    Each assistant turn is matched to the completion that produced it: among those generated
+    for the same history (a regenerated answer has siblings), the latest whose text is the
+    turn's, else the one the user corrected to the turn's text (``original`` keeps what the model
+    wrote). A turn no stored completion produced (an answer stopped mid-stream, kept by the
+    client) has no ``completion_id``."""
+    if not answers:
+        return []
+    latest = answers[-1]
+    history = [*(latest.prompt_messages or []), {"role": "assistant", "content": latest.completion_text}]
+    by_prompt_length: dict[int, list[sa.Row]] = {}
+    for answer in answers:
+        by_prompt_length.setdefault(len(answer.prompt_messages or []), []).append(answer)
+    turns = []
+    for position, message in enumerate(history):
+        turn: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+        if message["role"] == "assistant":
+            siblings = [a for a in by_prompt_length.get(position, []) if (a.prompt_messages or []) == history[:position]]
+            same = [a for a in siblings if a.completion_text == message["content"]]
+            corrected = [a for a in siblings if corrections.get(a.id) == message["content"]]
+            source = (same or corrected or [None])[-1]
+            if source is not None:
+                turn.update(completion_id=source.id, model=source.model_name, finish_reason=source.finish_reason)
+                if not same:
+                    turn["original"] = source.completion_text
+        turns.append(turn)
+    return turns
+
+
+def _votes_of(completion_id: str | None, votes: Sequence[sa.Row]) -> dict[str, Any]:
+    """The user's live thumbs, rating and correction on one completion (None where there is none)."""
+    mine = {v.kind: v for v in votes if completion_id is not None and v.completion_id == completion_id}
+    return {"thumbs": mine["thumbs"].up if "thumbs" in mine else None,
+            "rating": mine["rating"].rating if "rating" in mine else None,
+            "correction": mine["correction"].correction if "correction" in mine else None}

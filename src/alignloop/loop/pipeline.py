@@ -402,9 +402,10 @@ class Loop:
         feedback = [(r["feedback_id"], r["user"], r["kind"]) for r in read_jsonl(data / "feedback.jsonl")
                     if r["feedback_id"] in behind]
         export = state["steps"]["export"]
-        datasets = {"folder": str(data), "counts": export["counts"], "window": [export["since"], export["until"]]}
+        # Absolute, like the model's path: the registry is read by servers and commands started elsewhere.
+        datasets = {"folder": str(data.resolve()), "counts": export["counts"], "window": [export["since"], export["until"]]}
         self.store.register_trained(self.cfg.model_name, version, candidate, state["start"]["version"],
-                                    str(folder), datasets, feedback)
+                                    str(folder.resolve()), datasets, feedback)
         self.store.record_evaluation(version, {**state["steps"]["evaluate"], "iteration": i})
         return {"version": version, "feedback_rows": len(feedback)}
 
@@ -416,7 +417,8 @@ class Loop:
             log.info("loop: gate refused %s: %s; %s stays deployed", version, "; ".join(verdict["reasons"]),
                      state["start"]["version"])
             return {"promoted": False, "deployed": state["start"]["version"]}
-        answer = self.server.deploy(self.cfg.model_name, state["steps"]["train"]["candidate"])
+        # Absolute: a server started from another folder resolves a relative path against its own.
+        answer = self.server.deploy(self.cfg.model_name, str(Path(state["steps"]["train"]["candidate"]).resolve()))
         if answer["version"] != version:
             log.warning("loop: the server hashes the promoted weights as %s (registered as %s): it serves another dtype",
                         answer["version"], version)

@@ -1,7 +1,9 @@
 """Built-in tiny models for offline use: Llama architectures from config, randomly initialised,
 with a byte-level BPE tokenizer trained on the embedded chitchat corpus.
 
-No package on PyPI ships a causal LM's weights, so the offline default is a model trained from
+No package on PyPI ships a causal LM's weights, so alignloop ships one small trained model of its
+own, ``chitchat-5m`` (``SHIPPED``: the demo's base model, trained from ``tiny-5m`` by alignloop's
+own stages; its folder's README.md says how), and the other offline starts are trained from
 scratch by ``alignloop pretrain``: the tokenizer is trained here in a few seconds (cached under
 ``$ALIGNLOOP_CACHE``, default ``~/.cache/alignloop``) and given a ChatML chat template. Everything
 saved from a built-in start is a plain HF folder that later stages load like any other model.
@@ -21,6 +23,8 @@ BUILTIN_SIZES: dict[str, dict[str, int]] = {
     "tiny-5m": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4),
     "tiny-20m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=10, num_attention_heads=6),
 }
+# Trained models that ship inside the package, by name: plain HF folders (bf16 safetensors, tokenizer).
+SHIPPED: dict[str, Path] = {"chitchat-5m": Path(__file__).parent / "weights" / "chitchat-5m"}
 CONTEXT_LENGTH = 512
 TOKENIZER_VOCAB = 4096
 TOKENIZER_NAME = f"chitchat-bpe-{TOKENIZER_VOCAB}"

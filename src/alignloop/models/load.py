@@ -12,11 +12,11 @@ import torch
 
 from alignloop.config import ModelConfig
 from alignloop.errors import ModelError
-from alignloop.models.builtin import BUILTIN_SIZES, builtin_model, builtin_tokenizer
+from alignloop.models.builtin import BUILTIN_SIZES, SHIPPED, builtin_model, builtin_tokenizer
 from alignloop.models.cpu_linear import use_onednn_linears
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$", re.ASCII)
 
 
 def inference_device(device: str | None = None) -> torch.device:
@@ -36,7 +36,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer named by ``model.tokenizer``, else the model's own (built-ins: chitchat BPE)."""
     from transformers import AutoTokenizer
 
-    name = cfg.tokenizer or cfg.name_or_path
+    name = shipped_or_given(cfg.tokenizer or cfg.name_or_path)
     if name in BUILTIN_SIZES:
         return builtin_tokenizer()
     where = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
@@ -66,7 +66,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: Any, seed: int) -> Any:
         _check_reachable(cfg.name_or_path, "model.name_or_path")
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                cfg.name_or_path,
+                shipped_or_given(cfg.name_or_path),
                 dtype=dtype,
                 attn_implementation=cfg.attn_implementation,
                 trust_remote_code=cfg.trust_remote_code,
@@ -85,6 +85,39 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: Any, seed: int) -> Any:
         model = add_lora(model, cfg)
     use_onednn_linears(model, cfg.cpu_linear)
     return model
+
+
+def model_family(name: str, key: str, trust_remote_code: bool = False) -> tuple[str, list[str]]:
+    """What the folder or Hub id ``name`` holds, read from its config (no weights loaded), and the
+    config's ``architectures`` for messages: ``"causal_lm"`` (a text or chat model),
+    ``"classifier"`` (a sequence or token classifier: labels), ``"reward"`` (a sequence
+    classifier with one output: a score) or ``"other"`` (a bare encoder, a masked LM, ...).
+
+    ``AutoModelForCausalLM`` loads the body of most of these and puts a new, random head on it
+    without a word, so a caller that needs one family asks first. Built-in sizes are causal LMs."""
+    if name in BUILTIN_SIZES:
+        return "causal_lm", []
+    name = shipped_or_given(name)
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    _check_reachable(name, key)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{key} {name!r}: cannot read its config ({_first_line(e)})") from None
+    architectures = list(config.architectures or [])
+    if any(a.endswith("ForTokenClassification") for a in architectures):
+        return "classifier", architectures
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return ("reward" if config.num_labels == 1 else "classifier"), architectures
+    causal = {n for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([names] if isinstance(names, str) else names)}
+    # Remote-code models are in no mapping: their class name says what they are.
+    if any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "causal_lm", architectures
+    if not architectures and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:  # an old config naming no class
+        return "causal_lm", architectures
+    return "other", architectures
 
 
 def enable_checkpointing(model: Any) -> None:
@@ -143,14 +176,55 @@ def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
+def shipped_or_given(name: str) -> str:
+    """The folder of a model that ships inside the package (``chitchat-5m``), else ``name`` as it is."""
+    return str(SHIPPED[name]) if name in SHIPPED else name
+
+
 def _check_reachable(name: str, key: str) -> None:
-    if Path(name).exists():
+    """Refuse ``name`` before transformers tries it, when it cannot be loaded: a path that looks
+    local but is not there would otherwise be sent to the Hub and blamed on the connection.
+
+    A name is a local path when it starts with ``.``, ``/`` or ``~``, when its first part is a
+    folder here (``runs/nope`` beside ``runs/``), or when it cannot be a Hub id (``a/b/c``); else
+    it is a Hub id (``Qwen/Qwen2-0.5B``), which offline must already be in the Hugging Face cache."""
+    if Path(shipped_or_given(name)).exists():
         return
-    if _HUB_ID.match(name) and not name.startswith("."):
-        return  # a Hub id: from_pretrained will fetch or find it in the cache
-    raise ModelError(
-        f"{key} {name!r}: no such folder, and not a built-in ({', '.join(BUILTIN_SIZES)}) or a Hub id"
-    )
+    path = Path(name).expanduser()
+    if path.exists():  # the shell expands ~ at a word's start only, not in --model.name_or_path=~/x
+        raise ModelError(f"{key} {name!r}: write the folder as {str(path)!r}; ~ is not expanded here")
+    first = Path(name).parts[0] if Path(name).parts else name
+    local = name.startswith((".", "/", "~")) or (first != name and Path(first).expanduser().is_dir())
+    if local or not _is_hub_id(name):
+        raise ModelError(f"{key} {name!r}: no such folder ({path.absolute()} does not exist); "
+                         f"give a model folder, a Hub id, the shipped {', '.join(SHIPPED)} or a built-in size ({', '.join(BUILTIN_SIZES)})")
+    if _hub_offline() and not _in_hub_cache(name):
+        raise ModelError(f"{key} {name!r}: no such folder here, and no Hub model of that name in the Hugging Face cache "
+                         "(HF_HUB_OFFLINE is set, so the Hub was not asked)")
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the shape of a Hub id (``org/name``): by our pattern and the Hub's own check."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return bool(_HUB_ID.match(name))
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import is_offline_mode
+
+    return is_offline_mode()
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds a model's or a tokenizer's config for ``repo_id``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, file), str) for file in ("config.json", "tokenizer_config.json"))
 
 
 def _first_line(error: Exception) -> str:

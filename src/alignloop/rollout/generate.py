@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -40,6 +39,7 @@ from alignloop.errors import DataError
 from alignloop.models.prefix import cache_argument
 from alignloop.rollout.attention import SharedPrompt, decode_attention
 from alignloop.rollout.packed import packed_linears
+from alignloop.runs import Progress
 
 Message = dict[str, Any]
 Prompt = str | list[Message]
@@ -144,7 +144,9 @@ def generate(
         first.setdefault(tuple(ids), i)
     order = sorted(range(n), key=lambda i: (-len(prompt_ids[i]), first[tuple(prompt_ids[i])]))
 
-    with eval_mode(model), torch.inference_mode(), tqdm(total=n, unit="prompt", disable=not progress) as bar:
+    # A bar on a terminal, whole log lines with an ETA in a log file (no carriage returns).
+    bar = Progress(n, 0, "generate", enabled=progress, shown=(), unit="prompt")
+    with eval_mode(model), torch.inference_mode():
         for start in range(0, n, step):
             rows = order[start : start + step]
             batch = _decode_batch(
@@ -157,7 +159,8 @@ def generate(
             )
             for i, (ids, logps, done) in zip(rows, batch):
                 completion_ids[i], logprobs[i], finished[i] = ids, logps, done
-            bar.update(len(rows))
+            bar.update(start + len(rows))
+    bar.close()
     texts = tokenizer.batch_decode(
         [ids[:-1] if done else ids for ids, done in zip(completion_ids, finished)], skip_special_tokens=True
     )

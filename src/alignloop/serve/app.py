@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from alignloop.config import ServeConfig
 from alignloop.feedback.store import FeedbackStore
-from alignloop.serve import admin, classify_api, feedback_api, openai_api
+from alignloop.serve import admin, classify_api, conversations_api, feedback_api, openai_api
 from alignloop.serve.classifier import ServedClassifier
 from alignloop.serve.dependencies import Serving
 from alignloop.serve.engine import ServedModel
@@ -50,7 +50,7 @@ def create_app(config: ServeConfig, store: FeedbackStore, models: Sequence[Serve
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"])
     app.add_middleware(BodySizeLimit, limit=config.max_body_bytes)
     app.add_middleware(SecurityHeaders)  # outermost: a 413 from the size limit carries the headers too
-    for router in (openai_api.router, classify_api.router, feedback_api.router, admin.router):
+    for router in (openai_api.router, classify_api.router, feedback_api.router, conversations_api.router, admin.router):
         app.include_router(router)
     mount_page(app)
     return app

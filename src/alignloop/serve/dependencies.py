@@ -19,8 +19,9 @@ from fastapi import Depends, Header, Request
 
 from alignloop.config import ServeConfig
 from alignloop.feedback.store import FeedbackStore, User
+from alignloop.models.load import model_family
 from alignloop.rollout.exploration import parse_exploration
-from alignloop.serve.classifier import ServedClassifier, is_classifier
+from alignloop.serve.classifier import ServedClassifier
 from alignloop.serve.engine import ServedModel
 from alignloop.serve.errors import ApiError
 from alignloop.serve.limits import RateLimiter
@@ -72,7 +73,7 @@ class Serving:
         A classifier's name (or a new name whose folder holds a classifier) is swapped the same
         way: one assignment of the name → model dict. A classifier keeps no state between
         requests, so a request that took the old one finishes on it and nothing needs draining."""
-        if name in self.classifiers or (name not in self.models and is_classifier(path)):
+        if name in self.classifiers or (name not in self.models and model_family(path, "path")[0] == "classifier"):
             if name in self.models:
                 raise ApiError(422, f"{name!r} is a chat model here; it cannot be replaced by a classifier", param="name")
             classifier = ServedClassifier.from_config(name, path, self.config)

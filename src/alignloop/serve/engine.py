@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from alignloop.config import ModelConfig, ServeConfig
-from alignloop.errors import ConfigError
-from alignloop.models.load import context_length, disable_dropout, inference_device, load_causal_lm, load_tokenizer
+from alignloop.errors import ConfigError, ModelError
+from alignloop.models.load import context_length, disable_dropout, inference_device, load_causal_lm, load_tokenizer, model_family
 from alignloop.rollout.continuous import ContinuousBatcher, DecodeRequest
 from alignloop.rollout.generate import RowSampling, default_stop_token_ids
 
@@ -56,6 +56,18 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     return (parts[-1] if parts else spec), spec
 
 
+def require_chat_model(name: str, path: str) -> None:
+    """Refuse a folder that holds no causal LM: loaded as one, it would answer from a random new
+    head (and hash to a new version at every start, as the head is drawn anew)."""
+    family, architectures = model_family(path, f"model {name!r} at")
+    if family == "causal_lm":
+        return
+    what = {"classifier": "a classifier (labels), not a chat model: serve it with --classifier",
+            "reward": "a reward model (one score per text), not a chat model: it scores answers for evaluate and RL, "
+                      "and is not served"}.get(family, f"neither a chat model (a causal LM) nor a classifier: its config names {architectures}")
+    raise ModelError(f"model {name!r} at {path!r}: {what}")
+
+
 class ServedModel:
     """One model behind the API: ``name`` (what requests ask for), ``version`` (the content hash
     stored with every completion) and the decode thread."""
@@ -64,6 +76,7 @@ class ServedModel:
                  stream_interval: int = 2) -> None:
         cfg = ModelConfig(name_or_path=path, dtype=dtype)
         self.name, self.path = name, path
+        require_chat_model(name, path)
         self.tokenizer = load_tokenizer(cfg)
         self.model = load_causal_lm(cfg, self.tokenizer, seed=0).to(inference_device(device))  # the batcher puts it in eval mode
         disable_dropout(self.model)

@@ -77,7 +77,8 @@ def post_feedback_batch(body: FeedbackBatchIn, caller: Caller = Depends(feedback
 @router.get("/v1/feedback", response_model=FeedbackList, responses=ERRORS)
 def list_feedback(user: User = Depends(current_user), store: FeedbackStore = Depends(get_store),
                   kind: Optional[FeedbackKind] = None, limit: int = Query(100, ge=1, le=1000)) -> FeedbackList:
-    return FeedbackList(data=[_feedback_out(r) for r in store.list_feedback(user.id, kind=kind, limit=limit)])
+    records = store.list_feedback(user.id, kind=kind, limit=limit)
+    return FeedbackList(data=_with_prompts(store, user, [_feedback_out(r) for r in records]))
 
 
 @router.get("/v1/feedback/{feedback_id}", response_model=FeedbackOut, responses=ERRORS)
@@ -85,7 +86,7 @@ def get_feedback(feedback_id: FeedbackId, user: User = Depends(current_user), st
     record = store.get_feedback(user.id, feedback_id)
     if record is None:
         raise ApiError(404, f"no feedback {feedback_id} of yours", "not_found_error", "feedback_id")
-    return _feedback_out(record)
+    return _with_prompts(store, user, [_feedback_out(record)])[0]
 
 
 @router.delete("/v1/feedback/{feedback_id}", status_code=204, responses=ERRORS)
@@ -98,3 +99,14 @@ def delete_feedback(feedback_id: FeedbackId, user: User = Depends(current_user),
 def _feedback_out(record: FeedbackRecord, outcome: str | None = None) -> FeedbackOut:
     fields = asdict(record)  # user_id is not among FeedbackOut's fields: a user's id is not echoed
     return FeedbackOut(**{k: v for k, v in fields.items() if k in FeedbackOut.model_fields}, outcome=outcome)
+
+
+def _with_prompts(store: FeedbackStore, user: User, items: list[FeedbackOut]) -> list[FeedbackOut]:
+    """The items with the prompt they answered and, for a comparison, the other answer's text."""
+    found = store.prompts_and_texts(user.id, [cid for f in items for cid in (f.completion_id, f.other_completion_id) if cid])
+    for item in items:
+        if item.completion_id in found:
+            item.prompt_text = found[item.completion_id][0]
+        if item.other_completion_id in found:
+            item.other_completion_text = found[item.other_completion_id][1]
+    return items

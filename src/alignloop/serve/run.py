@@ -24,8 +24,8 @@ def build_app(config: ServeConfig):  # -> FastAPI
         raise ConfigError("serve: no model; give --model PATH (or NAME=PATH), e.g. --model runs/sft/final, "
                           "or --classifier NAME=PATH")
     parse_exploration(config.exploration)  # a typo fails here, before any model is loaded
-    specs = [parse_model_spec(spec) for spec in config.models]
-    classifier_specs = [parse_model_spec(spec) for spec in config.classifiers]
+    specs, routed = _route_models([parse_model_spec(spec) for spec in config.models])
+    classifier_specs = [parse_model_spec(spec) for spec in config.classifiers] + routed
     names = [name for name, _ in specs + classifier_specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"serve: two models are called the same ({names}); name them with --model NAME=PATH "
@@ -52,6 +52,24 @@ def build_app(config: ServeConfig):  # -> FastAPI
         log.warning("serve: AUTH IS OFF (--no-auth): anyone who can reach %s:%d acts as the admin user 'anonymous'. "
                     "Use this only for a local demo.", config.host, config.port)
     return create_app(config, store, models, classifiers)
+
+
+def _route_models(specs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``--model`` specs split into chat models and classifier folders, which are served on
+    /v1/classify as ``--classifier`` would serve them; anything else is refused here, before the
+    store is opened or a weight is loaded."""
+    from alignloop.models.load import model_family
+    from alignloop.serve.engine import require_chat_model
+
+    chat, classifiers = [], []
+    for name, path in specs:
+        if model_family(path, f"model {name!r} at")[0] == "classifier":
+            log.info("serve: %s (%s) is a classifier, not a chat model: serving it on /v1/classify, as --classifier does", name, path)
+            classifiers.append((name, path))
+        else:
+            require_chat_model(name, path)
+            chat.append((name, path))
+    return chat, classifiers
 
 
 def serve_forever(config: ServeConfig) -> None:

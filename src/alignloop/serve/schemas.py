@@ -155,6 +155,10 @@ class FeedbackOut(BaseModel):
     label: Optional[str] = None
     entities: Optional[list[dict]] = None
     outcome: Optional[Literal["created", "replaced", "replayed"]] = None
+    # On reads (GET) of feedback on completions, what a history shows beside the verdict: the
+    # prompt's last user message, and for a comparison the other answer's text.
+    prompt_text: Optional[str] = None
+    other_completion_text: Optional[str] = None
 
 
 class FeedbackList(BaseModel):
@@ -276,3 +280,112 @@ class DeployOut(BaseModel):
     name: str
     version: str
     previous_version: Optional[str] = None
+
+
+class ConversationSummary(BaseModel):
+    """One of the caller's conversations in a list (``GET /v1/conversations``)."""
+
+    id: str
+    title: str  # the first user message, cut short
+    created_at: datetime
+    updated_at: datetime
+    model: Optional[str] = None  # the model of the latest answer
+
+
+class ConversationList(BaseModel):
+    data: list[ConversationSummary]
+
+
+class TurnVotes(BaseModel):
+    """The caller's live votes on an assistant turn's completion."""
+
+    thumbs: Optional[bool] = None
+    rating: Optional[int] = None
+    correction: Optional[str] = None
+
+
+class ConversationTurn(BaseModel):
+    """A message of the conversation; an assistant turn carries the ``completion_id`` feedback
+    attaches to (None when no stored completion produced it, e.g. an answer stopped mid-stream)."""
+
+    role: str
+    content: str
+    completion_id: Optional[str] = None
+    model: Optional[str] = None
+    finish_reason: Optional[str] = None
+    original: Optional[str] = None  # the model's text, when ``content`` is the caller's correction of it
+    votes: Optional[TurnVotes] = None
+
+
+class ConversationOut(ConversationSummary):
+    turns: list[ConversationTurn]
+
+
+# --- the admin page's routes (/admin/users, /admin/models) ---------------------------------------
+
+class AdminUser(BaseModel):
+    id: int
+    name: str
+    admin: bool
+    active: bool  # has a key that works; False once revoked
+
+
+class AdminUserList(BaseModel):
+    data: list[AdminUser]
+
+
+class NewUserIn(BaseModel):
+    """Add a user (``POST /admin/users``); the answer carries their API key, once."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Str = Field(min_length=1, max_length=100)
+    admin: StrictBool = False
+
+
+class UserKeyOut(BaseModel):
+    """A user and their new API key: shown this once, as only its hash is stored."""
+
+    user: AdminUser
+    key: str
+
+
+class RegistryVersion(BaseModel):
+    """One model version of the registry, as ``alignloop models`` lists it."""
+
+    version: str
+    name: str
+    path: str
+    parent_version: Optional[str] = None
+    created_at: datetime
+    feedback_rows: int
+    evaluation: Optional[dict[str, Any]] = None
+    deployed: bool  # the registry's deployed version of its name
+    promoted_at: Optional[datetime] = None
+    serving: bool  # what this server answers its name with right now
+
+
+class RegistryList(BaseModel):
+    data: list[RegistryVersion]
+
+
+class LineageRow(BaseModel):
+    feedback_id: int
+    user_name: str
+    kind: str
+
+
+class LineageOut(BaseModel):
+    """Where a version came from: its ancestry (itself first, then parent, ...) and the
+    feedback rows that trained it."""
+
+    version: str
+    ancestry: list[str]
+    feedback: list[LineageRow]
+
+
+class VersionDeployOut(DeployOut):
+    """``POST /admin/models/{version}/deploy``: ``version`` is what the server now serves; a
+    ``warning`` says why it differs from ``requested_version`` (the folder changed since)."""
+
+    requested_version: str
+    warning: Optional[str] = None

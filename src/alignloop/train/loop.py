@@ -6,7 +6,9 @@ class with hooks.
   1 process, DDP, FSDP or DeepSpeed through accelerate; AdamW; warmup then a transformers schedule
 * :func:`save_checkpoint`, :func:`resume` — exact resume: model, optimiser, scheduler, RNG states
   and the stage's own state (data position, controllers) in ``checkpoints/step-N``
-* :class:`MetricsLog`, :class:`Progress` — one JSON line per logged step; a bar or log lines with ETA
+* :class:`MetricsLog` — one JSON line per logged step; :class:`alignloop.runs.Progress` — a bar or log
+  lines with ETA carrying the stage's own metrics (the ``progress`` column of :data:`alignloop.config.STAGES`)
+* :func:`with_steps_resolved`, :func:`warmup_steps` — one rule for every stage's length and warm-up
 * :class:`StopOnInterrupt` — Ctrl-C finishes the current step, checkpoints and exits cleanly
 * :class:`TrainingSession` — all of the above around one loop, so a stage's loop shows its maths
 """
@@ -20,17 +22,16 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from alignloop.config import TrainConfig, save_config
-from alignloop.runs import CHECKPOINT_PREFIX, STATE_FILE, Run
+from alignloop.config import STAGES, TrainConfig, check_trackers, save_config, stage_name
+from alignloop.runs import CHECKPOINT_PREFIX, STATE_FILE, Progress, Run
 from alignloop.errors import ConfigError, TrainingInterrupted
 from alignloop.models.cpu_linear import adopt_kernels, chosen_kernels
 
@@ -39,29 +40,49 @@ log = logging.getLogger("alignloop")
 KERNELS_KEY = "cpu_kernels"  # in STATE_FILE: each rank's CPU kernel choices, by rank (models/cpu_linear.py)
 
 
-def with_epochs_as_steps(cfg: Any, num_examples: int) -> Any:
-    """``cfg`` with ``train.max_steps`` set from ``train.epochs`` (when set) and the data size.
+def world_size() -> int:
+    """Processes of this run: torchrun's ``WORLD_SIZE``, 1 without it. Known before the
+    accelerator exists, so what is sized by it (steps, the reference pass) is the same in every process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
-    One epoch is ``num_examples // (batch_size × grad_accum × processes)`` steps (the processes
-    from torchrun's ``WORLD_SIZE``); every stage calls this before opening its run folder, so the
+
+def with_steps_resolved(cfg: Any, num_examples: int) -> Any:
+    """``cfg`` with ``train.max_steps`` resolved by the one rule of every stage, TRL's: a set
+    ``max_steps`` wins; otherwise ``train.epochs`` passes over the data decide, an epoch being
+    ``num_examples // (batch_size × grad_accum × processes)`` steps.
+
+    Every stage calls this (through :func:`open_stage_run`) before opening its run folder, so the
     saved config holds the step count that was run.
     """
     t = cfg.train
-    if t.epochs is None:
+    if t.max_steps is not None:
+        if t.epochs is not None:
+            log.info("train.max_steps=%d wins over train.epochs=%g (set train.max_steps=null to train by epochs)",
+                     t.max_steps, t.epochs)
         return cfg
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    per_epoch = max(1, num_examples // (t.batch_size * t.grad_accum * world_size))
+    per_epoch = max(1, num_examples // (t.batch_size * t.grad_accum * world_size()))
     steps = max(1, math.ceil(t.epochs * per_epoch))
-    log.info("train.epochs=%g over %d examples: %d optimizer steps (train.max_steps is ignored while epochs is set)",
-             t.epochs, num_examples, steps)
+    log.info("train.epochs=%g over %d examples: %d optimizer steps", t.epochs, num_examples, steps)
     return dataclasses.replace(cfg, train=dataclasses.replace(t, max_steps=steps))
 
 
+def check_reference_tokenizer(ref_model: str | None, tokenizer: Any, key: str, why: str) -> None:
+    """A reference model named apart from the policy (``key``) reads the policy's tokens: its
+    tokenizer alone is compared, before any data or weights load."""
+    if not ref_model:
+        return
+    from alignloop.config import ModelConfig
+    from alignloop.models.load import load_tokenizer
+
+    if load_tokenizer(ModelConfig(name_or_path=ref_model)).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"{key} {ref_model!r} has another tokenizer than the policy; {why}")
+
+
 def open_stage_run(cfg: Any, num_examples: int, title: str) -> tuple[Any, Run]:
-    """What every stage does before training: ``train.epochs`` → steps (:func:`with_epochs_as_steps`),
+    """What every stage does before training: its step count (:func:`with_steps_resolved`),
     then :func:`open_run`. Returns the resolved config and the run; a caller returns the run at
     once when :meth:`Run.is_complete` (logged here)."""
-    cfg = with_epochs_as_steps(cfg, num_examples)
+    cfg = with_steps_resolved(cfg, num_examples)
     run = open_run(cfg)
     if run.is_complete():
         log.info("%s: %s is already complete (model in %s); --train.resume=never trains it again", title, run.dir, run.final_dir)
@@ -122,8 +143,7 @@ def make_accelerator(train: TrainConfig, report_to: list[str], run: Run) -> Any:
 
     if train.threads:
         torch.set_num_threads(train.threads)
-    for tracker in report_to:
-        _require_tracker(tracker)
+    check_trackers(report_to)  # Stage.run checked already; a stage called from code (the demo) had no Stage.run
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         step_scheduler_with_optimizer=False,
@@ -134,16 +154,6 @@ def make_accelerator(train: TrainConfig, report_to: list[str], run: Run) -> Any:
         accelerator.init_trackers(run.dir.name)
     set_seed(train.seed)
     return accelerator
-
-
-def _require_tracker(name: str) -> None:
-    import importlib.util
-
-    module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml"}.get(name)
-    if module is None:
-        raise ConfigError(f"run.report_to: unknown tracker {name!r}; use tensorboard, wandb, mlflow or comet_ml")
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"run.report_to: {name} is not installed (pip install {module})")
 
 
 class Precision:
@@ -253,10 +263,24 @@ def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig,
     )
 
 
+def warmup_steps(train: TrainConfig) -> int:
+    """Linear warm-up steps, one rule for every stage: ``train.warmup_steps`` when set, else
+    ``ceil(warmup_ratio × max_steps)`` (transformers' rule for ``warmup_ratio``), so a short run
+    warms up for the same share of itself as a long one instead of spending itself in warm-up."""
+    if train.warmup_steps is not None:
+        if train.warmup_steps >= train.max_steps:
+            log.warning("train.warmup_steps=%d is not shorter than the run's %d steps: the learning rate never reaches "
+                        "train.lr (leave warmup_steps null to warm up for train.warmup_ratio of the run)",
+                        train.warmup_steps, train.max_steps)
+        return train.warmup_steps
+    return math.ceil(train.warmup_ratio * train.max_steps)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> Any:
+    """Linear warm-up over :func:`warmup_steps`, then ``train.lr_schedule`` to ``max_steps``."""
     from transformers import get_scheduler
 
-    return get_scheduler(train.lr_schedule, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=train.max_steps)
+    return get_scheduler(train.lr_schedule, optimizer, num_warmup_steps=warmup_steps(train), num_training_steps=train.max_steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,47 +382,6 @@ class MetricsLog:
             self.accelerator.log(metrics, step=step)
 
 
-@dataclass
-class Progress:
-    """A tqdm bar on a terminal; otherwise a log line about every 5% with rate and ETA."""
-
-    total: int
-    start: int
-    desc: str
-    enabled: bool = True
-    _bar: Any = field(default=None, init=False)
-    _t0: float = field(default_factory=time.perf_counter, init=False)
-    _last_line: float = field(default=0.0, init=False)
-
-    def __post_init__(self) -> None:
-        if self.enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=self.total, initial=self.start, desc=self.desc, dynamic_ncols=True)
-
-    def update(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if k in ("train/loss", "eval/loss", "train/lr")}
-        if self._bar is not None:
-            self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(shown, refresh=False)
-            return
-        every = max(1, self.total // 20)
-        if step % every and step != self.total:
-            return
-        elapsed = time.perf_counter() - self._t0
-        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else math.inf
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
-        details = " ".join(f"{k} {v}" for k, v in shown.items())
-        log.info("%s step %d/%d %s | %.2f steps/s | ETA %s", self.desc, step, self.total, details, rate, eta_text)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 class StopOnInterrupt:
     """Turn the first Ctrl-C into a request to stop at the next step boundary (where a checkpoint
     is consistent); a second Ctrl-C interrupts at once."""
@@ -449,7 +432,8 @@ class TrainingSession:
     def __init__(self, cfg: Any, model: torch.nn.Module, run: Run, title: str, extra_modules: list | None = None,
                  extra_lr: float | None = None):
         t = cfg.train
-        self.train, self.run, self.title = t, run, title
+        self.cfg, self.train, self.run, self.title = cfg, t, run, title
+        self.stage = stage_name(cfg)
         self.accelerator = make_accelerator(t, cfg.run.report_to, run)
         # On the device before Precision copies the fp32 master weights: they must live beside the grads.
         model = model.to(self.accelerator.device)
@@ -466,7 +450,10 @@ class TrainingSession:
         self.state: dict = resume(self.accelerator, run, t.resume) or {"step": 0}
         self.step: int = self.state.pop("step")
         self.metrics = MetricsLog(run, self.accelerator, resumed_step=self.step)
-        self.progress = Progress(t.max_steps, self.step, title, enabled=self.accelerator.is_main_process)
+        # Each stage's own numbers on its progress lines (STAGES' `progress` column), one mechanism for all.
+        self.progress = Progress(t.max_steps, self.step, title, enabled=self.accelerator.is_main_process,
+                                 shown=STAGES[self.stage].progress)
+        log.info("%s: %d steps, warm-up %d, %s schedule", title, t.max_steps, warmup_steps(t), t.lr_schedule)
         self._interrupt = StopOnInterrupt()
         self._started, self._budget_spent = time.perf_counter(), False
 
@@ -557,7 +544,11 @@ class TrainingSession:
                 raise TrainingInterrupted(f"stopped at step {step}; checkpoint saved in {checkpoint}; run the same command to continue")
 
     def save_final(self, tokenizer: Any) -> None:
-        """Write ``final/`` (fp32 weights, HF folder) and end the accelerate session."""
+        """Write ``final/`` (fp32 weights, HF folder, a model card) and end the accelerate session."""
         self.progress.close()
         save_final(self.accelerator, self.run, self.model, tokenizer, self.precision, self.optimizer, self.step)
+        if self.accelerator.is_main_process:
+            from alignloop.report.training import write_model_card
+
+            write_model_card(self.run, self.cfg, self.stage)
         self.accelerator.end_training()

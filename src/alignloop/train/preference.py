@@ -2,9 +2,11 @@
 pairs, KTO on unpaired thumbs. One explicit loop on the shared session.
 
 **Reference log-probs are computed once.** Before training, one no-grad pass of the reference
-over every training and held-out sequence gives log π_ref(y|x) per sequence; they are saved in
-the run folder (``ref_logps.pt``, with a fingerprint of the model and the tokenised data) and
-reused by every step, every epoch and a resumed run. The reference is, by default, the starting
+over the sequences the run will read gives log π_ref(y|x) per sequence: the training rows that
+``train.max_steps`` steps draw (every process's batches, :func:`trained_examples`) and every
+held-out row. They are saved in the run folder (``ref_logps.pt``, with a fingerprint of the model
+and the tokenised data; NaN for rows never read) and reused by every step, every epoch and a
+resumed run; a rerun that reads more rows scores only those. The reference is, by default, the starting
 policy itself, scored before training touches it, so no second copy of the model is ever held
 (with LoRA: the base with the adapter off); ``preference.ref_model`` names another model. In a
 bf16 run the pass uses bf16 matmuls as the policy's forwards will. A
@@ -30,6 +32,7 @@ import ctypes
 import gc
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -47,7 +50,7 @@ from alignloop.models.load import load_causal_lm, load_tokenizer
 from alignloop.models.prefix import plan_for, shared_prefix_forward, shared_prompt_order
 from alignloop.models.reward import fit_window
 from alignloop.runs import Run
-from alignloop.train.loop import Precision, TrainingSession, open_stage_run
+from alignloop.train.loop import Precision, TrainingSession, check_reference_tokenizer, open_stage_run, world_size
 from alignloop.train.sft import resolve_max_length
 
 log = logging.getLogger("alignloop")
@@ -202,8 +205,26 @@ def sequence_logps_of(model: Any, sequences: Sequence[Example], pad_id: int, bat
     return out
 
 
-def reference_logps(cfg: Any, policy: Any, tokenizer: Any, run: Run, sets: Sequence[PreferenceSet]) -> None:
-    """Fill ``data.ref`` of each set from the run folder's cache, or compute and cache it.
+def trained_examples(n: int, t: Any) -> list[int]:
+    """The examples of an ``n``-row training set that ``t.max_steps`` steps draw, over every process:
+    the batches the loop takes, in the loop's own order (:class:`ShuffledBatches`), so the reference
+    pass scores what is trained and nothing more."""
+    used: set[int] = set()
+    processes = world_size()
+    for rank in range(processes):
+        batches = ShuffledBatches(n, t.batch_size, t.seed, rank, processes)
+        for b in range(t.max_steps * t.grad_accum):
+            used.update(batches.indices(b))
+            if len(used) == n:
+                return list(range(n))
+    return sorted(used)
+
+
+def reference_logps(cfg: Any, policy: Any, tokenizer: Any, run: Run, sets: Sequence[PreferenceSet],
+                    needed: Sequence[Sequence[int]]) -> None:
+    """Fill ``data.ref`` of each set for its examples ``needed`` (their sequences: both sides of a
+    pair, a completion and its mismatched partner): from the run folder's cache, scoring and caching
+    those it lacks. Rows not needed stay NaN.
 
     Called before training starts (and before a checkpoint is loaded), so the policy still holds
     the starting weights and can serve as the reference itself.
@@ -212,19 +233,20 @@ def reference_logps(cfg: Any, policy: Any, tokenizer: Any, run: Run, sets: Seque
     ref_id = p.ref_model or cfg.model.name_or_path
     key = fingerprint(f"{ref_id} at {'fp32' if cfg.train.precision == 'fp32' else 'bf16'}", sets)
     path = run.dir / REF_FILE
+    for data in sets:
+        data.ref = torch.full((len(data.sequences),), math.nan, dtype=torch.float64)
     if path.is_file():
         saved = torch.load(path)
         if saved.get("fingerprint") == key:
             for data, logps in zip(sets, saved["logps"]):
                 data.ref = logps
-            log.info("reference log-probs: reused %s", path)
-            return
+    missing = [[i for i in data.rows(list(idx)) if math.isnan(data.ref[i])] for data, idx in zip(sets, needed)]
+    if not any(missing):
+        log.info("reference log-probs: reused %s", path)
+        return
     started = time.perf_counter()
     if p.ref_model:
-        reference = load_causal_lm(ModelConfig(name_or_path=p.ref_model), tokenizer, cfg.train.seed)
-        if load_tokenizer(ModelConfig(name_or_path=p.ref_model)).get_vocab() != tokenizer.get_vocab():
-            raise ConfigError(f"preference.ref_model {p.ref_model!r} has another tokenizer than the policy; "
-                              "log-prob ratios need the same tokens")
+        reference = load_causal_lm(ModelConfig(name_or_path=p.ref_model), tokenizer, cfg.train.seed)  # its tokenizer: checked in _run
         context = contextlib.nullcontext()
     else:
         reference = policy
@@ -234,15 +256,16 @@ def reference_logps(cfg: Any, policy: Any, tokenizer: Any, run: Run, sets: Seque
     device = next(policy.parameters()).device
     reference.to(inference_device())
     with context, Precision.outside_session(cfg.train.precision, inference_device()):
-        for data in sets:
-            data.ref = sequence_logps_of(reference, data.sequences, tokenizer.pad_token_id, p.ref_batch_size,
-                                             cfg.train.share_prefixes)
+        for data, rows in zip(sets, missing):
+            if rows:
+                data.ref[rows] = sequence_logps_of(reference, [data.sequences[i] for i in rows], tokenizer.pad_token_id,
+                                                   p.ref_batch_size, cfg.train.share_prefixes)
     reference.to(device)
     release_freed_memory()
     run.dir.mkdir(parents=True, exist_ok=True)
     torch.save({"fingerprint": key, "model": ref_id, "logps": [d.ref for d in sets]}, path)
-    log.info("reference log-probs of %d sequences in %.1f s, cached in %s", sum(len(d.sequences) for d in sets),
-             time.perf_counter() - started, path)
+    log.info("reference log-probs of %d sequences (those the run reads, of %d) in %.1f s, cached in %s",
+             sum(map(len, missing)), sum(len(d.sequences) for d in sets), time.perf_counter() - started, path)
 
 
 def release_freed_memory() -> None:
@@ -275,6 +298,7 @@ def run_kto(cfg: KTOConfig) -> Run:
 
 def _run(cfg: Any, kinds: tuple[str, ...], build: Any, title: str) -> Run:
     tokenizer = load_tokenizer(cfg.model)
+    check_reference_tokenizer(cfg.preference.ref_model, tokenizer, "preference.ref_model", "log-prob ratios need the same tokens")
     rows, _ = load_records(cfg.data.path, kinds, cfg.data.max_samples)
     held_rows = load_records(cfg.data.eval_path, kinds, cfg.data.max_samples)[0] if cfg.data.eval_path else None
     model = load_causal_lm(cfg.model, tokenizer, cfg.train.seed)
@@ -300,7 +324,12 @@ def batch_loss(cfg: Any, model: Any, data: PreferenceSet, idx: list[int], pad_id
     rows = idx if kto else data.rows(idx)
     share = cfg.train.share_prefixes
     logps, counts = completion_logps(model, [data.sequences[i] for i in rows], pad_id, device, share)
-    ref = data.ref[rows].to(device=device, dtype=logps.dtype) if data.ref is not None else None  # SimPO has none
+    ref = None  # SimPO has none
+    if data.ref is not None:
+        ref = data.ref[rows]
+        if torch.isnan(ref).any():  # the reference pass scored other rows than the loop reads: a bug, not bad data
+            raise RuntimeError("reference log-probs missing for rows this step reads; see trained_examples")
+        ref = ref.to(device=device, dtype=logps.dtype)
     if kto:
         mismatched = [data.n + i for i in idx]
         with torch.no_grad():
@@ -347,7 +376,9 @@ def fit_preference(cfg: Any, model: Any, tokenizer: Any, train: PreferenceSet, h
     t = cfg.train
     pad_id = tokenizer.pad_token_id
     if train.desirable is not None or losses.PAIR_LOSSES[cfg.preference.loss].uses_reference:
-        reference_logps(cfg, model, tokenizer, run, [train] + ([held] if held else []))
+        # Only what max_steps will train on, and every held-out row (each evaluation reads them all).
+        sets = [train] + ([held] if held else [])
+        reference_logps(cfg, model, tokenizer, run, sets, [trained_examples(train.n, t)] + [range(d.n) for d in sets[1:]])
     with TrainingSession(cfg, model, run, title) as session:
         model, accelerator, device = session.model, session.accelerator, session.device
         batches = ShuffledBatches(train.n, t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)

@@ -77,7 +77,7 @@ from alignloop.rollout.generate import SEED_STRIDE, Generation, encode_prompts, 
 from alignloop.rollout.rewards import build_reward_source, check_rewards
 from alignloop.rollout.scoring import Batch, score_tokens
 from alignloop.runs import Run
-from alignloop.train.loop import TrainingSession, open_stage_run, save_checkpoint
+from alignloop.train.loop import TrainingSession, check_reference_tokenizer, open_stage_run, save_checkpoint
 
 log = logging.getLogger("alignloop")
 
@@ -101,6 +101,9 @@ def run_rl(cfg: RLConfig) -> Run:
     if not r.reward:
         raise ConfigError("rl.reward: name the reward source (a reward-model folder, `file.py:fn`, or a YAML reward spec)")
     tokenizer = load_tokenizer(cfg.model)
+    if r.kl_coef > 0 or r.kl_target is not None:  # otherwise no reference is loaded
+        check_reference_tokenizer(r.ref_model, tokenizer, "rl.ref_model", "a per-token KL needs the same tokens "
+                                  "(leave rl.ref_model unset to use the starting policy)")
     kinds = STAGES[r.algo].reads  # each algorithm is a command of the same name
     rows, _ = load_records(cfg.data.path, kinds, cfg.data.max_samples)
     eval_rows = load_records(r.eval_prompts, kinds, r.eval_max_prompts)[0] if r.eval_prompts else []
@@ -189,11 +192,7 @@ def load_reference(cfg: RLConfig, model: Any, tokenizer: Any) -> Reference | Non
     if r.ref_model:
         from alignloop.config import ModelConfig
 
-        ref_cfg = ModelConfig(name_or_path=r.ref_model)
-        if load_tokenizer(ref_cfg).get_vocab() != tokenizer.get_vocab():
-            raise ConfigError(f"rl.ref_model {r.ref_model!r} has another tokenizer than the policy; a per-token KL needs the "
-                              "same tokens (leave rl.ref_model unset to use the starting policy)")
-        reference = load_causal_lm(ref_cfg, tokenizer, cfg.train.seed)
+        reference = load_causal_lm(ModelConfig(name_or_path=r.ref_model), tokenizer, cfg.train.seed)  # tokenizer: checked in run_rl
     elif cfg.model.lora.r > 0:
         return Reference(None, adapter_off=True, share_prefixes=cfg.train.share_prefixes)  # no second copy: the base weights are the reference
     else:

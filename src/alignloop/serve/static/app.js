@@ -179,7 +179,8 @@ function showLogin(message = "") {
   $("api-key").focus();
 }
 
-async function enterApp(me) {
+/** The app for user `me`; `reopen`: the id of a chat to open (the one open before a reload). */
+async function enterApp(me, reopen = null) {
   state.me = me;
   $("login").hidden = true;
   $("app").hidden = false;
@@ -187,19 +188,22 @@ async function enterApp(me) {
   $("account").hidden = false;
   $("user-name").textContent = me.auth ? me.name : `${me.name} (auth off)`;
   $("logout").hidden = !me.auth;
+  $("admin-link").hidden = !me.admin;
   await loadModels();
   if (!state.models.length && state.classifiers.length) {
     selectTab("classify");
     $("classify-input").focus();
-  } else {
-    $("chat-input").focus();
+    return;
   }
+  $("chat-input").focus();
+  await loadConversations();
+  if (reopen) await openConversation(reopen);
 }
 
-async function start() {
+async function start(reopen) {
   state.key = localStorage.getItem(KEY_STORAGE);
   try {
-    await enterApp(await api("/v1/me"));
+    await enterApp(await api("/v1/me"), reopen);
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) {
       showLogin(state.key ? "Your saved key was not accepted; log in again." : "");
@@ -243,24 +247,39 @@ async function loadModels() {
   state.models = data;
   state.classifiers = all.filter((model) => CLASSIFIER_TASKS.has(model.task));
   loadClassifiers();
-  for (const select of [$("model"), $("compare-model-a"), $("compare-model-b")]) {
-    const previous = select.value;
-    select.replaceChildren(...data.map((model) => {
-      const option = new Option(model.id, model.id);
-      option.title = `version ${model.version || "unknown"}`;
-      return option;
-    }));
-    if (data.some((model) => model.id === previous)) select.value = previous;
-  }
-  if (data.length > 1 && $("compare-model-a").value === $("compare-model-b").value) $("compare-model-b").selectedIndex = 1;
-  const twoModels = data.length > 1;
-  $("compare-models").hidden = !twoModels;
-  $("compare-mode").textContent = twoModels
-    ? "Two models answer the same prompt; their places are shuffled. Pick the better one."
-    : "The model answers twice (two samples); their places are shuffled. Pick the better one.";
+  const previous = $("model").value;
+  $("model").replaceChildren(...data.map((model) => {
+    const option = new Option(model.id, model.id);
+    option.title = `version ${model.version || "unknown"}`;
+    return option;
+  }));
+  if (data.some((model) => model.id === previous)) $("model").value = previous;
+  loadOpponents();
   if (data.length === 0) {
     setStatus($("chat-error"), state.classifiers.length ? "The server serves classifiers only: see Classify." : "The server serves no model.", false);
   }
+}
+
+/** Compare has one model picker, the page's "Model" (chat and compare share it); "Against"
+ * says what answers beside it: a second sample of the same model, or another served model
+ * (offered only when the server serves several). */
+function loadOpponents() {
+  const select = $("compare-against");
+  const previous = select.value;
+  const model = $("model").value;
+  const others = state.models.filter((entry) => entry.id !== model);
+  select.replaceChildren(new Option("a second sample of the same model", ""), ...others.map((entry) => new Option(entry.id, entry.id)));
+  if (others.some((entry) => entry.id === previous)) select.value = previous;
+  else if (others.length) select.value = others[0].id; // several models: comparing two is why they are served
+  $("compare-models").hidden = others.length === 0;
+  describeCompare();
+}
+
+function describeCompare() {
+  const against = $("compare-against").value;
+  $("compare-mode").textContent = against
+    ? `${$("model").value} and ${against} answer the same prompt; their places are shuffled. Pick the better one.`
+    : `${$("model").value} answers twice (two samples); their places are shuffled. Pick the better one.`;
 }
 
 // ---- tabs ----
@@ -276,6 +295,8 @@ function selectTab(name) {
   }
   $("settings").hidden = name === "history" || name === "classify"; // classify picks its own model
   $("new-chat").hidden = name !== "chat";
+  $("chats-toggle").hidden = name !== "chat";
+  setDrawer(false);
   if (name === "history") loadHistory();
 }
 
@@ -288,15 +309,240 @@ function tabKeys(event) {
   $(`tab-${next}`).focus();
 }
 
+// ---- markdown ----
+
+// Answers are rendered as a small Markdown subset: code fences, inline code, bold, italic,
+// lists, headings, paragraphs and http(s) links. The renderer builds DOM nodes and puts every
+// piece of text in as a text node (the escaping): no string of the model's ever reaches
+// innerHTML, so a model that writes <script> or onerror= shows them as text. Anything it does
+// not recognise stays literal text. No library: the page's CSP loads nothing from elsewhere.
+
+const FENCE = /^\s*```\s*([\w+#.-]*)\s*$/;
+const FENCE_END = /^\s*```\s*$/;
+const LIST_ITEM = /^\s*([-*+]|\d{1,9}[.)])\s+(.*)$/;
+const HEADING = /^(#{1,6})\s+(.+)$/;
+const BLANK = /^\s*$/;
+const INLINE = /`([^`]+)`|\*\*(.+?)\*\*|__(.+?)__|\*([^*\s](?:[^*]*[^*\s])?)\*|(?<!\w)_([^_\s](?:[^_]*[^_\s])?)_(?!\w)|\[([^\]]+)\]\(([^)\s]+)\)/g;
+const SAFE_LINK = /^https?:\/\//i;
+
+function element(tag, className) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  return node;
+}
+
+/** Appends `text` to `parent` with its inline marks as elements and everything else as text. */
+function appendInline(parent, text) {
+  let at = 0;
+  for (const match of text.matchAll(INLINE)) {
+    parent.append(text.slice(at, match.index));
+    at = match.index + match[0].length;
+    const [whole, code, bold, boldToo, italic, italicToo, linkText, url] = match;
+    if (code !== undefined) {
+      const node = element("code");
+      node.textContent = code;
+      parent.append(node);
+    } else if (bold !== undefined || boldToo !== undefined) {
+      const node = element("strong");
+      appendInline(node, bold ?? boldToo);
+      parent.append(node);
+    } else if (italic !== undefined || italicToo !== undefined) {
+      const node = element("em");
+      appendInline(node, italic ?? italicToo);
+      parent.append(node);
+    } else if (SAFE_LINK.test(url)) {
+      const node = element("a");
+      node.href = url;
+      node.rel = "noopener noreferrer nofollow";
+      node.target = "_blank";
+      appendInline(node, linkText);
+      parent.append(node);
+    } else {
+      parent.append(whole); // javascript:, data: and relative links stay text
+    }
+  }
+  parent.append(text.slice(at));
+}
+
+function startsBlock(line) {
+  return FENCE.test(line) || HEADING.test(line) || LIST_ITEM.test(line);
+}
+
+/** `source` as a DocumentFragment of block elements. An unclosed fence (an answer still
+ * streaming) runs to the end. */
+function renderMarkdown(source) {
+  const fragment = document.createDocumentFragment();
+  const lines = source.split(/\r\n|\n|\r/);
+  let i = 0;
+  while (i < lines.length) {
+    const line = lines[i];
+    const fence = FENCE.exec(line);
+    const heading = HEADING.exec(line);
+    const item = LIST_ITEM.exec(line);
+    if (BLANK.test(line)) {
+      i++;
+    } else if (fence) {
+      const code = [];
+      for (i++; i < lines.length && !FENCE_END.test(lines[i]); i++) code.push(lines[i]);
+      i++;
+      const pre = element("pre");
+      const node = element("code");
+      if (fence[1]) node.dataset.lang = fence[1];
+      node.textContent = code.join("\n");
+      pre.append(node);
+      fragment.append(pre);
+    } else if (heading) {
+      const node = element(`h${Math.min(6, heading[1].length + 2)}`); // an answer's "#" is not the page's title
+      appendInline(node, heading[2]);
+      fragment.append(node);
+      i++;
+    } else if (item) {
+      const ordered = /\d/.test(item[1]);
+      const list = element(ordered ? "ol" : "ul");
+      if (ordered && parseInt(item[1], 10) !== 1) list.start = parseInt(item[1], 10);
+      let next;
+      while (i < lines.length && (next = LIST_ITEM.exec(lines[i])) && /\d/.test(next[1]) === ordered) {
+        const entry = element("li");
+        appendInline(entry, next[2]);
+        list.append(entry);
+        i++;
+      }
+      fragment.append(list);
+    } else {
+      const paragraph = element("p");
+      do {
+        if (paragraph.childNodes.length) paragraph.append(element("br"));
+        appendInline(paragraph, lines[i]);
+        i++;
+      } while (i < lines.length && !BLANK.test(lines[i]) && !startsBlock(lines[i]));
+      fragment.append(paragraph);
+    }
+  }
+  return fragment;
+}
+
+function showMarkdown(container, text) {
+  container.replaceChildren(renderMarkdown(text));
+}
+
+// ---- conversations ----
+
+const CHAT_HASH = "#chat=";
+
+/** The list of the user's chats (GET /v1/conversations), the open one marked. */
+async function loadConversations() {
+  try {
+    const { data } = await api("/v1/conversations?limit=100");
+    $("conversation-list").replaceChildren(...data.map(conversationItem));
+    setStatus($("conversations-status"), data.length ? "" : "No chats yet.");
+  } catch (error) {
+    setStatus($("conversations-status"), error.message, false);
+  }
+}
+
+function conversationItem(conversation) {
+  const item = element("li");
+  item.dataset.conversationId = conversation.id;
+  const open = element("button", "conversation-open");
+  open.type = "button";
+  const title = element("span", "conversation-title");
+  title.textContent = conversation.title || "Untitled chat";
+  const when = element("time");
+  when.dateTime = conversation.updated_at;
+  when.textContent = new Date(conversation.updated_at).toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+  open.append(title, when);
+  if (conversation.id === state.conversationId) open.setAttribute("aria-current", "true");
+  open.addEventListener("click", () => openConversation(conversation.id));
+  const remove = element("button", "conversation-delete");
+  remove.type = "button";
+  remove.textContent = "×";
+  remove.setAttribute("aria-label", `Delete chat “${title.textContent}”`);
+  remove.addEventListener("click", () => deleteConversation(conversation.id));
+  item.append(open, remove);
+  return item;
+}
+
+/** Marks the open chat in the list and in the address (so a reload reopens it). */
+function markOpen(id) {
+  for (const button of document.querySelectorAll(".conversation-open")) {
+    if (button.parentElement.dataset.conversationId === id) button.setAttribute("aria-current", "true");
+    else button.removeAttribute("aria-current");
+  }
+  history.replaceState(null, "", id ? CHAT_HASH + encodeURIComponent(id) : location.pathname + location.search);
+}
+
+/** Shows a stored chat: its turns, each answer with its feedback buttons and the votes on it. */
+async function openConversation(id) {
+  setDrawer(false);
+  let conversation;
+  try {
+    conversation = await api(`/v1/conversations/${encodeURIComponent(id)}`);
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 404) markOpen(null);
+    setStatus($("conversations-status"), error.message, false);
+    return;
+  }
+  selectTab("chat");
+  newConversation();
+  state.conversationId = conversation.id;
+  $("chat-empty").hidden = conversation.turns.length > 0;
+  for (const stored of conversation.turns) {
+    if (stored.role === "user") {
+      const turn = { role: "user", content: stored.content };
+      turn.article = addUserMessage(turn);
+      state.turns.push(turn);
+    } else if (stored.role === "assistant") {
+      restoreAnswer(stored);
+    }
+  }
+  updateRegenerate();
+  markOpen(conversation.id);
+}
+
+function restoreAnswer(stored) {
+  const votes = stored.votes || {};
+  const correction = stored.original === null && votes.correction ? votes.correction : null; // corrected, not yet resent
+  const turn = {
+    role: "assistant",
+    content: correction ?? stored.content,
+    original: stored.original ?? (correction ? stored.content : null),
+    completionId: stored.completion_id,
+  };
+  turn.article = addAssistantMessage(stored.model || "");
+  showMarkdown(turn.article.querySelector(".content"), turn.content);
+  state.turns.push(turn);
+  finishAnswer(turn, stored.model || "", stored.completion_id ? stored.finish_reason : "stopped", votes);
+  if (turn.original !== null && turn.original !== turn.content) showOriginal(turn);
+}
+
+async function deleteConversation(id) {
+  try {
+    await api(`/v1/conversations/${encodeURIComponent(id)}`, { method: "DELETE" });
+    if (id === state.conversationId) newConversation();
+    await loadConversations();
+    setStatus($("conversations-status"), "Chat deleted from your list (its feedback stays).");
+  } catch (error) {
+    setStatus($("conversations-status"), error.message, false);
+  }
+}
+
+/** The chat list as a drawer on a phone (on a laptop it is always beside the chat). */
+function setDrawer(open) {
+  $("sidebar").classList.toggle("open", open);
+  $("chats-toggle").setAttribute("aria-expanded", String(open));
+  if (open) $("conversation-list").querySelector("button")?.focus();
+}
+
 // ---- chat ----
 
 function newConversation() {
-  if (state.chatAbort) state.chatAbort.abort();
+  if (state.chatAbort) state.chatAbort.abort("new chat");
   state.conversationId = newId();
   state.turns = [];
   $("messages").replaceChildren($("chat-empty"));
   $("chat-empty").hidden = false;
   setStatus($("chat-error"), "", false);
+  markOpen(null);
 }
 
 /** Keeps the newest tokens in view: the page scrolls, the composer sticks to the bottom. */
@@ -304,25 +550,28 @@ function scrollToEnd() {
   window.scrollTo(0, document.documentElement.scrollHeight);
 }
 
-function addUserMessage(text) {
+/** A status line inside the chat, scrolled clear of the sticky composer (style.css gives it
+ * the room as scroll-margin): on a phone it would otherwise hide behind it. */
+function showStatus(element, text, ok = true) {
+  setStatus(element, text, ok);
+  if (text) element.scrollIntoView({ block: "nearest" });
+}
+
+function addUserMessage(turn) {
   $("chat-empty").hidden = true;
-  const article = document.createElement("article");
-  article.className = "message user";
-  const content = document.createElement("div");
-  content.className = "content";
-  content.textContent = text;
-  article.append(content);
+  const article = $("user-template").content.firstElementChild.cloneNode(true);
+  article.querySelector(".content").textContent = turn.content;
+  article.querySelector(".edit").addEventListener("click", () => editQuestion(turn));
   $("messages").append(article);
   scrollToEnd();
   return article;
 }
 
-/** An assistant bubble from the template, with its feedback controls wired to `turn`. */
+/** An assistant bubble from the template; its controls are wired once the answer is done. */
 function addAssistantMessage(model) {
   const article = $("assistant-template").content.firstElementChild.cloneNode(true);
   article.querySelector(".meta").textContent = model;
-  article.querySelector(".content").classList.add("streaming");
-  article.setAttribute("aria-busy", "true"); // screen readers read the answer once, not per token
+  article.querySelector(".actions").hidden = true;
   $("messages").append(article);
   scrollToEnd();
   return article;
@@ -332,7 +581,42 @@ function pressOnly(buttons, pressed) {
   for (const button of buttons) button.setAttribute("aria-pressed", String(button === pressed));
 }
 
-function wireFeedback(article, turn) {
+/** The answer is complete (or stopped): its meta line, copy and regenerate, and, when it was
+ * stored, its feedback controls with the user's `votes` on it pressed. */
+function finishAnswer(turn, model, finishReason, votes = {}) {
+  const { article } = turn;
+  const note = { length: " · cut at max tokens", stopped: " · stopped (no completion id, so it cannot be rated)" }[finishReason] || "";
+  article.querySelector(".meta").textContent = model + note;
+  article.querySelector(".content").classList.remove("streaming");
+  article.removeAttribute("aria-busy");
+  article.querySelector(".actions").hidden = false;
+  article.querySelector(".copy").addEventListener("click", () => copyAnswer(turn));
+  article.querySelector(".regenerate").addEventListener("click", regenerate);
+  if (!turn.completionId) return;
+  article.dataset.completionId = turn.completionId;
+  article.querySelector(".feedback").hidden = false;
+  wireFeedback(article, turn, votes);
+}
+
+/** Only the last answer can be drawn again: an earlier one has later turns built on it. */
+function updateRegenerate() {
+  const last = state.turns[state.turns.length - 1];
+  for (const turn of state.turns) {
+    if (turn.role === "assistant") turn.article.querySelector(".regenerate").hidden = turn !== last;
+  }
+}
+
+async function copyAnswer(turn) {
+  const status = turn.article.querySelector(".status");
+  try {
+    await navigator.clipboard.writeText(turn.content);
+    showStatus(status, "Copied.");
+  } catch (_) { // no clipboard over plain http on a LAN address, or permission refused
+    showStatus(status, "The browser refused the clipboard; select the text to copy it.", false);
+  }
+}
+
+function wireFeedback(article, turn, votes) {
   const status = article.querySelector(".status");
   const thumbs = [article.querySelector(".thumb-up"), article.querySelector(".thumb-down")];
   const ratingGroup = article.querySelector(".rating");
@@ -341,32 +625,67 @@ function wireFeedback(article, turn) {
     button.type = "button";
     button.textContent = String(value);
     button.setAttribute("aria-label", `Rate ${value} out of 5`);
-    button.setAttribute("aria-pressed", "false");
+    button.setAttribute("aria-pressed", String(votes.rating === value));
     button.dataset.rating = String(value);
     ratingGroup.append(button);
     return button;
   });
+  if (votes.thumbs === true || votes.thumbs === false) pressOnly(thumbs, thumbs[votes.thumbs ? 0 : 1]);
 
   async function send(body, what, button, group) {
     setStatus(status, "Saving…");
     try {
       const saved = await postFeedback({ completion_id: turn.completionId, ...body });
       if (button) pressOnly(group, button);
-      setStatus(status, savedText(saved.outcome, what));
+      showStatus(status, savedText(saved.outcome, what));
       return true;
     } catch (error) {
-      setStatus(status, error.message, false);
+      showStatus(status, error.message, false);
       return false;
     }
   }
 
-  thumbs[0].addEventListener("click", () => send({ kind: "thumbs", up: true }, "thumbs up", thumbs[0], thumbs));
-  thumbs[1].addEventListener("click", () => send({ kind: "thumbs", up: false }, "thumbs down", thumbs[1], thumbs));
+  const reason = article.querySelector(".reason");
+  thumbs[0].addEventListener("click", async () => {
+    reason.hidden = true;
+    await send({ kind: "thumbs", up: true }, "thumbs up", thumbs[0], thumbs);
+  });
+  thumbs[1].addEventListener("click", async () => {
+    // Saved at once, so a user who never explains still counts; the reason is a second revision.
+    if (await send({ kind: "thumbs", up: false }, "thumbs down", thumbs[1], thumbs)) {
+      reason.hidden = false;
+      reason.scrollIntoView({ block: "nearest" });
+    }
+  });
+  reason.querySelector(".reason-skip").addEventListener("click", () => { reason.hidden = true; });
+  reason.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const tags = [...reason.querySelectorAll("input[type=checkbox]:checked")].map((box) => box.value);
+    const comment = reason.querySelector("textarea").value.trim();
+    const body = { kind: "thumbs", up: false, tags, ...(comment ? { comment } : {}) };
+    const what = ["thumbs down", tags.join(", "), comment ? "with your comment" : ""].filter(Boolean).join(": ").replace(/: with/, ", with");
+    if (await send(body, what, thumbs[1], thumbs)) reason.hidden = true;
+  });
   for (const button of ratingButtons) {
     const rating = Number(button.dataset.rating);
     button.addEventListener("click", () => send({ kind: "rating", rating }, `rating ${rating}/5`, button, ratingButtons));
   }
   article.querySelector(".correct").addEventListener("click", () => editAnswer(article, turn, send));
+}
+
+/** The model's own text, one click away above a corrected answer. */
+function showOriginal(turn) {
+  const content = turn.article.querySelector(".content");
+  content.classList.add("corrected");
+  if (turn.article.querySelector(".original")) return;
+  const original = document.createElement("details");
+  original.className = "original";
+  const summary = document.createElement("summary");
+  summary.textContent = "Original answer";
+  const text = document.createElement("div");
+  text.textContent = turn.original;
+  original.append(summary, text);
+  content.before(original);
 }
 
 /** "Correct this answer": the answer becomes an editable box; saving posts a correction and
@@ -406,90 +725,161 @@ function editAnswer(article, turn, send) {
     event.preventDefault();
     const correction = textarea.value;
     if (correction.trim() === "") {
-      setStatus(article.querySelector(".status"), "A correction cannot be empty.", false);
+      showStatus(article.querySelector(".status"), "A correction cannot be empty.", false);
       return;
     }
     save.disabled = true;
     const ok = await send({ kind: "correction", correction }, "your correction");
     save.disabled = false;
     if (!ok) return;
-    if (!article.querySelector(".original")) {
-      const original = document.createElement("details");
-      original.className = "original";
-      const summary = document.createElement("summary");
-      summary.textContent = "Original answer";
-      const text = document.createElement("div");
-      text.textContent = turn.original;
-      original.append(summary, text);
-      content.before(original);
-    }
     turn.content = correction;
-    content.textContent = correction;
-    content.classList.add("corrected");
+    showMarkdown(content, correction);
+    showOriginal(turn);
     editor.remove();
     content.hidden = false;
+    article.querySelector(".status").scrollIntoView({ block: "nearest" });
   });
+}
+
+/** "Edit" on a question: edit it in place; sending drops it and every later turn and asks
+ * again from there (the stored conversation forks there too). */
+function editQuestion(turn) {
+  const { article } = turn;
+  if (state.chatBusy || article.querySelector(".editor") || !state.turns.includes(turn)) return;
+  const content = article.querySelector(".content");
+  const editor = element("form", "editor");
+  const label = element("label");
+  label.textContent = "Edit message";
+  const textarea = element("textarea");
+  textarea.value = turn.content;
+  textarea.rows = Math.min(8, Math.max(2, turn.content.split("\n").length + 1));
+  label.append(textarea);
+  const send = element("button", "primary");
+  send.type = "submit";
+  send.textContent = "Send edited";
+  const cancel = element("button");
+  cancel.type = "button";
+  cancel.textContent = "Cancel";
+  const buttons = element("div", "editor-buttons");
+  buttons.append(send, cancel);
+  editor.append(label, buttons);
+  content.hidden = true;
+  article.querySelector(".actions").hidden = true;
+  content.after(editor);
+  textarea.focus();
+  const close = () => {
+    editor.remove();
+    content.hidden = false;
+    article.querySelector(".actions").hidden = false;
+  };
+  cancel.addEventListener("click", close);
+  editor.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const text = textarea.value.trim();
+    if (!text || state.chatBusy) return;
+    const at = state.turns.indexOf(turn);
+    if (at < 0) return close();
+    for (const later of state.turns.splice(at)) later.article.remove();
+    await ask(text);
+  });
+}
+
+function setBusy(busy) {
+  state.chatBusy = busy;
+  $("send").hidden = busy;
+  $("stop").hidden = !busy;
+  for (const button of document.querySelectorAll("#messages .regenerate, #messages .edit")) button.disabled = busy;
 }
 
 async function sendChat(event) {
   event.preventDefault();
   const input = $("chat-input");
   const text = input.value.trim();
-  const model = $("model").value;
-  if (!text || state.chatBusy || !model) return;
-  state.chatBusy = true;
-  $("send").disabled = true;
-  setStatus($("chat-error"), "", false);
+  if (!text || state.chatBusy || !$("model").value) return;
   input.value = "";
+  await ask(text);
+}
+
+/** Adds the user's message and streams the answer to it. */
+async function ask(text) {
+  const turn = { role: "user", content: text };
+  turn.article = addUserMessage(turn);
+  state.turns.push(turn);
+  await answer();
+}
+
+/** "Regenerate": the last answer is dropped and the same history asked again. Its stored
+ * completion and any feedback on it stay: a regenerated answer is a sample worth comparing. */
+async function regenerate() {
+  const last = state.turns[state.turns.length - 1];
+  if (state.chatBusy || !last || last.role !== "assistant") return;
+  state.turns.pop();
+  last.article.remove();
+  await answer();
+}
+
+/** Streams an answer to the conversation so far (it ends with the user's message) into a new
+ * bubble. "Stop" keeps what arrived; a failure gives the question back to the composer. */
+async function answer() {
+  const model = $("model").value;
   // This conversation's turns: "New chat" replaces state.turns, and a late answer must not
   // land in the next conversation.
   const turns = state.turns;
-  const userTurn = { role: "user", content: text };
-  turns.push(userTurn);
-  const userArticle = addUserMessage(text);
+  const conversationId = state.conversationId;
+  const question = turns[turns.length - 1];
+  setBusy(true);
+  setStatus($("chat-error"), "", false);
   const article = addAssistantMessage(model);
   const content = article.querySelector(".content");
+  content.classList.add("streaming");
+  article.setAttribute("aria-busy", "true"); // screen readers read the answer once, not per token
+  const turn = { role: "assistant", content: "", original: null, completionId: null, article };
   const abort = new AbortController();
   state.chatAbort = abort;
   try {
     const choices = await streamChat(
-      {
-        model,
-        messages: turns.map(({ role, content: turnContent }) => ({ role, content: turnContent })),
-        conversation_id: state.conversationId,
-        ...sampling(),
-      },
+      { model, messages: turns.map(({ role, content: text }) => ({ role, content: text })), conversation_id: conversationId, ...sampling() },
       (index, choice) => {
         if (index !== 0) return;
-        content.textContent = choice.text;
+        turn.content = choice.text;
+        showMarkdown(content, choice.text);
         scrollToEnd();
       },
       abort.signal,
     );
     const choice = choices[0];
     if (!choice || !choice.completionId) throw new Error("The answer carried no completion_id, so it cannot be rated.");
-    const turn = { role: "assistant", content: choice.text, original: choice.text, completionId: choice.completionId };
+    Object.assign(turn, { content: choice.text, original: choice.text, completionId: choice.completionId });
     turns.push(turn);
-    article.dataset.completionId = choice.completionId;
-    article.querySelector(".meta").textContent = choice.finishReason === "length" ? `${model} · cut at max tokens` : model;
-    content.classList.remove("streaming");
-    article.removeAttribute("aria-busy");
-    article.querySelector(".feedback").hidden = false;
-    wireFeedback(article, turn);
+    finishAnswer(turn, model, choice.finishReason);
+    if (state.conversationId === conversationId) markOpen(conversationId);
+    loadConversations(); // this chat is new in the list, or moves to its top
   } catch (error) {
-    // Forget the failed turn so the next message does not carry an unanswered question.
-    turns.splice(turns.indexOf(userTurn), 1);
-    if (!abort.signal.aborted) {
-      userArticle.classList.add("failed");
+    if (abort.signal.reason === "stop" && turn.content) {
+      // The server cancels a generation whose client left and stores nothing of it; the
+      // text so far stays here, and goes to the model as this turn if the chat goes on.
+      turns.push(turn);
+      finishAnswer(turn, model, "stopped");
+      loadConversations(); // the server may have finished it before the stop reached it
+    } else if (turns === state.turns) { // failed, or stopped before any text: ask again from the composer
+      turns.splice(turns.indexOf(question), 1);
+      question.article.classList.add("failed");
+      question.article.querySelector(".actions").hidden = true;
       article.remove();
-      input.value = text;
-      setStatus($("chat-error"), error.message, false);
+      $("chat-input").value = question.content;
+      if (!abort.signal.aborted) setStatus($("chat-error"), error.message, false);
     }
   } finally {
-    if (state.chatAbort === abort) state.chatAbort = null;
-    state.chatBusy = false;
-    $("send").disabled = false;
+    if (state.chatAbort === abort) { // not when another answer started meanwhile (after "New chat")
+      state.chatAbort = null;
+      setBusy(false);
+    }
+    updateRegenerate();
   }
+}
+
+function stopAnswer() {
+  if (state.chatAbort) state.chatAbort.abort("stop");
 }
 
 // ---- compare ----
@@ -526,16 +916,16 @@ async function runCompare(event) {
   }
   $("compare-result").hidden = false;
 
-  const show = (which) => (_index, choice) => {
-    panelOf(sideOf[which]).answer.textContent = choice.text;
-  };
-  const messages = [{ role: "user", content: prompt }];
-  const common = { messages, conversation_id: newId(), ...sampling() };
+  const show = (which) => (_index, choice) => showMarkdown(panelOf(sideOf[which]).answer, choice.text);
+  // No conversation_id: a comparison is not a chat, and would crowd the chat list.
+  const common = { messages: [{ role: "user", content: prompt }], ...sampling() };
+  const model = $("model").value;
+  const against = $("compare-against").value;
   try {
     let a;
     let b;
-    if (state.models.length > 1) {
-      const [modelA, modelB] = [$("compare-model-a").value, $("compare-model-b").value];
+    if (against && against !== model) {
+      const [modelA, modelB] = [model, against];
       [[a], [b]] = await Promise.all([
         streamChat({ model: modelA, ...common }, show("a")),
         streamChat({ model: modelB, ...common }, show("b")),
@@ -543,7 +933,6 @@ async function runCompare(event) {
       a.label = modelA;
       b.label = modelB;
     } else {
-      const model = $("model").value;
       [a, b] = await streamChat({ model, n: 2, ...common }, (index, choice) => show(index === 0 ? "a" : "b")(index, choice));
       a.label = `${model}, sample 1`;
       b.label = `${model}, sample 2`;
@@ -851,19 +1240,29 @@ async function saveEntityVerdicts(event) {
 
 // ---- history ----
 
+/** A comparison's answers in the places the user saw them, named as the compare view names
+ * them: A on the left, B on the right. Feedback sent without `left` (a script's) has no places:
+ * first and second answer then. */
+function comparedAnswers(feedback) {
+  const order = feedback.left === "b" ? ["b", "a"] : ["a", "b"];
+  const names = feedback.left ? ["A", "B"] : ["First answer", "Second answer"];
+  const texts = { a: feedback.completion_text, b: feedback.other_completion_text };
+  return order.map((which, place) => ({ which, name: names[place], text: texts[which] || "" }));
+}
+
 function describe(feedback) {
   switch (feedback.kind) {
-    case "thumbs":
-      return feedback.up ? "thumbs up" : "thumbs down";
+    case "thumbs": {
+      const tags = feedback.tags && feedback.tags.length ? `: ${feedback.tags.join(", ")}` : "";
+      return (feedback.up ? "thumbs up" : "thumbs down") + tags;
+    }
     case "rating":
       return `rated ${feedback.rating}/5`;
-    case "pairwise":
-      return {
-        a: "preferred the first answer",
-        b: "preferred the second answer",
-        tie: "a tie",
-        both_bad: "both bad",
-      }[feedback.verdict] || `verdict ${feedback.verdict}`;
+    case "pairwise": {
+      const preferred = comparedAnswers(feedback).find((answer) => answer.which === feedback.verdict);
+      if (preferred) return `${preferred.name} is better`;
+      return { tie: "a tie", both_bad: "both bad" }[feedback.verdict] || `verdict ${feedback.verdict}`;
+    }
     case "correction":
       return "corrected the answer";
     case "prediction":
@@ -877,6 +1276,12 @@ function describe(feedback) {
     default:
       return feedback.kind;
   }
+}
+
+function paragraph(className, text) {
+  const node = element("p", className);
+  node.textContent = text;
+  return node;
 }
 
 function historyItem(feedback) {
@@ -901,25 +1306,31 @@ function historyItem(feedback) {
   remove.setAttribute("aria-label", `Delete ${feedback.kind} feedback ${feedback.id}`);
   remove.addEventListener("click", () => deleteFeedback(feedback, item));
   head.append(kind, summary, when, remove);
-  const answer = document.createElement("p");
-  answer.className = "answer-snippet";
-  // For a comparison the text is answer a's: the one "first answer" in the summary means.
-  const prefix = feedback.kind === "pairwise" ? "First answer: " : "";
-  answer.textContent = prefix + (feedback.completion_text || "");
-  // A vote on a classifier's prediction has no answer text: its model version says what it judged.
-  if (feedback.kind === "prediction") {
+  item.append(head);
+  if (feedback.prompt_text) item.append(paragraph("prompt-snippet", `Prompt: ${feedback.prompt_text}`));
+  if (feedback.kind === "pairwise") {
+    const answers = element("div", "history-answers");
+    for (const answer of comparedAnswers(feedback)) {
+      const block = element("div", "history-answer");
+      const preferred = answer.which === feedback.verdict;
+      block.classList.toggle("preferred", preferred);
+      block.append(paragraph("history-answer-name", preferred ? `${answer.name} · preferred` : answer.name),
+        paragraph("answer-snippet", answer.text));
+      answers.append(block);
+    }
+    item.append(answers);
+  } else if (feedback.kind === "prediction") {
+    // A vote on a classifier's prediction has no answer text: its model version says what it judged.
     const id = feedback.prediction_id || "";
     const short = id.length > 24 ? `${id.slice(0, 13)}…${id.slice(-2)}` : id; // pred-<32 hex>-<i> would wrap on a phone
-    answer.textContent = `version ${feedback.model_version || "unknown"} · ${short}`;
+    const answer = paragraph("answer-snippet", `version ${feedback.model_version || "unknown"} · ${short}`);
     answer.title = id;
+    item.append(answer);
+  } else {
+    item.append(paragraph("answer-snippet", feedback.completion_text || ""));
   }
-  item.append(head, answer);
-  if (feedback.kind === "correction") {
-    const corrected = document.createElement("p");
-    corrected.className = "correction-text";
-    corrected.textContent = `→ ${feedback.correction}`;
-    item.append(corrected);
-  }
+  if (feedback.kind === "correction") item.append(paragraph("correction-text", `→ ${feedback.correction}`));
+  if (feedback.comment) item.append(paragraph("comment-text", `“${feedback.comment}”`));
   return item;
 }
 
@@ -960,7 +1371,16 @@ document.addEventListener("DOMContentLoaded", () => {
       $("chat-form").requestSubmit();
     }
   });
-  $("new-chat").addEventListener("click", newConversation);
+  $("new-chat").addEventListener("click", () => {
+    newConversation();
+    setDrawer(false);
+    $("chat-input").focus();
+  });
+  $("stop").addEventListener("click", stopAnswer);
+  $("chats-toggle").addEventListener("click", () => setDrawer(!$("sidebar").classList.contains("open")));
+  $("sidebar-close").addEventListener("click", () => setDrawer(false));
+  $("model").addEventListener("change", loadOpponents);
+  $("compare-against").addEventListener("change", describeCompare);
   $("compare-form").addEventListener("submit", runCompare);
   document.querySelector(".verdicts").addEventListener("click", vote);
   $("classify-form").addEventListener("submit", startClassify);
@@ -977,7 +1397,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("fix-entities").addEventListener("submit", saveEntityVerdicts);
   $("queue-next").addEventListener("click", () => classifyAt(classifying.position + 1));
   $("history-refresh").addEventListener("click", loadHistory);
+  // A reload reopens the chat that was open: its id is in the address (read before the empty
+  // chat below clears it).
+  const reopen = location.hash.startsWith(CHAT_HASH) ? decodeURIComponent(location.hash.slice(CHAT_HASH.length)) : null;
   newConversation();
   selectTab("chat");
-  start();
+  start(reopen);
 });
