@@ -51,7 +51,7 @@ alignloop evaluate --run.output_dir="$OUT" --run.name=evaluate --candidate "$OUT
     --gate "win_rate_lower>0.0" --sampling.max_new_tokens=32
 
 # 6. Serve it, with a feedback store, to people.
-DB="sqlite:///$(pwd)/$OUT/feedback.db"
+DB="sqlite:///$(cd "$OUT" && pwd)/feedback.db"
 alignloop db upgrade --db "$DB"
 ADMIN_KEY=$(alignloop users add admin --admin --db "$DB")
 ANN_KEY=$(alignloop users add ann --db "$DB")
@@ -74,8 +74,8 @@ ONE=$(ask "How do I make a friend at work?" 1)
 feedback "{\"kind\": \"thumbs\", \"completion_id\": \"$ONE\", \"up\": false, \"tags\": [\"unhelpful\"], \"comment\": \"no advice\"}"
 feedback "{\"kind\": \"rating\", \"completion_id\": \"$ONE\", \"rating\": 2}"
 feedback "{\"kind\": \"correction\", \"completion_id\": \"$ONE\", \"correction\": \"Ask them to lunch and listen.\"}"
-read -r A B < <(ask "What should I cook tonight?" 2 | tr '\n' ' ')
-feedback "{\"kind\": \"pairwise\", \"completion_id\": \"$A\", \"other_completion_id\": \"$B\", \"verdict\": \"a\", \"left\": \"a\"}"
+TWO=($(ask "What should I cook tonight?" 2))
+feedback "{\"kind\": \"pairwise\", \"completion_id\": \"${TWO[0]}\", \"other_completion_id\": \"${TWO[1]}\", \"verdict\": \"a\", \"left\": \"a\"}"
 
 # 8. The feedback as training records (TRL field names, with the feedback ids and model version behind each).
 alignloop feedback export --kind pairs --out "$OUT/data/feedback-pairs.jsonl" --db "$DB"
@@ -86,6 +86,7 @@ alignloop feedback export --kind sft --out "$OUT/data/feedback-sft.jsonl" --db "
 alignloop loop --run.output_dir="$OUT" --run.name=loop --server "http://127.0.0.1:$PORT" --admin-key "$ADMIN_KEY" \
     --db "$DB" --model-name chat --iterations 1 --recipe "[sft,dpo]" --rules.min_records=1 \
     --evaluate.prompts "$OUT/data/heldout-prompts.jsonl" --evaluate.max_prompts=16 --evaluate.reward "$OUT/reward/final" \
-    --evaluate.gate "win_rate_lower>0.5" --stage-options "[sft.train.max_steps=5,dpo.train.max_steps=5]"
+    --evaluate.gate "win_rate_lower>0.5" --stage-options "[sft.train.max_steps=5,sft.train.batch_size=1,sft.data.eval_fraction=0,dpo.train.max_steps=5,dpo.train.batch_size=1,dpo.data.eval_fraction=0]"
 alignloop models --db "$DB"
+alignloop lineage --user ann --db "$DB"
 echo "done: runs in $OUT, the loop's report in $OUT/loop/report.md"

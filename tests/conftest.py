@@ -82,6 +82,22 @@ def no_chat_template_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_mo
     return folder
 
 
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny model with every weight nudged: another version of it (for deploys and rollbacks)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignloop.models.load import save_model
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    folder = tmp_path_factory.mktemp("other") / "model"
+    save_model(model, AutoTokenizer.from_pretrained(str(tiny_model_dir)), folder)
+    return folder
+
+
 def _write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
     """One JSON value per line; a ``str`` row is written as the raw line (for malformed input)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +185,18 @@ def straight_and_killed_runs() -> Callable[[list[str], Path, int], tuple[list[di
 # online-RL task in miniature, used by the RL and preference tests.
 WORDS = [f"{a}{b}{c}" for a in "bdfgklmnprstvz" for b in "aeiou" for c in "kmnrst"][:200]
 GOOD = WORDS[:20]
+
+
+def write_word_task(folder: Path, files: dict[str, list[dict]]) -> dict[str, Path]:
+    """``NAME.jsonl`` in ``folder`` for each ``NAME: rows`` of ``files``, and ``rewards.py`` whose
+    ``good_share`` rewards a completion's share of ``GOOD`` words; their paths by name (the
+    script's is ``"rewards"``)."""
+    out = {name: _write_jsonl(folder / f"{name}.jsonl", rows) for name, rows in files.items()}
+    out["rewards"] = folder / "rewards.py"
+    out["rewards"].write_text(f"GOOD = set({GOOD!r})\n"
+                              "def good_share(prompts, completions, **fields):\n"
+                              "    return [sum(w in GOOD for w in c.split()) / max(1, len(c.split())) for c in completions]\n")
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -57,23 +57,6 @@ def error_of(response: Any) -> dict:
     return body["error"]
 
 
-@pytest.fixture(scope="module")
-def other_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The tiny model with every weight nudged: another version of it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from alignloop.models.load import save_model
-
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01)
-    folder = tmp_path_factory.mktemp("other") / "model"
-    save_model(model, AutoTokenizer.from_pretrained(str(tiny_model_dir)), folder)
-    return folder
-
-
 ROUTES = [("GET", "/admin/users", None), ("POST", "/admin/users", {"name": "zed"}), ("POST", "/admin/users/bob/revoke", None),
           ("POST", "/admin/users/bob/rotate", None), ("GET", "/admin/models", None), ("GET", "/admin/stats", None),
           ("GET", "/admin/export?kind=pairs", None)]

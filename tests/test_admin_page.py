@@ -14,8 +14,6 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import test_browser
 from test_browser import LAPTOP, PHONE, _browser_page, _screenshots, _serve, expect
 
@@ -36,23 +34,6 @@ def _post(base_url: str, path: str, key: str, body: dict) -> dict:
                                      headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
-
-
-@pytest.fixture(scope="module")
-def other_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The tiny model with every weight nudged: another version of it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from alignloop.models.load import save_model
-
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01)
-    folder = tmp_path_factory.mktemp("other") / "model"
-    save_model(model, AutoTokenizer.from_pretrained(str(tiny_model_dir)), folder)
-    return folder
 
 
 def _full_pages(page: Any, shots: Path, name: str) -> None:

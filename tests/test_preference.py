@@ -15,7 +15,7 @@ import torch
 
 from alignloop.cli import main
 from alignloop.runs import read_metrics
-from conftest import GOOD, WORDS
+from conftest import GOOD, WORDS, write_word_task
 
 BAD = WORDS[100:]
 
@@ -41,15 +41,7 @@ def prefs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     files = {"train": pairs(96), "heldout": pairs(32), "thumbs": thumbs(96), "thumbs_heldout": thumbs(32),
              "prompts": [{"prompt": prompt()} for _ in range(64)]}
-    out = {}
-    for name, rows in files.items():
-        out[name] = folder / f"{name}.jsonl"
-        out[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out["rewards"] = folder / "rewards.py"
-    out["rewards"].write_text(f"GOOD = set({GOOD!r})\n"
-                              "def good_share(prompts, completions, **fields):\n"
-                              "    return [sum(w in GOOD for w in c.split()) / max(1, len(c.split())) for c in completions]\n")
-    return out
+    return write_word_task(folder, files)
 
 
 def args(stage: str, model: Path, data: Path, held: Path, out: Path, *extra: str) -> list[str]:

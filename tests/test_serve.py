@@ -382,23 +382,6 @@ def test_bad_feedback_requests(db_url: str, served: ServedModel) -> None:
 
 
 # --- redeploy ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def other_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The tiny model with every weight nudged: another version of it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from alignloop.models.load import save_model
-
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01)
-    folder = tmp_path_factory.mktemp("other") / "model"
-    save_model(model, AutoTokenizer.from_pretrained(str(tiny_model_dir)), folder)
-    return folder
-
-
 def test_redeploy_under_a_running_stream(db_url: str, tiny_model_dir: Path, other_model_dir: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import time

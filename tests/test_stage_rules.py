@@ -6,7 +6,6 @@ Each stage runs for two steps on the word-level tiny Llama (conftest's ``word_mo
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -20,7 +19,7 @@ from alignloop.cli import main
 from alignloop.config import STAGES, TrainConfig, load_config
 from alignloop.errors import ConfigError
 from alignloop.runs import read_metrics
-from conftest import GOOD, WORDS
+from conftest import GOOD, WORDS, write_word_task
 
 TRAINING_STAGES = [name for name, stage in STAGES.items() if stage.progress]
 RL = ("ppo", "grpo", "rloo", "reinforce")
@@ -54,15 +53,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "prompts": [{"prompt": words(4)} for _ in range(48)],
         "labelled": [{"text": words(5), "label": "good" if i % 2 else "bad"} for i in range(48)],
     }
-    out = {}
-    for name, records in rows.items():
-        out[name] = folder / f"{name}.jsonl"
-        out[name].write_text("".join(json.dumps(r) + "\n" for r in records))
-    out["rewards"] = folder / "rewards.py"
-    out["rewards"].write_text(f"GOOD = set({GOOD!r})\n"
-                              "def good_share(prompts, completions, **fields):\n"
-                              "    return [sum(w in GOOD for w in c.split()) / max(1, len(c.split())) for c in completions]\n")
-    return out
+    return write_word_task(folder, rows)
 
 
 def stage_args(stage: str, model: Path, data: dict[str, Path], out: Path, *extra: str) -> list[str]:

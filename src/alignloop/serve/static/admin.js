@@ -1,51 +1,8 @@
 "use strict";
 // The alignloop admin page: users and their keys, the model registry (lineage, deploy, roll
 // back), feedback export and the server's counters. Like the chat page it speaks only the
-// server's HTTP API (/admin/...), so everything here a script can do too. Plain JS, no build step.
-
-const KEY_STORAGE = "alignloop.apiKey"; // shared with the chat page: one login for both
-
-const state = {
-  key: null, // the bearer key; null when auth is off or before login
-  me: null, // GET /v1/me
-};
-
-const $ = (id) => document.getElementById(id);
-
-class ApiError extends Error {
-  constructor(status, message, param) {
-    super(message);
-    this.status = status;
-    this.param = param;
-  }
-}
-
-/** fetch with the bearer key; throws ApiError carrying the server's own message on a non-2xx. */
-async function apiFetch(path, { method = "GET", body } = {}) {
-  const headers = {};
-  if (state.key) headers.Authorization = `Bearer ${state.key}`;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-  if (response.ok) return response;
-  let parsed = null;
-  try {
-    parsed = JSON.parse(await response.text());
-  } catch (_) {
-    parsed = null;
-  }
-  const error = parsed && parsed.error ? parsed.error : {};
-  throw new ApiError(response.status, error.message || `HTTP ${response.status}`, error.param);
-}
-
-async function api(path, options) {
-  return (await apiFetch(path, options)).json();
-}
-
-function setStatus(element, message, ok) {
-  element.textContent = message;
-  element.classList.toggle("ok", ok === true);
-  element.classList.toggle("error", ok === false);
-}
+// server's HTTP API (/admin/...), so everything here a script can do too. Plain JS, no build step;
+// common.js, loaded first, holds the API calls and the login both pages share.
 
 /** A failed call's status line; a 401 (the key went away) sends the page back to the login. */
 function showError(element, error) {
@@ -76,64 +33,13 @@ const when = (iso) => (iso ? new Date(iso).toLocaleString() : "");
 
 // ---- login ----
 
-function showLogin(message = "") {
-  state.me = null;
-  $("admin").hidden = true;
-  $("admin-nav").hidden = true;
-  $("account").hidden = true;
-  $("login").hidden = false;
-  setStatus($("login-error"), message, false);
-  $("api-key").focus();
-}
-
 async function enterAdmin(me) {
   if (!me.admin) {
     showLogin(`${me.name} is not an admin; this page needs an admin's key (the chat page takes any user's).`);
     return;
   }
-  state.me = me;
-  $("login").hidden = true;
-  $("admin").hidden = false;
-  $("admin-nav").hidden = false;
-  $("account").hidden = false;
-  $("user-name").textContent = me.auth ? me.name : `${me.name} (auth off)`;
-  $("logout").hidden = !me.auth;
+  showAccount(me);
   await Promise.all([loadUsers(), loadVersions(), loadStats()]);
-}
-
-async function start() {
-  state.key = localStorage.getItem(KEY_STORAGE);
-  try {
-    await enterAdmin(await api("/v1/me"));
-  } catch (error) {
-    if (error instanceof ApiError && error.status === 401) {
-      showLogin(state.key ? "Your saved key was not accepted; log in again." : "");
-    } else {
-      showLogin(`Cannot reach the server: ${error.message}`);
-    }
-  }
-}
-
-async function login(event) {
-  event.preventDefault();
-  const key = $("api-key").value.trim();
-  state.key = key;
-  try {
-    const me = await api("/v1/me");
-    localStorage.setItem(KEY_STORAGE, key);
-    $("api-key").value = "";
-    await enterAdmin(me);
-  } catch (error) {
-    state.key = null;
-    const message = error instanceof ApiError && error.status === 401 ? "That key was not accepted." : error.message;
-    setStatus($("login-error"), message, false);
-  }
-}
-
-function logout() {
-  localStorage.removeItem(KEY_STORAGE);
-  state.key = null;
-  showLogin("");
 }
 
 // ---- users ----
@@ -152,11 +58,11 @@ function userRow(user) {
   item.dataset.user = user.name;
   const head = element("div", undefined, "row-head");
   head.append(element("strong", user.name, "row-title"));
-  if (state.me && user.name === state.me.name) head.append(element("span", "you", "badge"));
+  if (session.me && user.name === session.me.name) head.append(element("span", "you", "badge"));
   if (user.admin) head.append(element("span", "admin", "badge"));
   head.append(element("span", user.active ? "key active" : "key revoked", user.active ? "badge ok" : "badge off"));
   const actions = element("div", undefined, "row-actions");
-  if (user.active && !(state.me && user.name === state.me.name)) {
+  if (user.active && !(session.me && user.name === session.me.name)) {
     actions.append(button("Revoke", `Revoke ${user.name}'s key`, () => revoke(user.name)));
   }
   actions.append(button(user.active ? "Rotate" : "New key", `New key for ${user.name}`, () => rotate(user.name)));
@@ -201,9 +107,9 @@ async function revoke(name) {
 async function rotate(name) {
   try {
     const { key } = await api(`/admin/users/${encodeURIComponent(name)}/rotate`, { method: "POST" });
-    if (state.me && name === state.me.name && state.key) {
+    if (session.me && name === session.me.name && session.key) {
       // The old key stops working at once: keep this page (and the chat page) logged in.
-      state.key = key;
+      session.key = key;
       localStorage.setItem(KEY_STORAGE, key);
     }
     showKey(`${name}'s new API key (the old one no longer works):`, key);
@@ -316,7 +222,7 @@ async function toggleLineage(version, box, node) {
 
 async function deployVersion(row, node) {
   for (const other of document.querySelectorAll("#version-list button")) other.disabled = true;
-  setStatus($("registry-status"), `Loading ${row.name} ${shortVersion(row.version)} from ${row.path}…`);
+  setStatus($("registry-status"), `Loading ${row.name} ${shortVersion(row.version)} from ${row.path}…`, null);
   try {
     const answer = await api(`/admin/models/${encodeURIComponent(row.version)}/deploy`, { method: "POST" });
     const was = answer.previous_version ? ` (was ${shortVersion(answer.previous_version)})` : "";
@@ -335,7 +241,7 @@ async function deployVersion(row, node) {
 async function exportRecords(event) {
   event.preventDefault();
   const kind = $("export-kind").value;
-  setStatus($("export-status"), `Exporting ${kind}…`);
+  setStatus($("export-status"), `Exporting ${kind}…`, null);
   try {
     const response = await apiFetch(`/admin/export?kind=${encodeURIComponent(kind)}`);
     const text = await response.text();
@@ -378,18 +284,16 @@ async function loadStats() {
       return card;
     });
     $("stats-list").replaceChildren(...cards);
-    setStatus($("stats-status"), cards.length ? "" : "No chat model is served.");
+    setStatus($("stats-status"), cards.length ? "" : "No chat model is served.", null);
   } catch (error) {
     showError($("stats-status"), error);
   }
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  $("login-form").addEventListener("submit", login);
-  $("logout").addEventListener("click", logout);
   $("add-user-form").addEventListener("submit", addUser);
   $("copy-key").addEventListener("click", copyKey);
   $("export-form").addEventListener("submit", exportRecords);
   $("refresh-stats").addEventListener("click", loadStats);
-  start();
+  startSession({ views: ["admin", "admin-nav"], enter: enterAdmin });
 });

@@ -2,14 +2,12 @@
 // The alignloop chat page. It speaks only the server's public HTTP API (the same one the openai
 // client and scripts use), so whatever the page records a script could record too: chat
 // completions streamed as server-sent events, and feedback attached to each answer's
-// `completion_id`. Plain JS with no build step and nothing fetched from outside the server.
+// `completion_id`. Plain JS with no build step and nothing fetched from outside the server;
+// common.js, loaded first, holds the API calls and the login both pages share.
 
-const KEY_STORAGE = "alignloop.apiKey";
 const FEEDBACK_RETRIES = 3; // network failures only; the Idempotency-Key makes a retry safe
 
 const state = {
-  key: null, // the API key sent as a bearer token; null when auth is off or before login
-  me: null, // GET /v1/me
   models: [], // GET /v1/models data
   conversationId: null,
   turns: [], // {role, content}; an assistant turn's content follows a saved correction
@@ -18,8 +16,6 @@ const state = {
   chatAbort: null, // aborts the answer streaming now when "New chat" is pressed
   compareBusy: false,
 };
-
-const $ = (id) => document.getElementById(id);
 
 /** A random UUID. crypto.randomUUID exists only in secure contexts (https, localhost), and the
  * page may be opened over plain http on a LAN address, so fall back to getRandomValues. */
@@ -33,59 +29,6 @@ function newId() {
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** An HTTP error from the API, carrying the server's own message (its `{"error": {"message"}}`). */
-class ApiError extends Error {
-  constructor(status, message, param) {
-    super(message);
-    this.status = status;
-    this.param = param;
-  }
-}
-
-/** The message of an error body: ours is {"error": {"message"}}; FastAPI's own is {"detail"}. */
-function errorMessage(body, status, retryAfter) {
-  let message = `HTTP ${status}`;
-  if (body && body.error && body.error.message) message = body.error.message;
-  else if (body && typeof body.detail === "string") message = body.detail;
-  else if (body && Array.isArray(body.detail)) {
-    message = body.detail.map((d) => `${(d.loc || []).join(".")}: ${d.msg}`).join("; ");
-  }
-  if (status === 429 && retryAfter) message += ` (try again in ${retryAfter} s)`;
-  return message;
-}
-
-/** fetch with the bearer key; throws ApiError with the server's message on a non-2xx answer. */
-async function apiFetch(path, { method = "GET", body, headers = {}, signal } = {}) {
-  const allHeaders = { ...headers };
-  if (state.key) allHeaders.Authorization = `Bearer ${state.key}`;
-  if (body !== undefined) allHeaders["Content-Type"] = "application/json";
-  const response = await fetch(path, {
-    method,
-    headers: allHeaders,
-    body: body === undefined ? undefined : JSON.stringify(body),
-    signal,
-  });
-  if (response.ok) return response;
-  const text = await response.text();
-  let parsed = null;
-  try {
-    parsed = JSON.parse(text);
-  } catch (_) {
-    parsed = null;
-  }
-  const error = new ApiError(response.status, errorMessage(parsed, response.status, response.headers.get("Retry-After")),
-    parsed && parsed.error ? parsed.error.param : undefined);
-  if (response.status === 401 && state.me) showLogin("Your key is no longer accepted; log in again.");
-  throw error;
-}
-
-/** apiFetch, then the JSON body (null for 204 No Content). */
-async function api(path, options) {
-  const response = await apiFetch(path, options);
-  if (response.status === 204) return null;
-  return response.json();
-}
 
 /** Yields the `data:` payload of each server-sent event of a streaming response. */
 async function* readSse(response) {
@@ -145,13 +88,6 @@ async function postFeedback(body) {
   }
 }
 
-/** Shows `text` in a status line; `ok` false styles it as an error. */
-function setStatus(element, text, ok = true) {
-  element.textContent = text;
-  element.classList.toggle("error", !ok);
-  element.classList.toggle("ok", ok && text !== "");
-}
-
 function savedText(outcome, what) {
   if (outcome === "replaced") return `Saved ${what} (replaces your earlier vote).`;
   if (outcome === "replayed") return `Already saved: ${what}.`;
@@ -169,25 +105,9 @@ function sampling() {
 
 // ---- login ----
 
-function showLogin(message = "") {
-  state.me = null;
-  $("app").hidden = true;
-  $("tabs").hidden = true;
-  $("account").hidden = true;
-  $("login").hidden = false;
-  setStatus($("login-error"), message, false);
-  $("api-key").focus();
-}
-
 /** The app for user `me`; `reopen`: the id of a chat to open (the one open before a reload). */
 async function enterApp(me, reopen = null) {
-  state.me = me;
-  $("login").hidden = true;
-  $("app").hidden = false;
-  $("tabs").hidden = false;
-  $("account").hidden = false;
-  $("user-name").textContent = me.auth ? me.name : `${me.name} (auth off)`;
-  $("logout").hidden = !me.auth;
+  showAccount(me);
   $("admin-link").hidden = !me.admin;
   await loadModels();
   if (!state.models.length && state.classifiers.length) {
@@ -198,42 +118,6 @@ async function enterApp(me, reopen = null) {
   $("chat-input").focus();
   await loadConversations();
   if (reopen) await openConversation(reopen);
-}
-
-async function start(reopen) {
-  state.key = localStorage.getItem(KEY_STORAGE);
-  try {
-    await enterApp(await api("/v1/me"), reopen);
-  } catch (error) {
-    if (error instanceof ApiError && error.status === 401) {
-      showLogin(state.key ? "Your saved key was not accepted; log in again." : "");
-    } else {
-      showLogin(`Cannot reach the server: ${error.message}`);
-    }
-  }
-}
-
-async function login(event) {
-  event.preventDefault();
-  const key = $("api-key").value.trim();
-  state.key = key;
-  try {
-    const me = await api("/v1/me");
-    localStorage.setItem(KEY_STORAGE, key);
-    $("api-key").value = "";
-    await enterApp(me);
-  } catch (error) {
-    state.key = null;
-    const message = error instanceof ApiError && error.status === 401 ? "That key was not accepted." : error.message;
-    setStatus($("login-error"), message, false);
-  }
-}
-
-function logout() {
-  localStorage.removeItem(KEY_STORAGE);
-  state.key = null;
-  newConversation();
-  showLogin("");
 }
 
 // ---- models ----
@@ -1360,8 +1244,6 @@ async function deleteFeedback(feedback, item) {
 // ---- wiring ----
 
 document.addEventListener("DOMContentLoaded", () => {
-  $("login-form").addEventListener("submit", login);
-  $("logout").addEventListener("click", logout);
   for (const tab of TABS) $(`tab-${tab}`).addEventListener("click", () => selectTab(tab));
   $("tabs").addEventListener("keydown", tabKeys);
   $("chat-form").addEventListener("submit", sendChat);
@@ -1402,5 +1284,5 @@ document.addEventListener("DOMContentLoaded", () => {
   const reopen = location.hash.startsWith(CHAT_HASH) ? decodeURIComponent(location.hash.slice(CHAT_HASH.length)) : null;
   newConversation();
   selectTab("chat");
-  start(reopen);
+  startSession({ views: ["app", "tabs"], enter: enterApp, leave: newConversation }, reopen);
 });
