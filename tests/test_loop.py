@@ -6,6 +6,7 @@ interrupted loop continues from the step it was in without writing anything twic
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -170,15 +171,21 @@ def test_loop_config_errors_name_the_field() -> None:
         load_config(LoopConfig, overrides={"stage_options": "lr=1e-4"})
 
 
-def test_demo_runs_the_whole_loop_from_nothing(tmp_path: Path) -> None:
-    """`alignloop demo`, shrunk: base model, server, simulated users, one iteration, the report."""
+@pytest.mark.parametrize("base", ["shipped", "scratch"])
+def test_demo_runs_the_whole_loop(base: str, tmp_path: Path) -> None:
+    """`alignloop demo`, shrunk: base model (the shipped one, or built here from nothing), server,
+    simulated users, one iteration, the report with the base and final models side by side."""
     from alignloop.cli import main
 
-    assert main(["demo", "--output-dir", str(tmp_path), "--base", "scratch", "--model", "tiny-1m", "--pretrain-steps", "3", "--sft-steps", "3",
+    scratch = ["--model", "tiny-1m", "--pretrain-steps", "3", "--sft-steps", "3"] if base == "scratch" else []
+    assert main(["demo", "--output-dir", str(tmp_path), "--base", base, *scratch,
                  "--preference", "length", "--iterations", "1", "--users", "6", "--turns-per-user", "4"]) == 0
     report = (tmp_path / "demo" / "report.md").read_text()
-    for section in ("## The loop", "## Iterations", "## Lineage", "## The base model", "held-out loss"):
+    for section in ("## The loop", "## Iterations", "## Lineage", "## The base model", "Held-out loss"):
         assert section in report
+    losses = re.findall(r"^\| (base \(v0\)|final \(\w+\)) `[^`]+` \| (\d+\.\d+) \|", report, re.M)
+    assert [name for name, _ in losses][0] == "base (v0)" and len(losses) == 2
+    assert (tmp_path / "demo" / "pretrain").is_dir() == (base == "scratch")
     state = json.loads((tmp_path / "demo" / "loop-length" / "iter-1" / "state.json").read_text())
     assert set(state["steps"]) == set(pipeline.STEPS)
     assert sum(state["steps"]["collect"]["feedback"].values()) == 24
