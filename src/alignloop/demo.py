@@ -37,15 +37,22 @@ log = logging.getLogger("alignloop")
 SAMPLE_PROMPTS = 4
 SHIPPED_BASE = "chitchat-5m"
 DEMO_LENGTH, DEMO_BATCH = 128, 8  # chitchat turns are short; 8×128 tokens a step keeps the demo in minutes
-# The loop's recipe for a tiny model and a few hundred pieces of feedback an iteration: a few epochs
-# at a high learning rate, no checkpoints (an iteration's stage takes seconds), no held-out split
-# for SFT (a few dozen corrections).
-DEMO_STAGE_OPTIONS = [
-    "sft.train.lr=1e-3", "sft.train.epochs=3", "sft.train.warmup_steps=0", "sft.train.eval_every=0",
-    "sft.train.save_every=0", "sft.data.eval_fraction=0",
-    "dpo.train.lr=1e-4", "dpo.train.epochs=3", "dpo.train.warmup_steps=0", "dpo.train.eval_every=0",
-    "dpo.train.save_every=0", "dpo.preference.beta=0.1", "dpo.data.eval_fraction=0.1",
-]
+# The loop's recipe for a tiny model and a few hundred pieces of feedback an iteration: a few epochs,
+# no checkpoints (an iteration's stage takes seconds), no held-out split for SFT (a few dozen
+# corrections). Learning rates (SFT, DPO) by base: the shipped base writes sentences and must keep
+# them (at 1e-3 / 1e-4 its candidates moved 1.5 nats a token from it, lost their grammar and were
+# refused by the KL budget); a base built in minutes from nothing has little to lose.
+DEMO_LEARNING_RATES = {"shipped": (3e-4, 3e-5), "scratch": (1e-3, 1e-4)}
+
+
+def demo_stage_options(base: str) -> list[str]:
+    sft_lr, dpo_lr = DEMO_LEARNING_RATES[base]
+    return [
+        f"sft.train.lr={sft_lr}", "sft.train.epochs=3", "sft.train.warmup_steps=0", "sft.train.eval_every=0",
+        "sft.train.save_every=0", "sft.data.eval_fraction=0",
+        f"dpo.train.lr={dpo_lr}", "dpo.train.epochs=3", "dpo.train.warmup_steps=0", "dpo.train.eval_every=0",
+        "dpo.train.save_every=0", "dpo.preference.beta=0.1", "dpo.data.eval_fraction=0.1",
+    ]
 
 
 def build_base_model(folder: Path, model: str, pretrain_steps: int, sft_steps: int) -> tuple[Path, Path]:
@@ -83,7 +90,7 @@ def run_demo(output_dir: str, base: str = "shipped", model: str = "tiny-5m", pre
     db = f"sqlite:///{(folder / f'feedback-{preference}.db').resolve()}"
     loop_cfg = load_config(LoopConfig, overrides={
         "run.output_dir": str(folder), "run.name": f"loop-{preference}", "db": db, "base_model": str(tuned),
-        "iterations": iterations, "recipe": ["sft", "dpo"], "stage_options": DEMO_STAGE_OPTIONS,
+        "iterations": iterations, "recipe": ["sft", "dpo"], "stage_options": demo_stage_options(base),
         # A refused candidate leaves the same model deployed, so its feedback still counts next time.
         "rules.window": "since_promotion",
         # A tiny model learning a new habit (a cheerful closing line, a topic) moves ~0.5-1 nat per
@@ -106,7 +113,9 @@ def _write_demo_report(folder: Path, base: str, base_model: Path, loop_folder: P
     final = _deployed_model(store, base_model)
     heldout = builtin_rows("chitchat-chat-heldout")
     prompts = [row.fields["messages"][:1] for row in heldout[:: max(1, len(heldout) // SAMPLE_PROMPTS)][:SAMPLE_PROMPTS]]
-    models = {"base (v0)": base_model, f"final ({final['version']})": Path(final["path"])}
+    models = {"base (v0)": base_model}
+    if Path(final["path"]).resolve() != Path(base_model).resolve():  # else no candidate was promoted: v0 is the final model
+        models[f"final ({final['version']})"] = Path(final["path"])
     losses = {name: heldout_chat_loss(path, heldout) for name, path in models.items()}
     replies = {name: _replies(path, prompts) for name, path in models.items()}
     if base == "shipped":
@@ -141,7 +150,7 @@ def _write_demo_report(folder: Path, base: str, base_model: Path, loop_folder: P
         "### Replies (greedy, 40 tokens) to held-out openings",
         "",
         f"| user says | {' | '.join(models)} |",
-        "| --- | --- | --- |",
+        "| --- " * (len(models) + 1) + "|",
     ]
     for i, prompt in enumerate(prompts):
         lines.append(f"| {_cell(prompt[0]['content'])} | {' | '.join(_cell(replies[name][i]) for name in models)} |")
