@@ -3,7 +3,8 @@ class with hooks.
 
 * :func:`open_stage_run`, :func:`open_run` — the run folder (:class:`alignloop.runs.Run`: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``final/``)
 * :func:`make_accelerator`, :func:`make_optimizer`, :func:`make_scheduler` — one code path for
-  1 process, DDP, FSDP or DeepSpeed through accelerate; AdamW; warmup then a transformers schedule
+  1 process or DDP through accelerate (tested; FSDP and DeepSpeed ZeRO are issue 32, not yet
+  tested here); AdamW; warmup then a transformers schedule
 * :func:`save_checkpoint`, :func:`resume` — exact resume: model, optimiser, scheduler, RNG states
   and the stage's own state (data position, controllers) in ``checkpoints/step-N``
 * :class:`MetricsLog` — one JSON line per logged step; :class:`alignloop.runs.Progress` — a bar or log
