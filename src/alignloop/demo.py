@@ -55,8 +55,9 @@ def demo_stage_options(base: str) -> list[str]:
     ]
 
 
-def build_base_model(folder: Path, model: str, pretrain_steps: int, sft_steps: int) -> tuple[Path, Path]:
-    """Pretrain, then SFT; each stage is skipped when its run folder is already complete."""
+def build_base_model(folder: Path, model: str, pretrain_steps: int, sft_steps: int) -> Path:
+    """Pretrain, then SFT (the SFT model is returned); each stage is skipped when its run folder is
+    already complete."""
     pretrain_cfg = load_config(PretrainConfig, overrides={
         "run.output_dir": str(folder), "run.name": "pretrain", "model.name_or_path": model,
         "data.max_length": DEMO_LENGTH, "train.batch_size": DEMO_BATCH, "train.max_steps": pretrain_steps,
@@ -68,7 +69,7 @@ def build_base_model(folder: Path, model: str, pretrain_steps: int, sft_steps: i
         "data.max_length": DEMO_LENGTH, "train.batch_size": DEMO_BATCH, "train.max_steps": sft_steps,
         "train.lr": 5e-4, "train.eval_every": max(1, sft_steps // 5), "train.save_every": 0,
     })
-    return pretrained, run_sft(sft_cfg).final_dir
+    return run_sft(sft_cfg).final_dir
 
 
 def run_demo(output_dir: str, base: str = "shipped", model: str = "tiny-5m", pretrain_steps: int = 200,
@@ -85,7 +86,7 @@ def run_demo(output_dir: str, base: str = "shipped", model: str = "tiny-5m", pre
             raise FileNotFoundError(f"{tuned}: the shipped base model is missing from this install; "
                                     "reinstall alignloop or run `alignloop demo --base scratch`")
     else:
-        tuned = build_base_model(folder, model, pretrain_steps, sft_steps)[1]
+        tuned = build_base_model(folder, model, pretrain_steps, sft_steps)
     base_seconds = time.perf_counter() - started
     db = f"sqlite:///{(folder / f'feedback-{preference}.db').resolve()}"
     loop_cfg = load_config(LoopConfig, overrides={

@@ -446,10 +446,10 @@ class Loop:
 def weights_version(path: str) -> str:
     """The version the server would give the folder at ``path`` (float32 weights): a classifier
     hashed as ``alignloop serve --classifier`` loads it, anything else as a causal LM."""
-    from alignloop.serve.classifier import is_classifier
+    from alignloop.models.load import model_family
     from alignloop.serve.engine import model_version
 
-    if is_classifier(path):
+    if model_family(path, "candidate")[0] == "classifier":
         from alignloop.models.classifier import load_classifier
 
         model, _ = load_classifier(path, None, "candidate")

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from alignloop.config import ServeConfig
-from alignloop.errors import ModelError
 from alignloop.feedback.store import PredictionRecord, User
 from alignloop.models.classifier import (
     classifier_task,
@@ -38,15 +37,6 @@ from alignloop.serve.errors import ApiError
 
 BATCH_SIZE = 32
 DEFAULT_MAX_TOKENS = 512  # for a model that states no limit: BERT's
-
-
-def is_classifier(path: str) -> bool:
-    """Whether the folder at ``path`` holds a sequence or token classifier (not a causal LM)."""
-    try:
-        classifier_task(path)
-    except ModelError:
-        return False
-    return True
 
 
 class ServedClassifier:

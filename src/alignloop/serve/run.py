@@ -63,12 +63,14 @@ def _route_models(specs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], 
 
     chat, classifiers = [], []
     for name, path in specs:
-        if model_family(path, f"model {name!r} at")[0] == "classifier":
+        family = model_family(path, f"model {name!r} at")[0]
+        if family == "classifier":
             log.info("serve: %s (%s) is a classifier, not a chat model: serving it on /v1/classify, as --classifier does", name, path)
             classifiers.append((name, path))
-        else:
-            require_chat_model(name, path)
-            chat.append((name, path))
+            continue
+        if family != "causal_lm":
+            require_chat_model(name, path)  # refuses it, saying what the folder holds
+        chat.append((name, path))
     return chat, classifiers
 
 
