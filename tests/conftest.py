@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -154,26 +154,32 @@ def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: flo
 
 
 @pytest.fixture
-def straight_and_killed_runs() -> Callable[[list[str], Path, int], tuple[list[dict], list[dict]]]:
-    """``straight_and_killed_runs(cli_args, out, step)``: run ``alignloop CLI_ARGS`` (writing under
-    ``out``) once uninterrupted as ``straight``; once as ``killed``, SIGKILLed (a crash, no cleanup)
-    as soon as its checkpoint ``step`` is complete, then run again to resume. Checks the resume
-    happened; returns both runs' ``metrics.jsonl`` rows."""
+def straight_and_killed_runs() -> Callable[..., tuple[list[dict], list[dict]]]:
+    """``straight_and_killed_runs(cli_args, out, step, command=alignloop_command)``: run
+    ``alignloop CLI_ARGS`` (writing under ``out``) once uninterrupted as ``straight``; once as
+    ``killed``, SIGKILLed with every process it started (a crash, no cleanup) as soon as its
+    checkpoint ``step`` is complete, then run again to resume. ``command`` makes the command line
+    (e.g. under torchrun). Checks the resume happened; returns both runs' ``metrics.jsonl`` rows."""
     from alignloop.runs import read_metrics
 
-    def run(cli_args: list[str], out: Path, step: int) -> tuple[list[dict], list[dict]]:
+    def run(cli_args: list[str], out: Path, step: int,
+            command: Callable[..., list[str]] = alignloop_command) -> tuple[list[dict], list[dict]]:
         # The straight and the killed run must multiply with the same kernels: under `auto` each
         # times oneDNN against torch's GEMM itself, and on a CPU where the two are close they can
         # choose differently and round differently. (The resumed process adopts the killed one's
         # choice from the checkpoint: test_train.py::test_a_resume_keeps_the_cpu_kernels_...)
         cli_args = [*cli_args, "--model.cpu_linear=torch"]
-        subprocess.run(alignloop_command(*cli_args, "--run.name=straight"), check=True, capture_output=True)
-        proc = subprocess.Popen(alignloop_command(*cli_args, "--run.name=killed"), stderr=subprocess.PIPE, text=True)
+        subprocess.run(command(*cli_args, "--run.name=straight"), check=True, capture_output=True)
+        proc = subprocess.Popen(command(*cli_args, "--run.name=killed"), stderr=subprocess.PIPE, text=True)
         wait_for(lambda: (out / "killed" / "checkpoints" / f"step-{step}" / "trainer_state.json").is_file(), proc)
-        proc.send_signal(signal.SIGKILL)
+        import psutil  # accelerate's dependency
+
+        # The launcher and every worker (torchrun starts its workers in sessions of their own).
+        for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            process.kill()
         proc.communicate()
         assert not (out / "killed" / "final").exists(), "the run finished before it was killed"
-        resumed = subprocess.run(alignloop_command(*cli_args, "--run.name=killed"), capture_output=True, text=True)
+        resumed = subprocess.run(command(*cli_args, "--run.name=killed"), capture_output=True, text=True)
         assert resumed.returncode == 0, resumed.stderr
         assert "resumed from" in resumed.stderr
         return read_metrics(out / "straight" / "metrics.jsonl"), read_metrics(out / "killed" / "metrics.jsonl")
@@ -272,3 +278,29 @@ def served(tiny_model_dir: Path) -> Any:
     from alignloop.serve.engine import ServedModel
 
     return ServedModel("tiny", str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def task(word_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The online-RL task of tests/test_rl.py and tests/test_sharded.py: prompt files, the reward and a
+    judge, an SFT set, around the shared word-level policy."""
+    folder = tmp_path_factory.mktemp("rl-task")
+    rng = random.Random(0)
+    def prompts(n: int) -> list[dict]:
+        return [{"prompt": " ".join(rng.choices(WORDS, k=4))} for _ in range(n)]
+    for name, n in (("train", 64), ("heldout", 24)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts(n)))
+    (folder / "rewards.py").write_text(
+        f"GOOD = set({GOOD!r})\n"
+        "def good_share(prompts, completions, **fields):\n"
+        "    return [sum(w in GOOD for w in c.split()) / max(1, len(c.split())) for c in completions]\n"
+        "def judge(prompts, a, b, **fields):\n"
+        "    # not the training reward: whichever has more good words among its first four\n"
+        "    count = lambda c: sum(w in GOOD for w in c.split()[:4])\n"
+        "    return [count(x) - count(y) for x, y in zip(a, b)]\n"
+    )
+    sft = [{"prompt": " ".join(rng.choices(WORDS, k=4)), "completion": " ".join(rng.choices(WORDS[100:], k=8))}
+           for _ in range(32)]
+    (folder / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    return {"policy": word_model_dir, "train": folder / "train.jsonl", "heldout": folder / "heldout.jsonl",
+            "rewards": folder / "rewards.py", "sft": folder / "sft.jsonl"}

@@ -11,7 +11,6 @@ with -9 and resumed reproduces the uninterrupted run's metrics step for step.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -19,32 +18,7 @@ import torch
 
 from alignloop.cli import main
 from alignloop.runs import read_metrics
-from conftest import GOOD, WORDS
-
-
-@pytest.fixture(scope="module")
-def task(word_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Prompt files, the reward and a judge, an SFT set, around the shared word-level policy."""
-    folder = tmp_path_factory.mktemp("rl-task")
-    rng = random.Random(0)
-    def prompts(n: int) -> list[dict]:
-        return [{"prompt": " ".join(rng.choices(WORDS, k=4))} for _ in range(n)]
-    for name, n in (("train", 64), ("heldout", 24)):
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts(n)))
-    (folder / "rewards.py").write_text(
-        f"GOOD = set({GOOD!r})\n"
-        "def good_share(prompts, completions, **fields):\n"
-        "    return [sum(w in GOOD for w in c.split()) / max(1, len(c.split())) for c in completions]\n"
-        "def judge(prompts, a, b, **fields):\n"
-        "    # not the training reward: whichever has more good words among its first four\n"
-        "    count = lambda c: sum(w in GOOD for w in c.split()[:4])\n"
-        "    return [count(x) - count(y) for x, y in zip(a, b)]\n"
-    )
-    sft = [{"prompt": " ".join(rng.choices(WORDS, k=4)), "completion": " ".join(rng.choices(WORDS[100:], k=8))}
-           for _ in range(32)]
-    (folder / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
-    return {"policy": word_model_dir, "train": folder / "train.jsonl", "heldout": folder / "heldout.jsonl",
-            "rewards": folder / "rewards.py", "sft": folder / "sft.jsonl"}
+from conftest import WORDS
 
 
 def rl_args(algo: str, task: dict, out: Path, *extra: str) -> list[str]:

@@ -120,6 +120,7 @@ class TrainConfig:
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    strategy: Literal["ddp", "fsdp", "zero2", "zero3"] = option("ddp", "how the processes of a torchrun launch share the work: ddp, each holds the whole model, gradients and optimiser state; fsdp, each holds 1/N of them (torch FSDP2) and gathers a decoder block's weights only while it computes; zero2, DeepSpeed ZeRO-2: whole weights, 1/N of the gradients and optimiser state; zero3, DeepSpeed ZeRO-3: 1/N of all three (zero2/zero3 need `pip install 'alignloop[deepspeed]'`). One process ignores it")
     precision: Literal["fp32", "bf16", "bf16-autocast"] = option("fp32", "fp32; bf16 (bf16 weights and activations, fp32 master weights and optimiser); or bf16-autocast (fp32 weights, autocast)")
     eval_every: int = option(50, "evaluate on held-out data every N steps (0: only at the end)")
     eval_batches: Optional[int] = option(16, "cap on held-out batches per evaluation (null: all)")

@@ -515,18 +515,20 @@ def rpo_nll(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.
     return (-policy_chosen / chosen_lengths).mean()
 
 
-def kto_reference_point(policy_mismatched_logps: torch.Tensor, ref_mismatched_logps: torch.Tensor) -> float:
+def kto_reference_point(policy_mismatched_logps: torch.Tensor, ref_mismatched_logps: torch.Tensor,
+                        over_processes: Callable[[float], float] = lambda mean: mean) -> float:
     """KTO's reference point z₀, an estimate of KL(π_θ ‖ π_ref) (Ethayarajh et al. 2024, §4).
 
         z₀ = max(0, (1/M) Σ_j (π(y'_j|x_j) − ref(y'_j|x_j)))
 
     over M mismatched pairs: each prompt x_j with another example's completion y'_j, so the
     estimate does not depend on how well the policy fits the labelled pairs. It is a plain
-    float: no gradient flows through z₀. With several processes, the mean should be over all of
-    them (the trainer all-reduces sum and count before the clamp).
+    float: no gradient flows through z₀. With several processes the mean is over all of them, as
+    TRL's is: ``over_processes`` turns this process's mean into theirs (each holds as many pairs),
+    before the clamp.
     """
     with torch.no_grad():
-        return max(0.0, float((policy_mismatched_logps - ref_mismatched_logps).float().mean()))
+        return max(0.0, over_processes(float((policy_mismatched_logps - ref_mismatched_logps).float().mean())))
 
 
 def kto_loss(

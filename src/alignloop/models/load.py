@@ -82,7 +82,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: Any, seed: int) -> Any:
         enable_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora.r > 0:
-        model = add_lora(model, cfg)
+        model = add_lora(model, cfg, seed=seed)
     use_onednn_linears(model, cfg.cpu_linear)
     return model
 
@@ -133,8 +133,12 @@ def is_checkpointing(model: Any) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
 
 
-def add_lora(model: Any, cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> Any:
-    """LoRA adapters on ``cfg.lora.target_modules``; for ``SEQ_CLS`` peft also trains the new head."""
+def add_lora(model: Any, cfg: ModelConfig, task_type: str = "CAUSAL_LM", seed: int = 0) -> Any:
+    """LoRA adapters on ``cfg.lora.target_modules``; for ``SEQ_CLS`` peft also trains the new head.
+
+    The adapters' random init (LoRA's A; B starts at zero) draws from ``seed``, not from whatever
+    state the global generator reached: a rerun starts from the same adapters, and so does every
+    process of a sharded run, which cuts its shard from its own copy."""
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora.target_modules
@@ -150,7 +154,9 @@ def add_lora(model: Any, cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> Any:
         task_type=task_type,
     )
     try:
-        return get_peft_model(model, lora)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return get_peft_model(model, lora)
     except ValueError as e:
         raise ModelError(f"model.lora.target_modules {targets}: {_first_line(e)}") from None
 

@@ -24,6 +24,7 @@ forward per backward) nor for encoders, whose prompt tokens attend to the respon
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -215,6 +216,15 @@ def can_share_prefixes(model: Any) -> bool:
     a decoder at all is the caller's to know (a causal LM; a reward model without text pairs)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return False  # DDP prepares its gradient reduction in each forward: keep to one forward per backward
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        # FSDP gathers a block's weights again for backward when the gradient reaches the block's
+        # output; a gradient that reaches the prefix's blocks through the KV cache finds them freed.
+        return False
+    deepspeed = sys.modules.get("deepspeed")  # not imported: no engine exists
+    if deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine):
+        return False  # ZeRO-3 frees gathered weights as FSDP does; both stages: one forward per backward, as under DDP
     config = getattr(model, "config", None)
     if config is None or is_checkpointing(model):
         return False

@@ -46,6 +46,10 @@ class ReadOut:
 def readout_of(model: Any) -> ReadOut | None:
     """The read-out of a decoder or BERT-family classifier (through peft and DDP wrappers), or None."""
     base = getattr(model, "module", model)  # DDP
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(base, FSDPModule):  # sharded: a block's weights exist only inside its own forward, which the swap skips
+        return None
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
     backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
     if backbone is None or not type(base).__name__.endswith("ForSequenceClassification"):  # other heads read elsewhere

@@ -29,7 +29,6 @@ BIO tag per word), supervised, on any HF backbone.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -548,7 +547,7 @@ def fit_classifier(cfg: ClassifyConfig, model: Any, tokenizer: Any, task: str, n
                 if supervised_batches is not None:
                     chosen = [supervised[i] for i in supervised_batches.indices(session.step * t.grad_accum + k)]
                     context.supervised = {k: v.to(accelerator.device) for k, v in collate_examples(chosen, pad_id).items()}
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                with session.accumulating(last):
                     with session.autocast():
                         summed, batch_sums = objective.loss(model, batch, context)
                     session.backward(summed / (step_weight / accelerator.num_processes))

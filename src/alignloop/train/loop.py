@@ -3,8 +3,9 @@ class with hooks.
 
 * :func:`open_stage_run`, :func:`open_run` — the run folder (:class:`alignloop.runs.Run`: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``final/``)
 * :func:`make_accelerator`, :func:`make_optimizer`, :func:`make_scheduler` — one code path for
-  1 process or DDP through accelerate (tested; FSDP and DeepSpeed ZeRO are issue 32, not yet
-  tested here); AdamW; warmup then a transformers schedule
+  1 process or DDP through accelerate; AdamW; warmup then a transformers schedule
+* :func:`shard_model` (``train.strategy=fsdp``, torch FSDP2) and :mod:`alignloop.train.zero`
+  (``zero2``/``zero3``, DeepSpeed) — sharded training behind the same session methods
 * :func:`save_checkpoint`, :func:`resume` — exact resume: model, optimiser, scheduler, RNG states
   and the stage's own state (data position, controllers) in ``checkpoints/step-N``
 * :class:`MetricsLog` — one JSON line per logged step; :class:`alignloop.runs.Progress` — a bar or log
@@ -16,6 +17,8 @@ class with hooks.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -35,9 +38,14 @@ from alignloop.config import STAGES, TrainConfig, check_trackers, save_config, s
 from alignloop.runs import CHECKPOINT_PREFIX, STATE_FILE, Progress, Run
 from alignloop.errors import ConfigError, TrainingInterrupted
 from alignloop.models.cpu_linear import adopt_kernels, chosen_kernels
+from alignloop.train.zero import (ZERO_STAGES, held_parameters, is_engine, load_zero, release_engine, save_zero, zero_engine,
+                                  zero_full_weights, zero_step)
 
 log = logging.getLogger("alignloop")
 
+SHARDS_DIR = "shards"  # in a checkpoint of a sharded model: every process's shards (torch distributed checkpoint)
+# Where each sharding strategy keeps every process's shards in a checkpoint (DeepSpeed: its own checkpoint format)
+SHARDED_DIRS = {"fsdp": SHARDS_DIR, "zero2": "deepspeed-zero2", "zero3": "deepspeed-zero3"}
 KERNELS_KEY = "cpu_kernels"  # in STATE_FILE: each rank's CPU kernel choices, by rank (models/cpu_linear.py)
 
 
@@ -175,10 +183,13 @@ class Precision:
     weights are part of an exact resume.
     """
 
-    def __init__(self, model: torch.nn.Module, precision: str):
+    def __init__(self, model: torch.nn.Module, precision: str, sharded: bool = False):
         self.precision = precision
         self.model_params = [p for p in model.parameters() if p.requires_grad]
-        if precision == "bf16":
+        # Sharded by FSDP, the model's own fp32 shards are the master weights and FSDP casts the
+        # gathered copy to bf16 for compute (:func:`shard_model`): nothing left to do here.
+        self.masters = precision == "bf16" and not sharded
+        if self.masters:
             self.params = [p.detach().float().clone().requires_grad_(True) for p in self.model_params]
             self.cast_frozen(model)  # frozen weights too (LoRA's base): one dtype in every matmul
         else:
@@ -207,7 +218,7 @@ class Precision:
 
     def after_backward(self) -> None:
         """Move the model's bf16 gradients to the fp32 master weights."""
-        if self.precision != "bf16":
+        if not self.masters:
             return
         for master, param in zip(self.params, self.model_params):
             master.grad = None if param.grad is None else param.grad.float()
@@ -216,7 +227,7 @@ class Precision:
     @torch.no_grad()
     def after_step(self) -> None:
         """Refresh the bf16 weights from the updated master weights."""
-        if self.precision != "bf16":
+        if not self.masters:
             return
         for master, param in zip(self.params, self.model_params):
             param.copy_(master)
@@ -224,17 +235,17 @@ class Precision:
     @torch.no_grad()
     def fp32_weights_into(self, model: torch.nn.Module) -> None:
         """Make ``model`` fp32 with the master weights in it (to save it)."""
-        if self.precision != "bf16":
+        if not self.masters:
             return
         model.float()
         for master, param in zip(self.params, self.model_params):
             param.data = master.detach()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"master": [p.detach() for p in self.params]} if self.precision == "bf16" else {}
+        return {"master": [p.detach() for p in self.params]} if self.masters else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.precision == "bf16":
+        if self.masters:
             with torch.no_grad():
                 for master, saved in zip(self.params, state["master"]):
                     master.copy_(saved)
@@ -285,16 +296,150 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# Sharding (train.strategy=fsdp)
+# ---------------------------------------------------------------------------------------------
+def shard_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """Shard ``model`` across the run's processes with torch's FSDP2 (``fully_shard``), in place.
+
+    Each decoder block (the classes the model lists in ``_no_split_modules``, as accelerate's and
+    TRL's auto-wrap policies read them) becomes one unit, then the root takes what is left
+    (embeddings, final norm, head; tied weights stay in one unit). Every parameter becomes a
+    ``DTensor`` of which a process holds 1/N; a unit's weights are all-gathered just before it
+    computes and freed after, and gradients are reduce-scattered, so each process keeps 1/N of the
+    weights, gradients and AdamW state (ZeRO-3's memory at the cost of one all-gather per unit and
+    pass). With ``bf16`` the fp32 shards are the master weights and FSDP casts the gathered copy to
+    bf16 (``MixedPrecisionPolicy``), gradients reduced in fp32: :class:`Precision`'s scheme, done by FSDP.
+
+    torch's own FSDP2 rather than accelerate's plugin: accelerate 1.16 on a CPU picks DDP whatever
+    its FSDP settings say (measured: every rank held all parameters), so its plugin could not be
+    tested on the machines CI has; ``fully_shard`` runs on gloo as on NCCL.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # Every process cuts its shard from its own copy: start them all from the main process's, as
+    # DDP does when it wraps a model (a LoRA adapter's random init may differ between processes).
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
+        else MixedPrecisionPolicy()
+    for block in decoder_blocks(model):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model (through a peft wrapper): its ``_no_split_modules``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ConfigError(f"train.strategy=fsdp: {type(base).__name__} names no repeated blocks (_no_split_modules) to shard by; "
+                          "use train.strategy=ddp")
+    return blocks
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s whole fp32 weights must be gathered from the processes (:func:`full_weights`):
+    sharded by FSDP, or trained by DeepSpeed (ZeRO-3 shards the weights, both stages the fp32 masters)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) or is_engine(model)
+
+
+def full_weights(model: torch.nn.Module, everywhere: bool = True) -> dict[str, torch.Tensor]:
+    """A sharded model's whole state dict, gathered (every process must call it): on every process,
+    or with ``everywhere=False`` on the main process only (the others get ``{}``), in CPU memory."""
+    if is_engine(model):
+        return zero_full_weights(model, everywhere)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+
+
+@torch.no_grad()
+def unshard_for_good(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Put ``weights`` (:func:`full_weights`) back into a sharded ``model`` as plain parameters, so
+    it saves, merges LoRA and generates as an unsharded model. Tied parameters stay tied. Only when
+    the model will not train again: FSDP's hooks still expect shards."""
+    replaced: dict[int, torch.nn.Parameter] = {}
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if id(param) not in replaced:
+            replaced[id(param)] = torch.nn.Parameter(weights[name].clone(), requires_grad=param.requires_grad)
+        owner._parameters[attr] = replaced[id(param)]
+    return model
+
+
+def _checkpointed(model: torch.nn.Module, extra_modules: list[torch.nn.Module]) -> torch.nn.Module:
+    """One module holding the model and the modules trained beside it, so the optimiser's every
+    parameter has a name for torch's distributed checkpoint."""
+    return torch.nn.ModuleDict({"model": model, "extra": torch.nn.ModuleList(extra_modules)})
+
+
+@dataclasses.dataclass
+class Shards:
+    """What each process of a sharded run checkpoints of its own: its shards of the model (a
+    DeepSpeed engine under zero2/zero3), of the optimiser and of the modules trained beside it."""
+
+    strategy: str  # a key of SHARDED_DIRS
+    model: Any
+    optimizer: Any
+    extra_modules: list[torch.nn.Module]
+
+
+def save_sharded(checkpoint: Path, shards: Shards) -> None:
+    """Each process writes its shards of the weights and optimiser state into ``checkpoint``'s
+    ``SHARDED_DIRS[strategy]``, on storage every process sees: DeepSpeed's checkpoint under ZeRO
+    (:func:`save_zero`), else torch's distributed checkpoint (one file per process and a metadata file)."""
+    folder = checkpoint / SHARDED_DIRS[shards.strategy]
+    if shards.strategy in ZERO_STAGES:
+        return save_zero(shards.model, checkpoint, folder.name)
+    _save_fsdp(folder, shards.model, shards.optimizer, shards.extra_modules)
+
+
+def load_sharded(checkpoint: Path, shards: Shards) -> None:
+    """Read what :func:`save_sharded` wrote back into the same shards (same number of processes)."""
+    folder = checkpoint / SHARDED_DIRS[shards.strategy]
+    if shards.strategy in ZERO_STAGES:
+        return load_zero(shards.model, checkpoint, folder.name)
+    _load_fsdp(folder, shards.model, shards.optimizer, shards.extra_modules)
+
+
+def _save_fsdp(folder: Path, model: torch.nn.Module, optimizer: Any, extra_modules: list[torch.nn.Module]) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optimizer_state = get_state_dict(_checkpointed(model, extra_modules), optimizer)
+    dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+
+
+def _load_fsdp(folder: Path, model: torch.nn.Module, optimizer: Any, extra_modules: list[torch.nn.Module]) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    holder = _checkpointed(model, extra_modules)
+    weights, optimizer_state = get_state_dict(holder, optimizer)  # the shapes to read into
+    state = {"model": weights, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(holder, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints and exact resume
 # ---------------------------------------------------------------------------------------------
-def save_checkpoint(accelerator: Any, run: Run, step: int, state: dict, keep: int) -> Path:
+def save_checkpoint(accelerator: Any, run: Run, step: int, state: dict, keep: int, shards: Shards | None = None) -> Path:
     """Save everything needed to continue exactly after ``step`` optimizer steps.
 
     accelerate writes the prepared model, optimiser, scheduler and every RNG state; ``state`` is the
     stage's own (data position, controllers) as JSON, beside the CPU kernel choices each process
     made, by rank (``models/cpu_linear.py``: they fix the run's float rounding, and under DDP each
     rank times for itself). The folder is written under a temporary name and renamed, so a kill -9
-    mid-save leaves the previous checkpoint as the newest.
+    mid-save leaves the previous checkpoint as the newest. A sharded model (``shards``: model,
+    optimiser, modules trained beside it) writes its weights and AdamW state from every process
+    (:func:`save_sharded`) into ``SHARDED_DIRS[strategy]``.
     """
     final = run.checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = run.checkpoints_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
@@ -302,6 +447,8 @@ def save_checkpoint(accelerator: Any, run: Run, step: int, state: dict, keep: in
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if shards is not None:
+        save_sharded(tmp, shards)
     from accelerate.utils import gather_object
 
     kernels = gather_object([chosen_kernels()])  # by rank; one process: the list as it is
@@ -319,22 +466,26 @@ def save_final(accelerator: Any, run: Run, model: Any, tokenizer: Any, precision
     """Write ``final/``: the fp32 weights as an HF folder, and the step that marks the run complete.
 
     The optimiser state is dropped first: training is over, and serialising the weights needs the
-    memory it held.
+    memory it held. A sharded model's whole weights are gathered and put back into it on the main
+    process, which may go on to use it (a stage's report) as an unsharded model.
     """
     optimizer.state.clear()
+    weights = full_weights(model, everywhere=False) if is_sharded(model) else None
+    if is_engine(model):
+        model = release_engine(model)
     if accelerator.is_main_process:
         from alignloop.models.load import save_model
 
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = accelerator.unwrap_model(model) if weights is None else unshard_for_good(model, weights)
         precision.fp32_weights_into(unwrapped)
         save_model(unwrapped, tokenizer, run.final_dir)
         (run.final_dir / STATE_FILE).write_text(json.dumps({"step": step}))
     accelerator.wait_for_everyone()
 
 
-def resume(accelerator: Any, run: Run, resume_from: str) -> dict | None:
+def resume(accelerator: Any, run: Run, resume_from: str, shards: Shards | None = None) -> dict | None:
     """Load the checkpoint ``train.resume`` points at; return the stage state saved with it (with
-    ``step``), or None to start from scratch."""
+    ``step``), or None to start from scratch. ``shards`` as for :func:`save_checkpoint`."""
     if resume_from == "never":
         return None
     if resume_from == "auto":
@@ -346,7 +497,13 @@ def resume(accelerator: Any, run: Run, resume_from: str) -> dict | None:
         folder = Path(resume_from)
         if not (folder / STATE_FILE).is_file():
             raise ConfigError(f"train.resume: {resume_from!r} is not a checkpoint folder (no {STATE_FILE})")
+    saved = next((strategy for strategy, name in SHARDED_DIRS.items() if (folder / name).is_dir()), None)
+    if saved != (shards.strategy if shards else None):
+        how = f"sharded by train.strategy={saved}" if saved else "with whole weights (train.strategy=ddp, or one process)"
+        raise ConfigError(f"train.resume: {folder} was saved {how}; resume it with that strategy and as many processes")
     accelerator.load_state(str(folder))
+    if shards is not None:
+        load_sharded(folder, shards)
     state = json.loads((folder / STATE_FILE).read_text())
     # Before any product, so the resumed run keeps the killed one's rounding: each rank its own
     # rank's choices (rank 0's where the run now has more processes than it had).
@@ -428,27 +585,59 @@ class TrainingSession:
 
     It owns the accelerator, :class:`Precision`, AdamW, the schedule, exact resume (the stage's own
     state rides along in :attr:`state`), ``metrics.jsonl``, the progress bar, Ctrl-C and checkpoints.
+    Under ``train.strategy`` ``fsdp`` the model is sharded in place; under ``zero2``/``zero3``
+    :attr:`model` is DeepSpeed's engine (called as the model is). :meth:`backward`,
+    :meth:`accumulating`, :meth:`optimizer_step`, :meth:`checkpoint`, :meth:`generation_model`
+    and :meth:`save_final` do what the strategy needs, so a loop never asks which it runs under.
     """
 
     def __init__(self, cfg: Any, model: torch.nn.Module, run: Run, title: str, extra_modules: list | None = None,
-                 extra_lr: float | None = None):
+                 extra_lr: float | None = None, generates: bool = False):
         t = cfg.train
         self.cfg, self.train, self.run, self.title = cfg, t, run, title
         self.stage = stage_name(cfg)
         self.accelerator = make_accelerator(t, cfg.run.report_to, run)
         # On the device before Precision copies the fp32 master weights: they must live beside the grads.
         model = model.to(self.accelerator.device)
-        self.precision = Precision(model, t.precision)
+        # One process computes as DDP whatever the strategy: there is nothing to split.
+        self.strategy = t.strategy if self.accelerator.num_processes > 1 else "ddp"
+        self.sharded = self.strategy != "ddp"
+        # A stage that generates with its policy (RL) gets a whole copy to generate with when the
+        # policy's weights are sharded: see generation_model().
+        self._generation_copy = copy.deepcopy(model) if self.strategy in ("fsdp", "zero3") and generates else None
+        self._generation_copy_step = -1
+        if self.strategy == "fsdp":
+            shard_model(model, t.precision)
+            held, total = (sum(p.to_local().numel() for p in model.parameters()), sum(p.numel() for p in model.parameters()))
+            log.info("FSDP: each of %d processes holds %s of the %s parameters", self.accelerator.num_processes,
+                     f"{held:,}", f"{total:,}")
+        self.precision = Precision(model, t.precision, sharded=self.sharded)
+        if self.strategy in ZERO_STAGES and extra_modules:
+            raise ConfigError(f"train.strategy={self.strategy} trains the model alone, in DeepSpeed's optimiser; this stage also "
+                              "trains a module beside it (PPO's value head, the ordinal rating head): use train.strategy=fsdp or ddp")
         # Small modules outside the model (an ordinal head's thresholds) train with it, in fp32,
         # and are checkpointed with it.
         extra_modules = [m.to(self.accelerator.device) for m in extra_modules or []]
         self.extra_params = [p for m in extra_modules for p in m.parameters()]
         self.optimizer = make_optimizer(self.precision.params, t, self.extra_params, extra_lr)
         self.scheduler = make_scheduler(self.optimizer, t)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, self.optimizer, self.scheduler)
-        for obj in [self.precision, *extra_modules]:
+        self.extra_modules = extra_modules
+        checkpointed = [self.precision, *extra_modules]
+        if self.sharded:
+            # Not through prepare(): on a CPU it would wrap the sharded model in DDP, and it saves the
+            # optimiser from the main process alone, where each process holds its own shard of it.
+            # DeepSpeed's engine takes the model and AdamW; the schedule stays alignloop's.
+            self.model = zero_engine(model, self.optimizer, t, self.strategy) if self.strategy in ZERO_STAGES else model
+            checkpointed.append(self.scheduler)
+            if self.strategy == "zero3":
+                held, total = held_parameters(self.model)
+                log.info("ZeRO-3: each of %d processes holds %s of the %s parameters", self.accelerator.num_processes,
+                         f"{held:,}", f"{total:,}")
+        else:
+            self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, self.optimizer, self.scheduler)
+        for obj in checkpointed:
             self.accelerator.register_for_checkpointing(obj)
-        self.state: dict = resume(self.accelerator, run, t.resume) or {"step": 0}
+        self.state: dict = resume(self.accelerator, run, t.resume, self.shards) or {"step": 0}
         self.step: int = self.state.pop("step")
         self.metrics = MetricsLog(run, self.accelerator, resumed_step=self.step)
         # Each stage's own numbers on its progress lines (STAGES' `progress` column), one mechanism for all.
@@ -457,6 +646,32 @@ class TrainingSession:
         log.info("%s: %d steps, warm-up %d, %s schedule", title, t.max_steps, warmup_steps(t), t.lr_schedule)
         self._interrupt = StopOnInterrupt()
         self._started, self._budget_spent = time.perf_counter(), False
+
+    def generation_model(self) -> torch.nn.Module:
+        """The policy to generate with (and to score its samples without gradient): the trained
+        model itself, or under sharding a whole, unsharded copy refreshed from the shards once per
+        step. Generation cannot run on shards: each process decodes its own prompts for as many
+        steps as they need, while every sharded forward is a collective that all processes must
+        join. The copy costs one model's weights per process during rollouts, as a colocated vLLM
+        engine does in TRL and OpenRLHF; the gradients and AdamW state, 3× the weights in fp32,
+        stay sharded."""
+        if self._generation_copy is None:
+            return self.accelerator.unwrap_model(self.model)
+        if self._generation_copy_step != self.step:
+            self._generation_copy.load_state_dict(full_weights(self.model))
+            self.precision.cast_frozen(self._generation_copy)
+            self._generation_copy_step = self.step
+        return self._generation_copy
+
+    @property
+    def shards(self) -> Shards | None:
+        """What each process checkpoints of its own under sharding (:func:`save_sharded`), else None."""
+        return Shards(self.strategy, self.model, self.optimizer, self.extra_modules) if self.sharded else None
+
+    def checkpoint(self) -> Path:
+        """Save a checkpoint of the step just finished (:func:`save_checkpoint`)."""
+        return save_checkpoint(self.accelerator, self.run, self.step, self.state, keep=self.train.keep_checkpoints,
+                               shards=self.shards)
 
     @property
     def running(self) -> bool:
@@ -479,7 +694,17 @@ class TrainingSession:
         return self.precision.autocast(self.accelerator.device)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+        """Add ``loss``'s gradients to the step's (a loop scales each micro-batch's loss itself)."""
+        if is_engine(self.model):
+            self.model.backward(loss, scale_wrt_gas=False)
+        else:
+            self.accelerator.backward(loss)
+
+    def accumulating(self, last: bool) -> Any:
+        """Around a micro-batch's forward and backward when a step has several: under DDP all but
+        the ``last`` skip the gradient all-reduce and only add to each process's gradients. FSDP and
+        ZeRO reduce each micro-batch's gradients into their shards as backward makes them."""
+        return contextlib.nullcontext() if last or self.sharded else self.accelerator.no_sync(self.model)
 
     def sum_over_processes(self, value: float) -> float:
         """``value`` summed over every process (itself with one process)."""
@@ -487,6 +712,23 @@ class TrainingSession:
             return value
         tensor = torch.tensor(value, dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(tensor, reduction="sum"))
+
+    def mean_over_processes_of(self, value: float) -> float:
+        """One number averaged over the processes (:meth:`mean_over_processes`)."""
+        return self.mean_over_processes({"value": value})["value"]
+
+    def mean_over_processes(self, values: dict[str, float], summed: tuple[str, ...] = ()) -> dict[str, float]:
+        """Each value averaged over the processes that have one (NaN: none), those named in
+        ``summed`` added up, in one all-reduce: a logged metric describes the step's whole batch,
+        not the main process's share of it, and every process reads the same number (RL's KL
+        controller adapts to it)."""
+        if self.accelerator.num_processes == 1:
+            return values
+        numbers = torch.tensor([[0.0, 0.0] if v != v else [v, 1.0] for v in values.values()], dtype=torch.float64,
+                               device=self.accelerator.device)
+        totals = self.accelerator.reduce(numbers, reduction="sum").tolist()
+        return {k: total if k in summed else total / count if count else float("nan")
+                for k, (total, count) in zip(values, totals)}
 
     def optimizer_step(self, advance: bool = True) -> dict[str, float]:
         """Clip, step, zero the gradients; with ``advance`` also step the schedule and count the step.
@@ -496,12 +738,18 @@ class TrainingSession:
         the schedule and checkpoints count rollouts, not updates.
         """
         t = self.train
-        self.precision.after_backward()
-        params = self.precision.params + self.extra_params
-        grad_norm = self.accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
-        self.optimizer.step()
-        self.precision.after_step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if is_engine(self.model):  # DeepSpeed clips (train.max_grad_norm), steps and zeroes in one call
+            grad_norm = zero_step(self.model, clipping=t.max_grad_norm > 0)
+        else:
+            self.precision.after_backward()
+            self._average_extra_gradients()
+            params = self.precision.params + self.extra_params
+            grad_norm = self.accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under sharding: each process holds its part of the norm
+                grad_norm = grad_norm.full_tensor()
+            self.optimizer.step()
+            self.precision.after_step()
+            self.optimizer.zero_grad(set_to_none=True)
         if advance:
             self.scheduler.step()
             self.step += 1
@@ -509,6 +757,18 @@ class TrainingSession:
         if grad_norm is not None:
             record["train/grad_norm"] = float(grad_norm)
         return record
+
+    def _average_extra_gradients(self) -> None:
+        """Average the gradients of the modules trained beside the model (a value head, an ordinal
+        head) over the processes, as DDP or FSDP does for the model's own: they sit outside the
+        wrapped model, so without this each process would step its copy with its own gradient."""
+        if self.accelerator.num_processes == 1 or not self.extra_params:
+            return
+        for p in self.extra_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)  # gloo has no AVG
+            p.grad /= self.accelerator.num_processes
 
     def end_step(self, record: dict[str, float], started: float, evaluate: Any = None) -> None:
         """Time the step, evaluate when due, log, and checkpoint when due or on Ctrl-C.
@@ -539,7 +799,7 @@ class TrainingSession:
         stop = self.sum_over_processes(float(self._interrupt.requested)) > 0
         # No checkpoint at the last step: final/ holds the weights and marks the run complete.
         if stop or (t.save_every and step % t.save_every == 0 and not last):
-            checkpoint = save_checkpoint(self.accelerator, self.run, step, self.state, keep=t.keep_checkpoints)
+            checkpoint = self.checkpoint()
             if stop:
                 self.progress.close()
                 raise TrainingInterrupted(f"stopped at step {step}; checkpoint saved in {checkpoint}; run the same command to continue")

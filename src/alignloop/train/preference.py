@@ -35,6 +35,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Sequence
 
 import torch
@@ -314,10 +315,11 @@ def _run(cfg: Any, kinds: tuple[str, ...], build: Any, title: str) -> Run:
     return fit_preference(cfg, model, tokenizer, train, held, title)
 
 
-def batch_loss(cfg: Any, model: Any, data: PreferenceSet, idx: list[int], pad_id: int,
-               device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+def batch_loss(cfg: Any, model: Any, data: PreferenceSet, idx: list[int], pad_id: int, device: torch.device,
+               over_processes: Callable[[float], float] = lambda mean: mean) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of examples ``idx``: one forward over both sides (chosen + rejected, or KTO's
-    completions; KTO's mismatched sequences go through a second, no-grad forward for z₀)."""
+    completions; KTO's mismatched sequences go through a second, no-grad forward for z₀, whose
+    mean ``over_processes`` takes over every process's examples in training)."""
     p = cfg.preference
     n = len(idx)
     kto = data.desirable is not None
@@ -334,7 +336,7 @@ def batch_loss(cfg: Any, model: Any, data: PreferenceSet, idx: list[int], pad_id
         mismatched = [data.n + i for i in idx]
         with torch.no_grad():
             mm_logps, _ = completion_logps(model, [data.sequences[i] for i in mismatched], pad_id, device, share)
-        z0 = losses.kto_reference_point(mm_logps, data.ref[mismatched].to(device=device, dtype=mm_logps.dtype))
+        z0 = losses.kto_reference_point(mm_logps, data.ref[mismatched].to(device=device, dtype=mm_logps.dtype), over_processes)
         desirable = torch.tensor([data.desirable[i] for i in idx], device=device)
         return losses.kto_loss(logps, ref, desirable, z0, p.beta, p.desirable_weight, p.undesirable_weight)
     chosen, rejected = logps[:n], logps[n:]
@@ -392,13 +394,13 @@ def fit_preference(cfg: Any, model: Any, tokenizer: Any, train: PreferenceSet, h
             for k in range(t.grad_accum):
                 idx = batches.indices(session.step * t.grad_accum + k)
                 with session.autocast():
-                    loss, metrics = batch_loss(cfg, model, train, idx, pad_id, device)
+                    loss, metrics = batch_loss(cfg, model, train, idx, pad_id, device, session.mean_over_processes_of)
                 session.backward(loss / t.grad_accum)
                 for name, v in {"loss": float(loss.detach()), **metrics}.items():
                     sums.setdefault(name, []).append(v)
-            record = {f"train/{k}": _nanmean(v) for k, v in sums.items()}
+            record = session.mean_over_processes({f"train/{k}": _nanmean(v) for k, v in sums.items()})
             trained = idx if train.desirable is not None else train.rows(idx)  # KTO's mismatched side has no gradient
-            record["train/tokens"] = float(sum(sum(train.sequences[i].loss_mask) for i in trained))
+            record["train/tokens"] = session.sum_over_processes(float(sum(sum(train.sequences[i].loss_mask) for i in trained)))
             record.update(session.optimizer_step())
             evaluate = (lambda: evaluate_preferences(cfg, model, held, pad_id, device)) if held else None
             session.end_step(record, started, evaluate)

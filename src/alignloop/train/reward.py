@@ -19,7 +19,6 @@ and counted, never dropped. At the end the held-out pairs get the reward-model q
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -248,16 +247,17 @@ def fit_reward_model(cfg: RewardConfig, model: Any, tokenizer: Any, kind: str,
                 rows += len(batch["order"])
                 distinct_rows += sum(len(inputs["input_ids"]) for inputs in batch["inputs"])
                 last = k == t.grad_accum - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                with session.accumulating(last):
                     with session.autocast():
                         rewards = batch_rewards(model, batch)
                     loss, stats = reward_loss(kind, cfg, rewards, batch, head)
                     session.backward(loss / t.grad_accum)
                 for name, value in {"loss": float(loss.detach()), **stats}.items():
                     sums[name] = sums.get(name, 0.0) + value / t.grad_accum
-            record = {f"train/{name}": value for name, value in sums.items()}
-            record["train/tokens"] = float(tokens)
-            record["train/distinct_rows"] = distinct_rows / rows  # < 1 when responses repeat within a batch
+            record = session.mean_over_processes({**{f"train/{name}": value for name, value in sums.items()},
+                                                  "train/tokens": float(tokens),
+                                                  # < 1 when responses repeat within a batch
+                                                  "train/distinct_rows": distinct_rows / rows}, summed=("train/tokens",))
             record.update(session.optimizer_step())
             evaluate = (lambda: evaluate_reward(model, kind, cfg, held_out, pad_id, head, last_scores)) if held_out else None
             session.end_step(record, started, evaluate)

@@ -77,7 +77,7 @@ from alignloop.rollout.generate import SEED_STRIDE, Generation, encode_prompts, 
 from alignloop.rollout.rewards import build_reward_source, check_rewards
 from alignloop.rollout.scoring import Batch, score_tokens
 from alignloop.runs import Run
-from alignloop.train.loop import TrainingSession, check_reference_tokenizer, open_stage_run, save_checkpoint
+from alignloop.train.loop import TrainingSession, check_reference_tokenizer, open_stage_run
 
 log = logging.getLogger("alignloop")
 
@@ -409,9 +409,8 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
     # at the policy's lr would take hundreds of steps to predict returns; GAE is blind until it does.
     value_lr = r.value_lr if r.value_lr is not None else VALUE_LR_RATIO * t.lr
     with TrainingSession(cfg, model, run, title, extra_modules=[value_head] if value_head is not None else None,
-                         extra_lr=value_lr) as session:
+                         extra_lr=value_lr, generates=True) as session:
         accelerator = session.accelerator
-        policy = accelerator.unwrap_model(session.model)
         if reference is not None and reference.model is not None:
             session.precision.cast_frozen(reference.model.to(session.device))
         if "kl_controller" in session.state:
@@ -426,16 +425,19 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
             step = session.step
             # 1. Make experience: roll out the step's prompts, score, KL and advantages.
             batch_prompts, fields = prompts.take(prompt_batches.indices(step), r.group_size)
+            policy = session.generation_model()
             experience, rollout = make_experience(cfg, session, policy, value_head, tokenizer, reward, reference,
                                                   batch_prompts, fields, step, controller.value)
 
             # 2. Update: epochs × minibatches over the experience; the last update ends the step.
             train_started = time.perf_counter()
-            record = {**update_policy(cfg, session, value_head, experience, step, supervised), **rollout}
+            # The whole step's numbers on every process, not each one's share (the KL controller reads them).
+            record = session.mean_over_processes({**update_policy(cfg, session, value_head, experience, step, supervised),
+                                                  **rollout}, summed=("train/tokens",))
             train_s = time.perf_counter() - train_started
 
             # 3. Diagnostics, KL control, evaluation, checkpoint.
-            tokens = rollout["train/tokens"]
+            tokens = record["train/tokens"]
             record.update({"perf/train_s": train_s,
                            "perf/rollout_tokens_per_s": tokens / max(rollout["perf/rollout_s"], 1e-9),
                            "perf/train_tokens_per_s": tokens * r.epochs / max(train_s, 1e-9)})
@@ -443,10 +445,11 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
             if kl_now is not None:
                 controller.update(kl_now, 1)
             session.state["kl_controller"] = controller.state_dict()
-            evaluate = (lambda: evaluate_policy(policy, tokenizer, eval_prompts, reward, s, baseline)) if baseline else None
+            evaluate = (lambda: evaluate_policy(session.generation_model(), tokenizer, eval_prompts, reward, s, baseline)) \
+                if baseline else None
             session.end_step(record, started, evaluate)
             if r.kl_stop is not None and kl_now is not None and kl_now > r.kl_stop:
-                checkpoint = save_checkpoint(accelerator, run, session.step, session.state, keep=t.keep_checkpoints)
+                checkpoint = session.checkpoint()
                 raise TrainingDiverged(f"{title}: KL to the reference is {kl_now:.3g} nats per token at step {session.step}, past "
                                        f"rl.kl_stop={r.kl_stop:g}; checkpoint saved in {checkpoint}. Lower train.lr or raise rl.kl_coef")
             if r.kl_stop is not None and kl_now is not None and kl_now > r.kl_stop / 2:

@@ -7,7 +7,6 @@ evaluate, maybe checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any
@@ -93,7 +92,7 @@ def fit_causal_lm(cfg: Any, model: Any, tokenizer: Any, train: list[Example], he
             nll_sum = 0.0
             for k, batch in enumerate(micro_batches):
                 last = k == len(micro_batches) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                with session.accumulating(last):
                     with session.autocast():
                         # use_cache=False: a training forward has no use for a KV cache, which would cost memory and time
                         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
