@@ -12,8 +12,9 @@ What sharding must show is the memory: under ``fsdp`` and ``zero3`` a process ke
 weights, gradients and AdamW state (16 bytes a parameter in fp32, 650 MB at 40M) where DDP keeps
 all of it. Peak RSS also counts what the allocator holds on to after tensors are freed (it grows
 from step to step with the varying shapes of DPO's batches under every strategy), so each process
-also samples its live tensors every 0.5 s (every tensor storage alive, once: :func:`live_tensor_mb`)
-and the table gives the peak of those too.
+also samples its RSS every 0.5 s right after handing freed memory back (:func:`trimmed_rss_mb`),
+and the table gives the peak of those too. (Counting live tensors through ``gc.get_objects`` from a
+sampling thread was tried: it can catch a tuple half built by an import and crash it.)
 Speed on two CPU cores is not what FSDP is for: every block's weights are all-gathered in the
 forward and again in the backward, over gloo (TCP on loopback).
 
@@ -79,50 +80,42 @@ def run(stage: str, strategy: str, args: argparse.Namespace, logs: Path) -> dict
         return res
     rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     res.update(step_s=statistics.median(r["perf/step_s"] for r in rows[1:]), peak_rss_mb=max(p["peak_rss_mb"] for p in peaks),
-               peak_live_mb=max(p["peak_live_mb"] for p in peaks),
+               peak_trimmed_mb=max(p["peak_trimmed_mb"] for p in peaks),
                last_loss=rows[-1].get("train/loss", rows[-1].get("train/reward")))
     shutil.rmtree(out, ignore_errors=True)
     return res
 
 
-def live_tensor_mb() -> float:
-    """The bytes of every tensor storage alive in this process, each storage once: weights (a
-    process's shards), gradients, optimiser state, DeepSpeed's flat buffers, activations of the
-    moment. Unlike RSS it does not count what the allocator keeps after tensors are freed."""
-    import gc
+def trimmed_rss_mb() -> float:
+    """This process's resident memory right after glibc's ``malloc_trim`` has handed freed memory
+    back to the system: close to what is alive (weights, gradients, optimiser state, buffers,
+    the moment's activations, the libraries), without what the allocator keeps after frees."""
+    import ctypes
 
-    import torch
-
-    storages = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor):
-            try:
-                storage = obj.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-            except (RuntimeError, NotImplementedError):  # a DTensor wraps a local tensor, counted on its own
-                pass
-    return sum(storages.values()) / 2**20
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def child(out: str, argv: list[str]) -> None:
-    """One process of a run: alignloop's CLI, sampled every 0.5 s for its live tensor memory,
-    then this process's peak RSS and peak live tensors in ``out``."""
+    """One process of a run: alignloop's CLI, its trimmed RSS sampled every 0.5 s, then this
+    process's peak RSS and peak trimmed RSS in ``out``."""
     import threading
 
     from alignloop.cli import main
 
-    peak_live = [0.0]
+    peak_trimmed = [0.0]
 
     def sample() -> None:
         while True:
-            peak_live[0] = max(peak_live[0], live_tensor_mb())
+            peak_trimmed[0] = max(peak_trimmed[0], trimmed_rss_mb())
             time.sleep(0.5)
 
     threading.Thread(target=sample, daemon=True).start()
     code = main(argv)
     rank = os.environ.get("RANK", "0")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(out, f"rss-{rank}.json").write_text(json.dumps({"peak_rss_mb": peak, "peak_live_mb": peak_live[0]}))
+    Path(out, f"rss-{rank}.json").write_text(json.dumps({"peak_rss_mb": peak, "peak_trimmed_mb": peak_trimmed[0]}))
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(code)  # past gloo's exit race (STACK.md)
 
@@ -155,14 +148,14 @@ def main() -> None:
             results.append(res)
     lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores. 40M model, global batch as the benchmark's; "
              f"{args.steps} steps, s/step the median of steps 2..{args.steps}.", "",
-             "| stage | strategy | processes | wall s | s/step | peak RSS per process MB | peak live tensors per process MB | last loss (GRPO: reward) |",
+             "| stage | strategy | processes | wall s | s/step | peak RSS per process MB | peak trimmed RSS per process MB | last loss (GRPO: reward) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['stage']} | {r['strategy']} | {r['processes']} | – | – | – | – | {r['error']} |")
         else:
             lines.append(f"| {r['stage']} | {r['strategy']} | {r['processes']} | {r['wall_s']:.1f} | {r['step_s']:.3f} | "
-                         f"{r['peak_rss_mb']:,.0f} | {r['peak_live_mb']:,.0f} | {r['last_loss']:.4f} |")
+                         f"{r['peak_rss_mb']:,.0f} | {r['peak_trimmed_mb']:,.0f} | {r['last_loss']:.4f} |")
     md = "\n".join(lines) + "\n"
     print(md)
     (args.bench_work / "results" / "scale_out.md").write_text(md)
