@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("version", help="a registered model version")
     deploy.add_argument("--db", help=db_help)
     deploy.add_argument("--server", help="a running `alignloop serve` (URL) to switch to this version now, through /admin/deploy; "
-                                         "without it only the registry changes")
+                                         "without it the registry changes and running servers on the database follow within their --registry-poll-seconds")
     deploy.add_argument("--admin-key", help="an admin's API key for --server (default: $ALIGNLOOP_ADMIN_KEY)")
     deploy.set_defaults(handler=_run_deploy)
 
@@ -129,8 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a classifier to serve on /v1/classify (repeat for several): a sequence or token (NER) classifier folder")
     serve.add_argument("--no-auth", dest="auth", action="store_const", const="false",
                        help="no API keys: every request is the user 'anonymous' (local demos only)")
+    serve.add_argument("--upstream-model", dest="upstream_models", action="append", metavar="[NAME=]ID",
+                       help="with --upstream: a model of the upstream to serve (repeat for several), by the id the upstream "
+                            "knows it by (a folder transformers serve loads, a Hub id, a vLLM adapter name); default: every "
+                            "model the upstream lists")
     for key, type_name, default, help_text in describe(ServeConfig):
-        if key not in ("models", "classifiers", "auth"):
+        if key not in ("models", "classifiers", "auth", "upstream_models"):
             _add_config_option(serve, key, type_name, default, help_text)
     serve.set_defaults(handler=_run_serve)
 
@@ -227,6 +231,8 @@ def _run_serve(args: argparse.Namespace, extra: list[str]) -> int:
         overrides["models"] = list(args.models)  # typed already: each a PATH or NAME=PATH
     if args.classifiers:
         overrides["classifiers"] = list(args.classifiers)
+    if args.upstream_models:
+        overrides["upstream_models"] = list(args.upstream_models)
     config = load_config(ServeConfig, args.config, overrides)
     from alignloop.serve.run import serve_forever
 
@@ -315,8 +321,8 @@ def _run_deploy(args: argparse.Namespace, extra: list[str]) -> int:
     with _store(args) as store:
         if not args.server:
             store.deploy(args.version)
-            log.info("deploy: %s is now the deployed version in the registry; a running server switches with --server URL",
-                     args.version)
+            log.info("deploy: %s is now the deployed version in the registry; running servers on this database load it "
+                     "within their --registry-poll-seconds (or at once with --server URL)", args.version)
             return 0
         row = next((m for m in store.models() if m["version"] == args.version), None)
     if row is None:

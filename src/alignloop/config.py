@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,6 +50,18 @@ class RunConfig:
         for name in self.report_to:
             if name not in TRACKERS:
                 raise ConfigError(f"run.report_to: unknown tracker {name!r}; use {', '.join(TRACKERS)}")
+
+
+def secret(value: Optional[str], key: str) -> Optional[str]:
+    """A key a config gives as itself or as ``env:NAME``, read from ``$NAME`` when it is used so it
+    stays out of config files, saved ``config.yaml`` and ``ps`` (``rollout.api_key``,
+    ``upstream_key``); None when unset or the variable is empty."""
+    if value is None or not value.startswith("env:"):
+        return value
+    name = value[4:].strip()
+    if not name:
+        raise ConfigError(f"{key}: env: needs a variable name (env:NAME)")
+    return os.environ.get(name) or None
 
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml"}  # name → module
@@ -275,6 +288,37 @@ class SamplingConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Where completions are generated: the trainer's own engine, or an OpenAI-compatible server
+    (``vllm serve``, SGLang, TGI, ``transformers serve``, ``alignloop serve``) that the policy's
+    weights are published to (:mod:`alignloop.rollout.remote`; docs/scale-out.md)."""
+
+    engine: Literal["local", "openai"] = option("local", "local: the trainer's own engine (alignloop.rollout.generate); openai: POST /v1/completions to the server at `url`")
+    url: Optional[str] = option(None, "engine=openai: the server's base URL, ending in /v1 (e.g. http://127.0.0.1:8000/v1)")
+    api_key: Optional[str] = option("env:ALIGNLOOP_ROLLOUT_KEY", "engine=openai: the key sent as `Authorization: Bearer`, or env:NAME to read it from $NAME (keeps it out of config.yaml); an unset variable sends none. weight_sync=deploy needs an admin's key")
+    model: Optional[str] = option(None, "engine=openai: the model id requests name; null: set by weight_sync (deploy: `rollout-<run.name>`; model_path: each published folder; none: the server's only model)")
+    weight_sync: Literal["deploy", "model_path", "none"] = option("deploy", "how new weights reach the server, written as a full HF folder RUN/rollout-weights/step-N/ after each update: deploy = alignloop serve's POST /admin/deploy; model_path = the folder's path as each request's `model` (transformers serve loads by name); none = never (the server keeps its weights: rollouts go off-policy)")
+    old_logprobs: Literal["auto", "trainer"] = option("auto", "π_old: auto = the engine's sampling log-probs where they are exact (the server returned token ids and log-probs, T > 0, no top-k/top-p), else a trainer forward; trainer = always a forward (and rollout/logprob_gap logs |engine − trainer| per token)")
+    concurrency: int = option(16, "engine=openai: requests in flight at once (a prompt's group_size samples are one request with n when the server honours n)")
+    timeout_s: float = option(600.0, "engine=openai: seconds a request may take, 429/503 retries included")
+    keep_weights: int = option(2, "engine=openai: how many RUN/rollout-weights/step-N folders to keep")
+
+    def __post_init__(self) -> None:
+        if self.url is not None:
+            self.url = self.url.rstrip("/")
+            if not self.url.startswith(("http://", "https://")) or not self.url.endswith("/v1"):
+                raise ConfigError(f"rollout.url: {self.url!r} should be the server's base URL, http(s)://HOST:PORT/v1")
+        if self.engine == "openai" and not self.url:
+            raise ConfigError("rollout.url: rollout.engine=openai needs the server's base URL (e.g. http://127.0.0.1:8000/v1)")
+        if self.api_key is not None and self.api_key.startswith("env:") and not self.api_key[4:].strip():
+            raise ConfigError("rollout.api_key: env: needs a variable name (env:NAME)")
+        if self.concurrency < 1 or self.keep_weights < 1:
+            raise ConfigError(f"rollout.concurrency and rollout.keep_weights must be ≥ 1 (got {self.concurrency}, {self.keep_weights})")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"rollout.timeout_s must be > 0 (got {self.timeout_s})")
+
+
+@dataclass
 class JudgeConfig:
     kind: Literal["reward", "function", "llm"] = option("reward", "who decides each candidate-vs-baseline pair: the reward (higher wins), a pairwise Python function, or an LLM asked to pick A or B")
     function: Optional[str] = option(None, "kind=function: `module:fn` or `file.py:fn`, called fn(prompts, completions_a, completions_b, **fields) -> numbers (>0: a wins, <0: b wins, 0: tie)")
@@ -302,6 +346,7 @@ class EvaluateConfig:
     runs: list[str] = option([], "run folders whose training curves (metrics.jsonl) go into the report")
     gate: Optional[str] = option(None, "pass/fail thresholds, e.g. 'win_rate_lower>0.5,kl_per_token<0.1': exit 0 when all hold, 1 otherwise")
     sampling: SamplingConfig = section(SamplingConfig, "how completions are sampled (the same for both models)")
+    rollout: RolloutConfig = section(RolloutConfig, "where the completions are generated: here, or on an OpenAI-compatible server (weight_sync publishes the candidate, then the baseline)")
     judge: JudgeConfig = section(JudgeConfig, "how a candidate/baseline pair is decided")
 
 
@@ -359,6 +404,7 @@ class RLConfig:
     data: DataConfig = section(DataConfig, "prompts (field `prompt`, text or chat messages) plus any fields the reward reads; max_length caps prompt tokens (a longer prompt stops the run with overlong=error, else it is left out and counted)", path="", max_length=256)
     rl: PolicyOptimizationConfig = section(PolicyOptimizationConfig, "the algorithm, reward, KL penalty and supervised term")
     sampling: SamplingConfig = section(SamplingConfig, "rollout sampling", max_new_tokens=64, batch_size=64)
+    rollout: RolloutConfig = section(RolloutConfig, "where rollouts are generated: the trainer's engine, or an OpenAI-compatible server the weights are published to")
     train: TrainConfig = section(TrainConfig, "optimisation and checkpointing; batch_size = prompts per step", lr=1e-5, batch_size=8, max_steps=200, warmup_ratio=0.0, lr_schedule="constant", eval_every=25, save_every=50)
 
 
@@ -673,6 +719,12 @@ class ServeConfig:
     auth_failures_per_minute: float = option(10.0, "failed logins (unknown API keys) an address may make a minute after its burst; over it: 429 for that address; 0 = unlimited")
     auth_failure_burst: int = option(20, "failed logins an address may make at once before the per-minute rate applies")
     cors_origins: list[str] = option([], "origins allowed to call the API from a browser (CORS); empty = same origin only")
+    limits: Literal["memory", "database"] = option("memory", "where the rate limits, token budgets and failed-login counts live: memory = this process only (one server); database = the PostgreSQL --db, shared by every replica on it (several servers behind one load balancer: a user's budget spent on one is spent on all)")
+    registry_poll_seconds: float = option(1.0, "how often the server reads the registry's deployed versions: a deploy or rollback made through another replica on the same --db, or by `alignloop deploy`, is loaded here within this time; 0 = never (serve what was deployed here)")
+    upstream: Optional[str] = option(None, "a feedback gateway: the base URL (http(s)://HOST:PORT/v1) of an OpenAI-compatible server (vllm serve, SGLang, TGI, transformers serve) that generates the chat and text completions; this server keeps the page, auth, limits, feedback and store. Excludes --model")
+    upstream_models: list[str] = option([], "with upstream: the models to serve, [NAME=]ID (ID: the upstream's model id, e.g. a folder transformers serve loads or a vLLM LoRA adapter name; NAME defaults as for --model); none: every id the upstream lists on GET /models, under its own name")
+    upstream_key: Optional[str] = option("env:ALIGNLOOP_UPSTREAM_KEY", "with upstream: the key this server sends it as `Authorization: Bearer`, or env:NAME to read it from $NAME (keeps it out of files and `ps`); an unset variable sends none. Users never see it")
+    upstream_timeout_s: float = option(600.0, "with upstream: the longest wait for the upstream's next bytes (a model loading counts); then the request fails with 502")
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "stream_interval", "default_max_tokens", "max_tokens_limit", "max_n", "max_body_bytes", "rate_burst",
@@ -688,6 +740,19 @@ class ServeConfig:
         for name in ("rate_limit_per_minute", "auth_failures_per_minute", "tokens_per_minute"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be ≥ 0 (got {getattr(self, name)}); 0 turns the limit off")
+        if self.registry_poll_seconds < 0:
+            raise ConfigError(f"registry_poll_seconds must be ≥ 0 (got {self.registry_poll_seconds}); 0 turns following the registry off")
+        if self.upstream is not None:
+            self.upstream = self.upstream.rstrip("/")
+            if not self.upstream.startswith(("http://", "https://")):
+                raise ConfigError(f"upstream: {self.upstream!r} should be the server's base URL, http(s)://HOST:PORT/v1")
+            if self.models:
+                raise ConfigError("upstream: a gateway forwards to the upstream's models; name them with --upstream-model "
+                                  f"[NAME=]ID, not --model ({self.models})")
+        elif self.upstream_models:
+            raise ConfigError("upstream_models: give --upstream URL, the server these models are on")
+        if not self.upstream_timeout_s > 0:
+            raise ConfigError(f"upstream_timeout_s must be > 0 (got {self.upstream_timeout_s})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
         raise ConfigError("prompts: name the held-out prompts file (--prompts FILE)")
     # A typo in the gate (syntax or metric name) fails before any generation.
     gate = parse_gate(cfg.gate, known=compare.METRIC_KEYS) if cfg.gate else None
+    engine = rollout_engine(cfg)
     rows, _ = load_records(cfg.prompts, ("prompt",), cfg.max_prompts)
     prompts = [row.fields["prompt"] for row in rows]
     fields = {key: [row.fields.get(key) for row in rows] for key in rows[0].fields if key != "prompt"}
@@ -68,8 +69,14 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
     models, tokenizers, generations = {}, {}, {}
     for name in names:
         models[name], tokenizers[name] = load_policy(paths[name], name)
-        log.info("evaluate: %s %s completes %d prompts", name, paths[name], len(prompts))
-        generations[name] = generate(models[name], tokenizers[name], prompts, s, progress=True)
+        log.info("evaluate: %s %s completes %d prompts%s", name, paths[name], len(prompts),
+                 f" on {cfg.rollout.url}" if engine is not None else "")
+        if engine is None:
+            generations[name] = generate(models[name], tokenizers[name], prompts, s, progress=True)
+            continue
+        if cfg.rollout.weight_sync != "none":
+            engine.expect(engine.publish(paths[name], f"rollout-{cfg.run.name}"))
+        generations[name] = engine.generate(models[name], tokenizers[name], prompts, s)
 
     scores: dict[str, list[float]] = {}
     lengths = {name: [len(ids) for ids in generations[name].completion_ids] for name in names}
@@ -113,6 +120,22 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
 # ---------------------------------------------------------------------------------------------
 # Models and sources
 # ---------------------------------------------------------------------------------------------
+def rollout_engine(cfg: EvaluateConfig) -> Any:
+    """``rollout.engine: openai``: the server, checked before any model loads, that completes the
+    prompts, each model published to it in turn (``rollout.weight_sync``); None: the local engine."""
+    if cfg.rollout.engine != "openai":
+        return None
+    from alignloop.rollout.remote import ServerEngine, check_sampling
+
+    if cfg.baseline and cfg.rollout.weight_sync == "none":
+        raise ConfigError("rollout.weight_sync=none serves one model, so it cannot complete both candidate and baseline; "
+                          "use deploy (alignloop serve) or model_path (transformers serve), or drop the baseline")
+    check_sampling(cfg.sampling)
+    engine = ServerEngine(cfg.rollout, default_model=f"rollout-{cfg.run.name}")
+    engine.check()
+    return engine
+
+
 def load_policy(path: str, role: str) -> tuple[Any, Any]:
     """A causal LM and its tokenizer for evaluation (eval mode, no grad needed)."""
     from alignloop.models.load import inference_device, load_causal_lm, load_tokenizer

@@ -11,6 +11,7 @@ What links to what::
     completions ─< feedback >─ users          (one live vote per user, target and kind)
     predictions ─< feedback                   (kind "prediction": right or wrong, the right label)
     users ─< idempotency_keys                 (retried POSTs answered from the first result)
+    rate_buckets                              (shared rate limits: a token bucket per user or address)
 
 Timestamps are UTC and come back timezone-aware from both SQLite (which stores them naive) and
 PostgreSQL (``timestamptz``).
@@ -236,3 +237,17 @@ class IdempotencyKey(Base):
     request_hash: Mapped[str] = mapped_column(sa.String(64))  # sha256 of the canonical JSON body
     response: Mapped[dict[str, Any]]  # the FeedbackRecord first returned, as JSON
     created_at: Mapped[datetime]
+
+
+class RateBucket(Base):
+    """A token bucket shared by the server replicas on this database (``serve --limits
+    database``): ``key`` names the limit and whom it counts (``requests:42``, ``tokens:42``,
+    ``logins:10.0.0.7``). Times are the database server's clock in seconds since the epoch, so
+    replicas whose clocks differ still agree. Unlogged on PostgreSQL (migration 0004)."""
+
+    __tablename__ = "rate_buckets"
+
+    key: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    tokens: Mapped[float] = mapped_column(sa.Double)  # left after the last take, as of updated_at
+    updated_at: Mapped[float] = mapped_column(sa.Double)
+    granted: Mapped[bool]  # whether the last take found enough tokens (what the take returns)

@@ -67,6 +67,7 @@ class DecodeRequest:
     tokens: list[int] = field(default_factory=list, repr=False)  # generated so far: a preempted row resumes from them
     stream: random.Random | None = field(default=None, repr=False)  # a preempted row's random stream, carried over
     preemptions: int = 0
+    stop_token: tuple[int, float] | None = field(default=None, repr=False)  # (id, log-prob) of the stop token that ended it
 
 
 @dataclass(eq=False)
@@ -316,6 +317,7 @@ class ContinuousBatcher:
             if self._finish_if_cancelled(request):
                 continue
             if stopped[i]:
+                request.stop_token = (tokens[i], logps[i])  # not a token of the text, but sampled: RL scores it
                 request.on_finish("stop")
                 continue
             request.generated += 1

@@ -1,7 +1,8 @@
 """The generation engine: batched sampling with a KV cache, and teacher-forced log-probs.
 
-Evaluation, RL rollouts and the reference/old log-probs of RL all go through two calls, so a vLLM
-backend can replace them later without touching their callers:
+Evaluation, RL rollouts and the reference/old log-probs of RL all go through two calls, so another
+engine can replace them without touching their callers (an OpenAI-compatible server such as vLLM:
+:class:`alignloop.rollout.remote.ServerEngine`, ``rollout.engine: openai``):
 
 * :func:`generate` ``(model, tokenizer, prompts, sampling) -> Generation``: completions, the
   log-prob of every sampled token, and whether a stop token ended each one.
@@ -62,6 +63,9 @@ class Generation:
     completions: list[str]  # decoded completion, stop token and special tokens stripped
     logprobs: list[list[float]]  # log-prob of each completion token under the distribution it was drawn from
     finished: list[bool]  # True: a stop token ended it; False: it hit max_new_tokens
+    # False: completion_ids were re-tokenised from a server's text (not necessarily the ids it
+    # sampled) and logprobs are empty, so π_old needs a forward (rollout/remote.py)
+    exact_logprobs: bool = True
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:

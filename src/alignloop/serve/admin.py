@@ -53,7 +53,10 @@ def deploy(body: DeployIn, user: User = Depends(current_user), serving: Serving 
     """Serve the model at ``path`` as ``name`` from the next request on (promotion or rollback);
     streams already running finish on the weights they started with."""
     _require_admin(user, "deploying is")
-    new, previous = serving.deploy(body.name, body.path)
+    if body.version is not None and serving.upstream is None:
+        raise ApiError(422, "field 'version': a local model's version is the hash of its weights; `version` names the version of "
+                       "an upstream model on a gateway (serve --upstream)", param="version")
+    new, previous = serving.deploy(body.name, body.path, version=body.version)
     log.info("serve: %s now serves version %s (was %s)", body.name, new.version, previous)
     return DeployOut(name=body.name, version=new.version, previous_version=previous)
 
@@ -61,9 +64,10 @@ def deploy(body: DeployIn, user: User = Depends(current_user), serving: Serving 
 @router.get("/admin/stats", responses=ERRORS)
 def stats(user: User = Depends(current_user), serving: Serving = Depends(get_serving)) -> dict:
     """Per chat model: rows running and waiting in its batch, tokens generated, rows preempted
-    (each resumed later) and rows cancelled (their client went away), since the server started."""
+    (each resumed later) and rows cancelled (their client went away), since the server started;
+    on a gateway, the upstream model each name goes to and its rows in flight."""
     _require_admin(user, "stats are")
-    return {"models": {name: {"version": m.version, **m.batcher.stats()} for name, m in serving.models.items()}}
+    return {"models": {name: {"version": m.version, **m.stats()} for name, m in serving.models.items()}}
 
 
 # --- users -----------------------------------------------------------------------------------
@@ -146,7 +150,7 @@ def deploy_version(version: str, user: User = Depends(current_user), store: Feed
     if row is None:
         raise ApiError(404, f"field 'version': model version {version!r} is not registered; GET /admin/models lists them",
                        "not_found_error", "version")
-    new, previous = serving.deploy(row["name"], row["path"])
+    new, previous = serving.deploy(row["name"], row["path"], version=version)  # a gateway records the version asked for
     log.info("serve: %s now serves version %s (was %s), deployed by %s", row["name"], new.version, previous, user.name)
     warning = None if new.version == version else (
         f"{row['path']} now hashes to {new.version}, not {version}: the folder changed since it was registered "

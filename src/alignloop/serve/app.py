@@ -22,28 +22,41 @@ from alignloop.serve.engine import ServedModel
 from alignloop.serve.errors import add_error_handlers
 from alignloop.serve.limits import BodySizeLimit
 from alignloop.serve.page import SecurityHeaders, mount_page
+from alignloop.serve.replicas import RegistryFollower
+from alignloop.serve.upstream import Upstream, UpstreamModel
 
 
-def create_app(config: ServeConfig, store: FeedbackStore, models: Sequence[ServedModel],
-               classifiers: Sequence[ServedClassifier] = ()) -> FastAPI:
-    """The app; its lifespan starts the models' decode threads and stops them (and closes the
-    store) on shutdown."""
+def create_app(config: ServeConfig, store: FeedbackStore, models: Sequence[ServedModel | UpstreamModel],
+               classifiers: Sequence[ServedClassifier] = (), upstream: Upstream | None = None) -> FastAPI:
+    """The app; its lifespan starts the models' decode threads and the registry follower (the
+    replicas on one database serve what was deployed last through any of them), and stops them
+    (and closes the store) on shutdown. A gateway's ``upstream`` client is opened on the app's
+    event loop and closed with it."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for m in models:
             m.start()
+        if upstream is not None:
+            upstream.open()
+        follower = RegistryFollower(app.state.serving, config.registry_poll_seconds) if config.registry_poll_seconds > 0 else None
+        if follower is not None:
+            follower.start()
         try:
             yield
         finally:
+            if follower is not None:
+                follower.stop()
             for m in {*models, *app.state.serving.models.values()}:  # redeployed ones too
                 m.stop()
             app.state.serving.key_lookups.shutdown(wait=False)
+            if upstream is not None:
+                await upstream.aclose()
             store.close()
 
     app = FastAPI(title="alignloop", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible completions with feedback capture (thumbs, ratings, comparisons, corrections).")
-    app.state.serving = Serving(config, store, models, classifiers)
+    app.state.serving = Serving(config, store, models, classifiers, upstream)
     add_error_handlers(app)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],

@@ -50,7 +50,8 @@ def prompt_char_limit(config: ServeConfig, served: ServedModel) -> int | None:
 CHARS_PER_TOKEN_CAP = 32
 
 
-def _check_chars(config: ServeConfig, served: ServedModel, chars: int, field: str) -> None:
+def check_prompt_chars(config: ServeConfig, served: ServedModel, chars: int, field: str) -> None:
+    """Refuse (422) a prompt of ``chars`` characters over :func:`prompt_char_limit`."""
     limit = prompt_char_limit(config, served)
     if limit is not None and chars > limit:
         raise ApiError(422, f"the {field} is {chars} characters; this server takes at most {limit} for model {served.name!r} "
@@ -63,7 +64,7 @@ def chat_prompt(config: ServeConfig, served: ServedModel, body: ChatCompletionRe
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     if getattr(served.tokenizer, "chat_template", None) is None:
         raise ApiError(400, f"model {served.name!r} has no chat template; use /v1/completions with a plain prompt", param="messages")
-    _check_chars(config, served, sum(len(m["content"]) for m in messages), "messages")
+    check_prompt_chars(config, served, sum(len(m["content"]) for m in messages), "messages")
     try:
         rendered = served.render_chat(messages)
     except Exception as e:  # a template may refuse some role orders (e.g. two user turns in a row)
@@ -72,21 +73,36 @@ def chat_prompt(config: ServeConfig, served: ServedModel, body: ChatCompletionRe
 
 
 def text_prompt(config: ServeConfig, served: ServedModel, body: CompletionRequest) -> Prompt:
-    """A plain prompt, with the tokenizer's special tokens (BOS) as a bare ``encode`` adds them.
-    Blocking work (the tokenizer): call it in a worker thread."""
-    _check_chars(config, served, len(body.prompt), "prompt")
+    """A plain prompt, with the tokenizer's special tokens (BOS) as a bare ``encode`` adds them,
+    or token ids taken as they are (stored as their decoded text). Blocking work (the
+    tokenizer): call it in a worker thread."""
+    if isinstance(body.prompt, list):
+        vocab = len(served.tokenizer)
+        bad = next((i for i in body.prompt if i >= vocab), None)
+        if bad is not None:
+            raise ApiError(422, f"the prompt's token id {bad} is outside model {served.name!r}'s vocabulary of {vocab}", param="prompt")
+        text = served.tokenizer.decode(body.prompt)
+        return Prompt("completion", list(body.prompt), text, None, text, None)
+    check_prompt_chars(config, served, len(body.prompt), "prompt")
     return Prompt("completion", served.encode(body.prompt, add_special_tokens=True), body.prompt, None, body.prompt, None)
+
+
+def requested_max_tokens(config: ServeConfig, body: SamplingFields) -> int:
+    """The request's max_tokens (or the server's default) after checking it and ``n`` against the
+    server's caps; an ApiError (422) names the field."""
+    max_tokens = body.max_completion_tokens or body.max_tokens or config.default_max_tokens
+    if max_tokens > config.max_tokens_limit:
+        raise ApiError(422, f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens_limit}", param="max_tokens")
+    if body.n > config.max_n:
+        raise ApiError(422, f"n is {body.n}; this server allows at most {config.max_n}", param="n")
+    return max_tokens
 
 
 def max_new_tokens(config: ServeConfig, served: ServedModel, body: SamplingFields, prompt: Prompt) -> int:
     """The request's max_tokens (or the server's default), after checking it, ``n`` and the prompt's
     length against the server's caps and the model's context; an ApiError (422) names the field."""
     prompt_field = "messages" if prompt.endpoint == "chat" else "prompt"
-    max_tokens = body.max_completion_tokens or body.max_tokens or config.default_max_tokens
-    if max_tokens > config.max_tokens_limit:
-        raise ApiError(422, f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens_limit}", param="max_tokens")
-    if body.n > config.max_n:
-        raise ApiError(422, f"n is {body.n}; this server allows at most {config.max_n}", param="n")
+    max_tokens = requested_max_tokens(config, body)
     if not prompt.ids:
         raise ApiError(422, "the prompt encodes to no tokens", param=prompt_field)
     limit = config.max_prompt_tokens
@@ -154,6 +170,18 @@ class Completion:
             arrived[choice] = arrived.get(choice, "") + self._apply(choice, token, reason)
         return {choice: text for choice, text in arrived.items() if text}
 
+    def sampled(self, choice: int) -> tuple[list[int], list[float]]:
+        """The tokens ``choice`` sampled and their log-probs under the distribution each was drawn
+        from: the tokens of its text, then the stop token that ended it (as vLLM returns it; the
+        text leaves it out). Read once the choice has ended."""
+        ids = list(self.streams[choice].token_ids)
+        logprobs = self.submission.logprobs[choice][:len(ids)]
+        stop = self.submission.requests[choice].stop_token
+        if stop is not None and not self.streams[choice].stopped:  # a stop string cuts before any stop token
+            ids.append(stop[0])
+            logprobs.append(stop[1])
+        return ids, logprobs
+
     def close(self) -> None:
         """Free the rows still running (the client went away); once every choice ended, nothing to do."""
         self.submission.close()
@@ -190,7 +218,7 @@ class Completion:
             CompletionRecord(
                 id=self.ids[i], request_id=self.request_id, choice_index=i, user_id=self.user.id, model_name=served.name,
                 model_version=served.version, endpoint=prompt.endpoint, prompt_messages=prompt.messages, prompt_text=prompt.text,
-                rendered_prompt=prompt.rendered, prompt_tokens=len(prompt.ids), completion_text=stream.text,
+                rendered_prompt=prompt.rendered, prompt_tokens=self.usage()["prompt_tokens"], completion_text=stream.text,
                 completion_token_ids=stream.token_ids, finish_reason=self.reasons[i] or "length", sampling=self.sampling,
                 latency_ms=latency, ttft_ms=ttft, conversation_id=prompt.conversation_id,
             )

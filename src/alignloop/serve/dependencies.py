@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 from fastapi import Depends, Header, Request
 
@@ -24,28 +24,32 @@ from alignloop.rollout.exploration import parse_exploration
 from alignloop.serve.classifier import ServedClassifier
 from alignloop.serve.engine import ServedModel
 from alignloop.serve.errors import ApiError
-from alignloop.serve.limits import RateLimiter
+from alignloop.serve.limits import make_limiter
+from alignloop.serve.upstream import Upstream, UpstreamModel, upstream_version
 
 
 class Serving:
     """What the routes share: the config, the store, the chat models and classifiers, the
     exploration policy, the key cache and the limiter."""
 
-    def __init__(self, config: ServeConfig, store: FeedbackStore, models: Sequence[ServedModel],
-                 classifiers: Sequence[ServedClassifier] = ()) -> None:
+    def __init__(self, config: ServeConfig, store: FeedbackStore, models: Sequence[ServedModel | UpstreamModel],
+                 classifiers: Sequence[ServedClassifier] = (), upstream: Upstream | None = None) -> None:
         self.config, self.store = config, store
+        self.upstream = upstream  # a gateway's: its chat models are UpstreamModels, deployed by model id
         self.models = {m.name: m for m in models}
         self.classifiers = {c.name: c for c in classifiers}
         self.exploration = parse_exploration(config.exploration)
         for m in [*models, *classifiers]:  # every completion and prediction row points at its model version
             store.register_model(m.name, m.version, m.path)
         self.started = int(time.time())
-        self.limiter = RateLimiter(config.rate_limit_per_minute, config.rate_burst)
+        # In this process, or shared by the replicas on the database (config.limits).
+        self.limiter = make_limiter(config.limits, store, "requests", config.rate_limit_per_minute, config.rate_burst)
         # Tokens a minute per user, charged up front as n × max_tokens + prompt tokens (as hosted
         # APIs count): a minute's worth may be spent at once.
-        self.token_budget = RateLimiter(config.tokens_per_minute, config.tokens_per_minute)
+        self.token_budget = make_limiter(config.limits, store, "tokens", config.tokens_per_minute, config.tokens_per_minute)
         # Failed logins per client address: a guessed key costs the guesser, not the users.
-        self.failed_logins = RateLimiter(config.auth_failures_per_minute, config.auth_failure_burst)
+        self.failed_logins = make_limiter(config.limits, store, "logins", config.auth_failures_per_minute, config.auth_failure_burst)
+        self._deploying = threading.Lock()  # one deploy at a time: an admin's and the registry follower's
         self.anonymous: User | None = None if config.auth else store.ensure_user("anonymous", admin=True)
         # Key lookups get threads of their own: in Starlette's shared pool they would queue
         # behind the routes that hold a thread while their write commits.
@@ -64,40 +68,67 @@ class Serving:
         if key is not None:
             self.known_keys.pop(key, None)
 
-    def deploy(self, name: str, path: str) -> tuple[ServedModel | ServedClassifier, str | None]:
+    def deploy(self, name: str, path: str, record: bool = True,
+               version: str | None = None) -> tuple[ServedModel | UpstreamModel | ServedClassifier, str | None]:
         """Load ``path`` and serve it as ``name`` from the next request on, without dropping any:
         requests already running finish on the old weights (their rows stay in the old batcher,
-        whose thread stops once they are done). Marks the new version deployed in the registry.
+        whose thread stops once they are done). Marks the new version deployed in the registry
+        (unless ``record`` is false: a replica following a deploy made elsewhere), which is how
+        the other replicas on the database learn of it (:mod:`alignloop.serve.replicas`).
         Returns the new model and the version it replaced.
 
         A classifier's name (or a new name whose folder holds a classifier) is swapped the same
         way: one assignment of the name → model dict. A classifier keeps no state between
-        requests, so a request that took the old one finishes on it and nothing needs draining."""
+        requests, so a request that took the old one finishes on it and nothing needs draining.
+
+        On a gateway (``--upstream``) ``path`` is the upstream's model id (a folder it loads, a Hub
+        id, an adapter name) and ``version`` what its rows record (:func:`upstream_version`
+        chooses when None); nothing is loaded here."""
+        with self._deploying:
+            if self.upstream is not None and name not in self.classifiers:
+                return self._deploy_upstream(name, path, record, version)
+            return self._deploy(name, path, record)
+
+    def _deploy_upstream(self, name: str, model_id: str, record: bool, version: str | None) -> tuple[UpstreamModel, str | None]:
+        """Point ``name`` at ``model_id`` on the upstream once the upstream answers with it (the
+        probe loads it there), so no request is the first to wait for the load or to fail on a
+        wrong id. Requests in flight hold the old model and finish on the old model id."""
+        assert self.upstream is not None
+        self.upstream.probe(model_id)
+        new = UpstreamModel(name, model_id, upstream_version(self.store, name, model_id, version), self.upstream)
+        old = self._put_in_place("models", name, new, model_id, record)
+        return new, None if old is None else old.version
+
+    def _put_in_place(self, table: str, name: str, new: Any, path: str, record: bool) -> Any:
+        """Register ``new`` (serving ``path``) and swap it in for ``name`` in the ``table`` dict
+        (``models`` or ``classifiers``) in one assignment, so a request sees the old dict or the
+        new; mark it deployed when ``record``. Returns the model it replaced, or None."""
+        self.store.register_model(name, new.version, path)
+        served = getattr(self, table)
+        setattr(self, table, {**served, name: new})
+        if record:
+            self.store.deploy(new.version)
+        return served.get(name)
+
+    def _deploy(self, name: str, path: str, record: bool) -> tuple[ServedModel | ServedClassifier, str | None]:
         if name in self.classifiers or (name not in self.models and model_family(path, "path")[0] == "classifier"):
             if name in self.models:
                 raise ApiError(422, f"{name!r} is a chat model here; it cannot be replaced by a classifier", param="name")
             classifier = ServedClassifier.from_config(name, path, self.config)
-            self.store.register_model(name, classifier.version, path)
-            previous = self.classifiers.get(name)
-            self.classifiers = {**self.classifiers, name: classifier}  # one assignment: a request sees the old dict or the new
-            self.store.deploy(classifier.version)
+            previous = self._put_in_place("classifiers", name, classifier, path, record)
             return classifier, None if previous is None else previous.version
-        config = self.config
-        new = ServedModel.from_config(name, path, config)
-        self.store.register_model(name, new.version, path)
+        new = ServedModel.from_config(name, path, self.config)
         new.start()
-        old = self.models.get(name)
-        self.models = {**self.models, name: new}  # one assignment: a request sees the old dict or the new
-        self.store.deploy(new.version)
+        old = self._put_in_place("models", name, new, path, record)
         if old is not None and old is not new:
             threading.Thread(target=old.drain_and_stop, name=f"drain-{name}", daemon=True).start()
         return new, None if old is None else old.version
 
-    def charge_completion(self, user: User, served: ServedModel, rows: int, tokens: int) -> None:
+    def charge_completion(self, user: User, served: ServedModel | UpstreamModel, rows: int, tokens: int) -> None:
         """Admit ``rows`` completions of ``tokens`` (requested output plus prompt) for ``user`` on
         ``served``, or refuse with 429: too many of the user's rows already wait for the model,
         or the user's token budget for the minute is spent."""
-        queued = served.batcher.queued_rows(user.id)
+        queued = served.queued_rows(user.id)
         if queued + rows > self.config.max_queued_rows_per_user:
             raise ApiError(429, f"{queued} of your completions already wait for {served.name!r}; at most "
                            f"{self.config.max_queued_rows_per_user} may wait per user (max_queued_rows_per_user): retry when some have run",
@@ -117,7 +148,7 @@ class Serving:
         raise ApiError(404, f"model {name!r} is not a classifier served here; GET /v1/models lists them "
                        f"({sorted(self.classifiers)})", "not_found_error", "model")
 
-    def model(self, name: str) -> ServedModel:
+    def model(self, name: str) -> ServedModel | UpstreamModel:
         if name in self.classifiers:
             raise ApiError(422, f"model {name!r} is a classifier; send it to /v1/classify", param="model")
         if name not in self.models:
@@ -164,22 +195,35 @@ async def feedback_caller(request: Request, serving: Serving = Depends(get_servi
 
 async def _authenticate(request: Request, serving: Serving, store: FeedbackStore, authorization: Optional[str],
                         from_memory: bool) -> Caller:
+    """:func:`_admit` on the event loop when it costs no read (limits in memory, and no key or a
+    key known from memory), else in a key-lookup thread: with shared limits (``--limits
+    database``) its checks are statements on the database, made in one trip off the loop."""
+    address = request.client.host if request.client else "unknown"
+    scheme, _, key = (authorization or "").partition(" ")
+    key = key.strip() if scheme.lower() == "bearer" and key.strip() else None
+    reads = serving.limiter.shared or (serving.anonymous is None and key is not None
+                                       and not (from_memory and key in serving.known_keys))
+    if reads:
+        return await asyncio.get_running_loop().run_in_executor(serving.key_lookups, _admit, serving, store, address, key, from_memory)
+    return _admit(serving, store, address, key, from_memory)
+
+
+def _admit(serving: Serving, store: FeedbackStore, address: str, key: str | None, from_memory: bool) -> Caller:
+    """The caller with ``key`` (None: none sent, or not as ``Bearer KEY``), after the failed-login
+    throttle of ``address`` and the user's request rate; or the ApiError (401, 429) that refuses it."""
     if serving.anonymous is not None:
         caller = Caller(serving.anonymous, None)
     else:
-        address = request.client.host if request.client else "unknown"
         wait = serving.failed_logins.wait(address)
         if wait is not None:
             raise ApiError(429, f"too many failed logins from this address; retry in {wait:.0f} s", "rate_limit_error",
                            headers={"Retry-After": str(max(1, math.ceil(wait)))})
-        scheme, _, key = (authorization or "").partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
+        if key is None:
             raise ApiError(401, "no API key: send `Authorization: Bearer KEY` (an admin creates one with `alignloop users add NAME`)",
                            "authentication_error")
         user = serving.known_keys.get(key) if from_memory else None
         if user is None:
-            user = await asyncio.get_running_loop().run_in_executor(serving.key_lookups, store.user_by_key, key)
+            user = store.user_by_key(key)
             if user is None:
                 serving.known_keys.pop(key, None)
                 serving.failed_logins.retry_after(address)

@@ -102,6 +102,14 @@ class ServedModel:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    def queued_rows(self, owner: Any) -> int:
+        """``owner``'s rows waiting to join the batch (what ``max_queued_rows_per_user`` counts)."""
+        return self.batcher.queued_rows(owner)
+
+    def stats(self) -> dict:
+        """The batch's counters (``/admin/stats``)."""
+        return self.batcher.stats()
+
     def drain_and_stop(self, timeout: float = 600.0) -> None:
         """Stop once every request already submitted has finished (a redeployed model serves out
         its running streams while new requests go to its successor)."""
@@ -201,15 +209,22 @@ class Submission:
         self._due = False  # in the waker's list (the waker's lock guards it)
         self._started = False  # a token was handed on: the next ones may wait for the interval
         self._ready = asyncio.Event()
+        # Per choice, the log-prob of each token handed on, in order (appended before its event is
+        # queued, so a handler that has seen k tokens of a choice finds at least k log-probs).
+        self.logprobs: list[list[float]] = [[] for _ in rows]
         self.requests = [
             DecodeRequest(
                 prompt_ids, sampling, max_new_tokens,
-                on_token=lambda token, logp, i=i: self._put((i, token, None)),
+                on_token=lambda token, logp, i=i: self._token(i, token, logp),
                 on_finish=lambda reason, i=i: self._put((i, None, reason)), owner=owner,
             )
             for i, sampling in enumerate(rows)
         ]
         batcher.submit(self.requests)
+
+    def _token(self, choice: int, token: int, logprob: float) -> None:
+        self.logprobs[choice].append(logprob)
+        self._put((choice, token, None))
 
     def _put(self, event: tuple[int, int | None, str | None]) -> None:
         """On the decode thread: queue the event and mark the submission for the next wake, which

@@ -19,7 +19,7 @@ from alignloop.feedback.database import database_error
 from alignloop.feedback.store import IdempotencyConflict, Invalid, NotAuthorized, NotFound, StoreError, Unavailable
 from alignloop.serve.schemas import ErrorBody
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)}  # the statuses the docs list
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429, 502, 503)}  # the statuses the docs list
 RETRY_AFTER_S = 2  # what a 503 from an unreachable database tells the client to wait
 
 

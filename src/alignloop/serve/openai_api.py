@@ -22,7 +22,9 @@ from alignloop.feedback.store import FeedbackStore, User
 from alignloop.serve.completion import Completion, chat_prompt, text_prompt
 from alignloop.serve.dependencies import Serving, current_user, get_serving, get_store
 from alignloop.serve.errors import ERRORS, ApiError, error_body
+from alignloop.serve.forwarded import UpstreamCompletion
 from alignloop.serve.schemas import ChatCompletionRequest, CompletionRequest, Me, ModelCard, ModelList, SamplingFields
+from alignloop.serve.upstream import UpstreamModel
 
 router = APIRouter()
 
@@ -49,19 +51,25 @@ def list_models(user: User = Depends(current_user), serving: Serving = Depends(g
 @router.post("/v1/chat/completions", responses=ERRORS)
 async def chat_completions(request: Request, body: ChatCompletionRequest, user: User = Depends(current_user),
                            serving: Serving = Depends(get_serving), store: FeedbackStore = Depends(get_store)) -> Response:
-    started = time.perf_counter()
-    served = serving.model(body.model)
-    prompt = await run_in_threadpool(chat_prompt, serving.config, served, body)  # the template and tokenizer: off the event loop
-    return await _respond(request, Completion(serving, store, served, user, body, prompt, started), body)
+    return await _respond(request, await _start(serving, store, user, body, time.perf_counter()), body)
 
 
 @router.post("/v1/completions", responses=ERRORS)
 async def completions(request: Request, body: CompletionRequest, user: User = Depends(current_user),
                       serving: Serving = Depends(get_serving), store: FeedbackStore = Depends(get_store)) -> Response:
-    started = time.perf_counter()
+    return await _respond(request, await _start(serving, store, user, body, time.perf_counter()), body)
+
+
+async def _start(serving: Serving, store: FeedbackStore, user: User, body: ChatCompletionRequest | CompletionRequest,
+                 started: float) -> Completion:
+    """The request's completion, under way: queued on the local model's batch, or on a gateway
+    sent to the upstream (whose refusal is this request's error)."""
     served = serving.model(body.model)
-    prompt = await run_in_threadpool(text_prompt, serving.config, served, body)
-    return await _respond(request, Completion(serving, store, served, user, body, prompt, started), body)
+    if isinstance(served, UpstreamModel):
+        return await UpstreamCompletion.open(serving, store, served, user, body, started)
+    build = chat_prompt if isinstance(body, ChatCompletionRequest) else text_prompt
+    prompt = await run_in_threadpool(build, serving.config, served, body)  # the template and tokenizer: off the event loop
+    return Completion(serving, store, served, user, body, prompt, started)
 
 
 async def _respond(request: Request, completion: Completion, body: SamplingFields) -> Response:
@@ -86,7 +94,7 @@ async def _respond(request: Request, completion: Completion, body: SamplingField
                 await generation
             return Response(status_code=499)  # nobody is there to read it (nginx's "client closed request")
         generation.result()  # a failed generation's ApiError
-        return JSONResponse(_whole_body(completion))
+        return JSONResponse(_whole_body(completion, body))
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return StreamingResponse(_sse(completion, include_usage), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -114,16 +122,29 @@ def _head(completion: Completion) -> dict:
     return {"id": completion.request_id, "created": completion.created, "model": served.name, "model_version": served.version}
 
 
-def _whole_body(completion: Completion) -> dict:
-    """``chat.completion`` (each choice's ``message``) or ``text_completion`` (each choice's ``text``)."""
+def _whole_body(completion: Completion, body: SamplingFields) -> dict:
+    """``chat.completion`` (each choice's ``message``) or ``text_completion`` (each choice's ``text``,
+    and with ``logprobs`` its sampled tokens' log-probs: :func:`_token_logprobs`)."""
     reasons, ids = completion.reasons, completion.ids
     if completion.prompt.endpoint == "chat":
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reasons[i],
                     "logprobs": None, "completion_id": ids[i]} for i, text in enumerate(completion.texts)]
         return {**_head(completion), "object": "chat.completion", "choices": choices, "usage": completion.usage()}
-    choices = [{"index": i, "text": text, "finish_reason": reasons[i], "logprobs": None,
+    with_logprobs = isinstance(body, CompletionRequest) and body.logprobs is not None
+    choices = [{"index": i, "text": text, "finish_reason": reasons[i],
+                "logprobs": _token_logprobs(completion, i, body.return_tokens_as_token_ids) if with_logprobs else None,
                 "completion_id": ids[i]} for i, text in enumerate(completion.texts)]
     return {**_head(completion), "object": "text_completion", "choices": choices, "usage": completion.usage()}
+
+
+def _token_logprobs(completion: Completion, choice: int, as_ids: bool) -> dict:
+    """OpenAI's legacy ``logprobs`` of one choice: each sampled token (its text, or vLLM's
+    ``"token_id:ID"``) and its log-prob under the distribution it was drawn from (after
+    temperature and top-p, the stop token last). No alternatives: ``top_logprobs`` is null."""
+    ids, logprobs = completion.sampled(choice)
+    tokenizer = completion.served.tokenizer
+    tokens = [f"token_id:{i}" for i in ids] if as_ids else [tokenizer.decode([i]) for i in ids]
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": None}
 
 
 async def _sse(completion: Completion, include_usage: bool) -> AsyncIterator[str]:

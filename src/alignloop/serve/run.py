@@ -12,21 +12,31 @@ log = logging.getLogger("alignloop")
 
 def build_app(config: ServeConfig):  # -> FastAPI
     """The app for ``config``: the store (refuses an unmigrated schema), then each model loaded
-    and its version registered."""
+    and its version registered. A gateway (``config.upstream``) loads none: its chat models are
+    the upstream's, by model id (:mod:`alignloop.serve.upstream`)."""
     from alignloop.feedback.store import FeedbackStore, resolve_db_url
     from alignloop.serve.app import create_app
     from alignloop.serve.engine import ServedModel, parse_model_spec
+    from alignloop.serve.limits import require_limits_backend
 
     from alignloop.rollout.exploration import parse_exploration
     from alignloop.serve.classifier import ServedClassifier
+    from alignloop.serve.upstream import Upstream, UpstreamModel, upstream_version
 
-    if not config.models and not config.classifiers:
+    if not config.models and not config.classifiers and not config.upstream:
         raise ConfigError("serve: no model; give --model PATH (or NAME=PATH), e.g. --model runs/sft/final, "
                           "or --classifier NAME=PATH")
     parse_exploration(config.exploration)  # a typo fails here, before any model is loaded
     specs, routed = _route_models([parse_model_spec(spec) for spec in config.models])
     classifier_specs = [parse_model_spec(spec) for spec in config.classifiers] + routed
-    names = [name for name, _ in specs + classifier_specs]
+    upstream = Upstream.from_config(config) if config.upstream else None
+    upstream_specs = []
+    if upstream is not None:
+        upstream_specs = [parse_model_spec(spec) for spec in config.upstream_models] or [(i, i) for i in upstream.model_ids()]
+        if not upstream_specs:
+            raise ConfigError(f"upstream_models: {upstream.url} lists no model on GET /models; name the one to serve with "
+                              "--upstream-model [NAME=]ID (transformers serve lists a model only once it is loaded)")
+    names = [name for name, _ in specs + classifier_specs + upstream_specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"serve: two models are called the same ({names}); name them with --model NAME=PATH "
                           "or --classifier NAME=PATH")
@@ -34,6 +44,11 @@ def build_app(config: ServeConfig):  # -> FastAPI
     store = FeedbackStore(url, durability=config.db_durability)
     models, classifiers = [], []
     try:
+        require_limits_backend(config.limits, store.backend)  # before any model is loaded
+        for name, model_id in upstream_specs:
+            served = UpstreamModel(name, model_id, upstream_version(store, name, model_id), upstream)
+            log.info("serve: %s goes to %s as model %s, version %s", name, upstream.url, model_id, served.version)
+            models.append(served)
         for name, path in specs:
             log.info("serve: loading %s from %s", name, path)
             served = ServedModel.from_config(name, path, config)
@@ -51,7 +66,7 @@ def build_app(config: ServeConfig):  # -> FastAPI
     if not config.auth:
         log.warning("serve: AUTH IS OFF (--no-auth): anyone who can reach %s:%d acts as the admin user 'anonymous'. "
                     "Use this only for a local demo.", config.host, config.port)
-    return create_app(config, store, models, classifiers)
+    return create_app(config, store, models, classifiers, upstream)
 
 
 def _route_models(specs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

@@ -82,7 +82,14 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text = Field(min_length=1)
+    # Text, or token ids (as vLLM takes them): a trainer that applied the chat template itself
+    # sends the exact tokens it will score, so the server does not tokenise them a second time.
+    prompt: Union[Text, Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=200_000)]] = Field(min_length=1)
+    # OpenAI's legacy field: the log-prob of each sampled token (under the distribution it was
+    # drawn from) in choices[].logprobs; 0..5 alternatives are accepted, none are listed.
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=5)
+    # vLLM's extension: choices[].logprobs.tokens as "token_id:ID", so a client gets the exact ids.
+    return_tokens_as_token_ids: StrictBool = False
 
 
 FeedbackKind = Literal["thumbs", "rating", "pairwise", "correction", "prediction"]
@@ -269,11 +276,15 @@ class ErrorBody(BaseModel):
 
 
 class DeployIn(BaseModel):
-    """Serve another model folder under a served name (``/admin/deploy``)."""
+    """Serve another model folder under a served name (``/admin/deploy``), or on a gateway, send
+    the name's requests to another upstream model id."""
 
     model_config = ConfigDict(extra="forbid")
     name: Str = Field(min_length=1, max_length=200)
-    path: Str = Field(min_length=1, max_length=4096)
+    path: Str = Field(min_length=1, max_length=4096)  # on a gateway (serve --upstream): the upstream's model id
+    # A gateway only: the version the upstream model's rows record (default: the registry's for this
+    # path, else upstream:<model id>); a local model's version is its weights' hash.
+    version: Optional[Str] = Field(None, min_length=1, max_length=64)
 
 
 class DeployOut(BaseModel):

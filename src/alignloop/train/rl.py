@@ -4,8 +4,9 @@ One step, read top to bottom in :func:`fit_policy`: :func:`make_experience` (1�
 :class:`Experience`, :func:`update_policy` (4) trains on it, then the step is logged.
 
 1. **Rollout.** ``train.batch_size`` prompts, each sampled ``rl.group_size`` times by the shared
-   engine (:func:`alignloop.rollout.generate.generate`, KV cache, seeded per sample), scored by
-   the reward source (:mod:`alignloop.rollout.rewards`).
+   engine (:func:`alignloop.rollout.generate.generate`, KV cache, seeded per sample) or, with
+   ``rollout.engine: openai``, by a server the weights are published to (:class:`ServerRollouts`),
+   scored by the reward source (:mod:`alignloop.rollout.rewards`).
 2. **Old and reference log-probs.** The policy before the update (π_old) and the reference
    (π_ref) score the sampled tokens without gradient. π_old comes for free: with top-k/top-p off,
    the engine's own sampling log-probs *are* π_old's, so no forward is run for it (PPO still runs
@@ -51,8 +52,10 @@ import copy
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -77,7 +80,7 @@ from alignloop.rollout.generate import SEED_STRIDE, Generation, encode_prompts, 
 from alignloop.rollout.rewards import build_reward_source, check_rewards
 from alignloop.rollout.scoring import Batch, score_tokens
 from alignloop.runs import Run
-from alignloop.train.loop import TrainingSession, check_reference_tokenizer, open_stage_run
+from alignloop.train.loop import TrainingSession, check_reference_tokenizer, full_weights, is_sharded, open_stage_run
 
 log = logging.getLogger("alignloop")
 
@@ -100,6 +103,13 @@ def run_rl(cfg: RLConfig) -> Run:
         raise ConfigError("data.path: name the prompts file (records with a `prompt` field)")
     if not r.reward:
         raise ConfigError("rl.reward: name the reward source (a reward-model folder, `file.py:fn`, or a YAML reward spec)")
+    engine = None
+    if cfg.rollout.engine == "openai":  # the server must answer before anything heavy loads
+        from alignloop.rollout.remote import ServerEngine, check_sampling
+
+        check_sampling(cfg.sampling)
+        engine = ServerEngine(cfg.rollout, default_model=f"rollout-{cfg.run.name}")
+        engine.check()
     tokenizer = load_tokenizer(cfg.model)
     if r.kl_coef > 0 or r.kl_target is not None:  # otherwise no reference is loaded
         check_reference_tokenizer(r.ref_model, tokenizer, "rl.ref_model", "a per-token KL needs the same tokens "
@@ -121,7 +131,7 @@ def run_rl(cfg: RLConfig) -> Run:
     if r.ptx_coef > 0:
         ptx = sft_examples(r.ptx_data, ptx_records, cfg.data, tokenizer, context_length(model) or 2048)
     reference = load_reference(cfg, model, tokenizer)
-    return fit_policy(cfg, model, tokenizer, prompts, reward, reference, eval_prompts, ptx)
+    return fit_policy(cfg, model, tokenizer, prompts, reward, reference, eval_prompts, ptx, engine)
 
 
 def prompt_limit(cfg: RLConfig, model: Any) -> int:
@@ -253,29 +263,40 @@ class Experience:
 
 def make_experience(cfg: RLConfig, session: TrainingSession, policy: Any, value_head: torch.nn.Module | None,
                     tokenizer: Any, reward: Any, reference: Reference | None, prompts: list[Any], fields: dict[str, list[Any]],
-                    step: int, kl_coef: float) -> tuple[Experience, dict[str, float]]:
+                    step: int, kl_coef: float, rollout: Any = generate) -> tuple[Experience, dict[str, float]]:
     """Sample ``prompts`` with ``policy``, score the completions with ``reward``, take π_old (and the
     critic's values) and π_ref on the sampled tokens, and compute the advantages; see the module
     docstring. Returns the experience and what the rollout says (:func:`rollout_metrics`, the
-    critic's explained variance, tokens, time)."""
+    critic's explained variance, tokens, time).
+
+    ``rollout`` is the engine: :func:`generate`, or :class:`ServerRollouts` (``rollout.engine:
+    openai``). π_old is the engine's sampling log-probs only where they are exact for the sampled
+    ids (:func:`uses_rollout_logprobs`, ``Generation.exact_logprobs``, ``rollout.old_logprobs:
+    auto``); otherwise a forward pass recomputes it, and where the engine gave exact ids with
+    log-probs their mean and largest |engine − trainer| per token are logged as
+    ``rollout/logprob_gap`` and ``rollout/logprob_gap_max`` (numerics: another engine's kernels
+    or dtype)."""
     r, t, s = cfg.rl, cfg.train, cfg.sampling
     started = time.perf_counter()
     accelerator, device = session.accelerator, session.device
     # Sample ids are a function of (step, row), so a resumed run draws the same samples.
     first_id = (step * accelerator.num_processes + accelerator.process_index) * t.batch_size * r.group_size
     sample_ids = [(first_id + i) % SEED_STRIDE for i in range(len(prompts))]
-    generation = generate(policy, tokenizer, prompts, s, sample_ids=sample_ids)
+    generation = rollout(policy, tokenizer, prompts, s, sample_ids=sample_ids)
     rollout_s = time.perf_counter() - started
     scores = torch.tensor(check_rewards(reward(prompts, generation.completions, **fields), len(prompts),
                                         f"rl.reward {r.reward}"), device=device)
     batch = Batch.build(generation.prompt_ids, generation.completion_ids, pad_token_id(tokenizer), device)
     mask = batch.mask
 
-    old_values = None
+    old_values, gap = None, {}
+    engine_exact = generation.exact_logprobs and uses_rollout_logprobs(s)
     with torch.no_grad(), session.autocast():
-        if value_head is not None or not uses_rollout_logprobs(s):
+        if value_head is not None or not engine_exact or cfg.rollout.old_logprobs == "trainer":
             old_logprobs, old_values, _ = score_tokens(policy, batch, s.temperature, value_head,
                                                        share_prefixes=t.share_prefixes)
+            if engine_exact and rollout is not generate:
+                gap = logprob_gap(padded(generation.logprobs, mask.size(1), device), old_logprobs, mask)
         else:
             old_logprobs = padded(generation.logprobs, mask.size(1), device)
         ref_logprobs = reference.logprobs(policy, batch, s.temperature) if reference is not None else None
@@ -285,8 +306,16 @@ def make_experience(cfg: RLConfig, session: TrainingSession, policy: Any, value_
     record = rollout_metrics(cfg, scores, mask, generation, rollout_kl, kl_coef)
     if returns is not None:
         record["train/explained_variance"] = explained_variance(old_values, returns, mask)
-    record.update({"train/tokens": float(mask.sum()), "perf/rollout_s": rollout_s})
+    record.update({"train/tokens": float(mask.sum()), "perf/rollout_s": rollout_s, **gap})
     return Experience(batch, old_logprobs, ref_logprobs, kl_coef, advantages, old_values, returns), record
+
+
+def logprob_gap(engine: torch.Tensor, trainer: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Mean and largest |log π_engine − log π_trainer| over the (B, T) completion tokens in ``mask``."""
+    diff = (engine - trainer).abs()[mask.bool()]
+    if diff.numel() == 0:
+        return {}
+    return {"rollout/logprob_gap": float(diff.mean()), "rollout/logprob_gap_max": float(diff.max())}
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -387,8 +416,10 @@ def policy_objective(cfg: RLConfig, mb: Experience, logprobs: torch.Tensor,
 # The loop
 # ---------------------------------------------------------------------------------------------
 def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, reward: Any, reference: Reference | None,
-               eval_prompts: PromptSet | None = None, ptx: list[Example] | None = None) -> Run:
-    """Optimise ``model`` against ``reward`` on ``prompts``; see the module docstring for one step."""
+               eval_prompts: PromptSet | None = None, ptx: list[Example] | None = None, engine: Any = None) -> Run:
+    """Optimise ``model`` against ``reward`` on ``prompts``; see the module docstring for one step.
+    ``engine``: a checked :class:`~alignloop.rollout.remote.ServerEngine` for ``rollout.engine:
+    openai`` (rollouts on a server, the weights published to it before each); None: the local engine."""
     estimator = adv.ESTIMATORS[cfg.rl.algo]
     title = estimator.title
     cfg, run = open_stage_run(cfg, len(prompts), title)  # an epoch: every prompt once
@@ -418,6 +449,7 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
         prompt_batches = ShuffledBatches(len(prompts), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
         supervised = SupervisedTerm(ptx, ShuffledBatches(len(ptx), r.ptx_batch_size, t.seed + 1), pad_token_id(tokenizer)) \
             if ptx else None
+        rollout_engine = ServerRollouts(cfg, session, tokenizer, engine) if engine is not None else generate
         log.info("%s: %d prompts × %d samples per step, %d steps, reward %s, β=%g%s, run folder %s", title, t.batch_size,
                  r.group_size, t.max_steps, r.reward, controller.value, " (adaptive)" if r.kl_target else "", run.dir)
         while session.running:
@@ -427,7 +459,7 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
             batch_prompts, fields = prompts.take(prompt_batches.indices(step), r.group_size)
             policy = session.generation_model()
             experience, rollout = make_experience(cfg, session, policy, value_head, tokenizer, reward, reference,
-                                                  batch_prompts, fields, step, controller.value)
+                                                  batch_prompts, fields, step, controller.value, rollout_engine)
 
             # 2. Update: epochs × minibatches over the experience; the last update ends the step.
             train_started = time.perf_counter()
@@ -463,6 +495,82 @@ def fit_policy(cfg: RLConfig, model: Any, tokenizer: Any, prompts: PromptSet, re
         write_training_report(run, title, curves=RL_CURVES, ylabel="reward / KL")
     log.info("%s done: model in %s, report in %s", title, run.final_dir, run.dir / "report.md")
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts on an OpenAI-compatible server: the policy's weights published before each rollout
+# ---------------------------------------------------------------------------------------------
+ROLLOUT_WEIGHTS = "rollout-weights"
+PUBLISHED_FILE = "rollout.json"
+
+
+class ServerRollouts:
+    """The engine of ``rollout.engine: openai``, called as :func:`generate` is. Before the first
+    rollout, and before each one after an update, the policy's weights are written to
+    ``RUN/rollout-weights/step-N/`` (:func:`write_policy_weights`; the last ``rollout.keep_weights``
+    kept) and published by the main process (:meth:`ServerEngine.publish`, per
+    ``rollout.weight_sync``), which records in the folder's ``rollout.json`` what the server must
+    answer with; the other processes wait, read it, and check every answer against it as the main
+    one does. Under several nodes the run folder must be shared storage."""
+
+    def __init__(self, cfg: RLConfig, session: TrainingSession, tokenizer: Any, engine: Any) -> None:
+        self.cfg, self.session, self.tokenizer, self.engine = cfg, session, tokenizer, engine
+        self.published_step: int | None = None
+        if cfg.rollout.weight_sync == "none":
+            log.warning("rollout.weight_sync=none: %s keeps its weights, so every rollout after the first update is "
+                        "off-policy", cfg.rollout.url)
+
+    def __call__(self, model: Any, tokenizer: Any, prompts: Sequence[Any], sampling: SamplingConfig,
+                 sample_ids: Sequence[int] | None = None) -> Generation:
+        if self.published_step != self.session.step and self.cfg.rollout.weight_sync != "none":
+            self.publish()
+        return self.engine.generate(model, tokenizer, prompts, sampling, sample_ids=sample_ids)
+
+    def publish(self) -> None:
+        session, step = self.session, self.session.step
+        accelerator = session.accelerator
+        root = session.run.dir / ROLLOUT_WEIGHTS
+        folder = root / f"step-{step}"
+        write_policy_weights(session, self.tokenizer, folder)  # every process: a sharded policy is gathered
+        if accelerator.is_main_process:
+            published = self.engine.publish(folder, f"rollout-{session.run.dir.name}")
+            (folder / PUBLISHED_FILE).write_text(json.dumps(published))
+            kept = sorted((p for p in root.glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+            for old in kept[: -self.cfg.rollout.keep_weights]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        self.engine.expect(json.loads((folder / PUBLISHED_FILE).read_text()))
+        self.published_step = step
+
+
+@torch.no_grad()
+def write_policy_weights(session: TrainingSession, tokenizer: Any, folder: Path) -> None:
+    """The policy's weights now as an HF folder a server loads: fp32, the master copies under
+    ``train.precision=bf16`` (not their bf16 rounding), a LoRA adapter merged into a copy of its
+    base. Nothing of the training state changes: the weights are read, not cast or merged in
+    place. Every process calls it (a sharded policy is gathered); the main process writes."""
+    model, precision, accelerator = session.model, session.precision, session.accelerator
+    weights = full_weights(model, everywhere=False) if is_sharded(model) else None
+    if not accelerator.is_main_process:
+        return
+    policy = accelerator.unwrap_model(model)
+    if weights is None:
+        weights = dict(policy.state_dict())
+        if precision.precision == "bf16":
+            names = {id(p): name for name, p in policy.named_parameters()}
+            for master, param in zip(precision.params, precision.model_params):
+                weights[names[id(param)]] = master
+    weights = {k: (v.float() if v.is_floating_point() else v).detach().cpu() for k, v in weights.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(policy, "merge_and_unload"):  # peft: merge into a copy, so the trained adapter stays apart
+        from alignloop.models.load import save_model
+
+        merged = copy.deepcopy(policy).float().cpu()
+        merged.load_state_dict(weights)
+        save_model(merged, tokenizer, folder)
+        return
+    policy.save_pretrained(str(folder), state_dict=weights)
+    tokenizer.save_pretrained(str(folder))
 
 
 RL_CURVES = (("train/reward", "reward"), ("eval/reward", "held-out reward"), ("train/kl", "KL per token"))
