@@ -247,17 +247,18 @@ def test_zero_grpo_matches_one_process_and_raises_held_out_reward(strategy, task
 
 @deepspeed_installed
 @pytest.mark.slow
-def test_kill_9_under_zero3_resumes_to_the_uninterrupted_run(tiny_model_dir, reverse_task, tmp_path, straight_and_killed_runs):
-    """Each process saves its shards of the weights and of the optimiser's fp32 masters and moments
-    (DeepSpeed's checkpoint, in step-N/deepspeed-zero3/) beside accelerate's schedule and RNG
-    states; the resumed run reads them back and continues bit for bit."""
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_kill_9_under_zero_resumes_to_the_uninterrupted_run(strategy, tiny_model_dir, reverse_task, tmp_path, straight_and_killed_runs):
+    """Each process saves its shards of the optimiser's fp32 masters and moments (and under ZeRO-3
+    of the weights: DeepSpeed's checkpoint, in step-N/deepspeed-zero2|3/) beside accelerate's
+    schedule and RNG states; the resumed run reads them back and continues bit for bit."""
     args = ["sft", f"--model.name_or_path={tiny_model_dir}", f"--data.path={reverse_task['sft']}", f"--run.output_dir={tmp_path}",
             "--data.eval_fraction=0.1", "--train.max_steps=30", "--train.save_every=5", "--train.eval_every=10",
-            "--train.batch_size=4", "--train.strategy=zero3", *COMMON[:1], *COMMON[3:]]
+            "--train.batch_size=4", f"--train.strategy={strategy}", *COMMON[:1], *COMMON[3:]]
     straight, again = straight_and_killed_runs(args, tmp_path, 10, command=lambda *a: torchrun(*a))
     assert [m["step"] for m in again] == list(range(1, 31))
     assert [(m["train/loss"], m.get("eval/loss")) for m in again] == [(m["train/loss"], m.get("eval/loss")) for m in straight]
-    assert list((tmp_path / "killed" / "checkpoints" / "step-25" / "deepspeed-zero3").glob("*optim_states.pt"))
+    assert list((tmp_path / "killed" / "checkpoints" / "step-25" / f"deepspeed-{strategy}").glob("*optim_states.pt"))
     assert_same_weights(tmp_path / "straight", tmp_path / "killed", atol=0)
 
 
