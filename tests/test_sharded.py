@@ -136,20 +136,26 @@ def test_fsdp_with_bf16_lora_and_gradient_checkpointing_matches_one_process(opti
         assert (tmp_path / "fsdp" / "final" / "adapter" / "adapter_config.json").is_file()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["kto", "reward", "classify", "ppo"])
-def test_fsdp_runs_every_other_stage(stage, tiny_model_dir, reverse_task, tmp_path):
-    """The rest of the stages under FSDP: KTO, reward models and classifiers give one process's
-    losses; PPO trains (its advantages are whitened over each process's batch, as in TRL, so its
-    numbers differ from one process's by design)."""
+def stage_rows(stage: str) -> list[dict]:
+    """The reverse-words task as each of the other stages reads it: KTO thumbs, reward pairs,
+    classify labels, PPO prompts."""
     rows = reverse_rows(64, seed=1)
-    data = {
+    return {
         "kto": [{"prompt": r["prompt"], "completion": r["completion"] + ("" if i % 2 else " red"), "label": bool(i % 2)}
                 for i, r in enumerate(rows)],
         "reward": [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"] + " red"} for r in rows],
         "classify": [{"text": r["prompt"], "label": "red" if "red" in r["prompt"] else "other"} for r in rows],
         "ppo": [{"prompt": r["prompt"]} for r in rows],
     }[stage]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["kto", "reward", "classify", "ppo"])
+def test_fsdp_runs_every_other_stage(stage, tiny_model_dir, reverse_task, tmp_path):
+    """The rest of the stages under FSDP: KTO, reward models and classifiers give one process's
+    losses; PPO trains (its advantages are whitened over each process's batch, as in TRL, so its
+    numbers differ from one process's by design)."""
+    data = stage_rows(stage)
     path = write_word_task(tmp_path / "data", {stage: data})[stage]
     extra = [f"--rl.reward={path.parent / 'rewards.py'}:good_share", "--sampling.max_new_tokens=8"] if stage == "ppo" else []
     one, sharded, _ = one_and_sharded(stage, tmp_path, 8, f"--model.name_or_path={tiny_model_dir}", f"--data.path={path}",
@@ -282,13 +288,7 @@ def test_zero3_with_bf16_lora_and_gradient_checkpointing_matches_one_process(opt
 @pytest.mark.parametrize("stage", ["kto", "reward", "classify"])
 def test_zero3_runs_every_other_stage(stage, tiny_model_dir, tmp_path):
     """KTO, reward models and classifiers under ZeRO-3 give one process's losses (PPO: refused, below)."""
-    rows = reverse_rows(64, seed=1)
-    data = {
-        "kto": [{"prompt": r["prompt"], "completion": r["completion"] + ("" if i % 2 else " red"), "label": bool(i % 2)}
-                for i, r in enumerate(rows)],
-        "reward": [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"] + " red"} for r in rows],
-        "classify": [{"text": r["prompt"], "label": "red" if "red" in r["prompt"] else "other"} for r in rows],
-    }[stage]
+    data = stage_rows(stage)
     path = write_word_task(tmp_path / "data", {stage: data})[stage]
     one, sharded, _ = one_and_sharded(stage, tmp_path, 8, f"--model.name_or_path={tiny_model_dir}", f"--data.path={path}",
                                       "--train.max_steps=3", "--data.eval_fraction=0", strategy="zero3")
