@@ -123,17 +123,12 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
 def rollout_engine(cfg: EvaluateConfig) -> Any:
     """``rollout.engine: openai``: the server, checked before any model loads, that completes the
     prompts, each model published to it in turn (``rollout.weight_sync``); None: the local engine."""
-    if cfg.rollout.engine != "openai":
-        return None
-    from alignloop.rollout.remote import ServerEngine, check_sampling
+    from alignloop.rollout.remote import server_engine
 
-    if cfg.baseline and cfg.rollout.weight_sync == "none":
+    if cfg.rollout.engine == "openai" and cfg.baseline and cfg.rollout.weight_sync == "none":
         raise ConfigError("rollout.weight_sync=none serves one model, so it cannot complete both candidate and baseline; "
                           "use deploy (alignloop serve) or model_path (transformers serve), or drop the baseline")
-    check_sampling(cfg.sampling)
-    engine = ServerEngine(cfg.rollout, default_model=f"rollout-{cfg.run.name}")
-    engine.check()
-    return engine
+    return server_engine(cfg.rollout, cfg.sampling, cfg.run.name)
 
 
 def load_policy(path: str, role: str) -> tuple[Any, Any]:

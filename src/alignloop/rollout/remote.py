@@ -102,6 +102,17 @@ def check_sampling(sampling: SamplingConfig) -> None:
                           "use rollout.engine=local")
 
 
+def server_engine(config: RolloutConfig, sampling: SamplingConfig, run_name: str) -> "ServerEngine | None":
+    """The engine of ``rollout.engine: openai``, its sampling settings and the server checked
+    before anything heavy loads (RL and evaluate alike); None for ``local``."""
+    if config.engine != "openai":
+        return None
+    check_sampling(sampling)
+    engine = ServerEngine(config, default_model=f"rollout-{run_name}")
+    engine.check()
+    return engine
+
+
 class ServerEngine:
     """An OpenAI-compatible server as the generation engine; see the module docstring."""
 

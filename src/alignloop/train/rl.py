@@ -103,13 +103,9 @@ def run_rl(cfg: RLConfig) -> Run:
         raise ConfigError("data.path: name the prompts file (records with a `prompt` field)")
     if not r.reward:
         raise ConfigError("rl.reward: name the reward source (a reward-model folder, `file.py:fn`, or a YAML reward spec)")
-    engine = None
-    if cfg.rollout.engine == "openai":  # the server must answer before anything heavy loads
-        from alignloop.rollout.remote import ServerEngine, check_sampling
+    from alignloop.rollout.remote import server_engine
 
-        check_sampling(cfg.sampling)
-        engine = ServerEngine(cfg.rollout, default_model=f"rollout-{cfg.run.name}")
-        engine.check()
+    engine = server_engine(cfg.rollout, cfg.sampling, cfg.run.name)  # the server must answer before anything heavy loads
     tokenizer = load_tokenizer(cfg.model)
     if r.kl_coef > 0 or r.kl_target is not None:  # otherwise no reference is loaded
         check_reference_tokenizer(r.ref_model, tokenizer, "rl.ref_model", "a per-token KL needs the same tokens "
@@ -556,7 +552,7 @@ def write_policy_weights(session: TrainingSession, tokenizer: Any, folder: Path)
     policy = accelerator.unwrap_model(model)
     if weights is None:
         weights = dict(policy.state_dict())
-        if precision.precision == "bf16":
+        if precision.masters:
             names = {id(p): name for name, p in policy.named_parameters()}
             for master, param in zip(precision.params, precision.model_params):
                 weights[names[id(param)]] = master
